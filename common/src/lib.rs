@@ -1,0 +1,19 @@
+//! The contract between the processes of a live update.
+//!
+//! Everything that crosses an `exec` (or a socket, for cpr-transfer) is defined here, so the old
+//! VMM, `cpr-shim` and the new VMM agree on it by construction:
+//!
+//! - [`container`]: the versioned, checksummed file format used by both the machine state file and
+//!   the CPR state;
+//! - [`cpr`]: the CPR state (which fds are preserved and what they must be, the fallback binary,
+//!   timings) and the hidden channel that carries it (a memfd named by `VMM_CPR_EXEC_STATE`);
+//! - [`fds`]: fd hygiene (close-on-exec) and the checks that an inherited fd is the memfd it
+//!   claims to be;
+//! - [`timing`]: the clock every process uses for blackout accounting.
+//!
+//! This crate knows nothing about KVM.
+
+pub mod container;
+pub mod cpr;
+pub mod fds;
+pub mod timing;

@@ -1,0 +1,576 @@
+//! The command line: QEMU operators' spellings (`-m 1G`, `-smp 2`, `-qmp unix:...`) alongside
+//! conventional `--long` options.
+//!
+//! clap only knows single-letter short options, so QEMU's single-dash long options are rewritten
+//! to their `--long` form first ([`normalize_qemu_spellings`]); the values keep QEMU's syntax and
+//! are parsed into typed settings here, so every later stage works with checked values.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser};
+
+use crate::boot::BuiltinGuest;
+
+/// Single-dash long options QEMU users type, mapped to our `--long` names.
+const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
+    ("smp", "smp"),
+    ("qmp", "qmp"),
+    ("serial", "serial"),
+    ("incoming", "incoming"),
+    ("machine", "machine"),
+    ("M", "machine"),
+    ("mem-prealloc", "prealloc"),
+    ("name", "name"),
+    ("kernel", "kernel"),
+    ("initrd", "initrd"),
+    ("append", "append"),
+    ("enable-kvm", "enable-kvm"),
+    ("accel", "accel"),
+    ("nographic", "nographic"),
+    ("display", "display"),
+    ("nodefaults", "nodefaults"),
+];
+
+/// Rewrites `-smp 2` to `--smp 2` etc. Arguments after `--` are left alone.
+pub fn normalize_qemu_spellings<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut passthrough = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || passthrough {
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            passthrough = true;
+            out.push(arg);
+            continue;
+        }
+        let rewritten = arg
+            .strip_prefix('-')
+            .filter(|rest| !rest.starts_with('-'))
+            .and_then(|rest| {
+                let (name, value) = match rest.split_once('=') {
+                    Some((n, v)) => (n, Some(v)),
+                    None => (rest, None),
+                };
+                QEMU_LONG_OPTIONS
+                    .iter()
+                    .find(|(qemu, _)| *qemu == name)
+                    .map(|(_, long)| match value {
+                        Some(v) => format!("--{long}={v}"),
+                        None => format!("--{long}"),
+                    })
+            });
+        out.push(rewritten.unwrap_or(arg));
+    }
+    out
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version = crate::VERSION,
+    about = "A small KVM VMM that live-updates itself by exec (cpr-exec)",
+    long_about = "A small KVM VMM that live-updates itself by exec (cpr-exec).\n\n\
+        QEMU spellings work: -m 1G -smp 2 -qmp unix:/run/vm.qmp,server=on,wait=off \
+        -serial stdio -incoming file:/run/vm.state -machine aux-ram-share=on"
+)]
+pub struct Args {
+    /// Guest RAM size: N with an optional K/M/G/T suffix (no suffix = MiB), or size=N.
+    #[arg(
+        short = 'm',
+        long = "memory",
+        value_name = "SIZE",
+        default_value = "128M"
+    )]
+    pub memory: String,
+
+    /// Pre-fault all guest RAM at start (QEMU's prealloc=on / -mem-prealloc).
+    #[arg(long)]
+    pub prealloc: bool,
+
+    /// Back guest RAM with huge pages (hugetlb memfds); the host must have them reserved.
+    #[arg(long)]
+    pub hugepages: bool,
+
+    /// Number of vCPUs: N or cpus=N[,sockets=1,cores=N,threads=1].
+    #[arg(long = "smp", value_name = "N", default_value = "1")]
+    pub smp: String,
+
+    /// Built-in guest: heartbeat or memcheck, with options NAME[,hz=N][,exit-after=N][,exit-code=N].
+    #[arg(long, value_name = "NAME[,OPTS]")]
+    pub guest: Option<String>,
+
+    /// Serial console: stdio, file:PATH, unix:PATH,server[,wait=off] or null.
+    #[arg(long, value_name = "SPEC", default_value = "stdio")]
+    pub serial: String,
+
+    /// QMP monitor: unix:PATH,server=on,wait=off.
+    #[arg(long, value_name = "SPEC")]
+    pub qmp: Option<String>,
+
+    /// Machine options: aux-ram-share=on|off.
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub machine: Vec<String>,
+
+    /// Restore instead of booting: file:PATH, or defer (wait for QMP migrate-incoming).
+    #[arg(long, value_name = "SPEC", action = ArgAction::Append)]
+    pub incoming: Vec<String>,
+
+    /// A name for this VM, used in logs.
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Linux kernel (bzImage or ELF vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk for -kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line for -kernel.
+    #[arg(long, value_name = "CMDLINE")]
+    pub append: Option<String>,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). VMM_LOG=level also works.
+    #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Accepted for QEMU compatibility: this VMM always uses KVM.
+    #[arg(long = "enable-kvm", hide = true)]
+    pub enable_kvm: bool,
+
+    /// Accepted for QEMU compatibility: only "kvm" is supported.
+    #[arg(long, hide = true)]
+    pub accel: Option<String>,
+
+    /// Accepted for QEMU compatibility: there is no display.
+    #[arg(long, hide = true)]
+    pub nographic: bool,
+
+    /// Accepted for QEMU compatibility: only "none".
+    #[arg(long, hide = true)]
+    pub display: Option<String>,
+
+    /// Accepted for QEMU compatibility: there are no default devices to drop.
+    #[arg(long, hide = true)]
+    pub nodefaults: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(
+        "invalid memory size '{0}': use N with an optional K/M/G/T suffix (no suffix means MiB), e.g. -m 512M or -m 4G"
+    )]
+    MemorySize(String),
+    #[error("memory size {0} bytes is too small: the built-in guests need at least 16 MiB")]
+    MemoryTooSmall(u64),
+    #[error("invalid -smp '{0}': use a vCPU count such as -smp 2 or -smp cpus=2")]
+    Smp(String),
+    #[error("-smp {got}: this VMM supports 1 to {max} vCPUs")]
+    SmpRange { got: u32, max: u32 },
+    #[error("unknown guest '{0}': built-in guests are heartbeat and memcheck")]
+    UnknownGuest(String),
+    #[error("invalid guest option '{0}': heartbeat/memcheck take hz=N, exit-after=N, exit-code=N")]
+    GuestOption(String),
+    #[error("invalid -serial '{0}': use stdio, file:PATH, unix:PATH,server[,wait=off] or null")]
+    Serial(String),
+    #[error("invalid -qmp '{0}': use unix:PATH,server=on,wait=off")]
+    Qmp(String),
+    #[error("invalid -machine option '{0}': supported is aux-ram-share=on|off")]
+    Machine(String),
+    #[error("invalid -incoming '{0}': use file:PATH or defer")]
+    Incoming(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// How the serial console is connected to the outside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialSpec {
+    Stdio,
+    File(PathBuf),
+    /// A listening UNIX socket; one client at a time sees the output and can type.
+    UnixServer(PathBuf),
+    Null,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QmpSpec {
+    pub path: PathBuf,
+}
+
+/// Where the machine comes from when it is not booted fresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IncomingSpec {
+    File(PathBuf),
+    Defer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestSpec {
+    pub guest: BuiltinGuest,
+    pub tick_hz: u32,
+    pub exit_after_ticks: u32,
+    pub exit_code: u8,
+}
+
+/// The checked configuration of one VMM process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub ram_size: u64,
+    pub prealloc: bool,
+    pub hugepages: bool,
+    pub vcpus: u32,
+    pub guest: GuestSpec,
+    pub serial: SerialSpec,
+    pub qmp: Option<QmpSpec>,
+    pub aux_ram_share: bool,
+    pub incoming: Option<IncomingSpec>,
+    pub name: Option<String>,
+    pub verbose: u8,
+    /// The argv this process was started with (for the rollback fallback).
+    pub argv: Vec<String>,
+}
+
+pub const MIN_RAM: u64 = 16 << 20;
+/// Limited by the built-in guests' stack layout below 1 MiB.
+pub const MAX_VCPUS: u32 = crate::boot::MAX_BUILTIN_VCPUS;
+pub const DEFAULT_TICK_HZ: u32 = 10;
+
+impl Config {
+    pub fn from_args(args: Args, argv: Vec<String>) -> Result<Self, CliError> {
+        if args.kernel.is_some() || args.initrd.is_some() || args.append.is_some() {
+            return Err(CliError::Conflict(
+                "-kernel/-initrd/-append: Linux boot is not supported by this build yet; use --guest heartbeat or --guest memcheck".into(),
+            ));
+        }
+        if let Some(accel) = &args.accel
+            && accel != "kvm"
+        {
+            return Err(CliError::Conflict(format!(
+                "-accel {accel}: only kvm is supported"
+            )));
+        }
+        if let Some(display) = &args.display
+            && display != "none"
+        {
+            return Err(CliError::Conflict(format!(
+                "-display {display}: there is no display; only -display none is accepted"
+            )));
+        }
+        let ram_size = parse_memory(&args.memory)?;
+        let vcpus = parse_smp(&args.smp)?;
+        let guest = parse_guest(args.guest.as_deref().unwrap_or("heartbeat"))?;
+        let serial = parse_serial(&args.serial)?;
+        let qmp = args.qmp.as_deref().map(parse_qmp).transpose()?;
+        let mut aux_ram_share = false;
+        for opts in &args.machine {
+            aux_ram_share = parse_machine(opts, aux_ram_share)?;
+        }
+        let incoming = match args.incoming.as_slice() {
+            [] => None,
+            [one] => Some(parse_incoming(one)?),
+            more => {
+                return Err(CliError::Conflict(format!(
+                    "-incoming given {} times; give it once",
+                    more.len()
+                )));
+            }
+        };
+        Ok(Config {
+            ram_size,
+            prealloc: args.prealloc,
+            hugepages: args.hugepages,
+            vcpus,
+            guest,
+            serial,
+            qmp,
+            aux_ram_share,
+            incoming,
+            name: args.name,
+            verbose: args.verbose,
+            argv,
+        })
+    }
+}
+
+/// Parses `1G`, `512M`, `1024` (MiB), `size=1G`.
+pub fn parse_memory(spec: &str) -> Result<u64, CliError> {
+    let err = || CliError::MemorySize(spec.to_string());
+    let mut size_text = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("size", v)) => size_text = Some(v),
+            Some(_) => return Err(err()),
+            None if size_text.is_none() => size_text = Some(part),
+            None => return Err(err()),
+        }
+    }
+    let text = size_text.ok_or_else(err)?.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let unit = suffix
+        .strip_suffix("iB")
+        .or_else(|| suffix.strip_suffix('B'))
+        .unwrap_or(suffix);
+    let shift = match unit {
+        "" if suffix.is_empty() => 20,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(err()),
+    };
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(err)?;
+    if bytes % 4096 != 0 {
+        return Err(err());
+    }
+    if bytes < MIN_RAM {
+        return Err(CliError::MemoryTooSmall(bytes));
+    }
+    Ok(bytes)
+}
+
+pub fn parse_smp(spec: &str) -> Result<u32, CliError> {
+    let err = || CliError::Smp(spec.to_string());
+    let mut cpus = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("cpus", v)) => cpus = Some(v.parse::<u32>().map_err(|_| err())?),
+            Some(("sockets" | "threads" | "dies" | "clusters", "1")) => {}
+            Some(("cores" | "maxcpus", v)) => {
+                let n = v.parse::<u32>().map_err(|_| err())?;
+                cpus.get_or_insert(n);
+            }
+            Some(_) => return Err(err()),
+            None => cpus = Some(part.parse::<u32>().map_err(|_| err())?),
+        }
+    }
+    let n = cpus.ok_or_else(err)?;
+    if n == 0 || n > MAX_VCPUS {
+        return Err(CliError::SmpRange {
+            got: n,
+            max: MAX_VCPUS,
+        });
+    }
+    Ok(n)
+}
+
+pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
+    let mut parts = spec.split(',');
+    let name = parts.next().unwrap_or_default();
+    let guest =
+        BuiltinGuest::from_name(name).ok_or_else(|| CliError::UnknownGuest(name.to_string()))?;
+    let mut g = GuestSpec {
+        guest,
+        tick_hz: DEFAULT_TICK_HZ,
+        exit_after_ticks: 0,
+        exit_code: 0,
+    };
+    for opt in parts {
+        let bad = || CliError::GuestOption(opt.to_string());
+        let (k, v) = opt.split_once('=').ok_or_else(bad)?;
+        match k {
+            "hz" => {
+                g.tick_hz = v
+                    .parse()
+                    .ok()
+                    .filter(|hz| (1..=1000).contains(hz))
+                    .ok_or_else(bad)?
+            }
+            "exit-after" => g.exit_after_ticks = v.parse().map_err(|_| bad())?,
+            "exit-code" => g.exit_code = v.parse().map_err(|_| bad())?,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(g)
+}
+
+pub fn parse_serial(spec: &str) -> Result<SerialSpec, CliError> {
+    let err = || CliError::Serial(spec.to_string());
+    match spec {
+        "stdio" | "mon:stdio" => return Ok(SerialSpec::Stdio),
+        "null" | "none" => return Ok(SerialSpec::Null),
+        _ => {}
+    }
+    if let Some(path) = spec.strip_prefix("file:") {
+        if path.is_empty() {
+            return Err(err());
+        }
+        return Ok(SerialSpec::File(PathBuf::from(path)));
+    }
+    if let Some(rest) = spec.strip_prefix("unix:") {
+        let mut parts = rest.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(err)?;
+        let mut server = false;
+        for opt in parts {
+            match opt {
+                "server" | "server=on" => server = true,
+                "wait=off" | "nowait" => {}
+                _ => return Err(err()),
+            }
+        }
+        if !server {
+            return Err(CliError::Serial(format!(
+                "{spec}' (only server mode is supported: add ,server"
+            )));
+        }
+        return Ok(SerialSpec::UnixServer(PathBuf::from(path)));
+    }
+    Err(err())
+}
+
+pub fn parse_qmp(spec: &str) -> Result<QmpSpec, CliError> {
+    let err = || CliError::Qmp(spec.to_string());
+    let rest = spec.strip_prefix("unix:").ok_or_else(err)?;
+    let mut parts = rest.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(err)?;
+    for opt in parts {
+        match opt {
+            "server" | "server=on" | "wait=off" | "nowait" => {}
+            _ => return Err(err()),
+        }
+    }
+    Ok(QmpSpec {
+        path: PathBuf::from(path),
+    })
+}
+
+fn parse_machine(spec: &str, mut aux_ram_share: bool) -> Result<bool, CliError> {
+    for opt in spec.split(',').filter(|o| !o.is_empty()) {
+        match opt.split_once('=') {
+            Some(("aux-ram-share", "on")) => aux_ram_share = true,
+            Some(("aux-ram-share", "off")) => aux_ram_share = false,
+            Some(("accel", "kvm")) => {}
+            // QEMU's machine type names; this VMM has one machine, a minimal PC.
+            Some(("type", "pc" | "q35" | "microvm")) => {}
+            None if matches!(opt, "pc" | "q35" | "microvm") => {}
+            _ => return Err(CliError::Machine(opt.to_string())),
+        }
+    }
+    Ok(aux_ram_share)
+}
+
+pub fn parse_incoming(spec: &str) -> Result<IncomingSpec, CliError> {
+    if spec == "defer" {
+        return Ok(IncomingSpec::Defer);
+    }
+    match spec.strip_prefix("file:") {
+        Some(path) if !path.is_empty() => Ok(IncomingSpec::File(PathBuf::from(path))),
+        _ => Err(CliError::Incoming(spec.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let argv: Vec<String> = std::iter::once("vmm")
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect();
+        let norm = normalize_qemu_spellings(argv.clone());
+        let a = Args::try_parse_from(norm).map_err(|e| e.to_string())?;
+        Config::from_args(a, argv).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn qemu_spellings() {
+        let c = parse(&[
+            "-m",
+            "1G",
+            "-smp",
+            "2",
+            "-qmp",
+            "unix:/tmp/q.sock,server=on,wait=off",
+            "-serial",
+            "null",
+            "-machine",
+            "aux-ram-share=on",
+            "-incoming",
+            "file:/tmp/s",
+            "--guest",
+            "memcheck",
+        ])
+        .unwrap();
+        assert_eq!(c.ram_size, 1 << 30);
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.qmp.unwrap().path, PathBuf::from("/tmp/q.sock"));
+        assert_eq!(c.serial, SerialSpec::Null);
+        assert!(c.aux_ram_share);
+        assert_eq!(c.incoming, Some(IncomingSpec::File("/tmp/s".into())));
+        assert_eq!(c.guest.guest, BuiltinGuest::Memcheck);
+    }
+
+    #[test]
+    fn long_spellings_and_defaults() {
+        let c = parse(&["--memory", "size=256M", "--smp", "cpus=3"]).unwrap();
+        assert_eq!(c.ram_size, 256 << 20);
+        assert_eq!(c.vcpus, 3);
+        assert_eq!(c.serial, SerialSpec::Stdio);
+        assert_eq!(c.guest.guest, BuiltinGuest::Heartbeat);
+        assert_eq!(c.guest.tick_hz, DEFAULT_TICK_HZ);
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("1024").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("16G").unwrap(), 16 << 30);
+        assert_eq!(parse_memory("65536k").unwrap(), 64 << 20);
+        assert_eq!(parse_memory("2GiB").unwrap(), 2 << 30);
+        for bad in [
+            "",
+            "G",
+            "1X",
+            "-1G",
+            "1.5G",
+            "8M",
+            "99999999999999T",
+            "size=",
+            "1G,x=1",
+        ] {
+            assert!(parse_memory(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn bad_values_say_what_to_do() {
+        let e = parse(&["-smp", "0"]).unwrap_err();
+        assert!(e.contains("1 to"), "{e}");
+        let e = parse(&["--guest", "doom"]).unwrap_err();
+        assert!(e.contains("heartbeat and memcheck"), "{e}");
+        let e = parse(&["-serial", "tcp:1.2.3.4:5"]).unwrap_err();
+        assert!(e.contains("stdio, file:PATH"), "{e}");
+        let e = parse(&["-qmp", "tcp:localhost:4444"]).unwrap_err();
+        assert!(e.contains("unix:PATH"), "{e}");
+        let e = parse(&["-machine", "foo=bar"]).unwrap_err();
+        assert!(e.contains("aux-ram-share"), "{e}");
+    }
+
+    #[test]
+    fn guest_options() {
+        let g = parse_guest("heartbeat,hz=50,exit-after=3,exit-code=7").unwrap();
+        assert_eq!((g.tick_hz, g.exit_after_ticks, g.exit_code), (50, 3, 7));
+        assert!(parse_guest("heartbeat,hz=0").is_err());
+        assert!(parse_guest("heartbeat,volume=11").is_err());
+    }
+
+    #[test]
+    fn passthrough_after_double_dash() {
+        let v = normalize_qemu_spellings(
+            ["vmm", "-smp", "2", "--", "-smp"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        assert_eq!(v, vec!["vmm", "--smp", "2", "--", "-smp"]);
+    }
+}

@@ -1,0 +1,955 @@
+//! The VMM thread: start-up, then one poll loop that serves the QMP monitor, the serial console,
+//! signals and vCPU events, and carries out every run-state change (stop, cont, reset, migrate,
+//! quit). Everything that changes the machine happens on this thread, so the machine needs no
+//! locking beyond its devices.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::cli::{Config, IncomingSpec};
+use crate::devices::VmRequest;
+use crate::devices::console::{Console, ConsoleError, ConsoleFd};
+use crate::machine::{Machine, MachineError, Source};
+use crate::memory::{self, GuestRam, MemoryError};
+use crate::migration::format::{RamProgress, SavedRun, StateFile, StateFileError};
+use crate::migration::normal::{self, IncomingRamError};
+use crate::migration::state::{GuestKind, MachineDescription};
+use crate::migration::{MigMode, MigrationRecord, MigrationStatus};
+use crate::qmp::protocol::hmp::{self, HmpAction};
+use crate::qmp::protocol::{
+    Command, CpuInfoFast, CpuInstanceProperties, EventKind, MigrateArgs, MigrateIncomingArgs,
+    MigrationAddress, MigrationInfo, MigrationParameters, MigrationStats, PmemsaveArgs, QmpError,
+    Response, RunState, ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo, query_commands,
+};
+use crate::qmp::server::{ClientId, Monitor};
+use crate::vcpu::{VcpuEvent, VcpuEventKind};
+
+/// The QEMU release whose QMP this monitor speaks (cpr-exec arrived in 10.2).
+const QEMU_COMPAT_VERSION: (i64, i64, i64) = (10, 2, 0);
+/// How long replies and events may take to reach slow clients before exit or exec.
+const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Console input kept while the guest's receive FIFO is full.
+const MAX_PENDING_INPUT: usize = 64 << 10;
+
+const T_SIGNAL: u64 = 1;
+const T_VCPU_EVENTS: u64 = 2;
+const T_INPUT_DRAINED: u64 = 3;
+const T_QMP_LISTENER: u64 = 4;
+const T_CONSOLE_LISTENER: u64 = 5;
+const T_CONSOLE_INPUT: u64 = 6;
+const T_MIGRATION_DONE: u64 = 7;
+/// Client tokens are this plus the client id.
+const T_QMP_CLIENT: u64 = 1 << 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("QMP socket {path}: {source}")]
+    Qmp {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error("guest RAM: {0}")]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error("incoming migration failed: {0}")]
+    Incoming(#[from] IncomingError),
+    #[error("setting up the VMM's event loop: {0}")]
+    Setup(std::io::Error),
+}
+
+/// Why restoring a saved machine failed; nothing of it ever ran.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error(transparent)]
+    File(#[from] StateFileError),
+    #[error(transparent)]
+    Ram(#[from] IncomingRamError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+}
+
+/// Starts the VMM described by `config` and runs it until it ends; returns the exit status.
+pub fn run(config: Config) -> Result<u8, StartError> {
+    crate::vcpu::install_kick_handler()
+        .map_err(|e| StartError::Setup(std::io::Error::from_raw_os_error(e.errno())))?;
+    // A client that disconnects mid-reply must not kill the VMM.
+    // SAFETY: setting SIGPIPE to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let mut vmm = Vmm::new(config)?;
+    vmm.start()?;
+    Ok(vmm.event_loop())
+}
+
+/// A `migrate` to a file in flight.
+struct OutgoingSave {
+    thread: JoinHandle<Result<u64, StateFileError>>,
+    guest_was_running: bool,
+}
+
+struct Vmm {
+    config: Config,
+    epoll: Epoll,
+    signals: UnixStream,
+    monitor: Option<Monitor>,
+    console: Console,
+    registered_console_input: Option<RawFd>,
+    machine: Option<Machine>,
+    vcpu_events: Option<Receiver<VcpuEvent>>,
+    run_state: RunState,
+    /// Whether the guest should run once an incoming migration completes (`stop` while in
+    /// `inmigrate` clears it, as in QEMU).
+    autostart: bool,
+    params: MigrationParameters,
+    migration: MigrationRecord,
+    outgoing: Option<OutgoingSave>,
+    migration_done: Arc<EventFd>,
+    pending_input: VecDeque<u8>,
+    exit_code: Option<u8>,
+}
+
+impl Vmm {
+    fn new(config: Config) -> Result<Self, StartError> {
+        let epoll = Epoll::new().map_err(StartError::Setup)?;
+        let (signals, signal_writer) = UnixStream::pair().map_err(StartError::Setup)?;
+        signals.set_nonblocking(true).map_err(StartError::Setup)?;
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            let writer = signal_writer.try_clone().map_err(StartError::Setup)?;
+            signal_hook::low_level::pipe::register(sig, writer).map_err(StartError::Setup)?;
+        }
+        let monitor = match &config.qmp {
+            Some(spec) => Some(Monitor::bind(&spec.path, qmp_version()).map_err(|source| {
+                StartError::Qmp {
+                    path: spec.path.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let console = Console::open(&config.serial, |_, _| None)?;
+        let migration_done = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(StartError::Setup)?);
+        let vmm = Vmm {
+            config,
+            epoll,
+            signals,
+            monitor,
+            console,
+            registered_console_input: None,
+            machine: None,
+            vcpu_events: None,
+            run_state: RunState::Prelaunch,
+            autostart: true,
+            params: MigrationParameters::qemu_defaults(),
+            migration: MigrationRecord::default(),
+            outgoing: None,
+            migration_done,
+            pending_input: VecDeque::new(),
+            exit_code: None,
+        };
+        vmm.watch(vmm.signals.as_raw_fd(), T_SIGNAL, EventSet::IN)
+            .map_err(StartError::Setup)?;
+        vmm.watch(
+            vmm.migration_done.as_raw_fd(),
+            T_MIGRATION_DONE,
+            EventSet::IN,
+        )
+        .map_err(StartError::Setup)?;
+        if let Some(m) = &vmm.monitor {
+            vmm.watch(m.listener_fd(), T_QMP_LISTENER, EventSet::IN)
+                .map_err(StartError::Setup)?;
+        }
+        Ok(vmm)
+    }
+
+    fn watch(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn start(&mut self) -> Result<(), StartError> {
+        self.sync_console_fds();
+        match self.config.incoming.clone() {
+            None => {
+                let ram = GuestRam::create(
+                    self.config.ram_size,
+                    self.config.hugepages,
+                    self.config.prealloc,
+                )?;
+                let (machine, rx) = Machine::build(
+                    ram,
+                    self.config.vcpus,
+                    self.config.guest.clone(),
+                    self.console.output(),
+                    Source::Boot,
+                )?;
+                self.install_machine(machine, rx)
+                    .map_err(StartError::Setup)?;
+                self.set_running();
+            }
+            Some(IncomingSpec::File(path)) => {
+                self.run_state = RunState::Inmigrate;
+                self.incoming_from_file(&path)?;
+            }
+            Some(IncomingSpec::Defer) => {
+                self.run_state = RunState::Inmigrate;
+                log::info!("waiting for migrate-incoming");
+            }
+        }
+        Ok(())
+    }
+
+    /// The machine this command line describes (checked against a saved one).
+    fn described_machine(&self) -> MachineDescription {
+        MachineDescription {
+            vcpus: self.config.vcpus,
+            ram_size: self.config.ram_size,
+            regions: memory::layout(self.config.ram_size),
+            guest: GuestKind::Builtin(self.config.guest.guest.name().to_string()),
+        }
+    }
+
+    /// Restores a machine saved with `migrate` in normal mode. Everything is validated, and RAM
+    /// loaded and checksummed, before KVM is touched; on error nothing ran.
+    fn incoming_from_file(&mut self, path: &Path) -> Result<(), IncomingError> {
+        let started = Instant::now();
+        let file = StateFile::open(path)?;
+        file.check_machine(&self.described_machine())?;
+        let ram = normal::load_ram(&file, self.config.hugepages, self.config.prealloc)?;
+        let (machine, rx) = Machine::build(
+            ram,
+            self.config.vcpus,
+            self.config.guest.clone(),
+            self.console.output(),
+            Source::Restore(&file.state),
+        )?;
+        self.install_machine(machine, rx)
+            .map_err(|e| IncomingError::Machine(MachineError::EventFd(e)))?;
+        self.migration = MigrationRecord {
+            status: MigrationStatus::Completed,
+            mode: MigMode::Normal,
+            started: Some(started),
+            total_time_ms: Some(started.elapsed().as_millis() as u64),
+            ..MigrationRecord::default()
+        };
+        if file.run.guest_was_running && self.autostart {
+            self.set_running();
+        } else {
+            self.run_state = RunState::Paused;
+        }
+        log::info!(
+            "restored from {} (saved by vmm {}) in {} ms",
+            path.display(),
+            file.run.saved_by_version,
+            started.elapsed().as_millis()
+        );
+        Ok(())
+    }
+
+    fn install_machine(
+        &mut self,
+        machine: Machine,
+        rx: Receiver<VcpuEvent>,
+    ) -> std::io::Result<()> {
+        self.watch(
+            machine.wakers().vcpu_events.as_raw_fd(),
+            T_VCPU_EVENTS,
+            EventSet::IN,
+        )?;
+        self.watch(
+            machine.wakers().input_drained.as_raw_fd(),
+            T_INPUT_DRAINED,
+            EventSet::IN,
+        )?;
+        self.machine = Some(machine);
+        self.vcpu_events = Some(rx);
+        self.push_console_input();
+        Ok(())
+    }
+
+    fn set_running(&mut self) {
+        if let Some(m) = &mut self.machine {
+            m.resume();
+        }
+        self.run_state = RunState::Running;
+        self.emit(&EventKind::Resume);
+    }
+
+    fn emit(&mut self, kind: &EventKind) {
+        if let Some(m) = &mut self.monitor {
+            m.broadcast(kind);
+        }
+    }
+
+    fn event_loop(&mut self) -> u8 {
+        let mut events = vec![EpollEvent::default(); 64];
+        while self.exit_code.is_none() {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("event loop: epoll_wait failed: {e}");
+                    return 1;
+                }
+            };
+            for ev in &events[..n] {
+                self.dispatch(ev.data(), ev.event_set());
+                if self.exit_code.is_some() {
+                    break;
+                }
+            }
+        }
+        if let Some(m) = &mut self.monitor {
+            m.drain_output(OUTPUT_DRAIN_TIMEOUT);
+        }
+        self.exit_code.unwrap_or(0)
+    }
+
+    fn dispatch(&mut self, token: u64, events: EventSet) {
+        match token {
+            T_SIGNAL => {
+                let mut buf = [0u8; 64];
+                while matches!(self.signals.read(&mut buf), Ok(n) if n > 0) {}
+                log::info!("terminated by signal");
+                self.shutdown(ShutdownCause::HostSignal, 0);
+            }
+            T_VCPU_EVENTS => self.handle_vcpu_events(),
+            T_INPUT_DRAINED => {
+                if let Some(m) = &self.machine {
+                    let _ = m.wakers().input_drained.read();
+                }
+                self.push_console_input();
+            }
+            T_QMP_LISTENER => self.accept_qmp_clients(),
+            T_CONSOLE_LISTENER => {
+                self.console.accept();
+                self.sync_console_fds();
+            }
+            T_CONSOLE_INPUT => self.read_console_input(),
+            T_MIGRATION_DONE => {
+                let _ = self.migration_done.read();
+                self.finish_outgoing_save();
+            }
+            t if t >= T_QMP_CLIENT => self.serve_qmp_client(t - T_QMP_CLIENT, events),
+            _ => {}
+        }
+    }
+
+    fn shutdown(&mut self, cause: ShutdownCause, code: u8) {
+        self.emit(&EventKind::shutdown(cause));
+        self.run_state = RunState::Shutdown;
+        self.exit_code = Some(code);
+    }
+
+    fn handle_vcpu_events(&mut self) {
+        if let Some(m) = &self.machine {
+            let _ = m.wakers().vcpu_events.read();
+        }
+        let events: Vec<VcpuEvent> = match &self.vcpu_events {
+            Some(rx) => rx.try_iter().collect(),
+            None => return,
+        };
+        for ev in events {
+            match ev.kind {
+                VcpuEventKind::Shutdown => {
+                    log::info!("guest shut down (vCPU {})", ev.index);
+                    self.shutdown(ShutdownCause::GuestShutdown, 0);
+                }
+                VcpuEventKind::Request(VmRequest::Exit(code)) => {
+                    log::info!("guest requested exit with status {code}");
+                    self.shutdown(ShutdownCause::GuestShutdown, code);
+                }
+                VcpuEventKind::Reset => {
+                    if let Err(e) = self.reset_machine(ShutdownCause::GuestReset) {
+                        log::error!("guest reset failed: {e}");
+                    }
+                }
+                VcpuEventKind::Failed(msg) => {
+                    log::error!("{msg}; the VM is stopped (internal-error)");
+                    if let Some(m) = &mut self.machine {
+                        let _ = m.pause();
+                    }
+                    if self.run_state == RunState::Running {
+                        self.emit(&EventKind::Stop);
+                    }
+                    self.run_state = RunState::InternalError;
+                }
+            }
+            if self.exit_code.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn reset_machine(&mut self, cause: ShutdownCause) -> Result<(), MachineError> {
+        if let Some(m) = &mut self.machine {
+            m.reset()?;
+        }
+        self.emit(&EventKind::reset(cause));
+        Ok(())
+    }
+
+    // ---- serial console ----
+
+    fn sync_console_fds(&mut self) {
+        let mut input = None;
+        for fd in self.console.poll_fds() {
+            match fd {
+                ConsoleFd::Listener(l) => {
+                    // Adding twice fails harmlessly with EEXIST.
+                    let _ = self.watch(l, T_CONSOLE_LISTENER, EventSet::IN);
+                }
+                ConsoleFd::Input(i) => input = Some(i),
+            }
+        }
+        if input != self.registered_console_input {
+            if let Some(old) = self.registered_console_input.take() {
+                self.unwatch(old);
+            }
+            if let Some(new) = input {
+                // stdin may be something epoll cannot watch (a file, /dev/null): no input then.
+                match self.watch(new, T_CONSOLE_INPUT, EventSet::IN) {
+                    Ok(()) => self.registered_console_input = Some(new),
+                    Err(e) => log::debug!("serial input fd {new} cannot be polled: {e}"),
+                }
+            }
+        }
+    }
+
+    fn read_console_input(&mut self) {
+        let mut buf = [0u8; 4096];
+        match self.console.read_input(&mut buf) {
+            Ok(0) => self.sync_console_fds(),
+            Ok(n) => {
+                let room = MAX_PENDING_INPUT.saturating_sub(self.pending_input.len());
+                if n > room {
+                    log::warn!(
+                        "serial: the guest is not reading input; dropped {} bytes",
+                        n - room
+                    );
+                }
+                self.pending_input.extend(&buf[..n.min(room)]);
+                self.push_console_input();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                log::info!("serial input closed: {e}");
+                self.sync_console_fds();
+            }
+        }
+    }
+
+    fn push_console_input(&mut self) {
+        let Some(m) = &self.machine else { return };
+        while !self.pending_input.is_empty() {
+            let (front, _) = self.pending_input.as_slices();
+            let taken = m.console_input(front);
+            if taken == 0 {
+                break;
+            }
+            self.pending_input.drain(..taken);
+        }
+    }
+
+    // ---- QMP ----
+
+    fn accept_qmp_clients(&mut self) {
+        let Some(m) = &mut self.monitor else { return };
+        for (id, fd) in m.accept() {
+            let events =
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP;
+            if let Err(e) = self.watch(fd, T_QMP_CLIENT + id, events) {
+                log::warn!("QMP: cannot watch client: {e}");
+            }
+        }
+    }
+
+    fn serve_qmp_client(&mut self, id: ClientId, events: EventSet) {
+        let Some(m) = &mut self.monitor else { return };
+        if events.contains(EventSet::OUT) {
+            m.writable(id);
+        }
+        if !events
+            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            return;
+        }
+        let outcome = m.read(id);
+        for request in outcome.requests {
+            let quit = matches!(request.command, Command::Quit);
+            let result = self.execute(request.command);
+            let response = Response::from_result(request.id, result);
+            if let Some(m) = &mut self.monitor {
+                m.reply(id, &response);
+            }
+            if quit {
+                self.shutdown(ShutdownCause::HostQmpQuit, 0);
+            }
+            if self.exit_code.is_some() {
+                return;
+            }
+        }
+        if outcome.closed
+            && let Some(m) = &mut self.monitor
+        {
+            m.remove(id);
+        }
+    }
+
+    /// Executes one command. Results are JSON values (QMP clients do not depend on key order).
+    fn execute(&mut self, command: Command) -> Result<Value, QmpError> {
+        match command {
+            Command::QmpCapabilities(_) => Err(QmpError::command_not_found(
+                "Capabilities negotiation is already complete, command ignored",
+            )),
+            Command::QueryStatus => to_value(&StatusInfo::from_state(self.run_state)),
+            Command::Stop => {
+                self.stop()?;
+                Ok(empty())
+            }
+            Command::Cont => {
+                self.cont()?;
+                Ok(empty())
+            }
+            // The reply goes out first; the caller then shuts down.
+            Command::Quit => Ok(empty()),
+            Command::SystemReset => {
+                if self.machine.is_none() {
+                    return Err(QmpError::generic("There is no machine to reset yet"));
+                }
+                self.reset_machine(ShutdownCause::HostQmpSystemReset)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                Ok(empty())
+            }
+            Command::QueryCpusFast => to_value(&self.query_cpus()),
+            Command::Pmemsave(args) => {
+                self.pmemsave(&args)?;
+                Ok(empty())
+            }
+            Command::HumanMonitor(args) => {
+                if let Some(i) = args.cpu_index
+                    && (i < 0 || i >= i64::from(self.config.vcpus))
+                {
+                    return Err(QmpError::invalid_cpu_index());
+                }
+                let text = match hmp::parse(&args.command_line, args.cpu_index) {
+                    HmpAction::Reply(text) => text,
+                    HmpAction::Run { command, render } => {
+                        let quit = matches!(command, Command::Quit);
+                        let result = self.execute(command);
+                        if quit {
+                            self.shutdown(ShutdownCause::HostQmpQuit, 0);
+                        }
+                        render.render(&result)
+                    }
+                };
+                Ok(Value::String(text))
+            }
+            Command::QueryVersion => to_value(&qmp_version()),
+            Command::QueryCommands => to_value(&query_commands()),
+            Command::MigrateSetParameters(p) => {
+                if let Some(mode) = p.mode
+                    && !matches!(mode, MigMode::Normal)
+                {
+                    return Err(QmpError::generic(format!(
+                        "migration mode '{}' is not supported by this VMM yet; supported: normal",
+                        mode.as_str()
+                    )));
+                }
+                self.params.apply(&p);
+                Ok(empty())
+            }
+            Command::QueryMigrateParameters => to_value(&self.params),
+            Command::Migrate(args) => {
+                self.migrate(&args)?;
+                Ok(empty())
+            }
+            Command::QueryMigrate => to_value(&self.query_migrate()),
+            Command::MigrateIncoming(args) => {
+                self.migrate_incoming(&args)?;
+                Ok(empty())
+            }
+            Command::MigrateCancel => {
+                if let Some(m) = &self.migration.ram
+                    && self.outgoing.is_some()
+                {
+                    m.cancel();
+                }
+                Ok(empty())
+            }
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), QmpError> {
+        match self.run_state {
+            RunState::Inmigrate => {
+                self.autostart = false;
+                Ok(())
+            }
+            RunState::Running => {
+                if let Some(m) = &mut self.machine {
+                    m.pause().map_err(|e| QmpError::generic(e.to_string()))?;
+                }
+                self.run_state = RunState::Paused;
+                self.emit(&EventKind::Stop);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn cont(&mut self) -> Result<(), QmpError> {
+        if self.outgoing.is_some() {
+            return Err(QmpError::generic(
+                "A migration is in progress; the guest resumes when it ends if it was running",
+            ));
+        }
+        match self.run_state {
+            RunState::Running => Ok(()),
+            RunState::Inmigrate => {
+                self.autostart = true;
+                Ok(())
+            }
+            RunState::InternalError | RunState::Shutdown => Err(QmpError::generic(
+                "Resetting the Virtual Machine is required",
+            )),
+            _ => {
+                self.set_running();
+                Ok(())
+            }
+        }
+    }
+
+    fn query_cpus(&self) -> Vec<CpuInfoFast> {
+        let Some(m) = &self.machine else {
+            return Vec::new();
+        };
+        m.vcpu_tids()
+            .into_iter()
+            .map(|(index, tid)| CpuInfoFast {
+                thread_id: i64::from(tid),
+                props: Some(CpuInstanceProperties {
+                    node_id: None,
+                    drawer_id: None,
+                    book_id: None,
+                    socket_id: Some(0),
+                    die_id: Some(0),
+                    cluster_id: None,
+                    module_id: None,
+                    core_id: Some(i64::from(index)),
+                    thread_id: Some(0),
+                }),
+                qom_path: format!("/machine/unattached/device[{index}]"),
+                cpu_index: i64::from(index),
+                target: TARGET_X86_64.to_string(),
+            })
+            .collect()
+    }
+
+    fn pmemsave(&self, args: &PmemsaveArgs) -> Result<(), QmpError> {
+        let Some(m) = &self.machine else {
+            return Err(QmpError::generic("There is no guest memory yet"));
+        };
+        let mem = m.ram().memory();
+        let end = args.val.checked_add(args.size);
+        let in_ram = |addr: u64, len: u64| {
+            m.ram().regions().iter().any(|r| {
+                addr >= r.layout.guest_addr && addr + len <= r.layout.guest_addr + r.layout.size
+            })
+        };
+        let mut file = std::fs::File::create(&args.filename).map_err(|e| {
+            QmpError::generic(format!(
+                "Could not open '{}': {}",
+                args.filename,
+                os_error_text(&e)
+            ))
+        })?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut addr = args.val;
+        let end = end.ok_or_else(|| QmpError::generic("Invalid addr/size: the range overflows"))?;
+        while addr < end {
+            let len = (end - addr).min(buf.len() as u64);
+            // Stop at region boundaries, so each read lies in one region.
+            let len = m
+                .ram()
+                .regions()
+                .iter()
+                .map(|r| r.layout.guest_addr + r.layout.size)
+                .filter(|&e| e > addr)
+                .map(|e| (e - addr).min(len))
+                .min()
+                .unwrap_or(len);
+            if !in_ram(addr, len) {
+                return Err(QmpError::generic(format!(
+                    "Invalid addr {addr:#x}/size {} specified: not guest RAM",
+                    end - args.val
+                )));
+            }
+            let chunk = &mut buf[..len as usize];
+            mem.read_slice(chunk, GuestAddress(addr))
+                .map_err(|e| QmpError::generic(format!("reading guest memory: {e}")))?;
+            std::io::Write::write_all(&mut file, chunk)
+                .map_err(|e| QmpError::generic(format!("writing {}: {e}", args.filename)))?;
+            addr += len;
+        }
+        Ok(())
+    }
+
+    // ---- migration ----
+
+    fn migrate(&mut self, args: &MigrateArgs) -> Result<(), QmpError> {
+        let targets = args.targets()?;
+        if self.outgoing.is_some() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        if self.machine.is_none() || self.run_state == RunState::Inmigrate {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
+        }
+        let path = match &targets.main {
+            MigrationAddress::File(f) if f.offset == 0 => PathBuf::from(&f.filename),
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "migration mode '{}' supports only file:PATH destinations",
+                    self.params.mode.unwrap_or_default().as_str()
+                )));
+            }
+        };
+        self.start_outgoing_save(path)
+    }
+
+    /// Normal mode: stop, capture the machine, and write state and RAM on a thread.
+    fn start_outgoing_save(&mut self, path: PathBuf) -> Result<(), QmpError> {
+        let guest_was_running = self.run_state == RunState::Running;
+        let progress = Arc::new(RamProgress::default());
+        self.migration = MigrationRecord {
+            status: MigrationStatus::Setup,
+            mode: MigMode::Normal,
+            started: Some(Instant::now()),
+            ram: Some(progress.clone()),
+            ..MigrationRecord::default()
+        };
+        self.emit(&EventKind::Migration {
+            status: MigrationStatus::Setup,
+        });
+        let captured = self.capture_for_save(guest_was_running);
+        let (state, ram) = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail_migration(&e, guest_was_running);
+                return Err(QmpError::generic(e));
+            }
+        };
+        self.migration.setup_time_ms = self.migration.elapsed_ms();
+        let run = SavedRun {
+            guest_was_running,
+            saved_by_version: crate::version_string(),
+            saved_at_unix_ns: cpr_common::timing::realtime_ns(),
+        };
+        match normal::start_outgoing(path, state, run, ram, progress, self.migration_done.clone()) {
+            Ok(thread) => {
+                self.outgoing = Some(OutgoingSave {
+                    thread,
+                    guest_was_running,
+                });
+                self.migration.status = MigrationStatus::Active;
+                self.emit(&EventKind::Migration {
+                    status: MigrationStatus::Active,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("starting the migration thread: {e}");
+                self.fail_migration(&msg, guest_was_running);
+                Err(QmpError::generic(msg))
+            }
+        }
+    }
+
+    /// Stops the guest (if running) and saves the machine's state (not RAM).
+    fn capture_for_save(
+        &mut self,
+        guest_was_running: bool,
+    ) -> Result<(crate::migration::state::MachineState, memory::RamView), String> {
+        let Some(m) = &mut self.machine else {
+            return Err("there is no machine".into());
+        };
+        m.pause().map_err(|e| e.to_string())?;
+        let state = m.save_state().map_err(|e| e.to_string())?;
+        let ram = m.ram().view();
+        if guest_was_running {
+            self.emit(&EventKind::Stop);
+        }
+        self.run_state = RunState::FinishMigrate;
+        Ok((state, ram))
+    }
+
+    fn finish_outgoing_save(&mut self) {
+        let Some(out) = self.outgoing.take() else {
+            return;
+        };
+        let result = out.thread.join().unwrap_or_else(|_| {
+            Err(StateFileError::Ram {
+                path: String::new(),
+                detail: "the migration thread panicked".into(),
+            })
+        });
+        match result {
+            Ok(size) => {
+                let ms = self.migration.elapsed_ms();
+                self.migration.total_time_ms = Some(ms);
+                // The guest was stopped for the whole save.
+                self.migration.downtime_ms = Some(ms);
+                self.migration.status = MigrationStatus::Completed;
+                self.run_state = RunState::Postmigrate;
+                log::info!("migration to file completed: {size} bytes in {ms} ms");
+                self.emit(&EventKind::Migration {
+                    status: MigrationStatus::Completed,
+                });
+            }
+            Err(e) => {
+                log::error!("migration failed: {e}");
+                self.fail_migration(&e.to_string(), out.guest_was_running);
+            }
+        }
+    }
+
+    /// Records a failed migration and resumes the guest if it was running before.
+    fn fail_migration(&mut self, reason: &str, guest_was_running: bool) {
+        self.migration.status = MigrationStatus::Failed;
+        self.migration.error = Some(reason.to_string());
+        self.migration.total_time_ms = Some(self.migration.elapsed_ms());
+        self.emit(&EventKind::Migration {
+            status: MigrationStatus::Failed,
+        });
+        if guest_was_running {
+            self.set_running();
+        } else if self.machine.is_some() {
+            self.run_state = RunState::Paused;
+        }
+    }
+
+    fn query_migrate(&self) -> MigrationInfo {
+        let r = &self.migration;
+        if r.status == MigrationStatus::None {
+            return MigrationInfo::default();
+        }
+        let ram = r.ram.as_ref().map(|p| p.stats(r.elapsed_ms()));
+        MigrationInfo {
+            status: Some(r.status),
+            ram,
+            total_time: Some(r.elapsed_ms() as i64),
+            expected_downtime: None,
+            downtime: r.downtime_ms.map(|d| d as i64),
+            setup_time: Some(r.setup_time_ms as i64),
+            cpu_throttle_percentage: None,
+            error_desc: r.error.clone(),
+            blocked_reasons: None,
+        }
+    }
+
+    fn migrate_incoming(&mut self, args: &MigrateIncomingArgs) -> Result<(), QmpError> {
+        if self.config.incoming != Some(IncomingSpec::Defer) {
+            return Err(QmpError::generic(
+                "'-incoming' was not specified on the command line",
+            ));
+        }
+        if self.run_state != RunState::Inmigrate || self.machine.is_some() {
+            return Err(QmpError::generic(
+                "The incoming migration has already been started",
+            ));
+        }
+        let path = match args.address()? {
+            MigrationAddress::File(f) if f.offset == 0 => PathBuf::from(f.filename),
+            _ => {
+                return Err(QmpError::generic(
+                    "migrate-incoming supports only file:PATH sources",
+                ));
+            }
+        };
+        self.incoming_from_file(&path).map_err(|e| {
+            log::error!("incoming migration failed: {e}");
+            QmpError::generic(e.to_string())
+        })
+    }
+}
+
+fn qmp_version() -> VersionInfo {
+    let (major, minor, micro) = QEMU_COMPAT_VERSION;
+    VersionInfo::new(
+        major,
+        minor,
+        micro,
+        format!(" (cpr-vmm {})", crate::version_string()),
+    )
+}
+
+fn empty() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, QmpError> {
+    serde_json::to_value(v).map_err(|e| QmpError::generic(format!("internal error: {e}")))
+}
+
+/// strerror-style text without Rust's " (os error N)" suffix, as QEMU prints it.
+fn os_error_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+impl RamProgress {
+    /// `query-migrate`'s `ram` member.
+    fn stats(&self, elapsed_ms: u64) -> MigrationStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let transferred = self.transferred.load(Relaxed);
+        let mbps = if elapsed_ms > 0 {
+            transferred as f64 * 8.0 / 1e6 / (elapsed_ms as f64 / 1000.0)
+        } else {
+            0.0
+        };
+        MigrationStats {
+            transferred: transferred as i64,
+            remaining: self.remaining.load(Relaxed) as i64,
+            total: self.total.load(Relaxed) as i64,
+            duplicate: self.duplicate_pages.load(Relaxed) as i64,
+            normal: self.normal_pages.load(Relaxed) as i64,
+            normal_bytes: (self.normal_pages.load(Relaxed) * 4096) as i64,
+            dirty_pages_rate: 0,
+            mbps,
+            dirty_sync_count: 1,
+            postcopy_requests: 0,
+            page_size: 4096,
+            multifd_bytes: 0,
+            pages_per_second: 0,
+            precopy_bytes: transferred,
+            downtime_bytes: 0,
+            postcopy_bytes: 0,
+            dirty_sync_missed_zero_copy: 0,
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! A small stderr logger: quiet by default (warnings and errors), `-v`/`-vv`/`-vvv` or
+//! `VMM_LOG=info|debug|trace` for more. Lines carry a monotonic timestamp and the PID, which
+//! stays the same across live updates, so one log reads as one VM's history.
+
+use log::{LevelFilter, Log, Metadata, Record};
+
+struct StderrLogger;
+
+impl Log for StderrLogger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let ns = cpr_common::timing::monotonic_ns();
+        eprintln!(
+            "[{:>6}.{:06}] vmm[{}] {:<5} {}",
+            ns / 1_000_000_000,
+            (ns / 1000) % 1_000_000,
+            std::process::id(),
+            record.level(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+pub fn init(verbose: u8) {
+    let from_flag = match verbose {
+        0 => LevelFilter::Warn,
+        1 => LevelFilter::Info,
+        2 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    };
+    let from_env = std::env::var("VMM_LOG")
+        .ok()
+        .and_then(|v| v.parse::<LevelFilter>().ok());
+    let level = from_env.map_or(from_flag, |e| e.max(from_flag));
+    // A second init (never expected) keeps the first logger.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}

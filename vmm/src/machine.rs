@@ -1,0 +1,449 @@
+//! The machine: a KVM VM over guest RAM, its vCPU threads and its devices.
+//!
+//! A machine is built one way ([`Machine::build`]) from one of two sources: a fresh boot of a
+//! built-in guest, or a saved [`MachineState`] over RAM that already holds the guest (restored
+//! from a file, or inherited memfds after an exec). Reset rebuilds the VM over the same RAM, as
+//! Cloud Hypervisor does, so there is no separate reset path to keep in step.
+
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BuiltinGuest, GuestParams};
+use crate::cli::GuestSpec;
+use crate::cpuid;
+use crate::devices::console::ConsoleOutput;
+use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
+use crate::devices::serial::{
+    COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, InputDrained, IrqTrigger, SerialDevice,
+};
+use crate::devices::{PioBus, lock};
+use crate::memory::GuestRam;
+use crate::migration::state::{
+    self, DeviceState, GuestKind, MachineDescription, MachineState, VcpuState,
+};
+use crate::vcpu::{EventSink, VcpuCommand, VcpuEvent, VcpuHandle};
+
+/// Where KVM puts the TSS and identity map it needs for real-mode emulation on Intel: the top of
+/// the 32-bit space, below the BIOS area, away from RAM and the LAPIC/IOAPIC.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// Pausing waits this long for a vCPU before it reports which one is stuck.
+const PAUSE_WARN_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(
+        "cannot open /dev/kvm: {0} (is KVM enabled, and does this user have access to /dev/kvm?)"
+    )]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM: {op}: {source}")]
+    Kvm {
+        op: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("loading the built-in guest: {0}")]
+    Boot(#[from] boot::BootError),
+    #[error("restoring machine state: {0}")]
+    State(#[from] state::StateError),
+    #[error("starting vCPU thread {index}: {source}")]
+    Thread {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("vCPU {index} did not answer: its thread is gone")]
+    VcpuGone { index: u32 },
+    #[error("{0}")]
+    Vcpu(String),
+    #[error("restoring device {device}: {detail}")]
+    Device {
+        device: &'static str,
+        detail: String,
+    },
+    #[error("the saved state has {saved} vCPU states for {described} vCPUs")]
+    VcpuCount { saved: usize, described: u32 },
+}
+
+fn kvm_err(op: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    let op = op.into();
+    move |source| MachineError::Kvm { op, source }
+}
+
+/// Where a machine's CPU and device state comes from.
+pub enum Source<'a> {
+    /// Power on: load the built-in guest into RAM and start every vCPU at its entry point.
+    Boot,
+    /// Continue a saved machine; RAM already holds the guest.
+    Restore(&'a MachineState),
+}
+
+/// Handles shared with the VMM thread's poll loop.
+pub struct MachineWakers {
+    /// Written by vCPU threads when they have an event.
+    pub vcpu_events: Arc<EventFd>,
+    /// Written by the UART when the guest drained its receive FIFO.
+    pub input_drained: Arc<EventFd>,
+}
+
+pub struct Machine {
+    kvm: Kvm,
+    vm: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<VcpuHandle>,
+    serial: Arc<Mutex<SerialDevice>>,
+    console: ConsoleOutput,
+    guest: GuestSpec,
+    vcpu_count: u32,
+    events: EventSink,
+    wakers: MachineWakers,
+    msr_indices: Arc<Vec<u32>>,
+    xsave_words: usize,
+    paused: bool,
+}
+
+impl Machine {
+    /// Builds the machine; vCPU threads start paused (call [`Machine::resume`]).
+    pub fn build(
+        ram: GuestRam,
+        vcpu_count: u32,
+        guest: GuestSpec,
+        console: ConsoleOutput,
+        source: Source<'_>,
+    ) -> Result<(Self, Receiver<VcpuEvent>), MachineError> {
+        let kvm = Kvm::new().map_err(MachineError::KvmOpen)?;
+        let vcpu_events = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
+        let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
+        let (events, rx) = EventSink::new(vcpu_events.clone());
+        let wakers = MachineWakers {
+            vcpu_events,
+            input_drained,
+        };
+        let (vm, serial) = create_vm(&kvm, &ram, &console, &wakers, &source)?;
+        let mut machine = Machine {
+            kvm,
+            vm,
+            ram,
+            vcpus: Vec::new(),
+            serial,
+            console,
+            guest,
+            vcpu_count,
+            events,
+            wakers,
+            msr_indices: Arc::new(Vec::new()),
+            xsave_words: 0,
+            paused: true,
+        };
+        machine.create_vcpus(&source)?;
+        Ok((machine, rx))
+    }
+
+    /// Creates the vCPUs, sets their state from `source`, and starts their threads paused.
+    fn create_vcpus(&mut self, source: &Source<'_>) -> Result<(), MachineError> {
+        let supported = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        if let Source::Boot = source {
+            let params = GuestParams {
+                vcpu_count: self.vcpu_count,
+                ram_end: self.ram.low_end(),
+                tick_hz: self.guest.tick_hz,
+                exit_after_ticks: self.guest.exit_after_ticks,
+                exit_code: self.guest.exit_code,
+            };
+            boot::load_builtin_guest(self.ram.memory().as_ref(), self.guest.guest, &params)?;
+        }
+        if let Source::Restore(s) = source
+            && s.vcpus.len() != self.vcpu_count as usize
+        {
+            return Err(MachineError::VcpuCount {
+                saved: s.vcpus.len(),
+                described: self.vcpu_count,
+            });
+        }
+        let mut fds = Vec::new();
+        for index in 0..self.vcpu_count {
+            let vcpu = self
+                .vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err(format!("creating vCPU {index}")))?;
+            match source {
+                Source::Boot => boot_vcpu(&vcpu, &supported, index, self.vcpu_count)?,
+                Source::Restore(s) => state::restore_vcpu(&vcpu, &s.vcpus[index as usize])?,
+            }
+            fds.push(vcpu);
+        }
+        if let Source::Restore(s) = source {
+            state::restore_vm_clock(&self.vm, &s.vm)?;
+        }
+        // Which MSRs to save is decided once, here, outside any blackout.
+        let listed = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        self.msr_indices = Arc::new(match fds.first() {
+            Some(v) => state::saveable_msrs(v, listed.as_slice()),
+            None => Vec::new(),
+        });
+        self.xsave_words = state::xsave_words(&self.vm);
+        let bus = Arc::new(self.build_bus());
+        for (index, vcpu) in fds.into_iter().enumerate() {
+            let handle = VcpuHandle::spawn(
+                index as u32,
+                vcpu,
+                bus.clone(),
+                self.events.clone(),
+                self.msr_indices.clone(),
+                self.xsave_words,
+                false,
+            )
+            .map_err(|source| MachineError::Thread {
+                index: index as u32,
+                source,
+            })?;
+            self.vcpus.push(handle);
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    fn build_bus(&self) -> PioBus {
+        let mut bus = PioBus::default();
+        bus.insert(COM1_PORT, COM1_PORT_COUNT, self.serial.clone());
+        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)));
+        bus
+    }
+
+    pub fn wakers(&self) -> &MachineWakers {
+        &self.wakers
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn vcpu_tids(&self) -> Vec<(u32, i32)> {
+        self.vcpus.iter().map(|v| (v.index, v.tid)).collect()
+    }
+
+    pub fn description(&self) -> MachineDescription {
+        describe(&self.ram, self.vcpu_count, self.guest.guest)
+    }
+
+    /// Stops every vCPU (all are asked at once, then all answers collected).
+    pub fn pause(&mut self) -> Result<(), MachineError> {
+        if self.paused {
+            return Ok(());
+        }
+        let (tx, rx) = channel();
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Pause(tx.clone()));
+        }
+        drop(tx);
+        for _ in &self.vcpus {
+            match rx.recv_timeout(PAUSE_WARN_AFTER) {
+                Ok(()) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    log::warn!("a vCPU is slow to pause (blocked on console output?); waiting");
+                    rx.recv().map_err(|_| MachineError::VcpuGone { index: 0 })?;
+                }
+                Err(_) => return Err(MachineError::VcpuGone { index: 0 }),
+            }
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    pub fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Resume);
+        }
+        self.paused = false;
+    }
+
+    /// Saves the whole machine except RAM pages. The machine must be paused.
+    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        debug_assert!(self.paused);
+        let mut replies = Vec::new();
+        for v in &self.vcpus {
+            let (tx, rx) = channel();
+            v.send(VcpuCommand::Save(tx));
+            replies.push((v.index, rx));
+        }
+        let mut vcpus: Vec<VcpuState> = Vec::new();
+        for (index, rx) in replies {
+            let s = rx
+                .recv()
+                .map_err(|_| MachineError::VcpuGone { index })?
+                .map_err(MachineError::Vcpu)?;
+            vcpus.push(s);
+        }
+        let vm = state::save_vm(&self.vm)?;
+        let devices = vec![DeviceState::Serial(lock(&self.serial).snapshot())];
+        Ok(MachineState {
+            description: self.description(),
+            vcpus,
+            vm,
+            devices,
+        })
+    }
+
+    /// Power-cycles the machine over the same RAM: the VM is rebuilt and the guest reloaded.
+    pub fn reset(&mut self) -> Result<(), MachineError> {
+        let was_running = !self.paused;
+        self.pause()?;
+        self.vcpus.clear();
+        let source = Source::Boot;
+        let (vm, serial) = create_vm(&self.kvm, &self.ram, &self.console, &self.wakers, &source)?;
+        self.vm = vm;
+        self.serial = serial;
+        self.create_vcpus(&source)?;
+        if was_running {
+            self.resume();
+        }
+        Ok(())
+    }
+
+    /// Feeds typed console input to the UART; returns how many bytes it took.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.serial).enqueue_input(bytes)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // Join the vCPU threads before the VM and RAM go away.
+        self.vcpus.clear();
+    }
+}
+
+pub fn describe(ram: &GuestRam, vcpus: u32, guest: BuiltinGuest) -> MachineDescription {
+    MachineDescription {
+        vcpus,
+        ram_size: ram.total_size(),
+        regions: ram.layouts(),
+        guest: GuestKind::Builtin(guest.name().to_string()),
+    }
+}
+
+/// Creates the VM with its in-kernel devices, memory slots and the UART.
+fn create_vm(
+    kvm: &Kvm,
+    ram: &GuestRam,
+    console: &ConsoleOutput,
+    wakers: &MachineWakers,
+    source: &Source<'_>,
+) -> Result<(VmFd, Arc<Mutex<SerialDevice>>), MachineError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    for (slot, region) in ram.regions().iter().enumerate() {
+        let Some((host, len)) = ram.host_range(slot) else {
+            continue;
+        };
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.layout.guest_addr,
+            memory_size: len as u64,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM (the
+        // Machine drops its vCPUs and VM before its RAM), and slots do not overlap.
+        unsafe { vm.set_user_memory_region(mem_region) }.map_err(kvm_err(format!(
+            "registering RAM region {}",
+            region.layout.name
+        )))?;
+    }
+    if let Source::Restore(s) = source {
+        state::restore_vm_devices(&vm, &s.vm)?;
+    }
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
+    let drained = InputDrained(wakers.input_drained.clone());
+    let serial_snapshot = match source {
+        Source::Restore(s) => s.devices.iter().find_map(|d| match d {
+            DeviceState::Serial(snap) => Some(snap),
+        }),
+        Source::Boot => None,
+    };
+    let serial = match serial_snapshot {
+        Some(snap) => SerialDevice::from_snapshot(snap, IrqTrigger(irq), drained, console.clone())
+            .map_err(|detail| MachineError::Device {
+                device: "serial",
+                detail,
+            })?,
+        None => SerialDevice::new(IrqTrigger(irq), drained, console.clone()),
+    };
+    Ok((vm, Arc::new(Mutex::new(serial))))
+}
+
+/// Puts a fresh vCPU into the built-in guests' 64-bit entry state.
+fn boot_vcpu(
+    vcpu: &VcpuFd,
+    supported: &kvm_bindings::CpuId,
+    index: u32,
+    count: u32,
+) -> Result<(), MachineError> {
+    let err = |op: &str| kvm_err(format!("vCPU {index}: {op}"));
+    vcpu.set_cpuid2(&cpuid::for_vcpu(supported, index, count))
+        .map_err(err("KVM_SET_CPUID2"))?;
+    let mut sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+    boot::setup_long_mode_sregs(&mut sregs);
+    vcpu.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&boot::builtin_boot_regs(index))
+        .map_err(err("KVM_SET_REGS"))?;
+    vcpu.set_fpu(&boot::builtin_boot_fpu())
+        .map_err(err("KVM_SET_FPU"))?;
+    set_lint(vcpu).map_err(err("LAPIC LINT setup"))?;
+    // KVM leaves non-boot vCPUs waiting for INIT/SIPI; built-in guests start them directly.
+    vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(err("KVM_SET_MP_STATE"))?;
+    Ok(())
+}
+
+/// Wires LINT0 to ExtINT (the 8259 PIC) and LINT1 to NMI, as a PC BIOS would.
+fn set_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const APIC_MODE_EXTINT: u32 = 0x7;
+    const APIC_MODE_NMI: u32 = 0x4;
+    let mut lapic = vcpu.get_lapic()?;
+    for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = u32::from_le_bytes(bytes);
+        let value = (value & !0x700) | (mode << 8);
+        for (i, b) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as libc::c_char;
+        }
+    }
+    vcpu.set_lapic(&lapic)
+}

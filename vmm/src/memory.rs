@@ -1,0 +1,370 @@
+//! Guest RAM: named, sealed memfds mapped `MAP_SHARED`, so the very same pages can be handed to
+//! the next process across an exec (or over a socket) without copying.
+//!
+//! Layout (a PC): RAM starts at guest-physical 0; whatever does not fit below the 32-bit PCI hole
+//! (3 GiB) goes to a second region at 4 GiB. Each region is one memfd with a stable name
+//! (`guest-ram-low`, `guest-ram-high`), sealed against shrinking and growing so a receiver can
+//! trust its size. The memfds are close-on-exec except during the update's own exec.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+pub const LOW_RAM_LIMIT: u64 = 3 << 30;
+pub const HIGH_RAM_START: u64 = 4 << 30;
+pub const LOW_REGION_NAME: &str = "guest-ram-low";
+pub const HIGH_REGION_NAME: &str = "guest-ram-high";
+const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Where one RAM region sits; part of the machine description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionLayout {
+    pub name: String,
+    pub guest_addr: u64,
+    pub size: u64,
+}
+
+/// The regions for `ram_size` bytes of RAM.
+pub fn layout(ram_size: u64) -> Vec<RegionLayout> {
+    let low = ram_size.min(LOW_RAM_LIMIT);
+    let mut regions = vec![RegionLayout {
+        name: LOW_REGION_NAME.to_string(),
+        guest_addr: 0,
+        size: low,
+    }];
+    if ram_size > low {
+        regions.push(RegionLayout {
+            name: HIGH_REGION_NAME.to_string(),
+            guest_addr: HIGH_RAM_START,
+            size: ram_size - low,
+        });
+    }
+    regions
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("creating memfd '{name}': {source}")]
+    Create {
+        name: String,
+        #[source]
+        source: memfd::Error,
+    },
+    #[error(
+        "sizing memfd '{name}' to {size} bytes: {source}{hint}",
+        hint = if *hugepages { " (are enough 2 MiB huge pages reserved? see /proc/sys/vm/nr_hugepages)" } else { "" }
+    )]
+    Resize {
+        name: String,
+        size: u64,
+        hugepages: bool,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sealing memfd '{name}': {source}")]
+    Seal {
+        name: String,
+        #[source]
+        source: memfd::Error,
+    },
+    #[error("mapping guest RAM region '{name}' ({size} bytes): {source}")]
+    Map {
+        name: String,
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest RAM region '{0}' overlaps another region")]
+    Overlap(String),
+    #[error(
+        "pre-faulting guest RAM region '{name}': {source} (not enough memory or huge pages for prealloc?)"
+    )]
+    Prealloc {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "with huge pages, the RAM size must be a multiple of 2 MiB (region '{name}' is {size} bytes)"
+    )]
+    HugePageAlignment { name: String, size: u64 },
+    #[error("no inherited memfd for RAM region '{0}'")]
+    MissingRegion(String),
+}
+
+/// A cheap, shareable view of guest RAM for threads that copy it (no fds, no ownership).
+#[derive(Clone, Debug)]
+pub struct RamView {
+    pub memory: Arc<GuestMemoryMmap>,
+    pub regions: Vec<RegionLayout>,
+}
+
+impl RamView {
+    pub fn total_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+}
+
+/// One region: where it sits in the guest, and its memfd.
+#[derive(Debug)]
+pub struct RamRegion {
+    pub layout: RegionLayout,
+    /// Kept so the fd can be handed over; the mapping holds its own reference to the file.
+    memfd: Arc<File>,
+}
+
+impl RamRegion {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.memfd.as_fd()
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.memfd.as_raw_fd()
+    }
+}
+
+/// All guest RAM of one VM.
+#[derive(Debug)]
+pub struct GuestRam {
+    regions: Vec<RamRegion>,
+    memory: Arc<GuestMemoryMmap>,
+    hugepages: bool,
+}
+
+impl GuestRam {
+    /// Creates fresh, zeroed RAM (new memfds), optionally pre-faulted.
+    pub fn create(ram_size: u64, hugepages: bool, prealloc: bool) -> Result<Self, MemoryError> {
+        let mut files = Vec::new();
+        for region in layout(ram_size) {
+            let file = create_memfd(&region, hugepages)?;
+            files.push((region, file));
+        }
+        let ram = Self::map(files, hugepages)?;
+        if prealloc {
+            ram.prefault()?;
+        }
+        Ok(ram)
+    }
+
+    /// Maps memfds inherited from the previous process (already checked against the CPR state).
+    pub fn from_fds(
+        regions: &[RegionLayout],
+        mut take: impl FnMut(&RegionLayout) -> Option<OwnedFd>,
+        hugepages: bool,
+    ) -> Result<Self, MemoryError> {
+        let mut files = Vec::new();
+        for region in regions {
+            let fd = take(region).ok_or_else(|| MemoryError::MissingRegion(region.name.clone()))?;
+            files.push((region.clone(), File::from(fd)));
+        }
+        Self::map(files, hugepages)
+    }
+
+    fn map(files: Vec<(RegionLayout, File)>, hugepages: bool) -> Result<Self, MemoryError> {
+        let mut mapped = Vec::new();
+        let mut regions = Vec::new();
+        for (layout, file) in files {
+            let file = Arc::new(file);
+            let mapping = MmapRegion::build(
+                Some(FileOffset::from_arc(file.clone(), 0)),
+                layout.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+            .map_err(|source| MemoryError::Map {
+                name: layout.name.clone(),
+                size: layout.size,
+                source,
+            })?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(layout.guest_addr))
+                .ok_or_else(|| MemoryError::Overlap(layout.name.clone()))?;
+            mapped.push(region);
+            regions.push(RamRegion {
+                layout,
+                memfd: file,
+            });
+        }
+        let memory = GuestMemoryMmap::from_regions(mapped)
+            .map_err(|_| MemoryError::Overlap("guest RAM".to_string()))?;
+        Ok(GuestRam {
+            regions,
+            memory: Arc::new(memory),
+            hugepages,
+        })
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.memory
+    }
+
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    pub fn layouts(&self) -> Vec<RegionLayout> {
+        self.regions.iter().map(|r| r.layout.clone()).collect()
+    }
+
+    pub fn view(&self) -> RamView {
+        RamView {
+            memory: self.memory.clone(),
+            regions: self.layouts(),
+        }
+    }
+
+    pub fn hugepages(&self) -> bool {
+        self.hugepages
+    }
+
+    pub fn total_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.layout.size).sum()
+    }
+
+    /// The end of the region that starts at guest-physical 0.
+    pub fn low_end(&self) -> u64 {
+        self.regions
+            .iter()
+            .find(|r| r.layout.guest_addr == 0)
+            .map(|r| r.layout.size)
+            .unwrap_or(0)
+    }
+
+    /// Host virtual address and length of region `index`'s mapping.
+    pub fn host_range(&self, index: usize) -> Option<(*mut u8, usize)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let layout = &self.regions.get(index)?.layout;
+        let region = self.memory.find_region(GuestAddress(layout.guest_addr))?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .ok()?;
+        Some((host, region.len() as usize))
+    }
+
+    /// Faults every page of every region into this process's page tables (QEMU's prealloc=on).
+    pub fn prefault(&self) -> Result<(), MemoryError> {
+        for (i, region) in self.regions.iter().enumerate() {
+            let Some((host, len)) = self.host_range(i) else {
+                continue;
+            };
+            populate(host, len).map_err(|source| MemoryError::Prealloc {
+                name: region.layout.name.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn create_memfd(region: &RegionLayout, hugepages: bool) -> Result<File, MemoryError> {
+    if hugepages && region.size % HUGE_PAGE_SIZE != 0 {
+        return Err(MemoryError::HugePageAlignment {
+            name: region.name.clone(),
+            size: region.size,
+        });
+    }
+    let mut opts = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .close_on_exec(true);
+    if hugepages {
+        opts = opts.hugetlb(Some(memfd::HugetlbSize::Huge2MB));
+    }
+    let memfd = opts
+        .create(&region.name)
+        .map_err(|source| MemoryError::Create {
+            name: region.name.clone(),
+            source,
+        })?;
+    memfd
+        .as_file()
+        .set_len(region.size)
+        .map_err(|source| MemoryError::Resize {
+            name: region.name.clone(),
+            size: region.size,
+            hugepages,
+            source,
+        })?;
+    memfd
+        .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
+        .and_then(|_| memfd.add_seal(memfd::FileSeal::SealSeal))
+        .map_err(|source| MemoryError::Seal {
+            name: region.name.clone(),
+            source,
+        })?;
+    Ok(memfd.into_file())
+}
+
+/// Populates page tables for `[host, host+len)` with MADV_POPULATE_WRITE (Linux 5.14+), falling
+/// back to touching one byte per page.
+fn populate(host: *mut u8, len: usize) -> std::io::Result<()> {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // SAFETY: [host, host+len) is one of our own live guest-RAM mappings; MADV_POPULATE_WRITE
+    // only faults its pages in (it does not change their content).
+    let rc = unsafe { libc::madvise(host.cast(), len, MADV_POPULATE_WRITE) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) {
+        return Err(err);
+    }
+    let page = 4096;
+    for offset in (0..len).step_by(page) {
+        // SAFETY: offset < len, so the address lies inside our mapping; a volatile read followed
+        // by writing the same value back faults the page in for writing without changing it.
+        unsafe {
+            let p = host.add(offset);
+            std::ptr::write_volatile(p, std::ptr::read_volatile(p));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cpr_common::fds;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn layout_splits_at_the_pci_hole() {
+        assert_eq!(layout(1 << 30).len(), 1);
+        let l = layout(5 << 30);
+        assert_eq!(l[0].size, 3 << 30);
+        assert_eq!(l[1].guest_addr, 4 << 30);
+        assert_eq!(l[1].size, 2 << 30);
+        assert_eq!(l[1].name, HIGH_REGION_NAME);
+    }
+
+    #[test]
+    fn ram_is_sealed_cloexec_memfd_and_shared() {
+        let ram = GuestRam::create(64 << 20, false, false).unwrap();
+        let region = &ram.regions()[0];
+        let rec = fds::describe(
+            region.fd(),
+            LOW_REGION_NAME,
+            cpr_common::cpr::FdKind::GuestRam,
+        )
+        .unwrap();
+        fds::check_preserved(&rec).unwrap();
+        assert!(fds::is_cloexec(region.raw_fd()).unwrap());
+        ram.memory()
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        // A second mapping of the same memfd sees the write: nothing is copied.
+        let dup = region.fd().try_clone_to_owned().unwrap();
+        let again = GuestRam::from_fds(&ram.layouts(), |_| dup.try_clone().ok(), false).unwrap();
+        let v: u32 = again.memory().read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(v, 0xdead_beef);
+        assert_eq!(again.memory().num_regions(), 1);
+    }
+
+    #[test]
+    fn prealloc_populates() {
+        let ram = GuestRam::create(16 << 20, false, true).unwrap();
+        assert_eq!(ram.total_size(), 16 << 20);
+    }
+}

@@ -1,0 +1,477 @@
+//! The machine state file, shared by every migration mode.
+//!
+//! It is a [`cpr_common::container`] (magic `CPRVMMST`, format version, CRC32C per section,
+//! section table at the end) with these sections, each a bincode 2 payload except `ram`:
+//!
+//! ```text
+//! id  name         payload
+//! 1   run          SavedRun: was the guest running, which VMM version saved it, when
+//! 2   description  MachineDescription: vCPU count, RAM size and regions, guest kind
+//! 3   vcpus        Vec<VcpuState>
+//! 4   vm           VmState: PIC master/slave, IOAPIC, PIT, kvmclock
+//! 5   devices      Vec<DeviceState>
+//! 6   ram          only in "normal" mode; absent when RAM stays in preserved memfds
+//! ```
+//!
+//! The `ram` section is a sequence of runs of non-zero pages (zero pages are skipped; fresh
+//! memfds read as zeros):
+//!
+//! ```text
+//! +-------------+-------------+------------------------+------------------+----------------+
+//! | region u32  | 0 u32       | offset in region u64   | page count u64   | pages × 4 KiB  |
+//! +-------------+-------------+------------------------+------------------+----------------+
+//! ```
+//!
+//! Compatibility policy: this VMM reads the current format version and the previous one, and
+//! always writes the current one. A change to any payload's layout bumps the version; new device
+//! kinds are added as new `DeviceState` variants at the end, which keeps older files decodable.
+//! `vmm/tests/golden/` holds a state file from each supported version, with a test that loads it.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use cpr_common::container::{
+    ContainerError, ContainerReader, ContainerWriter, FormatSpec, write_file_atomically,
+};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::state::{MachineDescription, MachineState};
+use crate::memory::RamView;
+
+pub const PAGE_SIZE: u64 = 4096;
+const RUN_HEADER_LEN: usize = 24;
+/// Pages per run record and per copy chunk (1 MiB).
+const PAGES_PER_CHUNK: u64 = 256;
+
+pub const SECTION_RUN: u32 = 1;
+pub const SECTION_DESCRIPTION: u32 = 2;
+pub const SECTION_VCPUS: u32 = 3;
+pub const SECTION_VM: u32 = 4;
+pub const SECTION_DEVICES: u32 = 5;
+pub const SECTION_RAM: u32 = 6;
+
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
+pub static STATE_FILE_FORMAT: FormatSpec = FormatSpec {
+    what: "state file",
+    magic: *b"CPRVMMST",
+    current_version: STATE_FORMAT_VERSION,
+    // The first version; the next one will list [1, 2].
+    readable_versions: &[1],
+    sections: &[
+        (SECTION_RUN, "run"),
+        (SECTION_DESCRIPTION, "description"),
+        (SECTION_VCPUS, "vcpus"),
+        (SECTION_VM, "vm"),
+        (SECTION_DEVICES, "devices"),
+        (SECTION_RAM, "ram"),
+    ],
+};
+
+/// How the machine was when it was saved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRun {
+    pub guest_was_running: bool,
+    pub saved_by_version: String,
+    pub saved_at_unix_ns: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("state file {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path}: {source}")]
+    Format {
+        path: String,
+        #[source]
+        source: ContainerError,
+    },
+    #[error("state file {path}: writing: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path}: RAM {detail}")]
+    Ram { path: String, detail: String },
+    #[error("state file {path} describes another machine: {}", differences.join("; "))]
+    Mismatch {
+        path: String,
+        differences: Vec<String>,
+    },
+    #[error(
+        "state file {path} has no RAM pages (it was written for cpr-exec or cpr-transfer, where RAM stays in memfds)"
+    )]
+    NoRam { path: String },
+}
+
+/// RAM progress of a save in flight, read by `query-migrate` from the VMM thread.
+#[derive(Debug, Default)]
+pub struct RamProgress {
+    pub total: AtomicU64,
+    pub transferred: AtomicU64,
+    pub remaining: AtomicU64,
+    pub duplicate_pages: AtomicU64,
+    pub normal_pages: AtomicU64,
+    /// Set by `migrate_cancel`; the writer stops at the next chunk.
+    pub cancelled: AtomicBool,
+}
+
+impl RamProgress {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether a state file carries RAM pages.
+pub enum RamContents<'a> {
+    /// RAM stays where it is (memfds handed over); only the region list is in the description.
+    Preserved,
+    /// Copy every non-zero page.
+    Pages(&'a RamView, &'a RamProgress),
+}
+
+/// Writes `state` to `path` atomically (temporary file, mode 0600, renamed when complete).
+/// Returns the file size.
+pub fn write_state_file(
+    path: &Path,
+    state: &MachineState,
+    run: &SavedRun,
+    ram: RamContents<'_>,
+) -> Result<u64, StateFileError> {
+    let p = path.display().to_string();
+    let fmt_err = |source| StateFileError::Format {
+        path: p.clone(),
+        source,
+    };
+    let io_err = |source| StateFileError::Write {
+        path: p.clone(),
+        source,
+    };
+    write_file_atomically(path, &io_err, |out| {
+        let mut w = ContainerWriter::new(out, &STATE_FILE_FORMAT).map_err(&io_err)?;
+        w.write_section(SECTION_RUN, run).map_err(fmt_err)?;
+        w.write_section(SECTION_DESCRIPTION, &state.description)
+            .map_err(fmt_err)?;
+        w.write_section(SECTION_VCPUS, &state.vcpus)
+            .map_err(fmt_err)?;
+        w.write_section(SECTION_VM, &state.vm).map_err(fmt_err)?;
+        w.write_section(SECTION_DEVICES, &state.devices)
+            .map_err(fmt_err)?;
+        if let RamContents::Pages(ram, progress) = ram {
+            let mut stream = w.stream_section(SECTION_RAM);
+            write_ram_pages(&mut stream, ram, progress).map_err(&io_err)?;
+            stream.finish();
+        }
+        let out = w.finish().map_err(&io_err)?;
+        out.flush().map_err(&io_err)?;
+        let size = out.get_ref().metadata().map_err(&io_err)?.len();
+        Ok(size)
+    })
+}
+
+fn is_zero_page(page: &[u8]) -> bool {
+    let (prefix, words, suffix) = {
+        // SAFETY: reinterpreting initialised bytes as u64 is always valid; align_to handles the
+        // unaligned ends.
+        unsafe { page.align_to::<u64>() }
+    };
+    prefix.iter().all(|b| *b == 0)
+        && words.iter().all(|w| *w == 0)
+        && suffix.iter().all(|b| *b == 0)
+}
+
+/// Streams every non-zero page as run records.
+fn write_ram_pages(
+    out: &mut impl Write,
+    ram: &RamView,
+    progress: &RamProgress,
+) -> std::io::Result<()> {
+    let total = ram.total_size();
+    progress.total.store(total, Ordering::Relaxed);
+    progress.remaining.store(total, Ordering::Relaxed);
+    let mut buf = vec![0u8; (PAGES_PER_CHUNK * PAGE_SIZE) as usize];
+    for (index, region) in ram.regions.iter().enumerate() {
+        let size = region.size;
+        let mut offset = 0u64;
+        while offset < size {
+            if progress.cancelled.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("cancelled by migrate_cancel"));
+            }
+            let len = (size - offset).min(buf.len() as u64) as usize;
+            let chunk = &mut buf[..len];
+            ram.memory
+                .read_slice(chunk, GuestAddress(region.guest_addr + offset))
+                .map_err(|e| std::io::Error::other(format!("reading guest RAM: {e}")))?;
+            write_chunk_runs(out, index as u32, offset, chunk, progress)?;
+            offset += len as u64;
+            progress.remaining.fetch_sub(len as u64, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the runs of non-zero pages in one chunk.
+fn write_chunk_runs(
+    out: &mut impl Write,
+    region: u32,
+    chunk_offset: u64,
+    chunk: &[u8],
+    progress: &RamProgress,
+) -> std::io::Result<()> {
+    let pages: Vec<bool> = chunk
+        .chunks(PAGE_SIZE as usize)
+        .map(|p| !is_zero_page(p))
+        .collect();
+    let mut i = 0;
+    while i < pages.len() {
+        if !pages[i] {
+            progress.duplicate_pages.fetch_add(1, Ordering::Relaxed);
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < pages.len() && pages[i] {
+            i += 1;
+        }
+        let count = (i - start) as u64;
+        let mut header = [0u8; RUN_HEADER_LEN];
+        header[0..4].copy_from_slice(&region.to_le_bytes());
+        header[8..16].copy_from_slice(&(chunk_offset + start as u64 * PAGE_SIZE).to_le_bytes());
+        header[16..24].copy_from_slice(&count.to_le_bytes());
+        out.write_all(&header)?;
+        let bytes = &chunk[start * PAGE_SIZE as usize..i * PAGE_SIZE as usize];
+        out.write_all(bytes)?;
+        progress.transferred.fetch_add(
+            RUN_HEADER_LEN as u64 + bytes.len() as u64,
+            Ordering::Relaxed,
+        );
+        progress.normal_pages.fetch_add(count, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// A state file whose header, table and every non-RAM section have been validated and decoded.
+pub struct StateFile {
+    path: String,
+    reader: ContainerReader<File>,
+    pub run: SavedRun,
+    pub state: MachineState,
+}
+
+impl StateFile {
+    pub fn open(path: &Path) -> Result<Self, StateFileError> {
+        let p = path.display().to_string();
+        let file = File::open(path).map_err(|source| StateFileError::Open {
+            path: p.clone(),
+            source,
+        })?;
+        let fmt_err = |source| StateFileError::Format {
+            path: p.clone(),
+            source,
+        };
+        let reader = ContainerReader::open(file, &STATE_FILE_FORMAT).map_err(fmt_err)?;
+        let run: SavedRun = reader.read_section(SECTION_RUN).map_err(fmt_err)?;
+        let state = MachineState {
+            description: reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?,
+            vcpus: reader.read_section(SECTION_VCPUS).map_err(fmt_err)?,
+            vm: reader.read_section(SECTION_VM).map_err(fmt_err)?,
+            devices: reader.read_section(SECTION_DEVICES).map_err(fmt_err)?,
+        };
+        if state.vcpus.len() != state.description.vcpus as usize {
+            return Err(StateFileError::Format {
+                path: p,
+                source: ContainerError::Malformed {
+                    what: "state file",
+                    detail: format!(
+                        "{} vCPU states for {} vCPUs",
+                        state.vcpus.len(),
+                        state.description.vcpus
+                    ),
+                },
+            });
+        }
+        Ok(StateFile {
+            path: p,
+            reader,
+            run,
+            state,
+        })
+    }
+
+    pub fn has_ram(&self) -> bool {
+        self.reader.has_section(SECTION_RAM)
+    }
+
+    /// Checks that `ours` (from this process's command line) is the saved machine.
+    pub fn check_machine(&self, ours: &MachineDescription) -> Result<(), StateFileError> {
+        let differences = MachineDescription::differences(&self.state.description, ours);
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(StateFileError::Mismatch {
+                path: self.path.clone(),
+                differences,
+            })
+        }
+    }
+
+    /// Copies the saved pages into `ram` (fresh, zeroed memfds) and verifies the section's
+    /// checksum. On error `ram` holds garbage and must be discarded.
+    pub fn load_ram(&self, ram: &RamView) -> Result<(), StateFileError> {
+        if !self.has_ram() {
+            return Err(StateFileError::NoRam {
+                path: self.path.clone(),
+            });
+        }
+        let mut parser = RunParser::new(ram);
+        let outcome = self
+            .reader
+            .stream_section(SECTION_RAM, 1 << 20, |_, bytes| parser.feed(bytes))
+            .map_err(|source| StateFileError::Format {
+                path: self.path.clone(),
+                source,
+            })?;
+        outcome
+            .and_then(|()| parser.finish())
+            .map_err(|detail| StateFileError::Ram {
+                path: self.path.clone(),
+                detail,
+            })
+    }
+}
+
+/// Parses run records from arbitrary chunk boundaries and writes the pages into RAM.
+struct RunParser<'a> {
+    ram: &'a RamView,
+    header: Vec<u8>,
+    /// Guest address and bytes left of the run being copied.
+    current: Option<(u64, u64)>,
+}
+
+impl<'a> RunParser<'a> {
+    fn new(ram: &'a RamView) -> Self {
+        RunParser {
+            ram,
+            header: Vec::with_capacity(RUN_HEADER_LEN),
+            current: None,
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        while !bytes.is_empty() {
+            match &mut self.current {
+                Some((addr, left)) => {
+                    let n = (*left).min(bytes.len() as u64) as usize;
+                    self.ram
+                        .memory
+                        .write_slice(&bytes[..n], GuestAddress(*addr))
+                        .map_err(|e| format!("writing guest RAM at {:#x}: {e}", *addr))?;
+                    *addr += n as u64;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.current = None;
+                    }
+                    bytes = &bytes[n..];
+                }
+                None => {
+                    let need = RUN_HEADER_LEN - self.header.len();
+                    let n = need.min(bytes.len());
+                    self.header.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if self.header.len() == RUN_HEADER_LEN {
+                        self.current = Some(self.start_run()?);
+                        self.header.clear();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_run(&self) -> Result<(u64, u64), String> {
+        let h = &self.header;
+        let region = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let offset = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+        let pages = u64::from_le_bytes(h[16..24].try_into().unwrap_or_default());
+        let layout = self
+            .ram
+            .regions
+            .get(region)
+            .ok_or_else(|| format!("record names region {region}, which does not exist"))?;
+        let len = pages
+            .checked_mul(PAGE_SIZE)
+            .filter(|&len| len > 0)
+            .ok_or_else(|| format!("record has an invalid page count {pages}"))?;
+        if offset % PAGE_SIZE != 0 || offset.checked_add(len).is_none_or(|end| end > layout.size) {
+            return Err(format!(
+                "record {offset:#x}+{len:#x} lies outside region '{}' ({:#x} bytes)",
+                layout.name, layout.size
+            ));
+        }
+        Ok((layout.guest_addr + offset, len))
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        if self.current.is_some() || !self.header.is_empty() {
+            return Err("section ends in the middle of a record".to_string());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_page_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero_page(&p));
+        p[4095] = 1;
+        assert!(!is_zero_page(&p));
+    }
+
+    #[test]
+    fn ram_runs_round_trip_and_bounds_are_checked() {
+        use crate::memory::GuestRam;
+        let owner = GuestRam::create(16 << 20, false, false).unwrap();
+        let ram = owner.view();
+        ram.memory.write_obj(0x11u8, GuestAddress(0x1000)).unwrap();
+        ram.memory.write_obj(0x22u8, GuestAddress(0x2000)).unwrap();
+        ram.memory
+            .write_obj(0x33u8, GuestAddress(0xff_f000))
+            .unwrap();
+        let progress = RamProgress::default();
+        let mut out = Vec::new();
+        write_ram_pages(&mut out, &ram, &progress).unwrap();
+        assert_eq!(progress.normal_pages.load(Ordering::Relaxed), 3);
+        // Two runs: pages 1-2 and the last page.
+        assert_eq!(out.len(), 2 * RUN_HEADER_LEN + 3 * 4096);
+
+        let fresh_owner = GuestRam::create(16 << 20, false, false).unwrap();
+        let fresh = fresh_owner.view();
+        let mut parser = RunParser::new(&fresh);
+        for chunk in out.chunks(1000) {
+            parser.feed(chunk).unwrap();
+        }
+        parser.finish().unwrap();
+        let v: u8 = fresh.memory.read_obj(GuestAddress(0xff_f000)).unwrap();
+        assert_eq!(v, 0x33);
+
+        let mut bad = out.clone();
+        bad[23] = 0x7f; // page count far beyond the region
+        let mut parser = RunParser::new(&fresh);
+        assert!(parser.feed(&bad).is_err());
+        let mut parser = RunParser::new(&fresh);
+        parser.feed(&out[..out.len() - 1]).unwrap();
+        assert!(parser.finish().is_err());
+    }
+}

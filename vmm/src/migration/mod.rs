@@ -1,0 +1,73 @@
+//! Migration: one state walk ([`state`]), one file format ([`format`]), and one module per mode
+//! deciding only what happens to RAM and where the bytes go:
+//!
+//! - [`normal`]: stop, write state and every non-zero RAM page to a file; restore in a new
+//!   process (the O(RAM) baseline);
+//! - `cpr-exec` (later): stop, write state without RAM, keep RAM memfds open across exec.
+
+pub mod format;
+pub mod normal;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use format::RamProgress;
+
+pub use crate::qmp::protocol::{MigMode, MigrationStatus};
+
+/// What `query-migrate` reports about the last (or current) migration.
+#[derive(Clone, Debug)]
+pub struct MigrationRecord {
+    pub status: MigrationStatus,
+    pub mode: MigMode,
+    pub started: Option<Instant>,
+    pub setup_time_ms: u64,
+    /// Fixed when the migration ends; computed live while it runs.
+    pub total_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub error: Option<String>,
+    pub ram: Option<Arc<RamProgress>>,
+    /// For live updates: the blackout and its phases, in nanoseconds.
+    pub blackout_ns: Option<u64>,
+    pub phases: Vec<cpr_common::timing::Phase>,
+}
+
+impl Default for MigrationRecord {
+    fn default() -> Self {
+        MigrationRecord {
+            status: MigrationStatus::None,
+            mode: MigMode::Normal,
+            started: None,
+            setup_time_ms: 0,
+            total_time_ms: None,
+            downtime_ms: None,
+            error: None,
+            ram: None,
+            blackout_ns: None,
+            phases: Vec::new(),
+        }
+    }
+}
+
+impl MigrationRecord {
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.status,
+            MigrationStatus::Setup | MigrationStatus::Active
+        )
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        self.total_time_ms.unwrap_or_else(|| {
+            self.started
+                .map(|s| s.elapsed().as_millis() as u64)
+                .unwrap_or(0)
+        })
+    }
+}
+
+/// The path in a `file:PATH` URI.
+pub fn file_uri_path(uri: &str) -> Option<&str> {
+    uri.strip_prefix("file:").filter(|p| !p.is_empty())
+}
