@@ -17,11 +17,15 @@ use std::os::unix::fs::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::container::{ContainerError, ContainerReader, ContainerWriter, FormatSpec};
+use crate::exec::{ExecError, ExecPlan, ExecTarget};
 use crate::fds::{self, FdError};
 use crate::timing::PhaseLog;
 
 /// Names the fd of the memfd holding the CPR state (mirrors QEMU's `QEMU_CPR_EXEC_STATE`).
 pub const CPR_STATE_ENV: &str = "VMM_CPR_EXEC_STATE";
+/// A second copy of the CPR state (hex of the same container), in the environment, so that a
+/// damaged channel memfd still leaves enough to roll back to the previous version.
+pub const FALLBACK_ENV: &str = "VMM_CPR_FALLBACK";
 /// The memfd name of the channel, so a receiver can tell it from an unrelated fd.
 pub const CPR_CHANNEL_NAME: &str = "cpr-state";
 /// The CPR state is a few kilobytes; anything this large is not one.
@@ -155,6 +159,14 @@ pub enum CprError {
     },
     #[error(transparent)]
     Format(#[from] ContainerError),
+    #[error("{FALLBACK_ENV} is not a valid copy of the CPR state")]
+    BadEnvCopy,
+    #[error("preparing the exec: {0}")]
+    Exec(#[from] ExecError),
+    #[error(
+        "rollback already attempted once (the update failed: {first}); now: {now}. Giving up: the previous version could not resume the guest either"
+    )]
+    RollbackExhausted { first: String, now: String },
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(std::io::Error) -> CprError {
@@ -241,6 +253,126 @@ pub fn read_channel(fd: &OwnedFd) -> Result<CprState, CprError> {
     decode(bytes)
 }
 
+/// Hex of the encoded state, for [`FALLBACK_ENV`].
+pub fn encode_env_copy(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_env_copy(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// What a process started by a live update inherited.
+pub struct Inherited {
+    pub state: CprState,
+    /// The channel memfd, if it could be found (a rollback rewrites it).
+    pub channel: Option<OwnedFd>,
+    /// Why the channel could not be read, when the environment copy was used instead. The update
+    /// must then roll back: the channel was damaged.
+    pub channel_problem: Option<String>,
+}
+
+/// Reads the CPR state this process inherited, if any: from the channel named by
+/// [`CPR_STATE_ENV`], or, if that is damaged, from the copy in [`FALLBACK_ENV`].
+pub fn inherited_from_env() -> Result<Option<Inherited>, CprError> {
+    if std::env::var_os(CPR_STATE_ENV).is_none() {
+        return Ok(None);
+    }
+    let primary = open_channel_from_env();
+    let (channel, problem) = match primary {
+        Ok(Some((fd, state))) => {
+            return Ok(Some(Inherited {
+                state,
+                channel: Some(fd),
+                channel_problem: None,
+            }));
+        }
+        Ok(None) => (None, "the channel is missing".to_string()),
+        Err(e) => (channel_fd_if_memfd(), e.to_string()),
+    };
+    let copy = std::env::var(FALLBACK_ENV)
+        .ok()
+        .and_then(|t| decode_env_copy(&t))
+        .ok_or(CprError::BadEnvCopy)
+        .and_then(decode);
+    match copy {
+        Ok(state) => Ok(Some(Inherited {
+            state,
+            channel,
+            channel_problem: Some(problem),
+        })),
+        Err(_) => Err(CprError::Io {
+            context: "no usable CPR state",
+            source: std::io::Error::other(format!(
+                "the channel is unreadable ({problem}) and {FALLBACK_ENV} holds no valid copy"
+            )),
+        }),
+    }
+}
+
+/// The channel fd from the environment if it is at least the channel memfd (even if its content
+/// is damaged), so a rollback can rewrite it.
+fn channel_fd_if_memfd() -> Option<OwnedFd> {
+    let raw: RawFd = std::env::var(CPR_STATE_ENV).ok()?.trim().parse().ok()?;
+    let link = fds::link_target(raw, CPR_CHANNEL_NAME).ok()?;
+    if fds::memfd_name(&link) != Some(CPR_CHANNEL_NAME) {
+        return None;
+    }
+    // SAFETY: the fd is open and is the channel memfd this process inherited; nothing else in
+    // this process owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The exec that returns to the previous VMM, which then restores the guest from the same state
+/// and reports `reason`. Fails if a rollback was already attempted (at most one per update).
+///
+/// `channel` is the channel memfd (rewritten at exec time); without one a new one is created.
+pub fn rollback_plan(
+    state: &CprState,
+    channel: Option<RawFd>,
+    reason: &str,
+) -> Result<ExecPlan, CprError> {
+    if let Attempt::Rollback { reason: first } = &state.attempt {
+        return Err(CprError::RollbackExhausted {
+            first: first.clone(),
+            now: reason.to_string(),
+        });
+    }
+    let mut next = state.clone();
+    next.attempt = Attempt::Rollback {
+        reason: reason.to_string(),
+    };
+    let bytes = encode(&next)?;
+    let channel_fd = match channel {
+        Some(fd) => fd,
+        None => {
+            use std::os::fd::IntoRawFd;
+            create_channel(&next)?.into_raw_fd()
+        }
+    };
+    let mut inherit: Vec<RawFd> = state.fds.iter().map(|f| f.fd).collect();
+    inherit.push(channel_fd);
+    inherit.push(state.fallback.exe_fd);
+    let env = [
+        (CPR_STATE_ENV, channel_fd.to_string()),
+        (FALLBACK_ENV, encode_env_copy(&bytes)),
+    ];
+    let plan = ExecPlan::new(
+        ExecTarget::Fd(state.fallback.exe_fd),
+        &state.fallback.argv,
+        &env,
+        &[],
+        inherit,
+    )?;
+    Ok(plan.with_channel_content(channel_fd, bytes))
+}
+
 /// A `File` view of a borrowed fd that does not close it.
 fn borrow_file(fd: &OwnedFd) -> std::mem::ManuallyDrop<File> {
     // SAFETY: the File never outlives `fd` (it is used within the caller's borrow) and is wrapped
@@ -296,6 +428,25 @@ mod tests {
         rewrite_channel(&fd, &s).unwrap();
         assert_eq!(read_channel(&fd).unwrap(), s);
         assert!(fds::is_cloexec(fd.as_raw_fd()).unwrap());
+    }
+
+    #[test]
+    fn env_copy_round_trips() {
+        let bytes = encode(&sample()).unwrap();
+        let text = encode_env_copy(&bytes);
+        assert_eq!(decode_env_copy(&text).unwrap(), bytes);
+        assert!(decode_env_copy("abc").is_none());
+        assert!(decode_env_copy("zz").is_none());
+    }
+
+    #[test]
+    fn only_one_rollback() {
+        let mut s = sample();
+        s.attempt = Attempt::Rollback {
+            reason: "first".into(),
+        };
+        let err = rollback_plan(&s, Some(3), "second").unwrap_err();
+        assert!(err.to_string().contains("first") && err.to_string().contains("second"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   the CPR state;
 //! - [`cpr`]: the CPR state (which fds are preserved and what they must be, the fallback binary,
 //!   timings) and the hidden channel that carries it (a memfd named by `VMM_CPR_EXEC_STATE`);
+//! - [`exec`]: execs prepared in advance (signal-safe), for the update and its rollback;
 //! - [`fds`]: fd hygiene (close-on-exec) and the checks that an inherited fd is the memfd it
 //!   claims to be;
 //! - [`timing`]: the clock every process uses for blackout accounting.
@@ -15,5 +16,6 @@
 
 pub mod container;
 pub mod cpr;
+pub mod exec;
 pub mod fds;
 pub mod timing;

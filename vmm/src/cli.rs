@@ -117,7 +117,7 @@ pub struct Args {
     #[arg(long, value_name = "SPEC", action = ArgAction::Append)]
     pub incoming: Vec<String>,
 
-    /// A name for this VM, used in logs.
+    /// A name for this VM, shown in every log line.
     #[arg(long)]
     pub name: Option<String>,
 
@@ -136,6 +136,11 @@ pub struct Args {
     /// More log output on stderr (-v info, -vv debug, -vvv trace). VMM_LOG=level also works.
     #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
     pub verbose: u8,
+
+    /// Test hook: make a live update's new VMM fail (exit-before-resume) or crash
+    /// (crash-before-resume) just before it resumes the guest, to exercise rollback.
+    #[arg(long = "cpr-test-fault", hide = true, value_name = "FAULT")]
+    pub cpr_test_fault: Option<CprTestFault>,
 
     /// Accepted for QEMU compatibility: this VMM always uses KVM.
     #[arg(long = "enable-kvm", hide = true)]
@@ -186,6 +191,13 @@ pub enum CliError {
     Conflict(String),
 }
 
+/// Faults a test can inject into the new side of a live update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CprTestFault {
+    ExitBeforeResume,
+    CrashBeforeResume,
+}
+
 /// How the serial console is connected to the outside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialSpec {
@@ -226,10 +238,8 @@ pub struct Config {
     pub guest: GuestSpec,
     pub serial: SerialSpec,
     pub qmp: Option<QmpSpec>,
-    pub aux_ram_share: bool,
     pub incoming: Option<IncomingSpec>,
-    pub name: Option<String>,
-    pub verbose: u8,
+    pub cpr_test_fault: Option<CprTestFault>,
     /// The argv this process was started with (for the rollback fallback).
     pub argv: Vec<String>,
 }
@@ -265,9 +275,10 @@ impl Config {
         let guest = parse_guest(args.guest.as_deref().unwrap_or("heartbeat"))?;
         let serial = parse_serial(&args.serial)?;
         let qmp = args.qmp.as_deref().map(parse_qmp).transpose()?;
-        let mut aux_ram_share = false;
+        // All guest RAM is a shareable memfd, so aux-ram-share=on (which QEMU needs for cpr) is
+        // what this VMM always does; the option is checked and accepted.
         for opts in &args.machine {
-            aux_ram_share = parse_machine(opts, aux_ram_share)?;
+            parse_machine(opts)?;
         }
         let incoming = match args.incoming.as_slice() {
             [] => None,
@@ -287,10 +298,8 @@ impl Config {
             guest,
             serial,
             qmp,
-            aux_ram_share,
             incoming,
-            name: args.name,
-            verbose: args.verbose,
+            cpr_test_fault: args.cpr_test_fault,
             argv,
         })
     }
@@ -444,11 +453,10 @@ pub fn parse_qmp(spec: &str) -> Result<QmpSpec, CliError> {
     })
 }
 
-fn parse_machine(spec: &str, mut aux_ram_share: bool) -> Result<bool, CliError> {
+fn parse_machine(spec: &str) -> Result<(), CliError> {
     for opt in spec.split(',').filter(|o| !o.is_empty()) {
         match opt.split_once('=') {
-            Some(("aux-ram-share", "on")) => aux_ram_share = true,
-            Some(("aux-ram-share", "off")) => aux_ram_share = false,
+            Some(("aux-ram-share", "on" | "off")) => {}
             Some(("accel", "kvm")) => {}
             // QEMU's machine type names; this VMM has one machine, a minimal PC.
             Some(("type", "pc" | "q35" | "microvm")) => {}
@@ -456,7 +464,7 @@ fn parse_machine(spec: &str, mut aux_ram_share: bool) -> Result<bool, CliError> 
             _ => return Err(CliError::Machine(opt.to_string())),
         }
     }
-    Ok(aux_ram_share)
+    Ok(())
 }
 
 pub fn parse_incoming(spec: &str) -> Result<IncomingSpec, CliError> {
@@ -506,7 +514,6 @@ mod tests {
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.qmp.unwrap().path, PathBuf::from("/tmp/q.sock"));
         assert_eq!(c.serial, SerialSpec::Null);
-        assert!(c.aux_ram_share);
         assert_eq!(c.incoming, Some(IncomingSpec::File("/tmp/s".into())));
         assert_eq!(c.guest.guest, BuiltinGuest::Memcheck);
     }

@@ -11,27 +11,34 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use cpr_common::cpr::{Attempt, FdKind};
+use cpr_common::timing::{PhaseLog, monotonic_ns};
 
 use serde_json::Value;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::cli::{Config, IncomingSpec};
+use crate::cli::{Config, CprTestFault, IncomingSpec};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
 use crate::machine::{Machine, MachineError, Source};
 use crate::memory::{self, GuestRam, MemoryError};
-use crate::migration::format::{RamProgress, SavedRun, StateFile, StateFileError};
+use crate::migration::cpr_exec::{self, CprExecError, ExecInputs, Incoming, PreparedExec};
+use crate::migration::format::{
+    RamContents, RamProgress, SavedRun, StateFile, StateFileError, write_state_file,
+};
 use crate::migration::normal::{self, IncomingRamError};
 use crate::migration::state::{GuestKind, MachineDescription};
 use crate::migration::{MigMode, MigrationRecord, MigrationStatus};
 use crate::qmp::protocol::hmp::{self, HmpAction};
 use crate::qmp::protocol::{
-    Command, CpuInfoFast, CpuInstanceProperties, EventKind, MigrateArgs, MigrateIncomingArgs,
-    MigrationAddress, MigrationInfo, MigrationParameters, MigrationStats, PmemsaveArgs, QmpError,
-    Response, RunState, ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo, query_commands,
+    Command, CprPhase, CprUpdateInfo, CpuInfoFast, CpuInstanceProperties, EventKind, MigrateArgs,
+    MigrateIncomingArgs, MigrationAddress, MigrationInfo, MigrationParameters, MigrationStats,
+    PmemsaveArgs, QmpError, Response, RunState, ShutdownCause, StatusInfo, TARGET_X86_64,
+    VersionInfo, query_commands,
 };
 use crate::qmp::server::{ClientId, Monitor};
 use crate::vcpu::{VcpuEvent, VcpuEventKind};
@@ -52,6 +59,11 @@ const T_CONSOLE_INPUT: u64 = 6;
 const T_MIGRATION_DONE: u64 = 7;
 /// Client tokens are this plus the client id.
 const T_QMP_CLIENT: u64 = 1 << 32;
+/// Clients are edge-triggered: read until EAGAIN, write until EAGAIN.
+const QMP_CLIENT_EVENTS: EventSet = EventSet::IN
+    .union(EventSet::OUT)
+    .union(EventSet::EDGE_TRIGGERED)
+    .union(EventSet::READ_HANG_UP);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -71,6 +83,10 @@ pub enum StartError {
     Incoming(#[from] IncomingError),
     #[error("setting up the VMM's event loop: {0}")]
     Setup(std::io::Error),
+    #[error(transparent)]
+    Cpr(#[from] CprExecError),
+    #[error("live update failed and the guest could not be recovered: {0}")]
+    RollbackFailed(String),
 }
 
 /// Why restoring a saved machine failed; nothing of it ever ran.
@@ -85,15 +101,41 @@ pub enum IncomingError {
 }
 
 /// Starts the VMM described by `config` and runs it until it ends; returns the exit status.
-pub fn run(config: Config) -> Result<u8, StartError> {
+/// `incoming` is a live update in progress (this process was exec'd by the previous VMM).
+pub fn run(config: Config, incoming: Option<Incoming>) -> Result<u8, StartError> {
     crate::vcpu::install_kick_handler()
         .map_err(|e| StartError::Setup(std::io::Error::from_raw_os_error(e.errno())))?;
     // A client that disconnects mid-reply must not kill the VMM.
     // SAFETY: setting SIGPIPE to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let mut vmm = Vmm::new(config)?;
-    vmm.start()?;
-    Ok(vmm.event_loop())
+    let Some(mut incoming) = incoming else {
+        let mut vmm = Vmm::new(config, None)?;
+        vmm.start()?;
+        return Ok(vmm.event_loop());
+    };
+    // A live update: any failure before the guest runs again rolls back to the previous VMM.
+    // The new VMM works on duplicates of the inherited fds, so whatever it built and dropped,
+    // the originals are intact for the rollback.
+    let started = Vmm::new(config, Some(&mut incoming)).and_then(|mut vmm| {
+        vmm.start_cpr_incoming(&mut incoming)?;
+        Ok(vmm)
+    });
+    match started {
+        Ok(mut vmm) => {
+            drop(incoming);
+            Ok(vmm.event_loop())
+        }
+        Err(e) => Err(StartError::RollbackFailed(
+            incoming.roll_back(&e.to_string()),
+        )),
+    }
+}
+
+/// A cpr-exec update ready to exec once the `migrate` reply is out.
+struct PendingExec {
+    prepared: PreparedExec,
+    state_file: PathBuf,
+    guest_was_running: bool,
 }
 
 /// A `migrate` to a file in flight.
@@ -118,13 +160,14 @@ struct Vmm {
     params: MigrationParameters,
     migration: MigrationRecord,
     outgoing: Option<OutgoingSave>,
+    pending_exec: Option<PendingExec>,
     migration_done: Arc<EventFd>,
     pending_input: VecDeque<u8>,
     exit_code: Option<u8>,
 }
 
 impl Vmm {
-    fn new(config: Config) -> Result<Self, StartError> {
+    fn new(config: Config, mut incoming: Option<&mut Incoming>) -> Result<Self, StartError> {
         let epoll = Epoll::new().map_err(StartError::Setup)?;
         let (signals, signal_writer) = UnixStream::pair().map_err(StartError::Setup)?;
         signals.set_nonblocking(true).map_err(StartError::Setup)?;
@@ -132,16 +175,40 @@ impl Vmm {
             let writer = signal_writer.try_clone().map_err(StartError::Setup)?;
             signal_hook::low_level::pipe::register(sig, writer).map_err(StartError::Setup)?;
         }
-        let monitor = match &config.qmp {
-            Some(spec) => Some(Monitor::bind(&spec.path, qmp_version()).map_err(|source| {
-                StartError::Qmp {
-                    path: spec.path.clone(),
-                    source,
-                }
-            })?),
-            None => None,
+        let inherited_listener = incoming
+            .as_deref_mut()
+            .and_then(|i| i.take_fd(FdKind::QmpListener, crate::qmp::server::QMP_LISTENER_NAME));
+        let monitor = match (&config.qmp, inherited_listener) {
+            (Some(_), Some(listener)) => {
+                let clients = incoming
+                    .as_deref_mut()
+                    .map(|i| {
+                        i.take_all(|k| matches!(k, FdKind::QmpClient { .. }))
+                            .into_iter()
+                            .map(|(rec, fd)| {
+                                (
+                                    fd,
+                                    matches!(rec.kind, FdKind::QmpClient { negotiated: true }),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some(Monitor::from_inherited(listener, clients, qmp_version()))
+            }
+            (Some(spec), None) => {
+                Some(Monitor::bind(&spec.path, qmp_version()).map_err(|source| {
+                    StartError::Qmp {
+                        path: spec.path.clone(),
+                        source,
+                    }
+                })?)
+            }
+            (None, _) => None,
         };
-        let console = Console::open(&config.serial, |_, _| None)?;
+        let console = Console::open(&config.serial, |kind, name| {
+            incoming.as_deref_mut().and_then(|i| i.take_fd(kind, name))
+        })?;
         let migration_done = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(StartError::Setup)?);
         let vmm = Vmm {
             config,
@@ -157,6 +224,7 @@ impl Vmm {
             params: MigrationParameters::qemu_defaults(),
             migration: MigrationRecord::default(),
             outgoing: None,
+            pending_exec: None,
             migration_done,
             pending_input: VecDeque::new(),
             exit_code: None,
@@ -172,6 +240,10 @@ impl Vmm {
         if let Some(m) = &vmm.monitor {
             vmm.watch(m.listener_fd(), T_QMP_LISTENER, EventSet::IN)
                 .map_err(StartError::Setup)?;
+            for (id, fd) in m.client_fds() {
+                vmm.watch(fd, T_QMP_CLIENT + id, QMP_CLIENT_EVENTS)
+                    .map_err(StartError::Setup)?;
+            }
         }
         Ok(vmm)
     }
@@ -247,7 +319,6 @@ impl Vmm {
             .map_err(|e| IncomingError::Machine(MachineError::EventFd(e)))?;
         self.migration = MigrationRecord {
             status: MigrationStatus::Completed,
-            mode: MigMode::Normal,
             started: Some(started),
             total_time_ms: Some(started.elapsed().as_millis() as u64),
             ..MigrationRecord::default()
@@ -505,6 +576,9 @@ impl Vmm {
             if quit {
                 self.shutdown(ShutdownCause::HostQmpQuit, 0);
             }
+            if let Some(pending) = self.pending_exec.take() {
+                self.exec_update(pending);
+            }
             if self.exit_code.is_some() {
                 return;
             }
@@ -569,10 +643,10 @@ impl Vmm {
             Command::QueryCommands => to_value(&query_commands()),
             Command::MigrateSetParameters(p) => {
                 if let Some(mode) = p.mode
-                    && !matches!(mode, MigMode::Normal)
+                    && !matches!(mode, MigMode::Normal | MigMode::CprExec)
                 {
                     return Err(QmpError::generic(format!(
-                        "migration mode '{}' is not supported by this VMM yet; supported: normal",
+                        "migration mode '{}' is not supported by this VMM; supported: normal, cpr-exec",
                         mode.as_str()
                     )));
                 }
@@ -727,16 +801,214 @@ impl Vmm {
                 "Guest is waiting for an incoming migration",
             ));
         }
+        let mode = self.params.mode.unwrap_or_default();
         let path = match &targets.main {
             MigrationAddress::File(f) if f.offset == 0 => PathBuf::from(&f.filename),
             _ => {
                 return Err(QmpError::generic(format!(
                     "migration mode '{}' supports only file:PATH destinations",
-                    self.params.mode.unwrap_or_default().as_str()
+                    mode.as_str()
                 )));
             }
         };
-        self.start_outgoing_save(path)
+        match mode {
+            MigMode::CprExec => self.migrate_cpr_exec(path),
+            _ => self.start_outgoing_save(path),
+        }
+    }
+
+    /// cpr-exec, old side: stop, save state without RAM, prepare the exec. The exec itself
+    /// happens once the reply to `migrate` is out ([`Vmm::exec_update`]).
+    fn migrate_cpr_exec(&mut self, state_file: PathBuf) -> Result<(), QmpError> {
+        let command = self.params.cpr_exec_command.clone().unwrap_or_default();
+        if command.is_empty() {
+            return Err(QmpError::generic(
+                "cpr-exec mode requires the migration parameter cpr-exec-command (the program to execute, then its arguments)",
+            ));
+        }
+        let Some(machine) = &mut self.machine else {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
+        };
+        cpr_exec::check_ram_shareable(machine.ram())
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        let guest_was_running = self.run_state == RunState::Running;
+        let stop_wall = SystemTime::now();
+        let stopped_at = monotonic_ns();
+        let mut phases = PhaseLog::starting_at(stopped_at);
+        self.migration = MigrationRecord {
+            status: MigrationStatus::Setup,
+            started: Some(Instant::now()),
+            ..MigrationRecord::default()
+        };
+        let saved = machine.pause().and_then(|()| machine.save_state());
+        phases.mark("stop vCPUs and save vCPU state");
+        let prepared = saved.map_err(|e| e.to_string()).and_then(|state| {
+            let run = SavedRun {
+                guest_was_running,
+                saved_by_version: crate::version_string(),
+                saved_at_unix_ns: cpr_common::timing::realtime_ns(),
+            };
+            write_state_file(&state_file, &state, &run, RamContents::Preserved)
+                .map_err(|e| e.to_string())?;
+            phases.mark("write state file");
+            let mut other_fds = self
+                .monitor
+                .as_ref()
+                .map(|m| m.preserved_fds())
+                .unwrap_or_default();
+            other_fds.extend(self.console.preserved_fds());
+            cpr_exec::prepare_exec(ExecInputs {
+                command: &command,
+                state_file: &state_file,
+                guest_was_running,
+                stopped_at_ns: stopped_at,
+                phases,
+                own_argv: &self.config.argv,
+                ram: machine.ram(),
+                other_fds,
+            })
+            .map_err(|e| e.to_string())
+        });
+        if guest_was_running {
+            self.run_state = RunState::FinishMigrate;
+            if let Some(m) = &mut self.monitor {
+                m.broadcast_at(&EventKind::Stop, stop_wall);
+            }
+        }
+        match prepared {
+            Ok(prepared) => {
+                self.emit(&EventKind::Migration {
+                    status: MigrationStatus::Active,
+                });
+                self.pending_exec = Some(PendingExec {
+                    prepared,
+                    state_file,
+                    guest_was_running,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&state_file);
+                let reason = format!("cpr-exec: {e}");
+                self.fail_migration(&reason, guest_was_running);
+                Err(QmpError::generic(reason))
+            }
+        }
+    }
+
+    /// Executes the cpr-exec-command. Returns only if the exec failed; then everything is put
+    /// back and the guest resumes.
+    fn exec_update(&mut self, pending: PendingExec) {
+        if let Some(m) = &mut self.monitor {
+            m.drain_output(OUTPUT_DRAIN_TIMEOUT);
+        }
+        log::info!("live update: executing {}", pending.prepared.program());
+        let (err, prepared) = pending.prepared.exec();
+        let reason = format!("exec of {} failed: {err}", prepared.program());
+        log::error!("live update failed: {reason}; resuming the guest");
+        prepared.undo();
+        let _ = std::fs::remove_file(&pending.state_file);
+        self.fail_migration(&reason, pending.guest_was_running);
+    }
+
+    /// cpr-exec, new side: restore over the inherited RAM and resume the guest.
+    fn start_cpr_incoming(&mut self, incoming: &mut Incoming) -> Result<(), StartError> {
+        self.sync_console_fds();
+        self.run_state = RunState::Inmigrate;
+        let path = PathBuf::from(&incoming.state.state_file);
+        let file = StateFile::open(&path).map_err(IncomingError::from)?;
+        file.check_machine(&self.described_machine())
+            .map_err(IncomingError::from)?;
+        incoming.phases.mark("read state file");
+        let ram = incoming.take_ram(&file.state.description.regions)?;
+        incoming.phases.mark("map memory");
+        let (machine, rx) = Machine::build(
+            ram,
+            self.config.vcpus,
+            self.config.guest.clone(),
+            self.console.output(),
+            Source::Restore(&file.state),
+        )?;
+        incoming.phases.mark("build VM and restore state");
+        self.install_machine(machine, rx)
+            .map_err(StartError::Setup)?;
+        match self.config.cpr_test_fault {
+            Some(CprTestFault::ExitBeforeResume) => {
+                return Err(StartError::Setup(std::io::Error::other(
+                    "test fault injected: failing before resume",
+                )));
+            }
+            Some(CprTestFault::CrashBeforeResume) => {
+                log::error!("test fault injected: crashing before resume");
+                std::process::abort();
+            }
+            None => {}
+        }
+        let state = &incoming.state;
+        let guest_was_running = state.guest_was_running;
+        if guest_was_running && let Some(m) = &mut self.machine {
+            m.resume();
+        }
+        let resumed_at = monotonic_ns();
+        incoming.phases.mark_at("resume vCPUs", resumed_at);
+        let blackout_ns = resumed_at.saturating_sub(state.stopped_at_ns);
+        incoming.finish();
+        let rolled_back = match &incoming.state.attempt {
+            Attempt::Rollback { reason } => Some(reason.clone()),
+            Attempt::Update => None,
+        };
+        self.migration = MigrationRecord {
+            status: if rolled_back.is_some() {
+                MigrationStatus::Failed
+            } else {
+                MigrationStatus::Completed
+            },
+            started: None,
+            total_time_ms: Some(blackout_ns / 1_000_000),
+            downtime_ms: Some(blackout_ns / 1_000_000),
+            error: rolled_back.clone(),
+            cpr: Some(CprUpdateInfo {
+                blackout_ns,
+                phases: incoming
+                    .phases
+                    .phases
+                    .iter()
+                    .map(|p| CprPhase {
+                        name: p.name.clone(),
+                        ns: p.ns,
+                    })
+                    .collect(),
+                from_version: incoming.state.fallback.version.clone(),
+                to_version: crate::version_string(),
+                rolled_back: rolled_back.is_some(),
+            }),
+            ..MigrationRecord::default()
+        };
+        if guest_was_running {
+            self.run_state = RunState::Running;
+            self.emit(&EventKind::Resume);
+        } else {
+            self.run_state = RunState::Paused;
+        }
+        self.emit(&EventKind::Migration {
+            status: self.migration.status,
+        });
+        match &rolled_back {
+            None => log::info!(
+                "live update from {} to {} complete: blackout {:.3} ms",
+                incoming.state.fallback.version,
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+            Some(reason) => log::warn!(
+                "live update failed ({reason}); this VMM ({}) took the guest back after {:.3} ms",
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+        }
+        Ok(())
     }
 
     /// Normal mode: stop, capture the machine, and write state and RAM on a thread.
@@ -745,7 +1017,6 @@ impl Vmm {
         let progress = Arc::new(RamProgress::default());
         self.migration = MigrationRecord {
             status: MigrationStatus::Setup,
-            mode: MigMode::Normal,
             started: Some(Instant::now()),
             ram: Some(progress.clone()),
             ..MigrationRecord::default()
@@ -866,6 +1137,7 @@ impl Vmm {
             cpu_throttle_percentage: None,
             error_desc: r.error.clone(),
             blocked_reasons: None,
+            x_cpr: r.cpr.clone(),
         }
     }
 

@@ -6,6 +6,9 @@ use log::{LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
 
+/// The VM's name (-name), shown in every line.
+static VM_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.level() <= log::max_level()
@@ -16,11 +19,14 @@ impl Log for StderrLogger {
             return;
         }
         let ns = cpr_common::timing::monotonic_ns();
+        let name = VM_NAME.get().map(String::as_str).unwrap_or("");
         eprintln!(
-            "[{:>6}.{:06}] vmm[{}] {:<5} {}",
+            "[{:>6}.{:06}] vmm[{}]{}{} {:<5} {}",
             ns / 1_000_000_000,
             (ns / 1000) % 1_000_000,
             std::process::id(),
+            if name.is_empty() { "" } else { " " },
+            name,
             record.level(),
             record.args()
         );
@@ -31,7 +37,10 @@ impl Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-pub fn init(verbose: u8) {
+pub fn init(verbose: u8, name: Option<&str>) {
+    if let Some(name) = name {
+        let _ = VM_NAME.set(name.to_string());
+    }
     let from_flag = match verbose {
         0 => LevelFilter::Warn,
         1 => LevelFilter::Info,

@@ -231,10 +231,6 @@ impl Machine {
         &self.ram
     }
 
-    pub fn is_paused(&self) -> bool {
-        self.paused
-    }
-
     pub fn vcpu_tids(&self) -> Vec<(u32, i32)> {
         self.vcpus.iter().map(|v| (v.index, v.tid)).collect()
     }
@@ -388,9 +384,13 @@ fn create_vm(
         .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
     let drained = InputDrained(wakers.input_drained.clone());
     let serial_snapshot = match source {
-        Source::Restore(s) => s.devices.iter().find_map(|d| match d {
-            DeviceState::Serial(snap) => Some(snap),
-        }),
+        Source::Restore(s) => s
+            .devices
+            .iter()
+            .map(|d| match d {
+                DeviceState::Serial(snap) => snap,
+            })
+            .next(),
         Source::Boot => None,
     };
     let serial = match serial_snapshot {

@@ -34,23 +34,73 @@ pub fn version_string() -> String {
 }
 
 fn main() -> ExitCode {
+    let started_ns = cpr_common::timing::monotonic_ns();
+    // A live update hands over its state first: read it before anything else, and clear the
+    // channel variables while this process is still single-threaded.
+    let inherited = cpr_common::cpr::inherited_from_env();
+    migration::cpr_exec::clear_channel_env();
     let argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let args = cli::Args::parse_from(cli::normalize_qemu_spellings(argv.clone()));
-    logger::init(args.verbose);
-    let config = match cli::Config::from_args(args, argv) {
-        Ok(c) => c,
+    let parsed = cli::Args::try_parse_from(cli::normalize_qemu_spellings(argv.clone()));
+    match &parsed {
+        Ok(args) => logger::init(args.verbose, args.name.as_deref()),
+        Err(_) => logger::init(0, None),
+    }
+
+    let incoming = match inherited {
+        Ok(None) => None,
+        Ok(Some(inherited)) => match migration::cpr_exec::Incoming::new(inherited, started_ns) {
+            Ok(incoming) => Some(incoming),
+            Err((incoming, problem)) => return give_up(incoming.roll_back(&problem)),
+        },
         Err(e) => {
+            // Nothing says where the previous version is: the guest cannot be recovered.
+            eprintln!("vmm: live update: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(i) = &incoming {
+        i.arm();
+    }
+
+    let config = parsed
+        .map_err(|e| e.to_string())
+        .and_then(|args| cli::Config::from_args(args, argv).map_err(|e| e.to_string()));
+    let config = match (config, &incoming) {
+        (Ok(c), _) => c,
+        (Err(e), Some(incoming)) => {
+            return give_up(incoming.roll_back(&format!(
+                "the new VMM rejected its command line: {}",
+                e.trim()
+            )));
+        }
+        (Err(e), None) => {
+            // clap's own messages (usage, --help, --version) print as clap formats them.
+            if let Err(clap_err) =
+                cli::Args::try_parse_from(cli::normalize_qemu_spellings(std::env::args()))
+            {
+                clap_err.exit();
+            }
             eprintln!("vmm: {e}");
             return ExitCode::from(1);
         }
     };
-    match control::run(config) {
+    let mut incoming = incoming;
+    if let Some(i) = &mut incoming {
+        i.phases.mark("read CPR state and check fds");
+    }
+    match control::run(config, incoming) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vmm: {e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// A live update failed and so did the rollback: say why and end.
+fn give_up(reason: String) -> ExitCode {
+    eprintln!("vmm: live update failed and the guest could not be recovered: {reason}");
+    ExitCode::from(1)
 }

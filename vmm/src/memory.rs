@@ -7,7 +7,7 @@
 //! trust its size. The memfds are close-on-exec except during the update's own exec.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -121,10 +121,6 @@ impl RamRegion {
         use std::os::fd::AsFd;
         self.memfd.as_fd()
     }
-
-    pub fn raw_fd(&self) -> RawFd {
-        self.memfd.as_raw_fd()
-    }
 }
 
 /// All guest RAM of one VM.
@@ -132,7 +128,6 @@ impl RamRegion {
 pub struct GuestRam {
     regions: Vec<RamRegion>,
     memory: Arc<GuestMemoryMmap>,
-    hugepages: bool,
 }
 
 impl GuestRam {
@@ -143,7 +138,7 @@ impl GuestRam {
             let file = create_memfd(&region, hugepages)?;
             files.push((region, file));
         }
-        let ram = Self::map(files, hugepages)?;
+        let ram = Self::map(files)?;
         if prealloc {
             ram.prefault()?;
         }
@@ -154,17 +149,16 @@ impl GuestRam {
     pub fn from_fds(
         regions: &[RegionLayout],
         mut take: impl FnMut(&RegionLayout) -> Option<OwnedFd>,
-        hugepages: bool,
     ) -> Result<Self, MemoryError> {
         let mut files = Vec::new();
         for region in regions {
             let fd = take(region).ok_or_else(|| MemoryError::MissingRegion(region.name.clone()))?;
             files.push((region.clone(), File::from(fd)));
         }
-        Self::map(files, hugepages)
+        Self::map(files)
     }
 
-    fn map(files: Vec<(RegionLayout, File)>, hugepages: bool) -> Result<Self, MemoryError> {
+    fn map(files: Vec<(RegionLayout, File)>) -> Result<Self, MemoryError> {
         let mut mapped = Vec::new();
         let mut regions = Vec::new();
         for (layout, file) in files {
@@ -193,7 +187,6 @@ impl GuestRam {
         Ok(GuestRam {
             regions,
             memory: Arc::new(memory),
-            hugepages,
         })
     }
 
@@ -214,10 +207,6 @@ impl GuestRam {
             memory: self.memory.clone(),
             regions: self.layouts(),
         }
-    }
-
-    pub fn hugepages(&self) -> bool {
-        self.hugepages
     }
 
     pub fn total_size(&self) -> u64 {
@@ -260,7 +249,7 @@ impl GuestRam {
 }
 
 fn create_memfd(region: &RegionLayout, hugepages: bool) -> Result<File, MemoryError> {
-    if hugepages && region.size % HUGE_PAGE_SIZE != 0 {
+    if hugepages && !region.size.is_multiple_of(HUGE_PAGE_SIZE) {
         return Err(MemoryError::HugePageAlignment {
             name: region.name.clone(),
             size: region.size,
@@ -350,13 +339,13 @@ mod tests {
         )
         .unwrap();
         fds::check_preserved(&rec).unwrap();
-        assert!(fds::is_cloexec(region.raw_fd()).unwrap());
+        assert!(fds::is_cloexec(std::os::fd::AsRawFd::as_raw_fd(&region.fd())).unwrap());
         ram.memory()
             .write_obj(0xdead_beefu32, GuestAddress(0x1000))
             .unwrap();
         // A second mapping of the same memfd sees the write: nothing is copied.
         let dup = region.fd().try_clone_to_owned().unwrap();
-        let again = GuestRam::from_fds(&ram.layouts(), |_| dup.try_clone().ok(), false).unwrap();
+        let again = GuestRam::from_fds(&ram.layouts(), |_| dup.try_clone().ok()).unwrap();
         let v: u32 = again.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
         assert_eq!(again.memory().num_regions(), 1);

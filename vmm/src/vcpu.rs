@@ -66,8 +66,6 @@ pub enum VcpuCommand {
     Resume,
     /// Save this vCPU's state (only while paused).
     Save(Sender<Result<VcpuState, String>>),
-    /// Load a state (while paused), e.g. the power-on state for system_reset.
-    Load(Box<VcpuState>, Sender<Result<(), String>>),
     /// End the thread.
     Exit,
 }
@@ -247,10 +245,6 @@ impl VcpuWorker {
                 let r =
                     state::save_vcpu(&self.vcpu, self.index, &self.msr_indices, self.xsave_words)
                         .map_err(|e| e.to_string());
-                let _ = reply.send(r);
-            }
-            VcpuCommand::Load(s, reply) => {
-                let r = state::restore_vcpu(&self.vcpu, &s).map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
             VcpuCommand::Exit => return false,

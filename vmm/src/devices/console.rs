@@ -67,11 +67,11 @@ impl Write for ConsoleOutput {
             Sink::Stdout => write_fd(1, buf),
             Sink::File(f) => f.write(buf),
             Sink::Socket(client) => {
-                if let Some(stream) = client {
-                    if let Err(e) = stream.write_all(buf) {
-                        log::info!("serial console client disconnected: {e}");
-                        *client = None;
-                    }
+                if let Some(stream) = client
+                    && let Err(e) = stream.write_all(buf)
+                {
+                    log::info!("serial console client disconnected: {e}");
+                    *client = None;
                 }
                 // Without a client, output is dropped, like a UART with nothing attached.
                 Ok(buf.len())

@@ -155,7 +155,7 @@ pub fn write_state_file(
         path: p.clone(),
         source,
     };
-    write_file_atomically(path, &io_err, |out| {
+    write_file_atomically(path, io_err, |out| {
         let mut w = ContainerWriter::new(out, &STATE_FILE_FORMAT).map_err(&io_err)?;
         w.write_section(SECTION_RUN, run).map_err(fmt_err)?;
         w.write_section(SECTION_DESCRIPTION, &state.description)

@@ -5,6 +5,7 @@
 //!   process (the O(RAM) baseline);
 //! - `cpr-exec` (later): stop, write state without RAM, keep RAM memfds open across exec.
 
+pub mod cpr_exec;
 pub mod format;
 pub mod normal;
 pub mod state;
@@ -20,7 +21,6 @@ pub use crate::qmp::protocol::{MigMode, MigrationStatus};
 #[derive(Clone, Debug)]
 pub struct MigrationRecord {
     pub status: MigrationStatus,
-    pub mode: MigMode,
     pub started: Option<Instant>,
     pub setup_time_ms: u64,
     /// Fixed when the migration ends; computed live while it runs.
@@ -28,36 +28,26 @@ pub struct MigrationRecord {
     pub downtime_ms: Option<u64>,
     pub error: Option<String>,
     pub ram: Option<Arc<RamProgress>>,
-    /// For live updates: the blackout and its phases, in nanoseconds.
-    pub blackout_ns: Option<u64>,
-    pub phases: Vec<cpr_common::timing::Phase>,
+    /// For live updates: the blackout and where its time went.
+    pub cpr: Option<crate::qmp::protocol::CprUpdateInfo>,
 }
 
 impl Default for MigrationRecord {
     fn default() -> Self {
         MigrationRecord {
             status: MigrationStatus::None,
-            mode: MigMode::Normal,
             started: None,
             setup_time_ms: 0,
             total_time_ms: None,
             downtime_ms: None,
             error: None,
             ram: None,
-            blackout_ns: None,
-            phases: Vec::new(),
+            cpr: None,
         }
     }
 }
 
 impl MigrationRecord {
-    pub fn is_active(&self) -> bool {
-        matches!(
-            self.status,
-            MigrationStatus::Setup | MigrationStatus::Active
-        )
-    }
-
     pub fn elapsed_ms(&self) -> u64 {
         self.total_time_ms.unwrap_or_else(|| {
             self.started
@@ -65,9 +55,4 @@ impl MigrationRecord {
                 .unwrap_or(0)
         })
     }
-}
-
-/// The path in a `file:PATH` URI.
-pub fn file_uri_path(uri: &str) -> Option<&str> {
-    uri.strip_prefix("file:").filter(|p| !p.is_empty())
 }

@@ -46,11 +46,6 @@ pub enum StateError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("device {device}: {detail}")]
-    Device {
-        device: &'static str,
-        detail: String,
-    },
 }
 
 /// Everything KVM holds for one vCPU.

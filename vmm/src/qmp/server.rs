@@ -26,6 +26,9 @@ use super::protocol::{
 
 pub type ClientId = u64;
 
+/// The name the listening socket is preserved under across a live update.
+pub const QMP_LISTENER_NAME: &str = "qmp-listener";
+
 /// A client whose unsent output exceeds this is not reading; it is disconnected.
 const MAX_PENDING_OUTPUT: usize = 8 << 20;
 
@@ -246,10 +249,6 @@ impl Monitor {
         self.clients.remove(&id);
     }
 
-    pub fn has_client(&self, id: ClientId) -> bool {
-        self.clients.contains_key(&id)
-    }
-
     /// Writes all pending output, waiting up to `timeout` for slow readers (before exit or exec,
     /// so replies and events are not lost).
     pub fn drain_output(&mut self, timeout: Duration) {
@@ -272,7 +271,7 @@ impl Monitor {
     pub fn preserved_fds(&self) -> Vec<(FdKind, String, RawFd)> {
         let mut out = vec![(
             FdKind::QmpListener,
-            "qmp-listener".to_string(),
+            QMP_LISTENER_NAME.to_string(),
             self.listener.as_raw_fd(),
         )];
         for (id, c) in &self.clients {

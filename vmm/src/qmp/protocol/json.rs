@@ -608,10 +608,10 @@ fn parse_integer(text: &[u8]) -> Value {
     if let Ok(i) = s.parse::<i64>() {
         return Value::Number(i.into());
     }
-    if !s.starts_with('-') {
-        if let Ok(u) = s.parse::<u64>() {
-            return Value::Number(u.into());
-        }
+    if !s.starts_with('-')
+        && let Ok(u) = s.parse::<u64>()
+    {
+        return Value::Number(u.into());
     }
     parse_float(text)
 }

@@ -644,6 +644,33 @@ pub struct MigrationInfo {
     pub error_desc: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_reasons: Option<Vec<String>>,
+    /// This VMM's extension (QEMU has no such member): the blackout of a live update and where
+    /// its time went.
+    #[serde(rename = "x-cpr", default, skip_serializing_if = "Option::is_none")]
+    pub x_cpr: Option<CprUpdateInfo>,
+}
+
+/// `x-cpr` in `query-migrate`: one live update as seen by the process that finished it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CprUpdateInfo {
+    /// Guest stopped (old process) to guest running (this process), in nanoseconds.
+    pub blackout_ns: u64,
+    /// Consecutive phases of the blackout, in order.
+    pub phases: Vec<CprPhase>,
+    /// The VMM version the update came from.
+    pub from_version: String,
+    /// The VMM version that now runs the guest.
+    pub to_version: String,
+    /// True when the update failed and the previous version took the guest back.
+    pub rolled_back: bool,
+}
+
+/// One phase of a live update's blackout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CprPhase {
+    pub name: String,
+    pub ns: u64,
 }
 
 /// `MigrationChannelType`.

@@ -1,0 +1,601 @@
+//! cpr-exec: live update by exec, in the same process, guest RAM kept in place.
+//!
+//! Old side ([`prepare_exec`]): with the vCPUs stopped and the machine state written to the state
+//! file (no RAM pages), describe every fd that must survive (RAM memfds, the QMP listener and
+//! clients, console fds, the old executable for rollback) in a [`CprState`], put it in the
+//! channel memfd, and exec the cpr-exec-command. If the exec fails, [`PreparedExec::undo`] puts
+//! everything back and the caller resumes the guest.
+//!
+//! New side ([`Incoming`]): before creating any memory, take the inherited fds by name, check them
+//! with the same code the shim uses ([`cpr_common::fds::check_preserved`]), map the RAM memfds
+//! (no copy), and keep a rollback exec armed until the guest runs again: any failure before that,
+//! including a crash, re-executes the previous VMM, which restores the guest from the same state.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use cpr_common::cpr::{
+    self, Attempt, CPR_STATE_ENV, CprState, FALLBACK_ENV, Fallback, FdKind, Inherited, PreservedFd,
+};
+use cpr_common::exec::{ExecPlan, ExecTarget};
+use cpr_common::fds;
+use cpr_common::timing::PhaseLog;
+
+use crate::memory::{GuestRam, MemoryError, RegionLayout};
+
+/// Names the ELF note in every `vmm` binary that says which formats it reads, so `cpr-shim` can
+/// check a target before executing it by reading a few hundred bytes (see `shim/src/target.rs`).
+pub const NOTE_NAME: &[u8; 8] = b"CPR-VMM\0";
+pub const NOTE_TYPE: u32 = 0x4350_5201;
+
+/// The note: namesz, descsz, type, name, then the oldest and newest readable state-file format
+/// versions and CPR-state format versions (little-endian u32 each).
+#[repr(C, align(4))]
+pub struct CompatNote {
+    namesz: u32,
+    descsz: u32,
+    note_type: u32,
+    name: [u8; 8],
+    desc: [u32; 4],
+}
+
+#[used]
+#[unsafe(link_section = ".note.cpr-vmm")]
+pub static COMPAT_NOTE: CompatNote = CompatNote {
+    namesz: 8,
+    descsz: 16,
+    note_type: NOTE_TYPE,
+    name: *NOTE_NAME,
+    desc: [
+        oldest(super::format::STATE_FILE_FORMAT.readable_versions),
+        super::format::STATE_FORMAT_VERSION,
+        oldest(cpr::CPR_STATE_FORMAT.readable_versions),
+        cpr::CPR_STATE_FORMAT.current_version,
+    ],
+};
+
+const fn oldest(versions: &[u32]) -> u32 {
+    let mut min = u32::MAX;
+    let mut i = 0;
+    while i < versions.len() {
+        if versions[i] < min {
+            min = versions[i];
+        }
+        i += 1;
+    }
+    min
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CprExecError {
+    #[error("guest RAM region '{name}' is not a shareable memfd: {detail}")]
+    RamNotShareable { name: String, detail: String },
+    #[error("preparing the CPR state: {0}")]
+    Cpr(#[from] cpr::CprError),
+    #[error("preparing the exec: {0}")]
+    Exec(#[from] cpr_common::exec::ExecError),
+    #[error("opening this VMM's own executable for rollback: {0}")]
+    OwnExe(std::io::Error),
+    #[error("describing fd {name}: {source}")]
+    Describe {
+        name: String,
+        #[source]
+        source: fds::FdError,
+    },
+    #[error("inherited fd check failed: {0}")]
+    FdCheck(#[from] fds::FdError),
+    #[error("the CPR state lists no memfd for RAM region '{0}'")]
+    MissingRegion(String),
+    #[error("inherited RAM region '{name}' is {found} bytes, the state file says {expected}")]
+    RegionSize {
+        name: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("mapping inherited RAM: {0}")]
+    Memory(#[from] MemoryError),
+}
+
+/// Refuses cpr-exec when any RAM region is not a sealed memfd that can be inherited.
+pub fn check_ram_shareable(ram: &GuestRam) -> Result<(), CprExecError> {
+    for region in ram.regions() {
+        let rec =
+            fds::describe(region.fd(), &region.layout.name, FdKind::GuestRam).map_err(|e| {
+                CprExecError::RamNotShareable {
+                    name: region.layout.name.clone(),
+                    detail: e.to_string(),
+                }
+            })?;
+        fds::check_preserved(&rec).map_err(|e| CprExecError::RamNotShareable {
+            name: region.layout.name.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// The previous VMM's argv for a rollback: its own, restoring from `state_file`.
+pub fn fallback_argv(argv: &[String], state_file: &Path) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len() + 2);
+    let mut skip_value = false;
+    for (i, a) in argv.iter().enumerate() {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        if i > 0 && (a == "-incoming" || a == "--incoming") {
+            skip_value = true;
+            continue;
+        }
+        if i > 0 && (a.starts_with("-incoming=") || a.starts_with("--incoming=")) {
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out.push("-incoming".into());
+    out.push(format!("file:{}", state_file.display()));
+    out
+}
+
+/// Everything the old VMM needs to exec, prepared while the guest is stopped.
+pub struct PreparedExec {
+    plan: ExecPlan,
+    channel: OwnedFd,
+    own_exe: OwnedFd,
+}
+
+/// Inputs for the CPR state, gathered by the caller from the machine, monitor and console.
+pub struct ExecInputs<'a> {
+    pub command: &'a [String],
+    pub state_file: &'a Path,
+    pub guest_was_running: bool,
+    pub stopped_at_ns: u64,
+    pub phases: PhaseLog,
+    pub own_argv: &'a [String],
+    pub ram: &'a GuestRam,
+    /// (kind, name, fd) of the monitor's and console's fds.
+    pub other_fds: Vec<(FdKind, String, RawFd)>,
+}
+
+/// Builds the CPR state and the exec plan. Nothing is changed yet: the fds stay close-on-exec
+/// until [`PreparedExec::exec`].
+pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError> {
+    let own_exe = File::open("/proc/self/exe").map_err(CprExecError::OwnExe)?;
+    let own_exe_path = std::fs::read_link("/proc/self/exe")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "vmm".into());
+    let own_exe = OwnedFd::from(own_exe);
+    let mut preserved = Vec::new();
+    for region in inputs.ram.regions() {
+        preserved.push(describe(
+            region.fd().as_raw_fd(),
+            &region.layout.name,
+            FdKind::GuestRam,
+        )?);
+    }
+    for (kind, name, fd) in &inputs.other_fds {
+        preserved.push(describe(*fd, name, *kind)?);
+    }
+    preserved.push(describe(
+        own_exe.as_raw_fd(),
+        "fallback-exe",
+        FdKind::FallbackExe,
+    )?);
+    let state = CprState {
+        update_id: inputs.stopped_at_ns ^ u64::from(std::process::id()),
+        attempt: Attempt::Update,
+        fds: preserved,
+        state_file: inputs.state_file.display().to_string(),
+        guest_was_running: inputs.guest_was_running,
+        stopped_at_ns: inputs.stopped_at_ns,
+        phases: inputs.phases,
+        fallback: Fallback {
+            exe_fd: own_exe.as_raw_fd(),
+            exe_path: own_exe_path,
+            version: crate::version_string(),
+            argv: fallback_argv(inputs.own_argv, inputs.state_file),
+        },
+        exec_program: inputs.command.first().cloned().unwrap_or_default(),
+        resolved_target: None,
+    };
+    let bytes = cpr::encode(&state)?;
+    let channel = cpr::create_channel(&state)?;
+    let mut inherit: Vec<RawFd> = state.fds.iter().map(|f| f.fd).collect();
+    inherit.push(channel.as_raw_fd());
+    let program = std::ffi::CString::new(inputs.command[0].as_bytes()).map_err(|_| {
+        cpr_common::exec::ExecError::Nul {
+            what: "the program name".into(),
+        }
+    })?;
+    let env = [
+        (CPR_STATE_ENV, channel.as_raw_fd().to_string()),
+        (FALLBACK_ENV, cpr::encode_env_copy(&bytes)),
+    ];
+    let plan = ExecPlan::new(
+        ExecTarget::Path(program),
+        inputs.command,
+        &env,
+        &[],
+        inherit,
+    )?;
+    Ok(PreparedExec {
+        plan,
+        channel,
+        own_exe,
+    })
+}
+
+fn describe(fd: RawFd, name: &str, kind: FdKind) -> Result<PreservedFd, CprExecError> {
+    // SAFETY: `fd` is open for the duration of this call (owned by the caller's objects).
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    fds::describe(borrowed, name, kind).map_err(|source| CprExecError::Describe {
+        name: name.to_string(),
+        source,
+    })
+}
+
+impl PreparedExec {
+    pub fn program(&self) -> &str {
+        self.plan.program()
+    }
+
+    /// Executes; returns only on failure, with the error and what is needed to undo.
+    pub fn exec(self) -> (std::io::Error, Self) {
+        let err = self.plan.exec();
+        (err, self)
+    }
+
+    /// After a failed exec: every fd is close-on-exec again; the channel and the executable fd
+    /// are closed when `self` is dropped.
+    pub fn undo(self) {
+        self.plan.restore_cloexec();
+        drop(self.channel);
+        drop(self.own_exe);
+    }
+}
+
+/// The fatal-signal rollback, armed while an incoming update has not resumed the guest.
+static ARMED_ROLLBACK: AtomicPtr<ExecPlan> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn rollback_on_fatal_signal(sig: libc::c_int) {
+    let plan = ARMED_ROLLBACK.swap(std::ptr::null_mut(), Ordering::SeqCst);
+    if !plan.is_null() {
+        // SAFETY: the pointer came from Box::into_raw in `arm` and was swapped out, so this is
+        // its only user; `exec` only makes async-signal-safe syscalls.
+        let _ = unsafe { &*plan }.exec();
+    }
+    // The exec failed or nothing was armed: die of the original signal.
+    // SAFETY: restoring the default action and re-raising are async-signal-safe.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+const FATAL_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGABRT,
+];
+
+/// An incoming cpr-exec update, from the moment the CPR state is read until the guest runs.
+pub struct Incoming {
+    pub state: CprState,
+    channel: Option<OwnedFd>,
+    /// The inherited fds by name, with whether the new VMM took a duplicate of it. The originals
+    /// stay open, untouched, until the guest runs: a rollback passes them on whatever the new
+    /// VMM did with its duplicates.
+    fds: HashMap<String, (PreservedFd, OwnedFd, bool)>,
+    pub phases: PhaseLog,
+}
+
+impl Incoming {
+    /// Takes ownership of everything the CPR state lists. If something is wrong (a damaged
+    /// channel, an fd that is not what was recorded), returns the problem: the caller must roll
+    /// back.
+    ///
+    /// A rollback is lenient where an update is strict: the previous VMM finds its fds by device
+    /// and inode wherever they now are (a swapped or moved fd number), because it is the last
+    /// chance to keep the guest.
+    #[allow(clippy::result_large_err)] // the error carries the Incoming needed to roll back
+    pub fn new(inherited: Inherited, started_ns: u64) -> Result<Self, (Self, String)> {
+        let Inherited {
+            state,
+            channel,
+            channel_problem,
+        } = inherited;
+        let lenient = matches!(state.attempt, Attempt::Rollback { .. });
+        let mut phases = state.phases.clone();
+        phases.mark_at("exec to VMM start", started_ns);
+        let mut fds = HashMap::new();
+        let mut problem = match channel_problem {
+            Some(p) if !lenient => Some(format!("the CPR state channel is damaged: {p}")),
+            _ => None,
+        };
+        let mut open_fds: Option<HashMap<(u64, u64), RawFd>> = None;
+        for rec in &state.fds {
+            if rec.kind == FdKind::FallbackExe {
+                continue;
+            }
+            let found = match fds::check_preserved(rec) {
+                Ok(_) => Some(rec.fd),
+                Err(e) if lenient => {
+                    let by_identity = open_fds.get_or_insert_with(open_fds_by_identity);
+                    let moved = by_identity.get(&(rec.dev, rec.ino)).copied();
+                    match moved {
+                        Some(fd) => {
+                            log::warn!(
+                                "inherited {} found at fd {fd} instead of {}",
+                                rec.name,
+                                rec.fd
+                            );
+                        }
+                        None => log::warn!("inherited {} is lost: {e}", rec.name),
+                    }
+                    moved
+                }
+                Err(e) => {
+                    problem.get_or_insert_with(|| format!("inherited fd check failed: {e}"));
+                    None
+                }
+            };
+            let Some(raw) = found else { continue };
+            if fds
+                .values()
+                .any(|(r, _, _): &(PreservedFd, OwnedFd, bool)| r.fd == raw)
+            {
+                continue;
+            }
+            // SAFETY: `raw` is open and is the very file the CPR state recorded (same device and
+            // inode, checked above); this process inherited it for exactly this purpose and owns
+            // it from now on.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // Close-on-exec again at once; a rollback clears it on what it passes on.
+            let _ = fds::set_cloexec(raw, true);
+            let mut rec = rec.clone();
+            rec.fd = raw;
+            fds.insert(rec.name.clone(), (rec, fd, false));
+        }
+        let incoming = Incoming {
+            state,
+            channel,
+            fds,
+            phases,
+        };
+        match problem {
+            Some(p) => Err((incoming, p)),
+            None => Ok(incoming),
+        }
+    }
+
+    /// Arms the rollback for crashes (fatal signals and panics) until [`Incoming::disarm`].
+    pub fn arm(&self) {
+        let reason = format!(
+            "the new VMM (version {}) crashed before resuming the guest",
+            crate::version_string()
+        );
+        let Ok(plan) = self.rollback_plan(&reason) else {
+            return;
+        };
+        let old = ARMED_ROLLBACK.swap(Box::into_raw(Box::new(plan)), Ordering::SeqCst);
+        if !old.is_null() {
+            // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
+            drop(unsafe { Box::from_raw(old) });
+        }
+        for sig in FATAL_SIGNALS {
+            // SAFETY: installing a plain handler; it only makes async-signal-safe calls.
+            unsafe {
+                libc::signal(
+                    sig,
+                    rollback_on_fatal_signal as *const () as libc::sighandler_t,
+                )
+            };
+        }
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            rollback_on_fatal_signal(libc::SIGABRT);
+        }));
+    }
+
+    /// The guest runs: no rollback from here on.
+    pub fn disarm(&self) {
+        let old = ARMED_ROLLBACK.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if !old.is_null() {
+            // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
+            drop(unsafe { Box::from_raw(old) });
+        }
+        for sig in FATAL_SIGNALS {
+            // SAFETY: restoring the default disposition.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+        let _ = std::panic::take_hook();
+    }
+
+    fn rollback_plan(&self, reason: &str) -> Result<ExecPlan, cpr::CprError> {
+        cpr::rollback_plan(
+            &self.state,
+            self.channel.as_ref().map(|c| c.as_raw_fd()),
+            reason,
+        )
+    }
+
+    /// Re-executes the previous VMM with `reason`. Returns only if that is impossible (a rollback
+    /// was already attempted, or the exec failed), with the reason the guest is lost.
+    pub fn roll_back(&self, reason: &str) -> String {
+        self.disarm();
+        log::error!("live update failed: {reason}; rolling back to the previous VMM");
+        match self.rollback_plan(reason) {
+            Ok(plan) => {
+                let err = plan.exec();
+                format!(
+                    "{reason}; rollback exec of {} failed: {err}",
+                    plan.program()
+                )
+            }
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Maps the inherited RAM memfds for `regions` (from the state file), checking that the
+    /// CPR state lists each one with the same size.
+    pub fn take_ram(&mut self, regions: &[RegionLayout]) -> Result<GuestRam, CprExecError> {
+        for region in regions {
+            let (rec, _, _) = self
+                .fds
+                .get(&region.name)
+                .filter(|(rec, _, _)| rec.kind == FdKind::GuestRam)
+                .ok_or_else(|| CprExecError::MissingRegion(region.name.clone()))?;
+            if rec.size != region.size {
+                return Err(CprExecError::RegionSize {
+                    name: region.name.clone(),
+                    expected: region.size,
+                    found: rec.size,
+                });
+            }
+        }
+        let ram = GuestRam::from_fds(regions, |r| self.take_fd(FdKind::GuestRam, &r.name))?;
+        Ok(ram)
+    }
+
+    /// A close-on-exec duplicate of the inherited fd of `kind` named `name`, if there is one.
+    pub fn take_fd(&mut self, kind: FdKind, name: &str) -> Option<OwnedFd> {
+        let (rec, original, taken) = self.fds.get_mut(name)?;
+        if rec.kind != kind {
+            return None;
+        }
+        let dup = original.try_clone().ok()?;
+        *taken = true;
+        Some(dup)
+    }
+
+    /// Duplicates of every inherited fd whose kind matches `pred`, in fd order.
+    pub fn take_all(&mut self, pred: impl Fn(FdKind) -> bool) -> Vec<(PreservedFd, OwnedFd)> {
+        let mut out = Vec::new();
+        for (rec, original, taken) in self.fds.values_mut() {
+            if pred(rec.kind)
+                && let Ok(dup) = original.try_clone()
+            {
+                *taken = true;
+                out.push((rec.clone(), dup));
+            }
+        }
+        out.sort_by_key(|(rec, _)| rec.fd);
+        out
+    }
+
+    /// The guest runs on the new VMM: rollback is over. Closes the inherited originals (the
+    /// new VMM owns duplicates of what it uses), the channel and the previous executable.
+    pub fn finish(&mut self) {
+        self.disarm();
+        for (name, (rec, original, taken)) in self.fds.drain() {
+            if !taken {
+                log::info!(
+                    "closing inherited fd {} ({name}): not used by this VMM",
+                    rec.fd
+                );
+            }
+            drop(original);
+        }
+        self.channel = None;
+        let exe = self
+            .state
+            .fds
+            .iter()
+            .find(|f| f.kind == FdKind::FallbackExe && f.fd == self.state.fallback.exe_fd);
+        if let Some(rec) = exe
+            && fds::check_preserved(rec).is_ok()
+        {
+            // SAFETY: the fd is the previous executable inherited for rollback only (identity
+            // checked just above); nothing else in this process uses it and rollback is over.
+            unsafe { libc::close(rec.fd) };
+        }
+    }
+}
+
+/// Every open fd of this process by (device, inode), for finding moved fds.
+fn open_fds_by_identity() -> HashMap<(u64, u64), RawFd> {
+    let mut map = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return map;
+    };
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if let Ok(id) = fds::identity(fd, "scan") {
+            map.entry((id.dev, id.ino)).or_insert(fd);
+        }
+    }
+    map
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.disarm();
+    }
+}
+
+/// Unsets the channel variables so they do not leak to anything this process starts. Must be
+/// called while the process is still single-threaded.
+pub fn clear_channel_env() {
+    // SAFETY: called at the start of main, before any thread exists, so nothing reads the
+    // environment concurrently.
+    unsafe {
+        std::env::remove_var(CPR_STATE_ENV);
+        std::env::remove_var(FALLBACK_ENV);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_argv_replaces_incoming() {
+        let argv: Vec<String> = [
+            "vmm",
+            "-m",
+            "1G",
+            "-incoming",
+            "file:/old",
+            "--incoming=defer",
+            "-smp",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = fallback_argv(&argv, Path::new("/run/vm.state"));
+        assert_eq!(
+            out,
+            vec![
+                "vmm",
+                "-m",
+                "1G",
+                "-smp",
+                "2",
+                "-incoming",
+                "file:/run/vm.state"
+            ]
+        );
+    }
+
+    #[test]
+    fn note_lists_readable_versions() {
+        assert_eq!(
+            COMPAT_NOTE.desc[1],
+            super::super::format::STATE_FORMAT_VERSION
+        );
+        assert!(COMPAT_NOTE.desc[0] <= COMPAT_NOTE.desc[1]);
+    }
+}
