@@ -22,6 +22,7 @@ const LOAD_ADDR: u64 = 0x10000;
 const MAX_IMAGE_SIZE: u64 = 0x10000;
 
 fn main() -> ExitCode {
+    stamp_version();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -29,6 +30,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The version this binary reports: the package version, plus `+TAG` when built with
+/// CPR_VMM_BUILD_TAG=TAG (to tell apart two builds of one release, e.g. in live-update tests).
+fn stamp_version() {
+    println!("cargo:rerun-if-env-changed=CPR_VMM_BUILD_TAG");
+    let mut version = env::var("CARGO_PKG_VERSION").unwrap_or_default();
+    if let Ok(tag) = env::var("CPR_VMM_BUILD_TAG")
+        && !tag.is_empty()
+    {
+        version.push('+');
+        version.push_str(&tag);
+    }
+    println!("cargo:rustc-env=CPR_VMM_VERSION={version}");
 }
 
 fn run() -> Result<(), String> {

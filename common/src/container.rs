@@ -365,6 +365,31 @@ impl ReadAt for Vec<u8> {
     }
 }
 
+/// The format version of a container, from its header alone (a cheap compatibility check before
+/// handing a file to another program).
+pub fn peek_version<R: ReadAt + ?Sized>(
+    src: &R,
+    spec: &'static FormatSpec,
+) -> Result<u32, ContainerError> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    src.read_exact_at(&mut header, 0)
+        .map_err(|_| ContainerError::TooShort {
+            what: spec.what,
+            len: src.total_len().unwrap_or(0),
+            min: HEADER_LEN + FOOTER_LEN,
+        })?;
+    if header[0..8] != spec.magic {
+        let mut found = [0u8; 8];
+        found.copy_from_slice(&header[0..8]);
+        return Err(ContainerError::BadMagic {
+            what: spec.what,
+            found,
+            expected: spec.magic,
+        });
+    }
+    Ok(le_u32(&header[8..12]))
+}
+
 /// A validated container: header, footer and table have been checked; section payloads are
 /// checked when read (or all at once with [`ContainerReader::verify_all`]).
 #[derive(Debug)]
@@ -751,6 +776,13 @@ mod tests {
         assert!(err.to_string().contains("version 9"), "{err}");
         let err = ContainerReader::open(b"garbage-garbage-garbage".to_vec(), &SPEC).unwrap_err();
         assert!(err.to_string().contains("not a test file"), "{err}");
+    }
+
+    #[test]
+    fn peek_reads_only_the_header() {
+        let bytes = sample();
+        assert_eq!(peek_version(&bytes[..16], &SPEC).unwrap(), 2);
+        assert!(peek_version(&b"nope"[..], &SPEC).is_err());
     }
 
     #[test]

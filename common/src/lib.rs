@@ -3,6 +3,7 @@
 //! Everything that crosses an `exec` (or a socket, for cpr-transfer) is defined here, so the old
 //! VMM, `cpr-shim` and the new VMM agree on it by construction:
 //!
+//! - [`compat`]: the note in every VMM binary saying which formats it reads;
 //! - [`container`]: the versioned, checksummed file format used by both the machine state file and
 //!   the CPR state;
 //! - [`cpr`]: the CPR state (which fds are preserved and what they must be, the fallback binary,
@@ -10,12 +11,15 @@
 //! - [`exec`]: execs prepared in advance (signal-safe), for the update and its rollback;
 //! - [`fds`]: fd hygiene (close-on-exec) and the checks that an inherited fd is the memfd it
 //!   claims to be;
+//! - [`state_file`]: the machine state file's magic, versions and section ids;
 //! - [`timing`]: the clock every process uses for blackout accounting.
 //!
 //! This crate knows nothing about KVM.
 
+pub mod compat;
 pub mod container;
 pub mod cpr;
 pub mod exec;
 pub mod fds;
+pub mod state_file;
 pub mod timing;

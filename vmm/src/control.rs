@@ -87,6 +87,8 @@ pub enum StartError {
     Cpr(#[from] CprExecError),
     #[error("live update failed and the guest could not be recovered: {0}")]
     RollbackFailed(String),
+    #[error("the new VMM failed before resuming the guest (--cpr-test-fault exit-before-resume)")]
+    TestFault,
 }
 
 /// Why restoring a saved machine failed; nothing of it ever ran.
@@ -935,11 +937,7 @@ impl Vmm {
         self.install_machine(machine, rx)
             .map_err(StartError::Setup)?;
         match self.config.cpr_test_fault {
-            Some(CprTestFault::ExitBeforeResume) => {
-                return Err(StartError::Setup(std::io::Error::other(
-                    "test fault injected: failing before resume",
-                )));
-            }
+            Some(CprTestFault::ExitBeforeResume) => return Err(StartError::TestFault),
             Some(CprTestFault::CrashBeforeResume) => {
                 log::error!("test fault injected: crashing before resume");
                 std::process::abort();

@@ -20,17 +20,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Tells apart builds of the same release (set CPR_VMM_BUILD_TAG when building), e.g. the two
-/// binaries a live-update test alternates between; reported by `query-version` and in logs.
-pub const BUILD_TAG: Option<&str> = option_env!("CPR_VMM_BUILD_TAG");
+/// "0.1.0", or "0.1.0+TAG" for a build made with CPR_VMM_BUILD_TAG=TAG (see build.rs), which
+/// tells apart two builds of one release; reported by `query-version`, logs and live updates.
+pub const VERSION: &str = env!("CPR_VMM_VERSION");
 
-/// "0.1.0", or "0.1.0+TAG" for a tagged build.
 pub fn version_string() -> String {
-    match BUILD_TAG {
-        Some(tag) => format!("{VERSION}+{tag}"),
-        None => VERSION.to_string(),
-    }
+    VERSION.to_string()
 }
 
 fn main() -> ExitCode {

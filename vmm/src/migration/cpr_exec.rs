@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
+use cpr_common::compat::CompatNote;
 use cpr_common::cpr::{
     self, Attempt, CPR_STATE_ENV, CprState, FALLBACK_ENV, Fallback, FdKind, Inherited, PreservedFd,
 };
@@ -26,36 +27,21 @@ use cpr_common::timing::PhaseLog;
 
 use crate::memory::{GuestRam, MemoryError, RegionLayout};
 
-/// Names the ELF note in every `vmm` binary that says which formats it reads, so `cpr-shim` can
-/// check a target before executing it by reading a few hundred bytes (see `shim/src/target.rs`).
-pub const NOTE_NAME: &[u8; 8] = b"CPR-VMM\0";
-pub const NOTE_TYPE: u32 = 0x4350_5201;
-
-/// The note: namesz, descsz, type, name, then the oldest and newest readable state-file format
-/// versions and CPR-state format versions (little-endian u32 each).
-#[repr(C, align(4))]
-pub struct CompatNote {
-    namesz: u32,
-    descsz: u32,
-    note_type: u32,
-    name: [u8; 8],
-    desc: [u32; 4],
-}
-
+/// The ELF note that tells `cpr-shim` which formats this binary reads (see
+/// [`cpr_common::compat`]); it costs the shim a few small reads, not a run of the binary.
 #[used]
 #[unsafe(link_section = ".note.cpr-vmm")]
-pub static COMPAT_NOTE: CompatNote = CompatNote {
-    namesz: 8,
-    descsz: 16,
-    note_type: NOTE_TYPE,
-    name: *NOTE_NAME,
-    desc: [
+pub static COMPAT_NOTE: CompatNote = CompatNote::new(
+    (
         oldest(super::format::STATE_FILE_FORMAT.readable_versions),
         super::format::STATE_FORMAT_VERSION,
+    ),
+    (
         oldest(cpr::CPR_STATE_FORMAT.readable_versions),
         cpr::CPR_STATE_FORMAT.current_version,
-    ],
-};
+    ),
+    crate::VERSION,
+);
 
 const fn oldest(versions: &[u32]) -> u32 {
     let mut min = u32::MAX;
@@ -591,11 +577,11 @@ mod tests {
     }
 
     #[test]
-    fn note_lists_readable_versions() {
-        assert_eq!(
-            COMPAT_NOTE.desc[1],
-            super::super::format::STATE_FORMAT_VERSION
-        );
-        assert!(COMPAT_NOTE.desc[0] <= COMPAT_NOTE.desc[1]);
+    fn this_binary_carries_its_compat_note() {
+        let exe = File::open("/proc/self/exe").unwrap();
+        let c = cpr_common::compat::read_note(&exe).unwrap();
+        assert!(c.reads_state(super::super::format::STATE_FORMAT_VERSION));
+        assert!(c.reads_cpr(cpr::CPR_STATE_FORMAT.current_version));
+        assert_eq!(c.version, crate::VERSION);
     }
 }

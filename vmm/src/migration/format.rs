@@ -33,7 +33,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cpr_common::container::{
-    ContainerError, ContainerReader, ContainerWriter, FormatSpec, write_file_atomically,
+    ContainerError, ContainerReader, ContainerWriter, write_file_atomically,
 };
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -46,29 +46,9 @@ const RUN_HEADER_LEN: usize = 24;
 /// Pages per run record and per copy chunk (1 MiB).
 const PAGES_PER_CHUNK: u64 = 256;
 
-pub const SECTION_RUN: u32 = 1;
-pub const SECTION_DESCRIPTION: u32 = 2;
-pub const SECTION_VCPUS: u32 = 3;
-pub const SECTION_VM: u32 = 4;
-pub const SECTION_DEVICES: u32 = 5;
-pub const SECTION_RAM: u32 = 6;
-
-pub const STATE_FORMAT_VERSION: u32 = 1;
-
-pub static STATE_FILE_FORMAT: FormatSpec = FormatSpec {
-    what: "state file",
-    magic: *b"CPRVMMST",
-    current_version: STATE_FORMAT_VERSION,
-    // The first version; the next one will list [1, 2].
-    readable_versions: &[1],
-    sections: &[
-        (SECTION_RUN, "run"),
-        (SECTION_DESCRIPTION, "description"),
-        (SECTION_VCPUS, "vcpus"),
-        (SECTION_VM, "vm"),
-        (SECTION_DEVICES, "devices"),
-        (SECTION_RAM, "ram"),
-    ],
+pub use cpr_common::state_file::{
+    SECTION_DESCRIPTION, SECTION_DEVICES, SECTION_RAM, SECTION_RUN, SECTION_VCPUS, SECTION_VM,
+    STATE_FILE_FORMAT, STATE_FORMAT_VERSION,
 };
 
 /// How the machine was when it was saved.
