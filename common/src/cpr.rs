@@ -58,6 +58,9 @@ pub enum FdKind {
     ConsoleFile,
     /// The previous VMM's executable, for rollback.
     FallbackExe,
+    /// Closing it lets the previous VMM's teardown helper free the old address space and KVM
+    /// VM: the new VMM closes it once the guest runs, so that work stays out of the blackout.
+    TeardownRelease,
 }
 
 impl FdKind {
@@ -69,6 +72,7 @@ impl FdKind {
             | FdKind::QmpClient { .. }
             | FdKind::ConsoleListener
             | FdKind::ConsoleClient => Some(libc::S_IFSOCK),
+            FdKind::TeardownRelease => Some(libc::S_IFIFO),
         }
     }
 }

@@ -178,6 +178,173 @@ impl ExecPlan {
     }
 }
 
+/// Keeps this process's address space and open files alive past its next exec, so the exec does
+/// not wait for them to be torn down.
+///
+/// An exec normally frees the old address space (page tables for all of guest RAM) and closes
+/// every close-on-exec fd (the KVM VM, whose destruction frees its MMU state) before the new
+/// program runs: tens to hundreds of milliseconds of blackout, growing with RAM. The helper is a
+/// task sharing the address space (CLONE_VM) with its own copy of the fd table: while it lives,
+/// the exec drops only a reference. The helper waits on a pipe whose write end only this process
+/// holds; when the last copy of the write end is closed, the helper sees end-of-file and exits,
+/// and the teardown runs in the helper, on another CPU.
+///
+/// Who closes the write end decides when the teardown runs: left close-on-exec, the exec itself
+/// (the teardown then competes with the new program's start-up); passed across the exec (see
+/// [`TeardownHelper::release_fd`]), the new program, once it no longer minds. The helper is a
+/// child of this process; the program after the exec reaps it.
+pub struct TeardownHelper {
+    pid: libc::pid_t,
+    /// Write end of the release pipe (close-on-exec).
+    release: RawFd,
+    /// The helper's stack, and the pipe's read end number at its start, in our memory.
+    stack: *mut libc::c_void,
+}
+
+const HELPER_STACK: usize = 64 << 10;
+
+impl TeardownHelper {
+    pub fn spawn() -> std::io::Result<Self> {
+        let mut pipe = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let [read_end, write_end] = pipe;
+        // SAFETY: an anonymous private mapping for the helper's stack; unmapped in Drop (or
+        // freed with the old address space after an exec).
+        let stack = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                HELPER_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if stack == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: closing the two fds created above.
+            unsafe {
+                libc::close(read_end);
+                libc::close(write_end);
+            }
+            return Err(e);
+        }
+        // The helper's two arguments live at the bottom of its stack mapping.
+        // SAFETY: the mapping is at least 8 bytes and writable; nothing else uses it yet.
+        unsafe { *(stack as *mut [libc::c_int; 2]) = [read_end, write_end] };
+        // SAFETY: the child runs `helper_main` on the fresh stack (top, 16-byte aligned); it
+        // shares our memory but only touches its stack and makes raw syscalls (no TLS, no
+        // allocation, no errno), so it cannot disturb this process.
+        let pid = unsafe {
+            libc::clone(
+                helper_main,
+                (stack as *mut u8).add(HELPER_STACK - 64).cast(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                stack,
+            )
+        };
+        // SAFETY: the parent does not need the read end.
+        unsafe { libc::close(read_end) };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: releasing what was created above; no helper exists.
+            unsafe {
+                libc::close(write_end);
+                libc::munmap(stack, HELPER_STACK);
+            }
+            return Err(e);
+        }
+        Ok(TeardownHelper {
+            pid,
+            release: write_end,
+            stack,
+        })
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// The pipe end whose closing releases the helper (close-on-exec unless made inheritable).
+    pub fn release_fd(&self) -> RawFd {
+        self.release
+    }
+}
+
+impl Drop for TeardownHelper {
+    /// The exec did not happen: release the helper and reap it.
+    fn drop(&mut self) {
+        // SAFETY: closing our write end makes the helper exit; waitpid reaps exactly that child,
+        // after which its stack is no longer used and can be unmapped.
+        unsafe {
+            libc::close(self.release);
+            let mut status = 0;
+            libc::waitpid(self.pid, &mut status, 0);
+            libc::munmap(self.stack, HELPER_STACK);
+        }
+    }
+}
+
+/// Raw x86-64 syscall without touching errno (the helper shares memory, and errno lives in the
+/// parent thread's TLS).
+///
+/// # Safety
+/// The caller must pass a syscall and arguments that are valid for it.
+#[cfg(target_arch = "x86_64")]
+unsafe fn raw_syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the `syscall` instruction with the Linux x86-64 calling convention; rcx and r11
+    // are clobbered by the kernel.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a,
+            in("rsi") b,
+            in("rdx") c,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the two fds the parent stored before clone.
+    let [read_end, write_end] = unsafe { *(arg as *const [libc::c_int; 2]) };
+    let all: [u64; 1] = [!0];
+    // SAFETY: raw syscalls on our own fds and signal mask; see raw_syscall3.
+    unsafe {
+        // No signal handler of the parent may ever run here.
+        raw_syscall3(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK as usize,
+            all.as_ptr() as usize,
+            8,
+        );
+        // Only the parent may hold the write end, so that its exec (or Drop) releases us.
+        raw_syscall3(libc::SYS_close, write_end as usize, 0, 0);
+        let mut byte = 0u8;
+        loop {
+            let n = raw_syscall3(
+                libc::SYS_read,
+                read_end as usize,
+                &mut byte as *mut u8 as usize,
+                1,
+            );
+            if n != -(libc::EINTR as isize) {
+                break;
+            }
+        }
+        raw_syscall3(libc::SYS_exit, 0, 0, 0);
+    }
+    0
+}
+
 fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
     strings
         .iter()
@@ -209,6 +376,20 @@ mod tests {
         plan.restore_cloexec();
         assert!(fds::is_cloexec(fd).unwrap());
         drop(r);
+    }
+
+    #[test]
+    fn teardown_helper_lives_until_released() {
+        let helper = TeardownHelper::spawn().unwrap();
+        let pid = helper.pid();
+        let mut status = 0;
+        // SAFETY: polling our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert_eq!(r, 0, "the helper must wait for the exec");
+        drop(helper); // releases and reaps
+        // SAFETY: the pid is reaped, so it is no longer our child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert_eq!(r, -1);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use cpr_common::cpr::{Attempt, FdKind};
+use cpr_common::exec::TeardownHelper;
 use cpr_common::timing::{PhaseLog, monotonic_ns};
 
 use serde_json::Value;
@@ -57,6 +58,7 @@ const T_QMP_LISTENER: u64 = 4;
 const T_CONSOLE_LISTENER: u64 = 5;
 const T_CONSOLE_INPUT: u64 = 6;
 const T_MIGRATION_DONE: u64 = 7;
+const T_CHILD: u64 = 8;
 /// Client tokens are this plus the client id.
 const T_QMP_CLIENT: u64 = 1 << 32;
 /// Clients are edge-triggered: read until EAGAIN, write until EAGAIN.
@@ -136,6 +138,9 @@ pub fn run(config: Config, incoming: Option<Incoming>) -> Result<u8, StartError>
 /// A cpr-exec update ready to exec once the `migrate` reply is out.
 struct PendingExec {
     prepared: PreparedExec,
+    /// Keeps the old address space and KVM VM alive past the exec, so tearing them down is not
+    /// part of the blackout.
+    _teardown: Option<TeardownHelper>,
     state_file: PathBuf,
     guest_was_running: bool,
 }
@@ -150,6 +155,9 @@ struct Vmm {
     config: Config,
     epoll: Epoll,
     signals: UnixStream,
+    /// SIGCHLD: children this process did not start itself (a previous version's teardown
+    /// helper) are reaped as they exit.
+    children: UnixStream,
     monitor: Option<Monitor>,
     console: Console,
     registered_console_input: Option<RawFd>,
@@ -177,6 +185,11 @@ impl Vmm {
             let writer = signal_writer.try_clone().map_err(StartError::Setup)?;
             signal_hook::low_level::pipe::register(sig, writer).map_err(StartError::Setup)?;
         }
+        let (children, child_writer) = UnixStream::pair().map_err(StartError::Setup)?;
+        children.set_nonblocking(true).map_err(StartError::Setup)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, child_writer)
+            .map_err(StartError::Setup)?;
+        reap_children();
         let inherited_listener = incoming
             .as_deref_mut()
             .and_then(|i| i.take_fd(FdKind::QmpListener, crate::qmp::server::QMP_LISTENER_NAME));
@@ -216,6 +229,7 @@ impl Vmm {
             config,
             epoll,
             signals,
+            children,
             monitor,
             console,
             registered_console_input: None,
@@ -232,6 +246,8 @@ impl Vmm {
             exit_code: None,
         };
         vmm.watch(vmm.signals.as_raw_fd(), T_SIGNAL, EventSet::IN)
+            .map_err(StartError::Setup)?;
+        vmm.watch(vmm.children.as_raw_fd(), T_CHILD, EventSet::IN)
             .map_err(StartError::Setup)?;
         vmm.watch(
             vmm.migration_done.as_raw_fd(),
@@ -276,6 +292,7 @@ impl Vmm {
                     self.config.guest.clone(),
                     self.console.output(),
                     Source::Boot,
+                    None,
                 )?;
                 self.install_machine(machine, rx)
                     .map_err(StartError::Setup)?;
@@ -316,6 +333,7 @@ impl Vmm {
             self.config.guest.clone(),
             self.console.output(),
             Source::Restore(&file.state),
+            None,
         )?;
         self.install_machine(machine, rx)
             .map_err(|e| IncomingError::Machine(MachineError::EventFd(e)))?;
@@ -405,6 +423,11 @@ impl Vmm {
                 while matches!(self.signals.read(&mut buf), Ok(n) if n > 0) {}
                 log::info!("terminated by signal");
                 self.shutdown(ShutdownCause::HostSignal, 0);
+            }
+            T_CHILD => {
+                let mut buf = [0u8; 64];
+                while matches!(self.children.read(&mut buf), Ok(n) if n > 0) {}
+                reap_children();
             }
             T_VCPU_EVENTS => self.handle_vcpu_events(),
             T_INPUT_DRAINED => {
@@ -835,6 +858,12 @@ impl Vmm {
         };
         cpr_exec::check_ram_shareable(machine.ram())
             .map_err(|e| QmpError::generic(e.to_string()))?;
+        // Before the guest stops: the helper costs nothing to the blackout when made here.
+        let teardown = TeardownHelper::spawn()
+            .map_err(|e| {
+                log::warn!("no teardown helper ({e}); the exec will tear down RAM mappings itself")
+            })
+            .ok();
         let guest_was_running = self.run_state == RunState::Running;
         let stop_wall = SystemTime::now();
         let stopped_at = monotonic_ns();
@@ -844,7 +873,7 @@ impl Vmm {
             started: Some(Instant::now()),
             ..MigrationRecord::default()
         };
-        let saved = machine.pause().and_then(|()| machine.save_state());
+        let saved = machine.pause_and_save();
         phases.mark("stop vCPUs and save vCPU state");
         let prepared = saved.map_err(|e| e.to_string()).and_then(|state| {
             let run = SavedRun {
@@ -861,6 +890,13 @@ impl Vmm {
                 .map(|m| m.preserved_fds())
                 .unwrap_or_default();
             other_fds.extend(self.console.preserved_fds());
+            if let Some(t) = &teardown {
+                other_fds.push((
+                    FdKind::TeardownRelease,
+                    "teardown-release".to_string(),
+                    t.release_fd(),
+                ));
+            }
             cpr_exec::prepare_exec(ExecInputs {
                 command: &command,
                 state_file: &state_file,
@@ -886,6 +922,7 @@ impl Vmm {
                 });
                 self.pending_exec = Some(PendingExec {
                     prepared,
+                    _teardown: teardown,
                     state_file,
                     guest_was_running,
                 });
@@ -932,8 +969,8 @@ impl Vmm {
             self.config.guest.clone(),
             self.console.output(),
             Source::Restore(&file.state),
+            Some(&mut incoming.phases),
         )?;
-        incoming.phases.mark("build VM and restore state");
         self.install_machine(machine, rx)
             .map_err(StartError::Setup)?;
         match self.config.cpr_test_fault {
@@ -1064,8 +1101,7 @@ impl Vmm {
         let Some(m) = &mut self.machine else {
             return Err("there is no machine".into());
         };
-        m.pause().map_err(|e| e.to_string())?;
-        let state = m.save_state().map_err(|e| e.to_string())?;
+        let state = m.pause_and_save().map_err(|e| e.to_string())?;
         let ram = m.ram().view();
         if guest_was_running {
             self.emit(&EventKind::Stop);
@@ -1162,6 +1198,20 @@ impl Vmm {
             log::error!("incoming migration failed: {e}");
             QmpError::generic(e.to_string())
         })
+    }
+}
+
+/// Reaps every exited child: this process starts none itself, but after a live update it is the
+/// parent of the previous version's teardown helper.
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG only collects exited children of this process.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+        log::debug!("reaped child {pid}");
     }
 }
 

@@ -12,6 +12,7 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
@@ -64,8 +65,9 @@ pub enum VcpuCommand {
     /// Stop running guest code; completes pending I/O first. Acknowledged when done.
     Pause(Sender<()>),
     Resume,
-    /// Save this vCPU's state (only while paused).
-    Save(Sender<Result<VcpuState, String>>),
+    /// Pause (if running) and save this vCPU's state: one round trip, because on a live
+    /// update's path every wake-up of a vCPU thread is blackout.
+    PauseAndSave(Sender<Result<VcpuState, String>>),
     /// End the thread.
     Exit,
 }
@@ -105,8 +107,8 @@ pub struct VcpuHandle {
     pub index: u32,
     commands: Sender<VcpuCommand>,
     thread: Option<JoinHandle<()>>,
-    /// Linux thread id (for query-cpus-fast).
-    pub tid: i32,
+    /// Linux thread id (for query-cpus-fast), published by the thread once it runs.
+    tid: Arc<AtomicI32>,
 }
 
 impl VcpuHandle {
@@ -121,12 +123,15 @@ impl VcpuHandle {
         start_running: bool,
     ) -> std::io::Result<Self> {
         let (tx, rx) = channel();
-        let (tid_tx, tid_rx) = channel();
+        let tid = Arc::new(AtomicI32::new(0));
+        let tid_for_thread = tid.clone();
+        // Not waiting for the thread to start: on a live update's path every thread start
+        // would otherwise add a scheduling round trip to the blackout.
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 // SAFETY: gettid has no preconditions.
-                let _ = tid_tx.send(unsafe { libc::gettid() });
+                tid_for_thread.store(unsafe { libc::gettid() }, Ordering::Release);
                 let mut worker = VcpuWorker {
                     index,
                     vcpu,
@@ -138,13 +143,24 @@ impl VcpuHandle {
                 };
                 worker.run(start_running);
             })?;
-        let tid = tid_rx.recv().unwrap_or(0);
         Ok(VcpuHandle {
             index,
             commands: tx,
             thread: Some(thread),
             tid,
         })
+    }
+
+    /// The vCPU thread's Linux thread id (waits briefly if the thread has not started yet).
+    pub fn tid(&self) -> i32 {
+        for _ in 0..1000 {
+            let tid = self.tid.load(Ordering::Acquire);
+            if tid != 0 {
+                return tid;
+            }
+            std::thread::yield_now();
+        }
+        0
     }
 
     pub fn send(&self, command: VcpuCommand) {
@@ -189,10 +205,24 @@ enum Flow {
 
 impl VcpuWorker {
     fn run(&mut self, start_running: bool) {
+        // From here on a kick interrupts KVM_RUN. Commands sent before this point (and their
+        // kicks, which found no kvm_run to flag) are still in the channel, and the channel is
+        // always drained before entering KVM_RUN, so none is missed.
         let run_ptr: *mut kvm_run = self.vcpu.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         let mut running = start_running;
         loop {
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd, &mut running) {
+                            return self.finish();
+                        }
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return self.finish(),
+                }
+            }
             if running {
                 if let Flow::Stop(kind) = self.run_once() {
                     self.events.send(VcpuEvent {
@@ -200,17 +230,6 @@ impl VcpuWorker {
                         kind,
                     });
                     running = false;
-                }
-                loop {
-                    match self.commands.try_recv() {
-                        Ok(cmd) => {
-                            if !self.handle(cmd, &mut running) {
-                                return self.finish();
-                            }
-                        }
-                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => return self.finish(),
-                    }
                 }
             } else {
                 match self.commands.recv() {
@@ -241,7 +260,9 @@ impl VcpuWorker {
                 self.vcpu.set_kvm_immediate_exit(0);
                 *running = true;
             }
-            VcpuCommand::Save(reply) => {
+            VcpuCommand::PauseAndSave(reply) => {
+                self.complete_pending_io();
+                *running = false;
                 let r =
                     state::save_vcpu(&self.vcpu, self.index, &self.msr_indices, self.xsave_words)
                         .map_err(|e| e.to_string());
