@@ -181,6 +181,8 @@ pub enum CliError {
     GuestOption(String),
     #[error("invalid -serial '{0}': use stdio, file:PATH, unix:PATH,server[,wait=off] or null")]
     Serial(String),
+    #[error("invalid -serial '{0}': only server mode is supported: add ,server")]
+    SerialClientMode(String),
     #[error("invalid -qmp '{0}': use unix:PATH,server=on,wait=off")]
     Qmp(String),
     #[error("invalid -machine option '{0}': supported is aux-ram-share=on|off")]
@@ -428,9 +430,7 @@ pub fn parse_serial(spec: &str) -> Result<SerialSpec, CliError> {
             }
         }
         if !server {
-            return Err(CliError::Serial(format!(
-                "{spec}' (only server mode is supported: add ,server"
-            )));
+            return Err(CliError::SerialClientMode(spec.to_string()));
         }
         return Ok(SerialSpec::UnixServer(PathBuf::from(path)));
     }

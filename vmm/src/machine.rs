@@ -110,6 +110,23 @@ pub struct Machine {
     paused: bool,
 }
 
+/// A VM built over RAM, with its devices and vCPUs created but no CPU or device state yet.
+/// cpr-transfer builds this while the guest still runs on the old VMM, so that only
+/// [`PreparedMachine::start`] falls inside the blackout.
+pub struct PreparedMachine {
+    kvm: Kvm,
+    vm: VmFd,
+    serial_irq: EventFd,
+    vcpu_fds: Vec<VcpuFd>,
+    ram: GuestRam,
+    vcpu_count: u32,
+    guest: GuestSpec,
+    console: ConsoleOutput,
+    events: EventSink,
+    rx: Receiver<VcpuEvent>,
+    wakers: MachineWakers,
+}
+
 impl Machine {
     /// Builds the machine; vCPU threads start paused (call [`Machine::resume`]).
     pub fn build(
@@ -118,44 +135,52 @@ impl Machine {
         guest: GuestSpec,
         console: ConsoleOutput,
         source: Source<'_>,
-        mut phases: Option<&mut PhaseLog>,
+        phases: Option<&mut PhaseLog>,
     ) -> Result<(Self, Receiver<VcpuEvent>), MachineError> {
+        let mut phases = phases;
+        let prepared = Machine::prepare(ram, vcpu_count, guest, console)?;
+        mark(&mut phases, "create VM, devices and vCPUs");
+        prepared.start(source, phases)
+    }
+
+    /// Creates the VM over `ram` with its in-kernel devices and vCPUs, ready for a source.
+    pub fn prepare(
+        ram: GuestRam,
+        vcpu_count: u32,
+        guest: GuestSpec,
+        console: ConsoleOutput,
+    ) -> Result<PreparedMachine, MachineError> {
         let kvm = Kvm::new().map_err(MachineError::KvmOpen)?;
         let vcpu_events = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
         let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
         let (events, rx) = EventSink::new(vcpu_events.clone());
-        let wakers = MachineWakers {
-            vcpu_events,
-            input_drained,
-        };
-        let (vm, serial) = create_vm(&kvm, &ram, &console, &wakers, &source)?;
-        mark(&mut phases, "create VM and devices");
-        let mut machine = Machine {
+        let (vm, serial_irq) = create_vm(&kvm, &ram)?;
+        let vcpu_fds = create_vcpu_fds(&vm, vcpu_count)?;
+        Ok(PreparedMachine {
             kvm,
             vm,
+            serial_irq,
+            vcpu_fds,
             ram,
-            vcpus: Vec::new(),
-            serial,
-            console,
-            guest,
             vcpu_count,
+            guest,
+            console,
             events,
-            wakers,
-            msr_indices: Arc::new(Vec::new()),
-            xsave_words: 0,
-            paused: true,
-        };
-        machine.create_vcpus(&source, &mut phases)?;
-        Ok((machine, rx))
+            rx,
+            wakers: MachineWakers {
+                vcpu_events,
+                input_drained,
+            },
+        })
     }
 
-    /// Creates the vCPUs, sets their state from `source`, and starts their threads paused.
-    fn create_vcpus(
+    /// Sets every vCPU and device from `source` and starts the vCPU threads, paused.
+    fn start_vcpus(
         &mut self,
+        fds: Vec<VcpuFd>,
         source: &Source<'_>,
         phases: &mut Option<&mut PhaseLog>,
     ) -> Result<(), MachineError> {
-        let mut fds = Vec::new();
         match source {
             Source::Boot => {
                 let supported = self
@@ -170,10 +195,8 @@ impl Machine {
                     exit_code: self.guest.exit_code,
                 };
                 boot::load_builtin_guest(self.ram.memory().as_ref(), self.guest.guest, &params)?;
-                for index in 0..self.vcpu_count {
-                    let vcpu = self.create_vcpu(index)?;
-                    boot_vcpu(&vcpu, &supported, index, self.vcpu_count)?;
-                    fds.push(vcpu);
+                for (index, vcpu) in fds.iter().enumerate() {
+                    boot_vcpu(vcpu, &supported, index as u32, self.vcpu_count)?;
                 }
                 // Which MSRs to save is decided once, at boot, outside any blackout.
                 let listed = self
@@ -192,10 +215,6 @@ impl Machine {
                         described: self.vcpu_count,
                     });
                 }
-                for index in 0..self.vcpu_count {
-                    fds.push(self.create_vcpu(index)?);
-                }
-                mark(phases, "create vCPUs");
                 for (vcpu, saved) in fds.iter().zip(&s.vcpus) {
                     state::restore_vcpu(vcpu, saved)?;
                 }
@@ -231,12 +250,6 @@ impl Machine {
         mark(phases, "start vCPU threads");
         self.paused = true;
         Ok(())
-    }
-
-    fn create_vcpu(&self, index: u32) -> Result<VcpuFd, MachineError> {
-        self.vm
-            .create_vcpu(u64::from(index))
-            .map_err(kvm_err(format!("creating vCPU {index}")))
     }
 
     fn build_bus(&self) -> PioBus {
@@ -329,11 +342,11 @@ impl Machine {
         let was_running = !self.paused;
         self.pause()?;
         self.vcpus.clear();
-        let source = Source::Boot;
-        let (vm, serial) = create_vm(&self.kvm, &self.ram, &self.console, &self.wakers, &source)?;
+        let (vm, serial_irq) = create_vm(&self.kvm, &self.ram)?;
+        let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
+        self.serial = attach_devices(&vm, serial_irq, &self.console, &self.wakers, &Source::Boot)?;
         self.vm = vm;
-        self.serial = serial;
-        self.create_vcpus(&source, &mut None)?;
+        self.start_vcpus(fds, &Source::Boot, &mut None)?;
         if was_running {
             self.resume();
         }
@@ -343,6 +356,41 @@ impl Machine {
     /// Feeds typed console input to the UART; returns how many bytes it took.
     pub fn console_input(&self, bytes: &[u8]) -> usize {
         lock(&self.serial).enqueue_input(bytes)
+    }
+}
+
+impl PreparedMachine {
+    /// Applies `source` (boot, or a saved state) and starts the vCPU threads, paused.
+    pub fn start(
+        self,
+        source: Source<'_>,
+        phases: Option<&mut PhaseLog>,
+    ) -> Result<(Machine, Receiver<VcpuEvent>), MachineError> {
+        let mut phases = phases;
+        let serial = attach_devices(
+            &self.vm,
+            self.serial_irq,
+            &self.console,
+            &self.wakers,
+            &source,
+        )?;
+        let mut machine = Machine {
+            kvm: self.kvm,
+            vm: self.vm,
+            ram: self.ram,
+            vcpus: Vec::new(),
+            serial,
+            console: self.console,
+            guest: self.guest,
+            vcpu_count: self.vcpu_count,
+            events: self.events,
+            wakers: self.wakers,
+            msr_indices: Arc::new(Vec::new()),
+            xsave_words: 0,
+            paused: true,
+        };
+        machine.start_vcpus(self.vcpu_fds, &source, &mut phases)?;
+        Ok((machine, self.rx))
     }
 }
 
@@ -369,14 +417,8 @@ pub fn describe(ram: &GuestRam, vcpus: u32, guest: BuiltinGuest) -> MachineDescr
     }
 }
 
-/// Creates the VM with its in-kernel devices, memory slots and the UART.
-fn create_vm(
-    kvm: &Kvm,
-    ram: &GuestRam,
-    console: &ConsoleOutput,
-    wakers: &MachineWakers,
-    source: &Source<'_>,
-) -> Result<(VmFd, Arc<Mutex<SerialDevice>>), MachineError> {
+/// Creates the VM with its memory slots, in-kernel devices and the UART's interrupt line.
+fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<(VmFd, EventFd), MachineError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     // RAM first: a memory slot added after the irqchip and PIT exist waits for an SRCU grace
     // period (milliseconds on this kind of host, measured), one added before does not. This
@@ -410,12 +452,32 @@ fn create_vm(
         ..Default::default()
     })
     .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    if let Source::Restore(s) = source {
-        state::restore_vm_devices(&vm, &s.vm)?;
-    }
     let irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
+    Ok((vm, irq))
+}
+
+fn create_vcpu_fds(vm: &VmFd, count: u32) -> Result<Vec<VcpuFd>, MachineError> {
+    (0..count)
+        .map(|index| {
+            vm.create_vcpu(u64::from(index))
+                .map_err(kvm_err(format!("creating vCPU {index}")))
+        })
+        .collect()
+}
+
+/// Sets the in-kernel devices from `source` and creates the UART.
+fn attach_devices(
+    vm: &VmFd,
+    irq: EventFd,
+    console: &ConsoleOutput,
+    wakers: &MachineWakers,
+    source: &Source<'_>,
+) -> Result<Arc<Mutex<SerialDevice>>, MachineError> {
+    if let Source::Restore(s) = source {
+        state::restore_vm_devices(vm, &s.vm)?;
+    }
     let drained = InputDrained(wakers.input_drained.clone());
     let serial_snapshot = match source {
         Source::Restore(s) => s
@@ -435,7 +497,7 @@ fn create_vm(
             })?,
         None => SerialDevice::new(IrqTrigger(irq), drained, console.clone()),
     };
-    Ok((vm, Arc::new(Mutex::new(serial))))
+    Ok(Arc::new(Mutex::new(serial)))
 }
 
 /// Puts a fresh vCPU into the built-in guests' 64-bit entry state.

@@ -60,12 +60,28 @@ pub struct ConsoleOutput {
     sink: Arc<Mutex<Sink>>,
 }
 
+/// Output that has nowhere to go (stdout closed, disk full) is dropped like a UART with nothing
+/// attached, and said once: the guest must not stall or flood the log over it.
+fn drop_output(result: io::Result<usize>, len: usize, what: &str) -> io::Result<usize> {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match result {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+        Err(e) => {
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::warn!("serial: guest output to {what} is being dropped: {e}");
+            }
+            Ok(len)
+        }
+    }
+}
+
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut sink = lock(&self.sink);
         match &mut *sink {
-            Sink::Stdout => write_fd(1, buf),
-            Sink::File(f) => f.write(buf),
+            Sink::Stdout => drop_output(write_fd(1, buf), buf.len(), "stdout"),
+            Sink::File(f) => drop_output(f.write(buf), buf.len(), "the output file"),
             Sink::Socket(client) => {
                 if let Some(stream) = client
                     && let Err(e) = stream.write_all(buf)

@@ -105,6 +105,11 @@ pub struct RamProgress {
 }
 
 impl RamProgress {
+    pub fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, Ordering::Relaxed);
+        self.remaining.store(bytes, Ordering::Relaxed);
+    }
+
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
     }
@@ -174,9 +179,7 @@ fn write_ram_pages(
     ram: &RamView,
     progress: &RamProgress,
 ) -> std::io::Result<()> {
-    let total = ram.total_size();
-    progress.total.store(total, Ordering::Relaxed);
-    progress.remaining.store(total, Ordering::Relaxed);
+    progress.set_total(ram.total_size());
     let mut buf = vec![0u8; (PAGES_PER_CHUNK * PAGE_SIZE) as usize];
     for (index, region) in ram.regions.iter().enumerate() {
         let size = region.size;

@@ -45,6 +45,15 @@ pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
     result
 }
 
+/// Removes this VMM's socket file at `path` when it exits, as QEMU does. Not called across a
+/// live update: the successor keeps listening on it.
+pub fn remove_socket_file(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

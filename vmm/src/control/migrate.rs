@@ -1,0 +1,495 @@
+//! Migration on the VMM thread: what `migrate` and `migrate-incoming` do in each mode, and the
+//! new side of a live update. The machine-state walk and formats are in `crate::migration`;
+//! this is the orchestration (stop, save, hand over, resume or fail) and what QMP reports.
+
+use super::*;
+
+/// A cpr-exec update ready to exec once the `migrate` reply is out.
+pub(super) struct PendingExec {
+    prepared: PreparedExec,
+    /// Keeps the old address space and KVM VM alive past the exec, so tearing them down is not
+    /// part of the blackout.
+    _teardown: Option<TeardownHelper>,
+    state_file: PathBuf,
+    guest_was_running: bool,
+}
+
+/// A `migrate` to a file in flight.
+pub(super) struct OutgoingSave {
+    thread: JoinHandle<Result<u64, StateFileError>>,
+    guest_was_running: bool,
+}
+
+impl Vmm {
+    /// Restores a machine saved with `migrate` in normal mode. Everything is validated, and RAM
+    /// loaded and checksummed, before KVM is touched; on error nothing ran.
+    pub(super) fn incoming_from_file(&mut self, path: &Path) -> Result<(), IncomingError> {
+        let started = Instant::now();
+        let file = StateFile::open(path)?;
+        file.check_machine(&self.described_machine())?;
+        let ram = normal::load_ram(&file, self.config.hugepages, self.config.prealloc)?;
+        let (machine, rx) = Machine::build(
+            ram,
+            self.config.vcpus,
+            self.config.guest.clone(),
+            self.console.output(),
+            Source::Restore(&file.state),
+            None,
+        )?;
+        self.install_machine(machine, rx)
+            .map_err(|e| IncomingError::Machine(MachineError::EventFd(e)))?;
+        self.migration = MigrationRecord {
+            status: MigrationStatus::Completed,
+            started: Some(started),
+            total_time_ms: Some(started.elapsed().as_millis() as u64),
+            ..MigrationRecord::default()
+        };
+        if file.run.guest_was_running && self.autostart {
+            self.set_running();
+        } else {
+            self.run_state = RunState::Paused;
+        }
+        log::info!(
+            "restored from {} (saved by vmm {}) in {} ms",
+            path.display(),
+            file.run.saved_by_version,
+            started.elapsed().as_millis()
+        );
+        Ok(())
+    }
+
+    pub(super) fn migrate(&mut self, args: &MigrateArgs) -> Result<(), QmpError> {
+        let targets = args.targets()?;
+        if self.outgoing.is_some() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        if self.machine.is_none() || self.run_state == RunState::Inmigrate {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
+        }
+        let mode = self.params.mode.unwrap_or_default();
+        let path = match &targets.main {
+            MigrationAddress::File(f) if f.filename.is_empty() => {
+                return Err(QmpError::generic(
+                    "file: needs a path, e.g. file:/run/vm.state",
+                ));
+            }
+            MigrationAddress::File(f) if f.offset == 0 => PathBuf::from(&f.filename),
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "migration mode '{}' supports only file:PATH destinations",
+                    mode.as_str()
+                )));
+            }
+        };
+        match mode {
+            MigMode::CprExec => self.migrate_cpr_exec(path),
+            _ => self.start_outgoing_save(path),
+        }
+    }
+
+    /// cpr-exec, old side: stop, save state without RAM, prepare the exec. The exec itself
+    /// happens once the reply to `migrate` is out ([`Vmm::exec_update`]).
+    pub(super) fn migrate_cpr_exec(&mut self, state_file: PathBuf) -> Result<(), QmpError> {
+        let command = self.params.cpr_exec_command.clone().unwrap_or_default();
+        if command.is_empty() {
+            return Err(QmpError::generic(
+                "cpr-exec mode requires the migration parameter cpr-exec-command (the program to execute, then its arguments)",
+            ));
+        }
+        let Some(machine) = &mut self.machine else {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
+        };
+        cpr_exec::check_ram_shareable(machine.ram())
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        // Before the guest stops: the helper costs nothing to the blackout when made here.
+        let teardown = TeardownHelper::spawn()
+            .map_err(|e| {
+                log::warn!("no teardown helper ({e}); the exec will tear down RAM mappings itself")
+            })
+            .ok();
+        let guest_was_running = self.run_state == RunState::Running;
+        let stop_wall = SystemTime::now();
+        let stopped_at = monotonic_ns();
+        let mut phases = PhaseLog::starting_at(stopped_at);
+        self.migration = MigrationRecord {
+            status: MigrationStatus::Setup,
+            started: Some(Instant::now()),
+            ..MigrationRecord::default()
+        };
+        let saved = machine.pause_and_save();
+        phases.mark("stop vCPUs and save vCPU state");
+        let prepared = saved.map_err(|e| e.to_string()).and_then(|state| {
+            let run = SavedRun {
+                guest_was_running,
+                saved_by_version: crate::version_string(),
+                saved_at_unix_ns: cpr_common::timing::realtime_ns(),
+            };
+            write_state_file(&state_file, &state, &run, RamContents::Preserved)
+                .map_err(|e| e.to_string())?;
+            phases.mark("write state file");
+            let mut other_fds = self
+                .monitor
+                .as_ref()
+                .map(|m| m.preserved_fds())
+                .unwrap_or_default();
+            other_fds.extend(self.console.preserved_fds());
+            if let Some(t) = &teardown {
+                other_fds.push((
+                    FdKind::TeardownRelease,
+                    "teardown-release".to_string(),
+                    t.release_fd(),
+                ));
+            }
+            cpr_exec::prepare_exec(ExecInputs {
+                command: &command,
+                state_file: &state_file,
+                guest_was_running,
+                stopped_at_ns: stopped_at,
+                phases,
+                own_argv: &self.config.argv,
+                ram: machine.ram(),
+                other_fds,
+            })
+            .map_err(|e| e.to_string())
+        });
+        if guest_was_running {
+            self.run_state = RunState::FinishMigrate;
+            if let Some(m) = &mut self.monitor {
+                m.broadcast_at(&EventKind::Stop, stop_wall);
+            }
+        }
+        match prepared {
+            Ok(prepared) => {
+                self.emit(&EventKind::Migration {
+                    status: MigrationStatus::Active,
+                });
+                self.pending_exec = Some(PendingExec {
+                    prepared,
+                    _teardown: teardown,
+                    state_file,
+                    guest_was_running,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&state_file);
+                let reason = format!("cpr-exec: {e}");
+                self.fail_migration(&reason, guest_was_running);
+                Err(QmpError::generic(reason))
+            }
+        }
+    }
+
+    /// Executes the cpr-exec-command. Returns only if the exec failed; then everything is put
+    /// back and the guest resumes.
+    pub(super) fn exec_update(&mut self, pending: PendingExec) {
+        if let Some(m) = &mut self.monitor {
+            m.drain_output(OUTPUT_DRAIN_TIMEOUT);
+        }
+        log::info!("live update: executing {}", pending.prepared.program());
+        let (err, prepared) = pending.prepared.exec();
+        let reason = format!("exec of {} failed: {err}", prepared.program());
+        log::error!("live update failed: {reason}; resuming the guest");
+        prepared.undo();
+        let _ = std::fs::remove_file(&pending.state_file);
+        self.fail_migration(&reason, pending.guest_was_running);
+    }
+
+    /// cpr-exec, new side: restore over the inherited RAM and resume the guest.
+    pub(super) fn start_cpr_incoming(&mut self, incoming: &mut Incoming) -> Result<(), StartError> {
+        self.sync_console_fds();
+        self.run_state = RunState::Inmigrate;
+        let path = PathBuf::from(&incoming.state.state_file);
+        let file = StateFile::open(&path).map_err(IncomingError::from)?;
+        file.check_machine(&self.described_machine())
+            .map_err(IncomingError::from)?;
+        incoming.phases.mark("read state file");
+        let ram = incoming.take_ram(&file.state.description.regions)?;
+        incoming.phases.mark("map memory");
+        let (machine, rx) = Machine::build(
+            ram,
+            self.config.vcpus,
+            self.config.guest.clone(),
+            self.console.output(),
+            Source::Restore(&file.state),
+            Some(&mut incoming.phases),
+        )?;
+        self.install_machine(machine, rx)
+            .map_err(StartError::Setup)?;
+        match self.config.cpr_test_fault {
+            Some(CprTestFault::ExitBeforeResume) => return Err(StartError::TestFault),
+            Some(CprTestFault::CrashBeforeResume) => {
+                log::error!("test fault injected: crashing before resume");
+                std::process::abort();
+            }
+            None => {}
+        }
+        let state = &incoming.state;
+        let guest_was_running = state.guest_was_running;
+        if guest_was_running && let Some(m) = &mut self.machine {
+            m.resume();
+        }
+        let resumed_at = monotonic_ns();
+        incoming.phases.mark_at("resume vCPUs", resumed_at);
+        let blackout_ns = resumed_at.saturating_sub(state.stopped_at_ns);
+        incoming.finish();
+        let rolled_back = match &incoming.state.attempt {
+            Attempt::Rollback { reason } => Some(reason.clone()),
+            Attempt::Update => None,
+        };
+        self.migration = MigrationRecord {
+            status: if rolled_back.is_some() {
+                MigrationStatus::Failed
+            } else {
+                MigrationStatus::Completed
+            },
+            started: None,
+            total_time_ms: Some(blackout_ns / 1_000_000),
+            downtime_ms: Some(blackout_ns / 1_000_000),
+            error: rolled_back.clone(),
+            cpr: Some(CprUpdateInfo {
+                blackout_ns,
+                phases: incoming
+                    .phases
+                    .phases
+                    .iter()
+                    .map(|p| CprPhase {
+                        name: p.name.clone(),
+                        ns: p.ns,
+                    })
+                    .collect(),
+                from_version: incoming.state.fallback.version.clone(),
+                to_version: crate::version_string(),
+                rolled_back: rolled_back.is_some(),
+            }),
+            ..MigrationRecord::default()
+        };
+        if guest_was_running {
+            self.run_state = RunState::Running;
+            self.emit(&EventKind::Resume);
+        } else {
+            self.run_state = RunState::Paused;
+        }
+        self.emit(&EventKind::Migration {
+            status: self.migration.status,
+        });
+        match &rolled_back {
+            None => log::info!(
+                "live update from {} to {} complete: blackout {:.3} ms",
+                incoming.state.fallback.version,
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+            Some(reason) => log::warn!(
+                "live update failed ({reason}); this VMM ({}) took the guest back after {:.3} ms",
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+        }
+        Ok(())
+    }
+
+    /// Normal mode: stop, capture the machine, and write state and RAM on a thread.
+    pub(super) fn start_outgoing_save(&mut self, path: PathBuf) -> Result<(), QmpError> {
+        let guest_was_running = self.run_state == RunState::Running;
+        let progress = Arc::new(RamProgress::default());
+        if let Some(m) = &self.machine {
+            // Known from the start, so query-migrate never shows an empty save as done.
+            progress.set_total(m.ram().total_size());
+        }
+        self.migration = MigrationRecord {
+            status: MigrationStatus::Setup,
+            started: Some(Instant::now()),
+            ram: Some(progress.clone()),
+            ..MigrationRecord::default()
+        };
+        self.emit(&EventKind::Migration {
+            status: MigrationStatus::Setup,
+        });
+        let captured = self.capture_for_save(guest_was_running);
+        let (state, ram) = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail_migration(&e, guest_was_running);
+                return Err(QmpError::generic(e));
+            }
+        };
+        self.migration.setup_time_ms = self.migration.elapsed_ms();
+        let run = SavedRun {
+            guest_was_running,
+            saved_by_version: crate::version_string(),
+            saved_at_unix_ns: cpr_common::timing::realtime_ns(),
+        };
+        match normal::start_outgoing(path, state, run, ram, progress, self.migration_done.clone()) {
+            Ok(thread) => {
+                self.outgoing = Some(OutgoingSave {
+                    thread,
+                    guest_was_running,
+                });
+                self.migration.status = MigrationStatus::Active;
+                self.emit(&EventKind::Migration {
+                    status: MigrationStatus::Active,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("starting the migration thread: {e}");
+                self.fail_migration(&msg, guest_was_running);
+                Err(QmpError::generic(msg))
+            }
+        }
+    }
+
+    /// Stops the guest (if running) and saves the machine's state (not RAM).
+    pub(super) fn capture_for_save(
+        &mut self,
+        guest_was_running: bool,
+    ) -> Result<(crate::migration::state::MachineState, memory::RamView), String> {
+        let Some(m) = &mut self.machine else {
+            return Err("there is no machine".into());
+        };
+        let state = m.pause_and_save().map_err(|e| e.to_string())?;
+        let ram = m.ram().view();
+        if guest_was_running {
+            self.emit(&EventKind::Stop);
+        }
+        self.run_state = RunState::FinishMigrate;
+        Ok((state, ram))
+    }
+
+    pub(super) fn finish_outgoing_save(&mut self) {
+        let Some(out) = self.outgoing.take() else {
+            return;
+        };
+        let result = out.thread.join().unwrap_or_else(|_| {
+            Err(StateFileError::Ram {
+                path: String::new(),
+                detail: "the migration thread panicked".into(),
+            })
+        });
+        match result {
+            Ok(size) => {
+                let ms = self.migration.elapsed_ms();
+                self.migration.total_time_ms = Some(ms);
+                // The guest was stopped for the whole save.
+                self.migration.downtime_ms = Some(ms);
+                self.migration.status = MigrationStatus::Completed;
+                self.run_state = RunState::Postmigrate;
+                log::info!("migration to file completed: {size} bytes in {ms} ms");
+                self.emit(&EventKind::Migration {
+                    status: MigrationStatus::Completed,
+                });
+            }
+            Err(e) => {
+                log::error!("migration failed: {e}");
+                self.fail_migration(&e.to_string(), out.guest_was_running);
+            }
+        }
+    }
+
+    /// Records a failed migration and resumes the guest if it was running before.
+    pub(super) fn fail_migration(&mut self, reason: &str, guest_was_running: bool) {
+        self.migration.status = MigrationStatus::Failed;
+        self.migration.error = Some(reason.to_string());
+        self.migration.total_time_ms = Some(self.migration.elapsed_ms());
+        self.emit(&EventKind::Migration {
+            status: MigrationStatus::Failed,
+        });
+        if guest_was_running {
+            self.set_running();
+        } else if self.machine.is_some() {
+            self.run_state = RunState::Paused;
+        }
+    }
+
+    pub(super) fn query_migrate(&self) -> MigrationInfo {
+        let r = &self.migration;
+        if r.status == MigrationStatus::None {
+            return MigrationInfo::default();
+        }
+        let ram = r.ram.as_ref().map(|p| p.stats(r.elapsed_ms()));
+        MigrationInfo {
+            status: Some(r.status),
+            ram,
+            total_time: Some(r.elapsed_ms() as i64),
+            expected_downtime: None,
+            downtime: r.downtime_ms.map(|d| d as i64),
+            setup_time: Some(r.setup_time_ms as i64),
+            cpu_throttle_percentage: None,
+            error_desc: r.error.clone(),
+            blocked_reasons: None,
+            x_cpr: r.cpr.clone(),
+        }
+    }
+
+    pub(super) fn migrate_incoming(&mut self, args: &MigrateIncomingArgs) -> Result<(), QmpError> {
+        if self.config.incoming != Some(IncomingSpec::Defer) {
+            return Err(QmpError::generic(
+                "'-incoming' was not specified on the command line",
+            ));
+        }
+        if self.run_state != RunState::Inmigrate || self.machine.is_some() {
+            return Err(QmpError::generic(
+                "The incoming migration has already been started",
+            ));
+        }
+        let path = match args.address()? {
+            MigrationAddress::File(f) if f.offset == 0 => PathBuf::from(f.filename),
+            _ => {
+                return Err(QmpError::generic(
+                    "migrate-incoming supports only file:PATH sources",
+                ));
+            }
+        };
+        self.emit(&EventKind::Migration {
+            status: MigrationStatus::Active,
+        });
+        let result = self.incoming_from_file(&path);
+        let status = if result.is_ok() {
+            MigrationStatus::Completed
+        } else {
+            MigrationStatus::Failed
+        };
+        self.emit(&EventKind::Migration { status });
+        result.map_err(|e| {
+            log::error!("incoming migration failed: {e}");
+            QmpError::generic(e.to_string())
+        })
+    }
+}
+
+impl RamProgress {
+    /// `query-migrate`'s `ram` member.
+    fn stats(&self, elapsed_ms: u64) -> MigrationStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let transferred = self.transferred.load(Relaxed);
+        let mbps = if elapsed_ms > 0 {
+            transferred as f64 * 8.0 / 1e6 / (elapsed_ms as f64 / 1000.0)
+        } else {
+            0.0
+        };
+        MigrationStats {
+            transferred: transferred as i64,
+            remaining: self.remaining.load(Relaxed) as i64,
+            total: self.total.load(Relaxed) as i64,
+            duplicate: self.duplicate_pages.load(Relaxed) as i64,
+            normal: self.normal_pages.load(Relaxed) as i64,
+            normal_bytes: (self.normal_pages.load(Relaxed) * 4096) as i64,
+            dirty_pages_rate: 0,
+            mbps,
+            dirty_sync_count: 1,
+            postcopy_requests: 0,
+            page_size: 4096,
+            multifd_bytes: 0,
+            pages_per_second: 0,
+            precopy_bytes: transferred,
+            downtime_bytes: 0,
+            postcopy_bytes: 0,
+            dirty_sync_missed_zero_copy: 0,
+        }
+    }
+}
