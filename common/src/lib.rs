@@ -12,6 +12,7 @@
 //! - [`fds`]: fd hygiene (close-on-exec) and the checks that an inherited fd is the memfd it
 //!   claims to be;
 //! - [`state_file`]: the machine state file's magic, versions and section ids;
+//! - [`transfer`]: the cpr-transfer wire protocol between two running VMMs;
 //! - [`timing`]: the clock every process uses for blackout accounting.
 //!
 //! This crate knows nothing about KVM.
@@ -23,3 +24,4 @@ pub mod exec;
 pub mod fds;
 pub mod state_file;
 pub mod timing;
+pub mod transfer;

@@ -113,7 +113,9 @@ pub struct Args {
     #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
     pub machine: Vec<String>,
 
-    /// Restore instead of booting: file:PATH, or defer (wait for QMP migrate-incoming).
+    /// Restore instead of booting: file:PATH, unix:PATH (a cpr-transfer main channel), or defer
+    /// (wait for QMP migrate-incoming); a second -incoming gives the cpr-transfer CPR channel:
+    /// cpr,addr.transport=socket,addr.type=unix,addr.path=PATH or the same as JSON.
     #[arg(long, value_name = "SPEC", action = ArgAction::Append)]
     pub incoming: Vec<String>,
 
@@ -187,7 +189,9 @@ pub enum CliError {
     Qmp(String),
     #[error("invalid -machine option '{0}': supported is aux-ram-share=on|off")]
     Machine(String),
-    #[error("invalid -incoming '{0}': use file:PATH or defer")]
+    #[error(
+        "invalid -incoming '{0}': use file:PATH, unix:PATH, defer, or a channel such as cpr,addr.transport=socket,addr.type=unix,addr.path=PATH"
+    )]
     Incoming(String),
     #[error("{0}")]
     Conflict(String),
@@ -219,6 +223,8 @@ pub struct QmpSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IncomingSpec {
     File(PathBuf),
+    /// cpr-transfer's main channel: listen here for the old VMM.
+    Unix(PathBuf),
     Defer,
 }
 
@@ -241,6 +247,8 @@ pub struct Config {
     pub serial: SerialSpec,
     pub qmp: Option<QmpSpec>,
     pub incoming: Option<IncomingSpec>,
+    /// cpr-transfer: where the old VMM hands over guest RAM.
+    pub cpr_channel: Option<PathBuf>,
     pub cpr_test_fault: Option<CprTestFault>,
     /// The argv this process was started with (for the rollback fallback).
     pub argv: Vec<String>,
@@ -282,16 +290,7 @@ impl Config {
         for opts in &args.machine {
             parse_machine(opts)?;
         }
-        let incoming = match args.incoming.as_slice() {
-            [] => None,
-            [one] => Some(parse_incoming(one)?),
-            more => {
-                return Err(CliError::Conflict(format!(
-                    "-incoming given {} times; give it once",
-                    more.len()
-                )));
-            }
-        };
+        let (incoming, cpr_channel) = parse_incoming_channels(&args.incoming)?;
         Ok(Config {
             ram_size,
             prealloc: args.prealloc,
@@ -301,6 +300,7 @@ impl Config {
             serial,
             qmp,
             incoming,
+            cpr_channel,
             cpr_test_fault: args.cpr_test_fault,
             argv,
         })
@@ -467,13 +467,113 @@ fn parse_machine(spec: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn parse_incoming(spec: &str) -> Result<IncomingSpec, CliError> {
-    if spec == "defer" {
-        return Ok(IncomingSpec::Defer);
+/// One `-incoming` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum IncomingChannel {
+    Main(IncomingSpec),
+    Cpr(PathBuf),
+}
+
+/// All `-incoming` values: at most one main channel and one CPR channel (QEMU's rules).
+fn parse_incoming_channels(
+    specs: &[String],
+) -> Result<(Option<IncomingSpec>, Option<PathBuf>), CliError> {
+    let mut main = None;
+    let mut cpr = None;
+    for spec in specs {
+        match parse_incoming_channel(spec)? {
+            IncomingChannel::Main(m) if main.is_none() => main = Some(m),
+            IncomingChannel::Cpr(p) if cpr.is_none() => cpr = Some(p),
+            _ => {
+                return Err(CliError::Conflict(format!(
+                    "-incoming {spec}: that channel was already given; give one main and at most one cpr channel"
+                )));
+            }
+        }
     }
-    match spec.strip_prefix("file:") {
-        Some(path) if !path.is_empty() => Ok(IncomingSpec::File(PathBuf::from(path))),
-        _ => Err(CliError::Incoming(spec.to_string())),
+    match (&main, &cpr) {
+        (None, Some(_)) => Err(CliError::Conflict(
+            "a cpr channel needs a main channel too: add -incoming unix:PATH or -incoming defer"
+                .into(),
+        )),
+        (Some(IncomingSpec::File(_)), Some(_)) => Err(CliError::Conflict(
+            "cpr-transfer sends machine state over a socket: use -incoming unix:PATH or defer as the main channel, not file:"
+                .into(),
+        )),
+        _ => Ok((main, cpr)),
+    }
+}
+
+/// A URI (`file:PATH`, `unix:PATH`, `defer`), a keyval channel
+/// (`cpr,addr.transport=socket,addr.type=unix,addr.path=PATH`) or a JSON channel
+/// (`{"channel-type":"cpr","addr":{...}}`).
+fn parse_incoming_channel(spec: &str) -> Result<IncomingChannel, CliError> {
+    let err = || CliError::Incoming(spec.to_string());
+    if spec.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(spec).map_err(|_| err())?;
+        let kind = v["channel-type"].as_str().ok_or_else(err)?;
+        let addr = &v["addr"];
+        let fields: Vec<(String, String)> = addr
+            .as_object()
+            .ok_or_else(err)?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+            .collect();
+        return channel_from_fields(kind, &fields).ok_or_else(err);
+    }
+    if spec == "defer" {
+        return Ok(IncomingChannel::Main(IncomingSpec::Defer));
+    }
+    if let Some(path) = spec.strip_prefix("file:").filter(|p| !p.is_empty()) {
+        return Ok(IncomingChannel::Main(IncomingSpec::File(PathBuf::from(
+            path,
+        ))));
+    }
+    if let Some(path) = spec.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+        return Ok(IncomingChannel::Main(IncomingSpec::Unix(PathBuf::from(
+            path,
+        ))));
+    }
+    // keyval: the first bare word is the channel type.
+    let mut kind = None;
+    let mut fields = Vec::new();
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("channel-type", v)) => kind = Some(v.to_string()),
+            Some((k, v)) => {
+                let k = k.strip_prefix("addr.").ok_or_else(err)?;
+                fields.push((k.to_string(), v.to_string()));
+            }
+            None if kind.is_none() => kind = Some(part.to_string()),
+            None => return Err(err()),
+        }
+    }
+    channel_from_fields(&kind.ok_or_else(err)?, &fields).ok_or_else(err)
+}
+
+fn channel_from_fields(kind: &str, fields: &[(String, String)]) -> Option<IncomingChannel> {
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let known = ["transport", "type", "path", "filename", "offset"];
+    if fields.iter().any(|(k, _)| !known.contains(&k.as_str())) {
+        return None;
+    }
+    let unix_path = match (get("transport")?, get("type")) {
+        ("socket", Some("unix")) => Some(PathBuf::from(get("path").filter(|p| !p.is_empty())?)),
+        ("file", None) => None,
+        _ => return None,
+    };
+    match (kind, unix_path) {
+        ("cpr", Some(p)) => Some(IncomingChannel::Cpr(p)),
+        ("main", Some(p)) => Some(IncomingChannel::Main(IncomingSpec::Unix(p))),
+        ("main", None) if get("offset").unwrap_or("0") == "0" => Some(IncomingChannel::Main(
+            IncomingSpec::File(PathBuf::from(get("filename").filter(|f| !f.is_empty())?)),
+        )),
+        _ => None,
     }
 }
 
@@ -569,6 +669,62 @@ mod tests {
         assert_eq!((g.tick_hz, g.exit_after_ticks, g.exit_code), (50, 3, 7));
         assert!(parse_guest("heartbeat,hz=0").is_err());
         assert!(parse_guest("heartbeat,volume=11").is_err());
+    }
+
+    #[test]
+    fn cpr_transfer_channels_in_every_spelling() {
+        let c = parse(&[
+            "-incoming",
+            "unix:/run/main.sock",
+            "-incoming",
+            "cpr,addr.transport=socket,addr.type=unix,addr.path=/run/cpr.sock",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.incoming,
+            Some(IncomingSpec::Unix("/run/main.sock".into()))
+        );
+        assert_eq!(c.cpr_channel, Some(PathBuf::from("/run/cpr.sock")));
+        let c = parse(&[
+            "-incoming",
+            "defer",
+            "-incoming",
+            r#"{"channel-type":"cpr","addr":{"transport":"socket","type":"unix","path":"/run/c"}}"#,
+        ])
+        .unwrap();
+        assert_eq!(c.incoming, Some(IncomingSpec::Defer));
+        assert_eq!(c.cpr_channel, Some(PathBuf::from("/run/c")));
+        let c = parse(&[
+            "-incoming",
+            "main,addr.transport=socket,addr.type=unix,addr.path=/run/m",
+        ])
+        .unwrap();
+        assert_eq!(c.incoming, Some(IncomingSpec::Unix("/run/m".into())));
+        for bad in [
+            vec![
+                "-incoming",
+                "cpr,addr.transport=socket,addr.type=unix,addr.path=/c",
+            ],
+            vec!["-incoming", "defer", "-incoming", "defer"],
+            vec![
+                "-incoming",
+                "file:/s",
+                "-incoming",
+                "cpr,addr.transport=socket,addr.type=unix,addr.path=/c",
+            ],
+            vec![
+                "-incoming",
+                "cpr,addr.transport=socket,addr.type=tcp,addr.path=/c",
+            ],
+            vec![
+                "-incoming",
+                "cpr,addr.transport=socket,addr.type=unix,addr.bogus=1",
+            ],
+            vec!["-incoming", r#"{"channel-type":"cpr"}"#],
+            vec!["-incoming", "tcp:0:4444"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -85,7 +85,18 @@ fn main() -> ExitCode {
     if let Some(i) = &mut incoming {
         i.phases.mark("read CPR state and check fds");
     }
-    match control::run(config, incoming) {
+    // cpr-transfer: the CPR channel comes before any memory or the monitor exist.
+    let transfer = match (&config.cpr_channel, &incoming) {
+        (Some(path), None) => match migration::cpr_transfer::accept_cpr(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("vmm: incoming cpr-transfer failed: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => None,
+    };
+    match control::run(config, incoming, transfer) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vmm: {e}");

@@ -7,7 +7,7 @@
 
 mod migrate;
 
-use migrate::{OutgoingSave, PendingExec};
+use migrate::{OutgoingSave, PendingExec, TransferIn, TransferOut};
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -31,9 +31,10 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::cli::{Config, CprTestFault, IncomingSpec};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
-use crate::machine::{Machine, MachineError, Source};
+use crate::machine::{Machine, MachineError, PreparedMachine, Source};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::cpr_exec::{self, CprExecError, ExecInputs, Incoming, PreparedExec};
+use crate::migration::cpr_transfer::IncomingTransfer;
 use crate::migration::format::{
     RamContents, RamProgress, SavedRun, StateFile, StateFileError, write_state_file,
 };
@@ -65,6 +66,8 @@ const T_CONSOLE_LISTENER: u64 = 5;
 const T_CONSOLE_INPUT: u64 = 6;
 const T_MIGRATION_DONE: u64 = 7;
 const T_CHILD: u64 = 8;
+const T_TRANSFER_LISTEN: u64 = 9;
+const T_TRANSFER: u64 = 10;
 /// Client tokens are this plus the client id.
 const T_QMP_CLIENT: u64 = 1 << 32;
 /// Clients are edge-triggered: read until EAGAIN, write until EAGAIN.
@@ -93,6 +96,8 @@ pub enum StartError {
     Setup(std::io::Error),
     #[error(transparent)]
     Cpr(#[from] CprExecError),
+    #[error(transparent)]
+    Transfer(#[from] crate::migration::cpr_transfer::CprTransferError),
     #[error("live update failed and the guest could not be recovered: {0}")]
     RollbackFailed(String),
     #[error("the new VMM failed before resuming the guest (--cpr-test-fault exit-before-resume)")]
@@ -112,7 +117,11 @@ pub enum IncomingError {
 
 /// Starts the VMM described by `config` and runs it until it ends; returns the exit status.
 /// `incoming` is a live update in progress (this process was exec'd by the previous VMM).
-pub fn run(config: Config, incoming: Option<Incoming>) -> Result<u8, StartError> {
+pub fn run(
+    config: Config,
+    incoming: Option<Incoming>,
+    transfer: Option<IncomingTransfer>,
+) -> Result<u8, StartError> {
     crate::vcpu::install_kick_handler()
         .map_err(|e| StartError::Setup(std::io::Error::from_raw_os_error(e.errno())))?;
     // A client that disconnects mid-reply must not kill the VMM.
@@ -120,7 +129,7 @@ pub fn run(config: Config, incoming: Option<Incoming>) -> Result<u8, StartError>
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let Some(mut incoming) = incoming else {
         let mut vmm = Vmm::new(config, None)?;
-        if let Err(e) = vmm.start() {
+        if let Err(e) = vmm.start(transfer) {
             vmm.remove_socket_files();
             return Err(e);
         }
@@ -164,6 +173,14 @@ struct Vmm {
     migration: MigrationRecord,
     outgoing: Option<OutgoingSave>,
     pending_exec: Option<PendingExec>,
+    /// cpr-transfer, new side: the VM built over the received RAM, waiting for its state.
+    prepared: Option<PreparedMachine>,
+    transfer_in: Option<TransferIn>,
+    /// cpr-transfer, old side: where the hand-over is.
+    transfer_out: Option<TransferOut>,
+    /// cpr-transfer, new side: what came over the cpr channel (its connection is closed to say
+    /// the main channel is listening).
+    incoming_transfer: Option<IncomingTransfer>,
     migration_done: Arc<EventFd>,
     pending_input: VecDeque<u8>,
     exit_code: Option<u8>,
@@ -234,6 +251,10 @@ impl Vmm {
             migration: MigrationRecord::default(),
             outgoing: None,
             pending_exec: None,
+            prepared: None,
+            transfer_in: None,
+            transfer_out: None,
+            incoming_transfer: None,
             migration_done,
             pending_input: VecDeque::new(),
             exit_code: None,
@@ -270,8 +291,11 @@ impl Vmm {
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
-    fn start(&mut self) -> Result<(), StartError> {
+    fn start(&mut self, transfer: Option<IncomingTransfer>) -> Result<(), StartError> {
         self.sync_console_fds();
+        if let Some(t) = transfer {
+            return self.start_transfer_incoming(t);
+        }
         match self.config.incoming.clone() {
             None => {
                 let ram = GuestRam::create(
@@ -298,6 +322,12 @@ impl Vmm {
             Some(IncomingSpec::Defer) => {
                 self.run_state = RunState::Inmigrate;
                 log::info!("waiting for migrate-incoming");
+            }
+            Some(IncomingSpec::Unix(path)) => {
+                return Err(StartError::Setup(std::io::Error::other(format!(
+                    "-incoming unix:{} is a cpr-transfer main channel: also give the cpr channel (-incoming cpr,addr.transport=socket,addr.type=unix,addr.path=PATH)",
+                    path.display()
+                ))));
             }
         }
         Ok(())
@@ -351,7 +381,8 @@ impl Vmm {
     fn event_loop(&mut self) -> u8 {
         let mut events = vec![EpollEvent::default(); 64];
         while self.exit_code.is_none() {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout_ms = self.transfer_timeout_ms();
+            let n = match self.epoll.wait(timeout_ms, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -359,6 +390,9 @@ impl Vmm {
                     return 1;
                 }
             };
+            if n == 0 {
+                self.check_transfer_deadline();
+            }
             for ev in &events[..n] {
                 self.dispatch(ev.data(), ev.event_set());
                 if self.exit_code.is_some() {
@@ -397,6 +431,8 @@ impl Vmm {
                 reap_children();
             }
             T_VCPU_EVENTS => self.handle_vcpu_events(),
+            T_TRANSFER_LISTEN => self.accept_transfer_main(),
+            T_TRANSFER => self.poll_transfer(),
             T_INPUT_DRAINED => {
                 if let Some(m) = &self.machine {
                     let _ = m.wakers().input_drained.read();
@@ -635,10 +671,13 @@ impl Vmm {
             Command::QueryCommands => to_value(&query_commands()),
             Command::MigrateSetParameters(p) => {
                 if let Some(mode) = p.mode
-                    && !matches!(mode, MigMode::Normal | MigMode::CprExec)
+                    && !matches!(
+                        mode,
+                        MigMode::Normal | MigMode::CprExec | MigMode::CprTransfer
+                    )
                 {
                     return Err(QmpError::generic(format!(
-                        "migration mode '{}' is not supported by this VMM; supported: normal, cpr-exec",
+                        "migration mode '{}' is not supported by this VMM; supported: normal, cpr-exec, cpr-transfer",
                         mode.as_str()
                     )));
                 }

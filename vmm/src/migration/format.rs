@@ -33,7 +33,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cpr_common::container::{
-    ContainerError, ContainerReader, ContainerWriter, write_file_atomically,
+    ContainerError, ContainerReader, ContainerWriter, ReadAt, write_file_atomically,
 };
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -132,34 +132,49 @@ pub fn write_state_file(
     ram: RamContents<'_>,
 ) -> Result<u64, StateFileError> {
     let p = path.display().to_string();
-    let fmt_err = |source| StateFileError::Format {
-        path: p.clone(),
-        source,
-    };
     let io_err = |source| StateFileError::Write {
         path: p.clone(),
         source,
     };
     write_file_atomically(path, io_err, |out| {
-        let mut w = ContainerWriter::new(out, &STATE_FILE_FORMAT).map_err(&io_err)?;
-        w.write_section(SECTION_RUN, run).map_err(fmt_err)?;
-        w.write_section(SECTION_DESCRIPTION, &state.description)
-            .map_err(fmt_err)?;
-        w.write_section(SECTION_VCPUS, &state.vcpus)
-            .map_err(fmt_err)?;
-        w.write_section(SECTION_VM, &state.vm).map_err(fmt_err)?;
-        w.write_section(SECTION_DEVICES, &state.devices)
-            .map_err(fmt_err)?;
-        if let RamContents::Pages(ram, progress) = ram {
-            let mut stream = w.stream_section(SECTION_RAM);
-            write_ram_pages(&mut stream, ram, progress).map_err(&io_err)?;
-            stream.finish();
-        }
-        let out = w.finish().map_err(&io_err)?;
-        out.flush().map_err(&io_err)?;
-        let size = out.get_ref().metadata().map_err(&io_err)?.len();
-        Ok(size)
+        let out = encode_state(out, state, run, ram, &p)?;
+        out.flush().map_err(io_err)?;
+        out.get_ref().metadata().map(|m| m.len()).map_err(io_err)
     })
+}
+
+/// Writes the state-file bytes for `state` to `out` (a file, or a buffer sent over a socket).
+/// `label` names the destination in errors.
+pub fn encode_state<W: Write>(
+    out: W,
+    state: &MachineState,
+    run: &SavedRun,
+    ram: RamContents<'_>,
+    label: &str,
+) -> Result<W, StateFileError> {
+    let fmt_err = |source| StateFileError::Format {
+        path: label.to_string(),
+        source,
+    };
+    let io_err = |source| StateFileError::Write {
+        path: label.to_string(),
+        source,
+    };
+    let mut w = ContainerWriter::new(out, &STATE_FILE_FORMAT).map_err(io_err)?;
+    w.write_section(SECTION_RUN, run).map_err(fmt_err)?;
+    w.write_section(SECTION_DESCRIPTION, &state.description)
+        .map_err(fmt_err)?;
+    w.write_section(SECTION_VCPUS, &state.vcpus)
+        .map_err(fmt_err)?;
+    w.write_section(SECTION_VM, &state.vm).map_err(fmt_err)?;
+    w.write_section(SECTION_DEVICES, &state.devices)
+        .map_err(fmt_err)?;
+    if let RamContents::Pages(ram, progress) = ram {
+        let mut stream = w.stream_section(SECTION_RAM);
+        write_ram_pages(&mut stream, ram, progress).map_err(io_err)?;
+        stream.finish();
+    }
+    w.finish().map_err(io_err)
 }
 
 fn is_zero_page(page: &[u8]) -> bool {
@@ -242,25 +257,39 @@ fn write_chunk_runs(
 }
 
 /// A state file whose header, table and every non-RAM section have been validated and decoded.
-pub struct StateFile {
+pub struct StateFile<R: ReadAt = File> {
     path: String,
-    reader: ContainerReader<File>,
+    reader: ContainerReader<R>,
     pub run: SavedRun,
     pub state: MachineState,
 }
 
-impl StateFile {
+impl StateFile<File> {
     pub fn open(path: &Path) -> Result<Self, StateFileError> {
         let p = path.display().to_string();
         let file = File::open(path).map_err(|source| StateFileError::Open {
             path: p.clone(),
             source,
         })?;
+        Self::read(file, p)
+    }
+}
+
+impl StateFile<Vec<u8>> {
+    /// A state received as bytes (cpr-transfer's STATE message); `label` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, label: &str) -> Result<Self, StateFileError> {
+        Self::read(bytes, label.to_string())
+    }
+}
+
+impl<R: ReadAt> StateFile<R> {
+    /// Validates header, table and every non-RAM section, and decodes them.
+    fn read(src: R, p: String) -> Result<Self, StateFileError> {
         let fmt_err = |source| StateFileError::Format {
             path: p.clone(),
             source,
         };
-        let reader = ContainerReader::open(file, &STATE_FILE_FORMAT).map_err(fmt_err)?;
+        let reader = ContainerReader::open(src, &STATE_FILE_FORMAT).map_err(fmt_err)?;
         let run: SavedRun = reader.read_section(SECTION_RUN).map_err(fmt_err)?;
         let state = MachineState {
             description: reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?,

@@ -3,9 +3,13 @@
 //!
 //! - [`normal`]: stop, write state and every non-zero RAM page to a file; restore in a new
 //!   process (the O(RAM) baseline);
-//! - `cpr-exec` (later): stop, write state without RAM, keep RAM memfds open across exec.
+//! - [`cpr_exec`]: stop, write state without RAM, keep RAM memfds open across an exec of the
+//!   new VMM in the same process;
+//! - [`cpr_transfer`]: pass RAM memfds to a separately started VMM over a UNIX socket, then
+//!   stream the state.
 
 pub mod cpr_exec;
+pub mod cpr_transfer;
 pub mod format;
 pub mod normal;
 pub mod state;
