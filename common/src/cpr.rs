@@ -58,6 +58,9 @@ pub enum FdKind {
     ConsoleFile,
     /// The previous VMM's executable, for rollback.
     FallbackExe,
+    /// A sealed memfd with a copy of the machine state file, for a rollback that finds the file
+    /// damaged.
+    StateCopy,
     /// Closing it lets the previous VMM's teardown helper free the old address space and KVM
     /// VM: the new VMM closes it once the guest runs, so that work stays out of the blackout.
     TeardownRelease,
@@ -67,7 +70,9 @@ impl FdKind {
     /// The file type an fd of this kind must have (None: any).
     pub fn file_type(self) -> Option<u32> {
         match self {
-            FdKind::GuestRam | FdKind::FallbackExe | FdKind::ConsoleFile => Some(libc::S_IFREG),
+            FdKind::GuestRam | FdKind::FallbackExe | FdKind::ConsoleFile | FdKind::StateCopy => {
+                Some(libc::S_IFREG)
+            }
             FdKind::QmpListener
             | FdKind::QmpClient { .. }
             | FdKind::ConsoleListener

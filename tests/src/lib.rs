@@ -31,10 +31,12 @@
 //! ```
 
 pub mod binaries;
+pub mod cpr;
 pub mod heartbeat;
 pub mod memcheck;
 pub mod process;
 pub mod procfs;
+pub mod qemu_bench;
 pub mod qmp;
 pub mod tempdir;
 

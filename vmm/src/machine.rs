@@ -151,8 +151,12 @@ impl Machine {
         console: ConsoleOutput,
     ) -> Result<PreparedMachine, MachineError> {
         let kvm = Kvm::new().map_err(MachineError::KvmOpen)?;
-        let vcpu_events = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
-        let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
+        let vcpu_events = Arc::new(
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MachineError::EventFd)?,
+        );
+        let input_drained = Arc::new(
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MachineError::EventFd)?,
+        );
         let (events, rx) = EventSink::new(vcpu_events.clone());
         let (vm, serial_irq) = create_vm(&kvm, &ram)?;
         let vcpu_fds = create_vcpu_fds(&vm, vcpu_count)?;
@@ -452,7 +456,7 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<(VmFd, EventFd), MachineError>
         ..Default::default()
     })
     .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+    let irq = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MachineError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
     Ok((vm, irq))

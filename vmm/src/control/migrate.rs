@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::migration::cpr_transfer;
-use crate::migration::format::encode_state;
+use crate::migration::format::{encode_state, write_state_bytes};
 use crate::qmp::protocol::{MigrationTargets, SocketAddress};
 use cpr_common::transfer::{self, FrameReader, Kind, TransferError};
 
@@ -666,8 +666,10 @@ impl Vmm {
                 saved_by_version: crate::version_string(),
                 saved_at_unix_ns: cpr_common::timing::realtime_ns(),
             };
-            write_state_file(&state_file, &state, &run, RamContents::Preserved)
+            let label = state_file.display().to_string();
+            let bytes = encode_state(Vec::new(), &state, &run, RamContents::Preserved, &label)
                 .map_err(|e| e.to_string())?;
+            write_state_bytes(&state_file, &bytes).map_err(|e| e.to_string())?;
             phases.mark("write state file");
             let mut other_fds = self
                 .monitor
@@ -685,6 +687,7 @@ impl Vmm {
             cpr_exec::prepare_exec(ExecInputs {
                 command: &command,
                 state_file: &state_file,
+                state_bytes: &bytes,
                 guest_was_running,
                 stopped_at_ns: stopped_at,
                 phases,
@@ -742,7 +745,25 @@ impl Vmm {
         self.sync_console_fds();
         self.run_state = RunState::Inmigrate;
         let path = PathBuf::from(&incoming.state.state_file);
-        let file = StateFile::open(&path).map_err(IncomingError::from)?;
+        let label = path.display().to_string();
+        let loaded = std::fs::read(&path)
+            .map_err(|source| StateFileError::Open {
+                path: label.clone(),
+                source,
+            })
+            .and_then(|bytes| StateFile::from_bytes(bytes, &label));
+        let file = match loaded {
+            Ok(f) => f,
+            // A rollback is the last chance for the guest: if the file went bad, use the copy
+            // the old VMM kept in a sealed memfd.
+            Err(e) if matches!(incoming.state.attempt, Attempt::Rollback { .. }) => {
+                log::warn!("{e}; restoring from the copy kept across the exec");
+                let bytes = incoming.state_copy().ok_or(IncomingError::File(e))?;
+                StateFile::from_bytes(bytes, "the kept copy of the state file")
+                    .map_err(IncomingError::from)?
+            }
+            Err(e) => return Err(IncomingError::from(e).into()),
+        };
         file.check_machine(&self.described_machine())
             .map_err(IncomingError::from)?;
         incoming.phases.mark("read state file");

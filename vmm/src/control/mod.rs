@@ -35,9 +35,7 @@ use crate::machine::{Machine, MachineError, PreparedMachine, Source};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::cpr_exec::{self, CprExecError, ExecInputs, Incoming, PreparedExec};
 use crate::migration::cpr_transfer::IncomingTransfer;
-use crate::migration::format::{
-    RamContents, RamProgress, SavedRun, StateFile, StateFileError, write_state_file,
-};
+use crate::migration::format::{RamContents, RamProgress, SavedRun, StateFile, StateFileError};
 use crate::migration::normal::{self, IncomingRamError};
 use crate::migration::state::{GuestKind, MachineDescription};
 use crate::migration::{MigMode, MigrationRecord, MigrationStatus};
@@ -234,7 +232,8 @@ impl Vmm {
         let console = Console::open(&config.serial, |kind, name| {
             incoming.as_deref_mut().and_then(|i| i.take_fd(kind, name))
         })?;
-        let migration_done = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(StartError::Setup)?);
+        let migration_done =
+            Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(StartError::Setup)?);
         let vmm = Vmm {
             config,
             epoll,

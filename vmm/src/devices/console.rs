@@ -160,7 +160,8 @@ impl Console {
                 };
                 set_nonblocking(l.as_raw_fd());
                 listener = Some(l);
-                let client = inherited(FdKind::ConsoleClient, &name).map(UnixStream::from);
+                let client =
+                    inherited(FdKind::ConsoleClient, &client_name(&name)).map(UnixStream::from);
                 if let Some(c) = &client {
                     prepare_client(c);
                 }
@@ -283,11 +284,20 @@ impl Console {
         }
         match &*lock(&self.sink) {
             Sink::File(f) => out.push((FdKind::ConsoleFile, name, f.as_raw_fd())),
-            Sink::Socket(Some(c)) => out.push((FdKind::ConsoleClient, name, c.as_fd().as_raw_fd())),
+            Sink::Socket(Some(c)) => out.push((
+                FdKind::ConsoleClient,
+                client_name(&name),
+                c.as_fd().as_raw_fd(),
+            )),
             _ => {}
         }
         out
     }
+}
+
+/// The connected client is preserved under its own name, beside the listener.
+fn client_name(spec_name: &str) -> String {
+    format!("{spec_name}#client")
 }
 
 /// The name under which this console's fds are preserved: the spec itself, so that a

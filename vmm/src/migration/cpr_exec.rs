@@ -83,6 +83,10 @@ pub enum CprExecError {
     },
     #[error("mapping inherited RAM: {0}")]
     Memory(#[from] MemoryError),
+    #[error("two preserved fds are both named '{0}'")]
+    DuplicateName(String),
+    #[error("keeping a copy of the state for rollback: {0}")]
+    StateCopy(String),
 }
 
 /// Refuses cpr-exec when any RAM region is not a sealed memfd that can be inherited.
@@ -131,12 +135,15 @@ pub struct PreparedExec {
     plan: ExecPlan,
     channel: OwnedFd,
     own_exe: OwnedFd,
+    _state_copy: OwnedFd,
 }
 
 /// Inputs for the CPR state, gathered by the caller from the machine, monitor and console.
 pub struct ExecInputs<'a> {
     pub command: &'a [String],
     pub state_file: &'a Path,
+    /// The state file's bytes; a sealed copy crosses the exec for the rollback.
+    pub state_bytes: &'a [u8],
     pub guest_was_running: bool,
     pub stopped_at_ns: u64,
     pub phases: PhaseLog,
@@ -170,6 +177,17 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
         "fallback-exe",
         FdKind::FallbackExe,
     )?);
+    let state_copy = sealed_copy(STATE_COPY_NAME, inputs.state_bytes)?;
+    preserved.push(describe(
+        state_copy.as_raw_fd(),
+        STATE_COPY_NAME,
+        FdKind::StateCopy,
+    )?);
+    for (i, rec) in preserved.iter().enumerate() {
+        if preserved[..i].iter().any(|other| other.name == rec.name) {
+            return Err(CprExecError::DuplicateName(rec.name.clone()));
+        }
+    }
     let state = CprState {
         update_id: inputs.stopped_at_ns ^ u64::from(std::process::id()),
         attempt: Attempt::Update,
@@ -211,7 +229,32 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
         plan,
         channel,
         own_exe,
+        _state_copy: state_copy,
     })
+}
+
+/// The name of the sealed memfd holding a copy of the state file, for a rollback that finds the
+/// file damaged.
+pub const STATE_COPY_NAME: &str = "cpr-state-file-copy";
+
+/// A memfd holding `bytes`, sealed against any change.
+fn sealed_copy(name: &str, bytes: &[u8]) -> Result<OwnedFd, CprExecError> {
+    let err = |e: std::io::Error| CprExecError::StateCopy(e.to_string());
+    let memfd = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .close_on_exec(true)
+        .create(name)
+        .map_err(|e| CprExecError::StateCopy(e.to_string()))?;
+    std::io::Write::write_all(&mut memfd.as_file(), bytes).map_err(err)?;
+    memfd
+        .add_seals(&[
+            memfd::FileSeal::SealWrite,
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealSeal,
+        ])
+        .map_err(|e| CprExecError::StateCopy(e.to_string()))?;
+    Ok(OwnedFd::from(memfd.into_file()))
 }
 
 fn describe(fd: RawFd, name: &str, kind: FdKind) -> Result<PreservedFd, CprExecError> {
@@ -458,6 +501,16 @@ impl Incoming {
         let dup = original.try_clone().ok()?;
         *taken = true;
         Some(dup)
+    }
+
+    /// The copy of the state file the old VMM kept (for a rollback whose file is damaged).
+    pub fn state_copy(&mut self) -> Option<Vec<u8>> {
+        let file = File::from(self.take_fd(FdKind::StateCopy, STATE_COPY_NAME)?);
+        // Positioned reads: the fd shares its offset with the writer's, which is at the end.
+        let len = file.metadata().ok()?.len();
+        let mut bytes = vec![0u8; usize::try_from(len).ok()?];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0).ok()?;
+        Some(bytes)
     }
 
     /// Duplicates of every inherited fd whose kind matches `pred`, in fd order.

@@ -143,6 +143,16 @@ pub fn write_state_file(
     })
 }
 
+/// Writes already-encoded state-file bytes to `path` atomically (see [`write_state_file`]).
+pub fn write_state_bytes(path: &Path, bytes: &[u8]) -> Result<(), StateFileError> {
+    let p = path.display().to_string();
+    let io_err = |source| StateFileError::Write {
+        path: p.clone(),
+        source,
+    };
+    write_file_atomically(path, io_err, |out| out.write_all(bytes).map_err(io_err))
+}
+
 /// Writes the state-file bytes for `state` to `out` (a file, or a buffer sent over a socket).
 /// `label` names the destination in errors.
 pub fn encode_state<W: Write>(

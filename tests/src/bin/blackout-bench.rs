@@ -1,0 +1,586 @@
+//! blackout-bench: how long the guest is stopped by a live update, at several RAM sizes.
+//!
+//! ```text
+//! cargo run --release -p cpr-tests --bin blackout-bench -- [--sizes 256M,1G,4G,16G]
+//!     [--updates 20] [--qemu-reps 10] [--no-qemu] [--hugepages] [--json FILE]
+//! ```
+//!
+//! For each size, with guest RAM pre-faulted (`--prealloc`) and the `memcheck` guest sweeping:
+//! - cpr-exec through `cpr-shim`, `--updates` times: blackout from the VMM's own figure (old VMM
+//!   stops the vCPUs → new VMM resumes them) and from the STOP/RESUME event timestamps, min,
+//!   median, p99, and the median of every phase;
+//! - the guest's first full memcheck sweep after each update against steady-state sweeps (the
+//!   cost of rebuilding page tables lazily);
+//! - normal `migrate` to a file plus `-incoming` restore of the same VM (copy-everything);
+//! - QEMU's cpr-transfer and cpr-exec pauses for the same size, when `scripts/bench-setup.sh`
+//!   has installed them (see `cpr_tests::qemu_bench`).
+//!
+//! Prints a table and writes JSON (default `target/bench/blackout-<unix time>.json`). Every
+//! figure is labelled with the machine it ran on; timings are reported, never asserted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cpr_tests::qemu_bench::{Measurement, QemuInstall, qemu_cpr_exec, qemu_cpr_transfer};
+use cpr_tests::{
+    QmpClient, TempDir, VmmProcess, build_binaries, event_timestamp, shim_bin, vmm_bin,
+};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+struct Options {
+    sizes_mib: Vec<u64>,
+    updates: usize,
+    qemu_reps: usize,
+    qemu: bool,
+    hugepages: bool,
+    json: Option<PathBuf>,
+}
+
+fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1024),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("bad size {s}: use e.g. 256M or 4G"))
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut o = Options {
+        sizes_mib: vec![256, 1024, 4096, 16384],
+        updates: 20,
+        qemu_reps: 10,
+        qemu: true,
+        hugepages: false,
+        json: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--sizes" => {
+                o.sizes_mib = value()?
+                    .split(',')
+                    .map(parse_size_mib)
+                    .collect::<Result<_, _>>()?
+            }
+            "--updates" => o.updates = value()?.parse().map_err(|_| "bad --updates")?,
+            "--qemu-reps" => o.qemu_reps = value()?.parse().map_err(|_| "bad --qemu-reps")?,
+            "--no-qemu" => o.qemu = false,
+            "--hugepages" => o.hugepages = true,
+            "--json" => o.json = Some(PathBuf::from(value()?)),
+            "--help" | "-h" => {
+                return Err(
+                    "usage: blackout-bench [--sizes 256M,1G,4G,16G] [--updates 20] \
+                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--json FILE]"
+                        .into(),
+                );
+            }
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(o)
+}
+
+/// min, median, p99 (nearest rank) of `v` (sorted here).
+fn summary(v: &[f64]) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = |p: f64| s[((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
+    json!({"min": s[0], "median": median(&s), "p99": rank(0.99), "max": s[s.len() - 1], "n": s.len()})
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// What this ran on, for every figure's label.
+fn machine_label() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map(|k| k / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm_pvm (software-assisted, shadow paging)"
+    } else if Path::new("/sys/module/kvm_intel").exists() {
+        "kvm_intel"
+    } else if Path::new("/sys/module/kvm_amd").exists() {
+        "kvm_amd"
+    } else {
+        "unknown"
+    };
+    json!({
+        "hostname": read("/proc/sys/kernel/hostname").trim(),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": (mem_gib * 10.0).round() / 10.0,
+        "kvm": kvm,
+        "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    })
+}
+
+/// A memcheck VM whose sweeps are timed from its serial output.
+struct SweepingVm {
+    vmm: VmmProcess,
+    qmp: QmpClient,
+    args: Vec<String>,
+    /// Number of sweeps ('B') seen so far and when the last one was seen.
+    sweeps_seen: usize,
+}
+
+impl SweepingVm {
+    fn start(
+        dir: &Path,
+        ram_mib: u64,
+        hugepages: bool,
+        incoming: Option<&str>,
+    ) -> Result<Self, String> {
+        let socket = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&socket);
+        let mut args: Vec<String> = vec![
+            "-m".into(),
+            format!("{ram_mib}M"),
+            "-smp".into(),
+            "1".into(),
+            "--guest".into(),
+            "memcheck".into(),
+            "--prealloc".into(),
+            "-name".into(),
+            "bench".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", socket.display()),
+        ];
+        if hugepages {
+            args.push("--hugepages".into());
+        }
+        let mut run_args = args.clone();
+        if let Some(inc) = incoming {
+            run_args.push("-incoming".into());
+            run_args.push(inc.into());
+        }
+        let vmm =
+            VmmProcess::start(vmm_bin(), &run_args).map_err(|e| format!("starting vmm: {e}"))?;
+        vmm.wait_for_path(&socket, WAIT)
+            .map_err(|e| e.to_string())?;
+        let mut qmp = QmpClient::connect_and_negotiate(&socket, WAIT).map_err(|e| e.to_string())?;
+        qmp.set_timeout(WAIT);
+        Ok(SweepingVm {
+            vmm,
+            qmp,
+            args,
+            sweeps_seen: 0,
+        })
+    }
+
+    fn sweeps(&self) -> usize {
+        self.vmm
+            .stdout_bytes()
+            .iter()
+            .filter(|b| **b == b'B')
+            .count()
+    }
+
+    /// Waits for the next completed sweep; returns when it was seen.
+    fn next_sweep(&mut self) -> Result<Instant, String> {
+        let target = self.sweeps_seen + 1;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n = self.sweeps();
+            if n >= target {
+                self.sweeps_seen = n;
+                return Ok(Instant::now());
+            }
+            if Instant::now() > deadline || !self.vmm.is_running() {
+                return Err(format!(
+                    "no memcheck sweep within {WAIT:?}; stderr: {}",
+                    self.vmm.stderr_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Median duration of `n` consecutive sweeps, in ms.
+    fn steady_sweep_ms(&mut self, n: usize) -> Result<f64, String> {
+        self.sweeps_seen = self.sweeps();
+        let mut last = self.next_sweep()?;
+        let mut d = Vec::new();
+        for _ in 0..n {
+            let t = self.next_sweep()?;
+            d.push((t - last).as_secs_f64() * 1e3);
+            last = t;
+        }
+        Ok(median(&d))
+    }
+
+    /// Waits until the previous update's teardown helper has exited, so every update starts
+    /// from a quiet machine (helpers are children of the VMM's PID).
+    fn wait_quiet(&self) {
+        let children = format!("/proc/{0}/task/{0}/children", self.vmm.pid());
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(&children)
+                .map(|s| s.trim().is_empty())
+                .unwrap_or(true)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// One cpr-exec update through the shim; returns the measurements.
+fn one_update(vm: &mut SweepingVm, state: &Path) -> Result<Value, String> {
+    let mut command: Vec<String> = vec![
+        shim_bin().display().to_string(),
+        "--".into(),
+        vmm_bin().display().to_string(),
+    ];
+    command.extend(vm.args.iter().cloned());
+    command.extend(["-incoming".into(), format!("file:{}", state.display())]);
+    vm.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"mode": "cpr-exec", "cpr-exec-command": command}),
+        )
+        .map_err(|e| e.to_string())?;
+    let _ = vm.qmp.events();
+    vm.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", state.display())}),
+        )
+        .map_err(|e| e.to_string())?;
+    let stop = vm.qmp.wait_event("STOP", WAIT).map_err(|e| e.to_string())?;
+    let resume = vm
+        .qmp
+        .wait_event("RESUME", WAIT)
+        .map_err(|e| e.to_string())?;
+    let info = vm
+        .qmp
+        .execute("query-migrate", Value::Null)
+        .map_err(|e| e.to_string())?;
+    if info["status"] != "completed" {
+        return Err(format!("update did not complete: {info}"));
+    }
+    let cpr = &info["x-cpr"];
+    let events_ms = (event_timestamp(&resume) - event_timestamp(&stop)) * 1e3;
+    Ok(json!({
+        "blackout_ms": cpr["blackout-ns"].as_f64().unwrap_or(f64::NAN) / 1e6,
+        "events_ms": events_ms,
+        "phases": cpr["phases"],
+    }))
+}
+
+fn bench_cpr_exec(
+    dir: &Path,
+    ram_mib: u64,
+    updates: usize,
+    hugepages: bool,
+) -> Result<Value, String> {
+    let mut vm = SweepingVm::start(dir, ram_mib, hugepages, None)?;
+    let pid = vm.vmm.pid();
+    let steady = vm.steady_sweep_ms(3)?;
+    let state = dir.join("vm.state");
+    let mut blackouts = Vec::new();
+    let mut events = Vec::new();
+    let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
+    let mut first_sweeps = Vec::new();
+    for i in 0..updates {
+        vm.wait_quiet();
+        let m = one_update(&mut vm, &state)?;
+        blackouts.push(m["blackout_ms"].as_f64().unwrap_or(f64::NAN));
+        events.push(m["events_ms"].as_f64().unwrap_or(f64::NAN));
+        for (order, p) in m["phases"].as_array().into_iter().flatten().enumerate() {
+            let name = p["name"].as_str().unwrap_or("?").to_string();
+            let entry = phases.entry(name).or_insert((order, Vec::new()));
+            entry.1.push(p["ns"].as_f64().unwrap_or(0.0) / 1e6);
+        }
+        // The sweep in progress at the update ends partly before it; the next one is the first
+        // full sweep after it.
+        vm.sweeps_seen = vm.sweeps();
+        let b1 = vm.next_sweep()?;
+        let b2 = vm.next_sweep()?;
+        first_sweeps.push((b2 - b1).as_secs_f64() * 1e3);
+        eprint!("\r  {ram_mib} MiB cpr-exec: update {}/{updates}", i + 1);
+    }
+    eprintln!();
+    if vm.vmm.pid() != pid {
+        return Err("the PID changed".into());
+    }
+    let _ = vm.qmp.execute("quit", Value::Null);
+    let _ = vm.vmm.wait_exit(WAIT);
+    let mut ordered: Vec<(usize, String, f64)> = phases
+        .into_iter()
+        .map(|(name, (order, v))| (order, name, median(&v)))
+        .collect();
+    ordered.sort_by_key(|(o, _, _)| *o);
+    let phase_medians: Vec<Value> = ordered
+        .into_iter()
+        .map(|(_, name, ms)| json!({"name": name, "median_ms": ms}))
+        .collect();
+    Ok(json!({
+        "blackout_ms": summary(&blackouts),
+        "stop_to_resume_events_ms": summary(&events),
+        "phase_medians_ms": phase_medians,
+        "steady_sweep_ms": steady,
+        "first_sweep_after_update_ms": summary(&first_sweeps),
+        "first_sweep_slowdown": median(&first_sweeps) / steady,
+    }))
+}
+
+/// Normal migration to a file, then `-incoming defer` + `migrate-incoming` in a new process.
+fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
+    let src_dir = dir.join("src");
+    let dst_dir = dir.join("dst");
+    std::fs::create_dir_all(&src_dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dst_dir).map_err(|e| e.to_string())?;
+    let mut src = SweepingVm::start(&src_dir, ram_mib, false, None)?;
+    src.steady_sweep_ms(1)?;
+    let state = dir.join("normal.state");
+    let _ = src.qmp.events();
+    src.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", state.display())}),
+        )
+        .map_err(|e| e.to_string())?;
+    let stop = src
+        .qmp
+        .wait_event("STOP", WAIT)
+        .map_err(|e| e.to_string())?;
+    loop {
+        let ev = src
+            .qmp
+            .wait_event("MIGRATION", WAIT)
+            .map_err(|e| e.to_string())?;
+        match ev["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => return Err(format!("normal migration failed: {ev}")),
+            _ => {}
+        }
+    }
+    let saved = src
+        .qmp
+        .execute("query-migrate", Value::Null)
+        .map_err(|e| e.to_string())?;
+    let _ = src.qmp.execute("quit", Value::Null);
+    let _ = src.vmm.wait_exit(WAIT);
+    let file_mib = std::fs::metadata(&state)
+        .map(|m| m.len() as f64 / 1048576.0)
+        .unwrap_or(0.0);
+    let mut dst = SweepingVm::start(&dst_dir, ram_mib, false, Some("defer"))?;
+    let t = Instant::now();
+    dst.qmp
+        .execute(
+            "migrate-incoming",
+            json!({"uri": format!("file:{}", state.display())}),
+        )
+        .map_err(|e| e.to_string())?;
+    let resume = dst
+        .qmp
+        .wait_event("RESUME", WAIT)
+        .map_err(|e| e.to_string())?;
+    let restore_ms = t.elapsed().as_secs_f64() * 1e3;
+    let _ = dst.qmp.execute("quit", Value::Null);
+    let _ = dst.vmm.wait_exit(WAIT);
+    let _ = std::fs::remove_file(&state);
+    Ok(json!({
+        "save_ms": saved["total-time"],
+        "restore_ms": restore_ms,
+        "stop_to_resume_ms": (event_timestamp(&resume) - event_timestamp(&stop)) * 1e3,
+        "state_file_mib": file_mib,
+        "note": "stop-to-resume includes starting the destination process (with prealloc) between save and restore",
+    }))
+}
+
+fn bench_qemu(install: &QemuInstall, ram_mib: u64, reps: usize, workdir: &Path) -> Value {
+    let pauses = |r: Result<Vec<Measurement>, String>| match r {
+        Ok(m) => {
+            let mut s = summary(&m.iter().map(|x| x.pause_ms).collect::<Vec<_>>());
+            if let Some(first) = m.first() {
+                s["qemu_version"] = json!(first.qemu_version.to_string());
+            }
+            s
+        }
+        Err(e) => json!({"unavailable": e}),
+    };
+    let transfer = match &install.transfer {
+        Ok(q) => {
+            eprintln!("  {ram_mib} MiB QEMU cpr-transfer ({})", q.version);
+            pauses(qemu_cpr_transfer(install, ram_mib, reps, workdir))
+        }
+        Err(why) => json!({"unavailable": why}),
+    };
+    let exec = match &install.exec {
+        Ok(q) => {
+            eprintln!("  {ram_mib} MiB QEMU cpr-exec ({})", q.version);
+            pauses(qemu_cpr_exec(install, ram_mib, reps, workdir))
+        }
+        Err(why) => json!({"unavailable": why}),
+    };
+    json!({"qemu_cpr_transfer_pause_ms": transfer, "qemu_cpr_exec_pause_ms": exec})
+}
+
+fn fmt_ms(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.2}"),
+        None => "-".into(),
+    }
+}
+
+fn print_table(results: &[Value]) {
+    println!();
+    println!(
+        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>11} {:>11}",
+        "RAM",
+        "min ms",
+        "median",
+        "p99",
+        "events",
+        "sweep x",
+        "normal ms",
+        "QEMU xfer",
+        "QEMU exec"
+    );
+    for r in results {
+        let c = &r["cpr_exec"];
+        let b = &c["blackout_ms"];
+        println!(
+            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>11} {:>11}",
+            r["label"].as_str().unwrap_or("?"),
+            fmt_ms(&b["min"]),
+            fmt_ms(&b["median"]),
+            fmt_ms(&b["p99"]),
+            fmt_ms(&c["stop_to_resume_events_ms"]["median"]),
+            c["first_sweep_slowdown"]
+                .as_f64()
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or("-".into()),
+            fmt_ms(&r["normal"]["stop_to_resume_ms"]),
+            fmt_ms(&r["qemu"]["qemu_cpr_transfer_pause_ms"]["median"]),
+            fmt_ms(&r["qemu"]["qemu_cpr_exec_pause_ms"]["median"]),
+        );
+    }
+    if let Some(c) = results.first().map(|r| &r["cpr_exec"]) {
+        println!(
+            "\nphase medians (ms), {}:",
+            results[0]["label"].as_str().unwrap_or("?")
+        );
+        for p in c["phase_medians_ms"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<34} {:>8.3}",
+                p["name"].as_str().unwrap_or("?"),
+                p["median_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+}
+
+fn main() {
+    let o = match parse_options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    build_binaries();
+    // State files live where an operator would put them: on tmpfs (/run, /dev/shm). The QEMU
+    // runs use the same directory, so both sides pay the same for files.
+    if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
+        // SAFETY: still single-threaded here; nothing reads the environment concurrently.
+        unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
+    }
+    let machine = machine_label();
+    eprintln!("blackout-bench on {machine}");
+    let qemu = o.qemu.then(QemuInstall::detect);
+    if let Some(q) = &qemu {
+        eprintln!("{}", q.describe());
+    }
+    let mut results = Vec::new();
+    let mut variants: Vec<(u64, bool)> = o.sizes_mib.iter().map(|s| (*s, false)).collect();
+    if o.hugepages {
+        variants.extend(o.sizes_mib.iter().map(|s| (*s, true)));
+    }
+    for (ram_mib, hugepages) in variants {
+        let label = format!(
+            "{}{}",
+            if ram_mib >= 1024 {
+                format!("{}G", ram_mib / 1024)
+            } else {
+                format!("{ram_mib}M")
+            },
+            if hugepages { " 2M" } else { "" }
+        );
+        let dir = match TempDir::new("blackout-bench") {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("cannot create a work directory: {e}");
+                std::process::exit(1);
+            }
+        };
+        let cpr = bench_cpr_exec(dir.path(), ram_mib, o.updates, hugepages)
+            .unwrap_or_else(|e| json!({"error": e}));
+        let normal = if hugepages {
+            Value::Null
+        } else {
+            bench_normal(dir.path(), ram_mib).unwrap_or_else(|e| json!({"error": e}))
+        };
+        let qemu = match &qemu {
+            Some(q) if !hugepages => bench_qemu(q, ram_mib, o.qemu_reps, dir.path()),
+            _ => Value::Null,
+        };
+        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "normal": normal, "qemu": qemu}));
+    }
+    print_table(&results);
+    let report = json!({"machine": machine, "updates_per_size": o.updates, "results": results});
+    let path = o.json.clone().unwrap_or_else(|| {
+        cpr_tests::target_dir().join("bench").join(format!(
+            "blackout-{}.json",
+            machine["date_unix"].as_u64().unwrap_or(0)
+        ))
+    });
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    match std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    ) {
+        Ok(()) => println!("\nJSON: {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+    }
+    println!("machine: {machine}");
+}

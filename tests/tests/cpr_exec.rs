@@ -1,0 +1,1197 @@
+//! End-to-end tests of cpr-exec live update (issue 4): replace the running VMM
+//! with another binary in the same process, guest RAM kept in place.
+//!
+//! Every test drives real `vmm` processes on /dev/kvm the way an operator does
+//! (QMP `migrate-set-parameters` + `migrate`, or the HMP text of the issue) and
+//! judges the result by what the guest itself shows:
+//!
+//! - the heartbeat guest numbers its ticks per vCPU, so the whole console log of
+//!   a run must hold one `start` per vCPU and strictly consecutive ticks from 1:
+//!   no tick lost, repeated or restarted across any update or rollback;
+//! - the memcheck guest keeps incrementing one byte per page, so a stopped dump
+//!   of its range must be consistent (all equal but for one drop by exactly 1).
+//!
+//! Faults are injected with `cpr-fault` (tests/src/bin/cpr-fault.rs), a wrapper
+//! put in front of the shim in `cpr-exec-command`; it damages fds, the CPR
+//! channel or the state file in the VMM's own process, then executes the shim.
+//! Each fault must end with the guest running, the same PID, the reason in
+//! `query-migrate` and a `MIGRATION` `failed` event, and a VM that can still be
+//! updated afterwards.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cpr_tests::cpr::{
+    Update, alt_vmm_bin, check_heartbeat_from_boot, command_without_inherited_fds, cpr_update,
+    direct_command, fault_bin, fd_identity, fd_kind, fd_kinds, listener_fd, memfd_name,
+    min_median_max, ram_fd, ram_memfds, shim_command, wait_update_end,
+};
+use cpr_tests::heartbeat::parse_heartbeats;
+use cpr_tests::*;
+use serde_json::{Value, json};
+
+/// Generous limit for anything the guest or the VMM has to do.
+const LONG: Duration = Duration::from_secs(60);
+const HEARTBEAT: &str = "heartbeat,hz=100";
+
+// ---------------------------------------------------------------------------
+// helpers
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// A running VM with its QMP connection, its scratch directory and the
+/// arguments a successor VMM needs (everything but `-incoming`).
+///
+/// Fields drop in order: the connection, then the process (killed with its
+/// process group), then the scratch directory.
+struct Vm {
+    qmp: QmpClient,
+    process: VmmProcess,
+    socket: PathBuf,
+    state: PathBuf,
+    args: Vec<String>,
+    dir: TempDir,
+}
+
+impl Vm {
+    /// Starts `vmm MACHINE_ARGS -qmp unix:DIR/qmp.sock,...`.
+    fn start(prefix: &str, machine_args: &[&str]) -> Self {
+        Self::start_with_env(prefix, machine_args, &[])
+    }
+
+    fn start_with_env(prefix: &str, machine_args: &[&str], env: &[(&str, String)]) -> Self {
+        let dir = TempDir::new(prefix).unwrap();
+        let socket = dir.join("qmp.sock");
+        let mut args = strings(machine_args);
+        args.push("-qmp".into());
+        args.push(qmp_socket_arg(&socket));
+        Self::spawn(dir, socket, args, env)
+    }
+
+    /// Starts `vmm ARGS` where ARGS already names `socket` in `-qmp`.
+    fn spawn(dir: TempDir, socket: PathBuf, args: Vec<String>, env: &[(&str, String)]) -> Self {
+        build_binaries();
+        let started = Instant::now();
+        let process = loop {
+            // Only stdio is inherited, so every other fd the VMM holds is its own.
+            let mut command = command_without_inherited_fds(vmm_bin());
+            command.args(&args).envs(env.iter().map(|(k, v)| (*k, v)));
+            match VmmProcess::spawn(command) {
+                Ok(process) => break process,
+                // A concurrent `cargo build` is replacing the binary: wait for it.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ExecutableFileBusy | std::io::ErrorKind::NotFound
+                    ) && started.elapsed() < LONG =>
+                {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot start {}: {e}", vmm_bin().display()),
+            }
+        };
+        process.wait_for_path(&socket, LONG).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+        let state = dir.join("vm.state");
+        Vm {
+            dir,
+            socket,
+            state,
+            args,
+            process,
+            qmp,
+        }
+    }
+
+    fn heartbeat(prefix: &str, cpus: u32) -> Self {
+        Self::start(
+            prefix,
+            &["-m", "16M", "-smp", &cpus.to_string(), "--guest", HEARTBEAT],
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// `cpr-shim [shim_args] -- VMM ARGS -incoming file:STATE`.
+    fn via_shim(&self, shim_args: &[String], vmm: &Path) -> Vec<String> {
+        shim_command(&shim_bin(), shim_args, vmm, &self.args, &self.state)
+    }
+
+    /// `VMM ARGS -incoming file:STATE`, no shim.
+    fn direct(&self, vmm: &Path) -> Vec<String> {
+        direct_command(vmm, &self.args, &self.state)
+    }
+
+    /// One live update of the running guest with `command`.
+    fn update(&mut self, command: &[String]) -> Update {
+        cpr_update(&mut self.qmp, command, &self.state, true, LONG)
+            .unwrap_or_else(|e| panic!("live update with {command:?}: {e}"))
+    }
+
+    /// One live update through the shim into `vmm`, which must complete.
+    fn update_ok(&mut self, vmm: &Path) -> Update {
+        let command = self.via_shim(&[], vmm);
+        let update = self.update(&command);
+        assert_completed(&update);
+        update
+    }
+
+    fn status(&mut self) -> String {
+        let reply = self.qmp.execute("query-status", Value::Null).unwrap();
+        reply["status"].as_str().unwrap().to_string()
+    }
+
+    /// The binary the process runs now (`/proc/PID/exe`).
+    fn exe(&self) -> PathBuf {
+        std::fs::read_link(format!("/proc/{}/exe", self.pid())).unwrap()
+    }
+
+    /// The process is alive, still our child (same PID) and runs `binary`.
+    fn assert_same_process_runs(&self, binary: &Path) {
+        assert!(
+            self.process.try_wait().is_none(),
+            "the VMM process {} exited",
+            self.pid()
+        );
+        assert_eq!(
+            self.exe(),
+            binary.canonicalize().unwrap(),
+            "pid {} runs another binary than expected",
+            self.pid()
+        );
+    }
+
+    /// Waits until every vCPU printed at least `more` ticks beyond its last one.
+    fn wait_ticks_advance(&self, cpus: u32, more: u64) {
+        let last: Vec<u64> = (0..cpus)
+            .map(|cpu| self.process.last_tick(cpu).unwrap_or(0))
+            .collect();
+        for (cpu, last) in last.iter().enumerate() {
+            self.process
+                .wait_for_tick(cpu as u32, last + more, LONG)
+                .unwrap();
+        }
+    }
+
+    /// Checks the whole console log of the run (see `check_heartbeat_from_boot`).
+    fn assert_heartbeat_continuous(&self, cpus: u32) {
+        if let Err(e) = check_heartbeat_from_boot(&self.process.stdout_text(), cpus) {
+            panic!("heartbeat continuity: {e}");
+        }
+    }
+
+    /// Quits through QMP; the process must exit with status 0.
+    fn quit(mut self) {
+        self.qmp.execute("quit", Value::Null).unwrap();
+        let status = self.process.wait_exit(LONG).unwrap();
+        assert_eq!(status.code(), Some(0), "{}", self.process.stderr_text());
+    }
+}
+
+/// The update completed in a new process: x-cpr present, not rolled back, the
+/// phases add up to the blackout.
+fn assert_completed(update: &Update) {
+    assert_eq!(
+        update.statuses,
+        ["active", "completed"],
+        "MIGRATION events; query-migrate: {}",
+        update.info
+    );
+    assert_eq!(update.status(), "completed", "{}", update.info);
+    assert_eq!(update.rolled_back(), Some(false), "{}", update.info);
+    let blackout = update
+        .blackout_ns()
+        .unwrap_or_else(|| panic!("no x-cpr.blackout-ns: {}", update.info));
+    assert!(blackout > 0, "{}", update.info);
+    assert_eq!(
+        update.info["downtime"].as_u64(),
+        Some(blackout / 1_000_000),
+        "downtime (ms) is the blackout: {}",
+        update.info
+    );
+    let phases = update.phases();
+    assert!(phases.len() >= 3, "{}", update.info);
+    let sum: u64 = phases.iter().map(|(_, ns)| ns).sum();
+    assert!(
+        sum.abs_diff(blackout) <= 1_000_000,
+        "the phases add up to {sum} ns, the blackout is {blackout} ns: {}",
+        update.info
+    );
+}
+
+/// The update failed, the guest runs again and the reason names the cause.
+fn assert_failed(update: &Update, causes: &[&str], rolled_back: bool) {
+    assert_eq!(
+        update.statuses.last().map(String::as_str),
+        Some("failed"),
+        "MIGRATION events {:?}; query-migrate: {}",
+        update.statuses,
+        update.info
+    );
+    assert_eq!(update.status(), "failed", "{}", update.info);
+    let desc = update.error_desc();
+    for cause in causes {
+        assert!(
+            desc.contains(cause),
+            "error-desc does not mention {cause:?}: {desc:?}"
+        );
+    }
+    if rolled_back {
+        assert_eq!(
+            update.rolled_back(),
+            Some(true),
+            "a rollback must be reported in x-cpr: {}",
+            update.info
+        );
+    } else {
+        assert!(
+            update.rolled_back() != Some(true),
+            "no rollback was expected: {}",
+            update.info
+        );
+    }
+    assert!(update.stop.is_some() && update.resume.is_some());
+}
+
+fn shim_log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn phase_summary(update: &Update) -> String {
+    update
+        .phases()
+        .iter()
+        .map(|(name, ns)| format!("{name} {:.2}", ms(*ns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------
+// the update itself
+
+#[test]
+fn update_through_the_shim_keeps_the_pid_and_both_vcpus_ticking() {
+    let mut vm = Vm::heartbeat("shim2", 2);
+    let pid = vm.pid();
+    vm.wait_ticks_advance(2, 5);
+    let before = vm.process.stdout_text();
+    let log = vm.dir.join("shim.log");
+    let command = vm.via_shim(&strings(&["--log", log.to_str().unwrap()]), &vmm_bin());
+    let update = vm.update(&command);
+    assert_completed(&update);
+    assert_eq!(update.from_version(), update.to_version());
+    assert_eq!(vm.pid(), pid);
+    vm.assert_same_process_runs(&vmm_bin());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("-incoming"),
+        "pid {pid} was not re-executed as the incoming VMM"
+    );
+    assert_eq!(vm.status(), "running");
+
+    // Both vCPUs continue where they stopped: the first tick after the update
+    // is the last before + 1 and no vCPU started again.
+    vm.wait_ticks_advance(2, 10);
+    let after = vm.process.stdout_text();
+    let old = parse_heartbeats(&before);
+    let all = parse_heartbeats(&after);
+    for cpu in 0..2 {
+        let last_before = *old.ticks[&cpu].last().unwrap();
+        let ticks = &all.ticks[&cpu];
+        let index = ticks.iter().position(|&t| t == last_before).unwrap();
+        assert_eq!(
+            ticks.get(index + 1),
+            Some(&(last_before + 1)),
+            "cpu {cpu}: tick after {last_before}"
+        );
+    }
+    vm.assert_heartbeat_continuous(2);
+
+    // STOP (old process) to RESUME (new process) is the reported blackout.
+    let blackout_s = update.blackout_ns().unwrap() as f64 / 1e9;
+    let gap = update.event_gap_s().unwrap();
+    eprintln!(
+        "blackout {:.3} ms, STOP->RESUME {:.3} ms; phases (ms): {}",
+        blackout_s * 1e3,
+        gap * 1e3,
+        phase_summary(&update)
+    );
+    assert!(
+        (gap - blackout_s).abs() < 0.050,
+        "STOP->RESUME {gap:.6} s vs blackout {blackout_s:.6} s"
+    );
+
+    // The shim logged the update: same pid, from and to binaries, outcome.
+    let lines = shim_log_lines(&log);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["pid"], json!(pid), "{line}");
+    assert_eq!(line["outcome"], "exec", "{line}");
+    assert_eq!(
+        line["to"]["resolved"].as_str(),
+        vmm_bin().canonicalize().unwrap().to_str(),
+        "{line}"
+    );
+    assert_eq!(line["from"]["version"], update.from_version(), "{line}");
+    vm.quit();
+}
+
+#[test]
+fn update_directly_without_the_shim() {
+    let mut vm = Vm::heartbeat("direct", 1);
+    vm.wait_ticks_advance(1, 5);
+    let command = vm.direct(&vmm_bin());
+    let update = vm.update(&command);
+    assert_completed(&update);
+    assert!(
+        !update
+            .phases()
+            .iter()
+            .any(|(name, _)| name.contains("shim")),
+        "no shim ran, yet the phases name one: {}",
+        phase_summary(&update)
+    );
+    vm.assert_same_process_runs(&vmm_bin());
+    vm.wait_ticks_advance(1, 10);
+    // And once more, so the second update starts from an updated process.
+    let command = vm.direct(&vmm_bin());
+    assert_completed(&vm.update(&command));
+    vm.wait_ticks_advance(1, 10);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+#[test]
+fn memcheck_memory_is_consistent_after_an_update() {
+    const RAM: u64 = 64 << 20;
+    let mut vm = Vm::start("memchk", &["-m", "64M", "-smp", "2", "--guest", "memcheck"]);
+    let sweeps = |vm: &Vm| vm.process.stdout_text().matches('B').count();
+    vm.process
+        .wait_for_output(
+            |text| text.starts_with('A') && text.matches('B').count() >= 2,
+            LONG,
+        )
+        .unwrap();
+    assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
+    let done = sweeps(&vm);
+    vm.process
+        .wait_for_output(|text| text.matches('B').count() >= done + 2, LONG)
+        .unwrap();
+
+    vm.qmp.execute("stop", Value::Null).unwrap();
+    vm.qmp.wait_event("STOP", LONG).unwrap();
+    let dump = dump_memcheck_range(&mut vm.qmp, RAM, &vm.dir.join("dump")).unwrap();
+    if let Err(e) = check_memcheck_dump(&dump) {
+        panic!("after the update: {e}");
+    }
+    assert_ne!(dump[0], 0, "the guest never swept its memory");
+    vm.qmp.execute("cont", Value::Null).unwrap();
+    let done = sweeps(&vm);
+    vm.process
+        .wait_for_output(|text| text.matches('B').count() > done, LONG)
+        .unwrap();
+    assert_eq!(
+        vm.process.stdout_text().matches('A').count(),
+        1,
+        "the guest restarted"
+    );
+    vm.quit();
+}
+
+#[test]
+fn a_paused_guest_stays_paused_and_its_memory_is_untouched() {
+    const RAM: u64 = 32 << 20;
+    let mut vm = Vm::start("paused", &["-m", "32M", "--guest", "memcheck"]);
+    vm.process
+        .wait_for_output(|text| text.matches('B').count() >= 2, LONG)
+        .unwrap();
+    vm.qmp.execute("stop", Value::Null).unwrap();
+    vm.qmp.wait_event("STOP", LONG).unwrap();
+    let before = dump_memcheck_range(&mut vm.qmp, RAM, &vm.dir.join("before")).unwrap();
+    check_memcheck_dump(&before).unwrap();
+
+    let command = vm.via_shim(&[], &vmm_bin());
+    let update = cpr_update(&mut vm.qmp, &command, &vm.state, false, LONG).unwrap();
+    assert_completed(&update);
+    assert_eq!(vm.status(), "paused");
+    let events: Vec<String> = vm
+        .qmp
+        .events()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        !events.iter().any(|e| e == "RESUME" || e == "STOP"),
+        "a paused guest must not be resumed (or stopped) by an update: {events:?}"
+    );
+    let after = dump_memcheck_range(&mut vm.qmp, RAM, &vm.dir.join("after")).unwrap();
+    assert!(
+        before == after,
+        "guest memory changed across the update of a paused guest"
+    );
+    let sweeps = vm.process.stdout_text().matches('B').count();
+    vm.qmp.execute("cont", Value::Null).unwrap();
+    vm.qmp.wait_event("RESUME", LONG).unwrap();
+    vm.process
+        .wait_for_output(|text| text.matches('B').count() > sweeps, LONG)
+        .unwrap();
+    vm.quit();
+}
+
+#[test]
+fn fifty_updates_alternating_between_two_builds() {
+    const UPDATES: usize = 50;
+    const CPUS: u32 = 2;
+    let alt = alt_vmm_bin();
+    let main = vmm_bin();
+    let mut vm = Vm::heartbeat("fifty", CPUS);
+    let pid = vm.pid();
+    let log = vm.dir.join("shim.log");
+    vm.wait_ticks_advance(CPUS, 3);
+    let package = |vm: &mut Vm| {
+        let version = vm.qmp.execute("query-version", Value::Null).unwrap();
+        version["package"].as_str().unwrap().to_string()
+    };
+    let first_package = package(&mut vm);
+    assert!(!first_package.contains("+alt"), "{first_package}");
+
+    let mut blackouts = Vec::new();
+    let mut gaps = Vec::new();
+    let mut versions: Vec<String> = Vec::new();
+    let started = Instant::now();
+    for i in 0..UPDATES {
+        let (target, is_alt) = if i % 2 == 0 {
+            (&alt, true)
+        } else {
+            (&main, false)
+        };
+        let command = vm.via_shim(&strings(&["--log", log.to_str().unwrap()]), target);
+        let update = vm.update(&command);
+        assert_completed(&update);
+        let to = update.to_version().to_string();
+        assert_eq!(to.contains("+alt"), is_alt, "update {i}: to-version {to}");
+        if let Some(previous) = versions.last() {
+            assert_eq!(update.from_version(), previous, "update {i}");
+            assert_ne!(&to, previous, "update {i}: the versions must alternate");
+        }
+        assert!(
+            package(&mut vm).contains(&to),
+            "update {i}: query-version does not show {to}"
+        );
+        assert_eq!(vm.pid(), pid);
+        vm.assert_same_process_runs(target);
+        versions.push(to);
+        blackouts.push(ms(update.blackout_ns().unwrap()));
+        gaps.push(update.event_gap_s().unwrap() * 1e3);
+        // Each version runs the guest before the next update.
+        vm.wait_ticks_advance(CPUS, 1);
+    }
+    let elapsed = started.elapsed();
+    vm.wait_ticks_advance(CPUS, 5);
+    vm.assert_heartbeat_continuous(CPUS);
+
+    let lines = shim_log_lines(&log);
+    assert_eq!(lines.len(), UPDATES, "one shim log line per update");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["pid"], json!(pid), "{line}");
+        assert_eq!(line["outcome"], "exec", "{line}");
+        assert_eq!(line["to"]["version"], json!(versions[i]), "{line}");
+    }
+    let (min, median, max) = min_median_max(&blackouts);
+    let (gmin, gmedian, gmax) = min_median_max(&gaps);
+    eprintln!(
+        "{UPDATES} updates in {:.2} s; blackout ms min {min:.2} median {median:.2} max {max:.2}; \
+         STOP->RESUME ms min {gmin:.2} median {gmedian:.2} max {gmax:.2}",
+        elapsed.as_secs_f64()
+    );
+    vm.quit();
+}
+
+#[test]
+fn hmp_update_exactly_as_in_the_usage() {
+    build_binaries();
+    let dir = TempDir::new("hmp").unwrap();
+    let socket = dir.join("vm1.qmp");
+    let state = dir.join("vm1.state");
+    let vmm = vmm_bin().display().to_string();
+    let machine = format!(
+        "-m 1G -machine aux-ram-share=on -qmp unix:{},server=on,wait=off --guest {HEARTBEAT}",
+        socket.display()
+    );
+    let args: Vec<String> = machine.split(' ').map(str::to_string).collect();
+    // `cpr-shim` by name, found in PATH as an operator would install it.
+    let shim_dir = shim_bin().parent().unwrap().display().to_string();
+    let path = format!("{shim_dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let mut vm = Vm::spawn(dir, socket, args, &[("PATH", path)]);
+    let pid = vm.pid();
+    vm.wait_ticks_advance(1, 3);
+
+    for round in 0..2 {
+        // Parameters do not carry over an update: set them before each one.
+        let lines = [
+            "migrate_set_parameter mode cpr-exec".to_string(),
+            format!(
+                "migrate_set_parameter cpr-exec-command cpr-shim -- {vmm} {machine} -incoming file:{}",
+                state.display()
+            ),
+        ];
+        for line in &lines {
+            let out = vm.qmp.hmp(line).unwrap();
+            assert_eq!(out, "", "{line}");
+        }
+        let params = vm
+            .qmp
+            .execute("query-migrate-parameters", Value::Null)
+            .unwrap();
+        assert_eq!(params["mode"], "cpr-exec", "{params}");
+        let command = params["cpr-exec-command"].as_array().unwrap();
+        assert_eq!(command[0], "cpr-shim");
+        assert_eq!(command[1], "--");
+        assert_eq!(
+            command.last().unwrap(),
+            &json!(format!("file:{}", state.display()))
+        );
+
+        let out = vm
+            .qmp
+            .hmp(&format!("migrate -d file:{}", state.display()))
+            .unwrap();
+        assert_eq!(out, "", "migrate -d prints nothing");
+        let update = wait_update_end(&mut vm.qmp, true, LONG).unwrap();
+        assert_completed(&update);
+        assert_eq!(vm.pid(), pid);
+        vm.assert_same_process_runs(&vmm_bin());
+        let status = vm.qmp.hmp("info status").unwrap();
+        assert!(status.contains("running"), "round {round}: {status:?}");
+        let params = vm
+            .qmp
+            .execute("query-migrate-parameters", Value::Null)
+            .unwrap();
+        assert_eq!(params["mode"], "normal", "not carried over: {params}");
+        assert!(
+            params["cpr-exec-command"]
+                .as_array()
+                .is_none_or(|c| c.is_empty()),
+            "not carried over: {params}"
+        );
+        vm.wait_ticks_advance(1, 5);
+    }
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+#[test]
+fn qmp_clients_survive_and_the_socket_never_refuses() {
+    let mut vm = Vm::heartbeat("qmpsurv", 1);
+    let mut watcher = QmpClient::connect_and_negotiate(&vm.socket, LONG).unwrap();
+    let mut fresh = QmpClient::connect(&vm.socket, LONG).unwrap();
+    vm.wait_ticks_advance(1, 3);
+
+    // Clients connecting all through the update: each one is accepted and
+    // greeted, by whichever process is there.
+    let stop = Arc::new(AtomicBool::new(false));
+    let greeted = Arc::new(AtomicU32::new(0));
+    let hammer = {
+        let stop = Arc::clone(&stop);
+        let greeted = Arc::clone(&greeted);
+        let socket = vm.socket.clone();
+        thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let attempt = UnixStream::connect(&socket).and_then(|stream| {
+                    stream.set_read_timeout(Some(LONG))?;
+                    let mut line = String::new();
+                    BufReader::new(stream).read_line(&mut line)?;
+                    Ok(line)
+                });
+                match attempt {
+                    Ok(line) if line.contains("\"QMP\"") => {
+                        greeted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(line) => failures.push(format!("no greeting: {line:?}")),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        })
+    };
+    assert!(wait_until(LONG, || greeted.load(Ordering::SeqCst) > 0));
+    let before = greeted.load(Ordering::SeqCst);
+    let command = vm.via_shim(&[], &vmm_bin());
+    let update = vm.update(&command);
+    let during = greeted.load(Ordering::SeqCst) - before;
+    stop.store(true, Ordering::Relaxed);
+    let failures = hammer.join().unwrap();
+    assert_completed(&update);
+    assert!(failures.is_empty(), "connections failed: {failures:?}");
+    eprintln!("{during} connections were greeted while the update ran");
+
+    // The passive negotiated client saw the whole update on its connection.
+    for name in ["STOP", "RESUME", "MIGRATION"] {
+        watcher.wait_event(name, LONG).unwrap();
+    }
+    let status = watcher.execute("query-status", Value::Null).unwrap();
+    assert_eq!(status["status"], "running");
+    // The client that had not negotiated yet still can, with no second greeting,
+    // and it was sent no events before that.
+    fresh.negotiate().unwrap();
+    let early: Vec<Value> = fresh.events();
+    assert!(early.is_empty(), "events before negotiation: {early:?}");
+    let info = fresh.execute("query-migrate", Value::Null).unwrap();
+    assert_eq!(info["status"], "completed");
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+#[test]
+fn staged_layout_is_resolved_once_and_rollback_survives_a_replaced_binary() {
+    use std::os::unix::fs::symlink;
+    let mut vm = Vm::heartbeat("staged", 1);
+    let pid = vm.pid();
+    // /opt/vmm/2.0/vmm with /opt/vmm/current -> 2.0, as an operator stages it.
+    let opt = vm.dir.join("opt/vmm");
+    std::fs::create_dir_all(opt.join("2.0")).unwrap();
+    let staged = opt.join("2.0/vmm");
+    std::fs::copy(vmm_bin(), &staged).unwrap();
+    symlink("2.0", opt.join("current")).unwrap();
+    let log = vm.dir.join("shim.log");
+    let log_args = strings(&["--log", log.to_str().unwrap()]);
+    vm.wait_ticks_advance(1, 3);
+
+    let command = vm.via_shim(&log_args, &opt.join("current/vmm"));
+    assert_completed(&vm.update(&command));
+    vm.assert_same_process_runs(&staged);
+    let lines = shim_log_lines(&log);
+    assert_eq!(
+        lines[0]["to"]["resolved"].as_str(),
+        staged.canonicalize().unwrap().to_str(),
+        "the shim records the resolved target: {}",
+        lines[0]
+    );
+    vm.wait_ticks_advance(1, 5);
+
+    // The running binary's path is replaced (2.0 uninstalled); an update that
+    // fails must still roll back into it, from the fd the CPR state keeps.
+    std::fs::remove_file(&staged).unwrap();
+    std::fs::write(&staged, b"#!/bin/sh\nexit 1\n").unwrap();
+    let mut command = vm.via_shim(&log_args, &vmm_bin());
+    let at = command.len() - 2;
+    command.splice(at..at, strings(&["--cpr-test-fault", "exit-before-resume"]));
+    let update = vm.update(&command);
+    assert_failed(&update, &["exit-before-resume"], true);
+    assert_eq!(vm.pid(), pid);
+    let exe = vm.exe().display().to_string();
+    assert!(
+        exe.starts_with(&staged.canonicalize().unwrap().display().to_string())
+            && exe.ends_with("(deleted)"),
+        "the guest should be back on the replaced 2.0 binary, runs {exe}"
+    );
+    assert_eq!(vm.status(), "running");
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+// ---------------------------------------------------------------------------
+// the serial console
+
+#[test]
+fn serial_file_keeps_appending_across_updates() {
+    let dir_name = "serfile";
+    let dir = TempDir::new(dir_name).unwrap();
+    let console = dir.join("console.log");
+    let socket = dir.join("qmp.sock");
+    let serial = format!("file:{}", console.display());
+    let args = strings(&[
+        "-m",
+        "16M",
+        "--guest",
+        HEARTBEAT,
+        "-serial",
+        &serial,
+        "-qmp",
+        &qmp_socket_arg(&socket),
+    ]);
+    let mut vm = Vm::spawn(dir, socket, args, &[]);
+    let read = || std::fs::read_to_string(&console).unwrap_or_default();
+    let last_tick = |text: &str| {
+        parse_heartbeats(text)
+            .ticks
+            .get(&0)
+            .and_then(|t| t.last().copied())
+    };
+    assert!(wait_until(LONG, || last_tick(&read()) >= Some(5)));
+    for _ in 0..2 {
+        let command = vm.via_shim(&[], &vmm_bin());
+        assert_completed(&vm.update(&command));
+        let target = last_tick(&read()).unwrap() + 5;
+        assert!(
+            wait_until(LONG, || last_tick(&read()) >= Some(target)),
+            "no ticks in {} after the update",
+            console.display()
+        );
+    }
+    if let Err(e) = check_heartbeat_from_boot(&read(), 1) {
+        panic!("{}: {e}", console.display());
+    }
+    assert!(
+        !vm.process.stdout_text().contains("heartbeat"),
+        "console output went to stdout"
+    );
+    vm.quit();
+}
+
+#[test]
+fn serial_unix_client_stays_connected_and_loses_no_byte() {
+    let dir = TempDir::new("serunix").unwrap();
+    let console = dir.join("console.sock");
+    let socket = dir.join("qmp.sock");
+    let serial = format!("unix:{},server,wait=off", console.display());
+    let args = strings(&[
+        "-m",
+        "16M",
+        "-smp",
+        "2",
+        "--guest",
+        HEARTBEAT,
+        "-serial",
+        &serial,
+        "-qmp",
+        &qmp_socket_arg(&socket),
+    ]);
+    let mut vm = Vm::spawn(dir, socket, args, &[]);
+    vm.process.wait_for_path(&console, LONG).unwrap();
+    let client = UnixStream::connect(&console).unwrap();
+    let received = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let closed = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let received = Arc::clone(&received);
+        let closed = Arc::clone(&closed);
+        let mut stream = client.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+            closed.store(true, Ordering::SeqCst);
+        })
+    };
+    // What the client saw, from its first complete line on (it may have
+    // connected in the middle of one).
+    let seen = || {
+        let bytes = received.lock().unwrap().clone();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        match text.find('\n') {
+            Some(i) => text[i + 1..].to_string(),
+            None => String::new(),
+        }
+    };
+    let last_ticks = |text: &str| {
+        let ticks = parse_heartbeats(text).ticks;
+        (0..2)
+            .map(|cpu| ticks.get(&cpu).and_then(|t| t.last().copied()).unwrap_or(0))
+            .collect::<Vec<u64>>()
+    };
+    assert!(wait_until(LONG, || last_ticks(&seen())
+        .iter()
+        .all(|&t| t >= 5)));
+    for _ in 0..2 {
+        let command = vm.via_shim(&[], &vmm_bin());
+        assert_completed(&vm.update(&command));
+        let targets: Vec<u64> = last_ticks(&seen()).iter().map(|t| t + 10).collect();
+        assert!(
+            wait_until(LONG, || {
+                last_ticks(&seen())
+                    .iter()
+                    .zip(&targets)
+                    .all(|(t, want)| t >= want)
+            }),
+            "the console client got no ticks after the update: {:?}",
+            seen()
+        );
+        assert!(
+            !closed.load(Ordering::SeqCst),
+            "the console connection was closed"
+        );
+    }
+    let text = seen();
+    let log = parse_heartbeats(&text);
+    assert!(log.malformed.is_empty(), "garbled: {:?}", log.malformed);
+    // The client may have connected in time to see the first `start` lines,
+    // but no vCPU may start twice.
+    let mut started = log.started.clone();
+    started.sort_unstable();
+    started.dedup();
+    assert_eq!(
+        started.len(),
+        log.started.len(),
+        "the guest restarted: {text}"
+    );
+    assert_eq!(log.ticks.len(), 2, "{text}");
+    if let Err(e) = assert_ticks_consecutive(&log.ticks) {
+        panic!("bytes lost on the console socket: {e}");
+    }
+    client.shutdown(std::net::Shutdown::Both).unwrap();
+    reader.join().unwrap();
+    vm.quit();
+}
+
+// ---------------------------------------------------------------------------
+// fd hygiene
+
+/// Every fd but stdin/stdout/stderr must be close-on-exec outside the exec window.
+fn assert_all_cloexec(pid: u32, when: &str) {
+    let leaky: Vec<OpenFd> = list_fds(pid)
+        .unwrap()
+        .into_iter()
+        .filter(|fd| fd.fd > 2 && !fd.is_cloexec())
+        .collect();
+    assert!(
+        leaky.is_empty(),
+        "{when}: fds without close-on-exec would leak into the next exec: {leaky:#?}"
+    );
+}
+
+/// Outside the exec window: every guest-RAM memfd is close-on-exec, and neither
+/// the CPR channel nor an executable (the rollback fd) is still open.
+fn assert_no_update_leftovers(pid: u32, when: &str) {
+    let fds = list_fds(pid).unwrap();
+    let exes: Vec<PathBuf> = [vmm_bin(), shim_bin()]
+        .iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    for fd in &fds {
+        if memfd_name(fd).is_some_and(|n| n.starts_with("guest-ram")) {
+            assert!(
+                fd.is_cloexec(),
+                "{when}: RAM memfd not close-on-exec: {fd:?}"
+            );
+        }
+        assert!(
+            memfd_name(fd) != Some("cpr-state"),
+            "{when}: the CPR state channel is still open: {fd:?}"
+        );
+        assert!(
+            !exes.iter().any(|exe| Path::new(&fd.target) == exe),
+            "{when}: an executable is still open: {fd:?}"
+        );
+    }
+}
+
+#[test]
+fn fds_are_close_on_exec_and_nothing_inherited_is_left_over() {
+    // 4 GiB: two RAM regions (below and above the PCI hole); memfds are lazy.
+    let mut vm = Vm::start(
+        "fds",
+        &[
+            "-m",
+            "4G",
+            "--guest",
+            HEARTBEAT,
+            "-machine",
+            "aux-ram-share=on",
+        ],
+    );
+    let pid = vm.pid();
+    vm.wait_ticks_advance(1, 3);
+    let fds_before = list_fds(pid).unwrap();
+    let ram_before = ram_memfds(&fds_before);
+    let names: Vec<&str> = ram_before.iter().filter_map(|fd| memfd_name(fd)).collect();
+    assert_eq!(
+        names,
+        ["guest-ram-low", "guest-ram-high"],
+        "{fds_before:#?}"
+    );
+    for fd in &ram_before {
+        assert!(fd.is_cloexec(), "old process: {fd:?}");
+    }
+    assert_no_update_leftovers(pid, "before the update");
+    let identities: Vec<(u64, u64)> = ram_before
+        .iter()
+        .map(|fd| fd_identity(pid, fd.fd).unwrap())
+        .collect();
+    let kinds_before = fd_kinds(pid).unwrap();
+
+    for round in 0..3 {
+        let command = vm.via_shim(&[], &vmm_bin());
+        assert_completed(&vm.update(&command));
+        vm.wait_ticks_advance(1, 2);
+        let fds = list_fds(pid).unwrap();
+        let ram = ram_memfds(&fds);
+        // The very same memfds (device and inode), close-on-exec again.
+        let found: Vec<(u64, u64)> = ram
+            .iter()
+            .map(|fd| fd_identity(pid, fd.fd).unwrap())
+            .collect();
+        assert_eq!(found, identities, "round {round}: RAM memfds {ram:#?}");
+        for fd in &ram {
+            assert!(fd.is_cloexec(), "round {round}, new process: {fd:?}");
+        }
+        assert_no_update_leftovers(pid, &format!("round {round}"));
+        // Same kinds and counts as the freshly booted process: nothing inherited
+        // is left over, and nothing accumulates update after update.
+        let kinds = fd_kinds(pid).unwrap();
+        assert_eq!(
+            kinds,
+            kinds_before,
+            "round {round}: open fds differ from the freshly booted VMM's; now: {:#?}",
+            fds.iter()
+                .map(|fd| (fd.fd, fd_kind(fd), fd.is_cloexec()))
+                .collect::<Vec<_>>()
+        );
+        assert_all_cloexec(pid, &format!("round {round}"));
+    }
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+#[test]
+fn fds_of_a_freshly_booted_vmm_are_close_on_exec() {
+    let vm = Vm::heartbeat("fdboot", 2);
+    vm.wait_ticks_advance(2, 2);
+    assert_all_cloexec(vm.pid(), "freshly booted VMM");
+    vm.quit();
+}
+
+// ---------------------------------------------------------------------------
+// faults: each ends with the guest running, the same PID, the reason reported,
+// and a VM that can be updated again.
+
+/// Runs an update with `command` that must fail, with `causes` in `error-desc`
+/// (and a rollback reported when `rolled_back`), then checks the guest, and
+/// that a normal update still works afterwards.
+fn fault_case(vm: &mut Vm, command: &[String], causes: &[&str], rolled_back: bool) {
+    fault_case_with(vm, command, causes, rolled_back, true);
+}
+
+/// [`fault_case`]; `check_fds` also checks that nothing of the failed update is
+/// left open (off where the fault itself plants an fd the VMM cannot know about).
+fn fault_case_with(
+    vm: &mut Vm,
+    command: &[String],
+    causes: &[&str],
+    rolled_back: bool,
+    check_fds: bool,
+) {
+    let pid = vm.pid();
+    let exe = vm.exe();
+    vm.wait_ticks_advance(1, 3);
+    let update = vm.update(command);
+    eprintln!(
+        "update with {:?}... failed as expected: {}",
+        &command[..command.len().min(4)],
+        update.error_desc()
+    );
+    assert_failed(&update, causes, rolled_back);
+    assert_eq!(vm.pid(), pid);
+    vm.assert_same_process_runs(&exe);
+    assert_eq!(vm.status(), "running");
+    if check_fds {
+        assert_no_update_leftovers(pid, "after the failed update");
+    }
+    vm.wait_ticks_advance(1, 5);
+
+    // The VM is intact: it updates normally afterwards.
+    let update = vm.update_ok(&vmm_bin());
+    assert_eq!(update.rolled_back(), Some(false));
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+}
+
+/// `cpr-fault ACTION -- cpr-shim -- vmm ARGS -incoming file:STATE`.
+fn with_fault(vm: &Vm, action: &[String]) -> Vec<String> {
+    let mut command = vec![fault_bin().display().to_string()];
+    command.extend(action.iter().cloned());
+    command.push("--".into());
+    command.extend(vm.via_shim(&[], &vmm_bin()));
+    command
+}
+
+#[test]
+fn fault_missing_command_is_refused_without_stopping_the_guest() {
+    let mut vm = Vm::heartbeat("nocmd", 1);
+    vm.wait_ticks_advance(1, 3);
+    vm.qmp
+        .execute("migrate-set-parameters", json!({"mode": "cpr-exec"}))
+        .unwrap();
+    let error = vm
+        .qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", vm.state.display())}),
+        )
+        .unwrap_err();
+    assert_eq!(error.class(), Some("GenericError"), "{error}");
+    assert!(error.to_string().contains("cpr-exec-command"), "{error}");
+    assert_eq!(vm.status(), "running");
+    // Events precede the reply they belong to; none may have come.
+    let events: Vec<Value> = vm.qmp.events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "STOP" || e["event"] == "RESUME"),
+        "the guest was stopped or resumed: {events:?}"
+    );
+    assert!(!vm.state.exists(), "a state file was written");
+    vm.wait_ticks_advance(1, 5);
+    // Setting the command now makes the same request work.
+    assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+#[test]
+fn fault_nonexistent_program_resumes_the_guest() {
+    let mut vm = Vm::heartbeat("noprog", 1);
+    let missing = vm.dir.join("no-such-dir/vmm-2.0");
+    let command = direct_command(&missing, &vm.args, &vm.state);
+    fault_case(
+        &mut vm,
+        &command,
+        &[missing.to_str().unwrap(), "No such file or directory"],
+        false,
+    );
+    vm.quit();
+}
+
+#[test]
+fn fault_argument_list_too_long_resumes_the_guest() {
+    let mut vm = Vm::heartbeat("e2big", 1);
+    let mut command = vm.via_shim(&[], &vmm_bin());
+    // One 200 KB argument: over the kernel's per-string limit (128 KiB).
+    command.insert(1, "--log".into());
+    command.insert(2, format!("/tmp/{}", "x".repeat(200 << 10)));
+    fault_case(&mut vm, &command, &["Argument list too long"], false);
+    vm.quit();
+}
+
+#[test]
+fn fault_swapped_fds_are_refused_by_the_shim_and_rolled_back() {
+    let mut vm = Vm::heartbeat("swap", 1);
+    let ram = ram_fd(vm.pid(), "guest-ram-low").unwrap().unwrap();
+    let listener = listener_fd(vm.pid(), &vm.socket).unwrap().unwrap();
+    let command = with_fault(&vm, &strings(&["--swap", &format!("{ram},{listener}")]));
+    fault_case(
+        &mut vm,
+        &command,
+        &[&format!("fd {ram} (guest-ram-low)")],
+        true,
+    );
+    vm.quit();
+}
+
+#[test]
+fn fault_closed_ram_fd_is_refused_by_the_shim_and_rolled_back() {
+    let mut vm = Vm::heartbeat("moved", 1);
+    let ram = ram_fd(vm.pid(), "guest-ram-low").unwrap().unwrap();
+    let command = with_fault(&vm, &strings(&["--move", &ram.to_string()]));
+    fault_case(
+        &mut vm,
+        &command,
+        &[&format!("fd {ram} (guest-ram-low) is not open")],
+        true,
+    );
+    vm.quit();
+}
+
+#[test]
+fn fault_wrong_size_ram_memfd_is_refused_by_the_shim_and_rolled_back() {
+    let mut vm = Vm::heartbeat("wrongsz", 1);
+    let ram = ram_fd(vm.pid(), "guest-ram-low").unwrap().unwrap();
+    let command = with_fault(&vm, &strings(&["--replace-ram", &ram.to_string()]));
+    // The planted memfd (same name, other size) stays at fd {ram}: only the
+    // wrapper knows it is not the VMM's.
+    fault_case_with(
+        &mut vm,
+        &command,
+        &[&format!("fd {ram} (guest-ram-low)")],
+        true,
+        false,
+    );
+    vm.quit();
+}
+
+#[test]
+fn fault_corrupted_cpr_state_is_refused_by_the_shim_and_rolled_back() {
+    let mut vm = Vm::heartbeat("chan", 1);
+    let command = with_fault(&vm, &strings(&["--corrupt-channel"]));
+    fault_case(&mut vm, &command, &["CPR state channel is damaged"], true);
+    vm.quit();
+}
+
+#[test]
+fn fault_sha256_mismatch_is_refused_by_the_shim_and_rolled_back() {
+    let mut vm = Vm::heartbeat("sha", 1);
+    let wrong = "0".repeat(64);
+    let command = vm.via_shim(&strings(&["--sha256", &wrong]), &vmm_bin());
+    fault_case(&mut vm, &command, &["sha256", &wrong], true);
+    vm.quit();
+}
+
+#[test]
+fn fault_target_that_is_not_a_vmm_is_refused_by_the_shim_and_rolled_back() {
+    let mut vm = Vm::heartbeat("notvmm", 1);
+    let command = shim_command(
+        &shim_bin(),
+        &[],
+        Path::new("/bin/true"),
+        &vm.args,
+        &vm.state,
+    );
+    fault_case(&mut vm, &command, &["cannot take a live update"], true);
+    vm.quit();
+}
+
+#[test]
+fn fault_new_vmm_exits_before_resume_and_is_rolled_back() {
+    let mut vm = Vm::heartbeat("exitbr", 1);
+    let mut command = vm.via_shim(&[], &vmm_bin());
+    let at = command.len() - 2;
+    command.splice(at..at, strings(&["--cpr-test-fault", "exit-before-resume"]));
+    fault_case(&mut vm, &command, &["exit-before-resume"], true);
+    vm.quit();
+}
+
+#[test]
+fn fault_new_vmm_crashes_before_resume_and_is_rolled_back() {
+    let mut vm = Vm::heartbeat("crashbr", 1);
+    let mut command = vm.via_shim(&[], &vmm_bin());
+    let at = command.len() - 2;
+    command.splice(
+        at..at,
+        strings(&["--cpr-test-fault", "crash-before-resume"]),
+    );
+    fault_case(&mut vm, &command, &["crashed before resuming"], true);
+    vm.quit();
+}
+
+#[test]
+fn fault_corrupted_state_file_keeps_the_guest() {
+    let mut vm = Vm::heartbeat("statef", 1);
+    let state = vm.state.display().to_string();
+    let command = with_fault(&vm, &strings(&["--corrupt-file", &state]));
+    fault_case(&mut vm, &command, &[&state], true);
+    vm.quit();
+}
