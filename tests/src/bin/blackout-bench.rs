@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p cpr-tests --bin blackout-bench -- [--sizes 256M,1G,4G,16G]
-//!     [--updates 20] [--qemu-reps 10] [--no-qemu] [--hugepages] [--json FILE]
+//!     [--updates 20] [--qemu-reps 10] [--no-qemu] [--hugepages] [--static] [--json FILE]
 //! ```
 //!
 //! For each size, with guest RAM pre-faulted (`--prealloc`) and the `memcheck` guest sweeping:
@@ -12,6 +12,8 @@
 //! - the guest's first full memcheck sweep after each update against steady-state sweeps (the
 //!   cost of rebuilding page tables lazily);
 //! - normal `migrate` to a file plus `-incoming` restore of the same VM (copy-everything);
+//! - with `--static`, the cpr-exec blackout again with statically linked `vmm` and `cpr-shim`
+//!   (built into target/static), which spares each of the update's two execs the dynamic loader;
 //! - QEMU's cpr-transfer and cpr-exec pauses for the same size, when `scripts/bench-setup.sh`
 //!   has installed them (see `cpr_tests::qemu_bench`).
 //!
@@ -36,6 +38,7 @@ struct Options {
     qemu_reps: usize,
     qemu: bool,
     hugepages: bool,
+    static_build: bool,
     json: Option<PathBuf>,
 }
 
@@ -58,6 +61,7 @@ fn parse_options() -> Result<Options, String> {
         qemu_reps: 10,
         qemu: true,
         hugepages: false,
+        static_build: false,
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -74,11 +78,12 @@ fn parse_options() -> Result<Options, String> {
             "--qemu-reps" => o.qemu_reps = value()?.parse().map_err(|_| "bad --qemu-reps")?,
             "--no-qemu" => o.qemu = false,
             "--hugepages" => o.hugepages = true,
+            "--static" => o.static_build = true,
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--help" | "-h" => {
                 return Err(
                     "usage: blackout-bench [--sizes 256M,1G,4G,16G] [--updates 20] \
-                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--json FILE]"
+                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--static] [--json FILE]"
                         .into(),
                 );
             }
@@ -148,6 +153,54 @@ fn machine_label() -> Value {
     })
 }
 
+/// Which `vmm` and `cpr-shim` to run.
+#[derive(Clone)]
+struct Binaries {
+    vmm: PathBuf,
+    shim: PathBuf,
+}
+
+impl Binaries {
+    fn default_build() -> Self {
+        Binaries {
+            vmm: vmm_bin(),
+            shim: shim_bin(),
+        }
+    }
+
+    /// Statically linked builds (no dynamic loader at exec: two fewer loader runs per update),
+    /// built into target/static.
+    fn static_build() -> Result<Self, String> {
+        let target = "x86_64-unknown-linux-gnu";
+        let dir = cpr_tests::target_dir().join("static");
+        let status =
+            std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "vmm",
+                    "-p",
+                    "cpr-shim",
+                    "--target",
+                    target,
+                ])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_TARGET_DIR", &dir)
+                .current_dir(cpr_tests::workspace_root())
+                .status()
+                .map_err(|e| format!("cargo: {e}"))?;
+        if !status.success() {
+            return Err("building static binaries failed".into());
+        }
+        let out = dir.join(target).join("release");
+        Ok(Binaries {
+            vmm: out.join("vmm"),
+            shim: out.join("cpr-shim"),
+        })
+    }
+}
+
 /// A memcheck VM whose sweeps are timed from its serial output.
 struct SweepingVm {
     vmm: VmmProcess,
@@ -159,6 +212,7 @@ struct SweepingVm {
 
 impl SweepingVm {
     fn start(
+        bins: &Binaries,
         dir: &Path,
         ram_mib: u64,
         hugepages: bool,
@@ -188,7 +242,7 @@ impl SweepingVm {
             run_args.push(inc.into());
         }
         let vmm =
-            VmmProcess::start(vmm_bin(), &run_args).map_err(|e| format!("starting vmm: {e}"))?;
+            VmmProcess::start(&bins.vmm, &run_args).map_err(|e| format!("starting vmm: {e}"))?;
         vmm.wait_for_path(&socket, WAIT)
             .map_err(|e| e.to_string())?;
         let mut qmp = QmpClient::connect_and_negotiate(&socket, WAIT).map_err(|e| e.to_string())?;
@@ -260,11 +314,11 @@ impl SweepingVm {
 }
 
 /// One cpr-exec update through the shim; returns the measurements.
-fn one_update(vm: &mut SweepingVm, state: &Path) -> Result<Value, String> {
+fn one_update(vm: &mut SweepingVm, bins: &Binaries, state: &Path) -> Result<Value, String> {
     let mut command: Vec<String> = vec![
-        shim_bin().display().to_string(),
+        bins.shim.display().to_string(),
         "--".into(),
-        vmm_bin().display().to_string(),
+        bins.vmm.display().to_string(),
     ];
     command.extend(vm.args.iter().cloned());
     command.extend(["-incoming".into(), format!("file:{}", state.display())]);
@@ -303,12 +357,13 @@ fn one_update(vm: &mut SweepingVm, state: &Path) -> Result<Value, String> {
 }
 
 fn bench_cpr_exec(
+    bins: &Binaries,
     dir: &Path,
     ram_mib: u64,
     updates: usize,
     hugepages: bool,
 ) -> Result<Value, String> {
-    let mut vm = SweepingVm::start(dir, ram_mib, hugepages, None)?;
+    let mut vm = SweepingVm::start(bins, dir, ram_mib, hugepages, None)?;
     let pid = vm.vmm.pid();
     let steady = vm.steady_sweep_ms(3)?;
     let state = dir.join("vm.state");
@@ -318,7 +373,7 @@ fn bench_cpr_exec(
     let mut first_sweeps = Vec::new();
     for i in 0..updates {
         vm.wait_quiet();
-        let m = one_update(&mut vm, &state)?;
+        let m = one_update(&mut vm, bins, &state)?;
         blackouts.push(m["blackout_ms"].as_f64().unwrap_or(f64::NAN));
         events.push(m["events_ms"].as_f64().unwrap_or(f64::NAN));
         for (order, p) in m["phases"].as_array().into_iter().flatten().enumerate() {
@@ -365,7 +420,8 @@ fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
     let dst_dir = dir.join("dst");
     std::fs::create_dir_all(&src_dir).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&dst_dir).map_err(|e| e.to_string())?;
-    let mut src = SweepingVm::start(&src_dir, ram_mib, false, None)?;
+    let bins = Binaries::default_build();
+    let mut src = SweepingVm::start(&bins, &src_dir, ram_mib, false, None)?;
     src.steady_sweep_ms(1)?;
     let state = dir.join("normal.state");
     let _ = src.qmp.events();
@@ -399,7 +455,7 @@ fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
     let file_mib = std::fs::metadata(&state)
         .map(|m| m.len() as f64 / 1048576.0)
         .unwrap_or(0.0);
-    let mut dst = SweepingVm::start(&dst_dir, ram_mib, false, Some("defer"))?;
+    let mut dst = SweepingVm::start(&bins, &dst_dir, ram_mib, false, Some("defer"))?;
     let t = Instant::now();
     dst.qmp
         .execute(
@@ -452,6 +508,40 @@ fn bench_qemu(install: &QemuInstall, ram_mib: u64, reps: usize, workdir: &Path) 
     json!({"qemu_cpr_transfer_pause_ms": transfer, "qemu_cpr_exec_pause_ms": exec})
 }
 
+/// Reserves enough 2 MiB huge pages for a guest (root only) and gives them back when dropped.
+struct HugePageReservation {
+    previous: String,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePageReservation {
+    fn reserve(ram_mib: u64) -> Result<Self, String> {
+        let previous = std::fs::read_to_string(NR_HUGEPAGES)
+            .map_err(|e| format!("huge pages: {NR_HUGEPAGES}: {e}"))?;
+        let want = ram_mib / 2 + 8;
+        std::fs::write(NR_HUGEPAGES, want.to_string())
+            .map_err(|e| format!("huge pages: cannot reserve {want}: {e}"))?;
+        let got: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let reservation = HugePageReservation { previous };
+        if got < want {
+            return Err(format!(
+                "huge pages: the machine could reserve only {got} of {want} 2 MiB pages"
+            ));
+        }
+        Ok(reservation)
+    }
+}
+
+impl Drop for HugePageReservation {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.previous.trim());
+    }
+}
+
 fn fmt_ms(v: &Value) -> String {
     match v.as_f64() {
         Some(x) if x >= 100.0 => format!("{x:.0}"),
@@ -463,12 +553,13 @@ fn fmt_ms(v: &Value) -> String {
 fn print_table(results: &[Value]) {
     println!();
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>11} {:>11}",
+        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>11} {:>11} {:>11}",
         "RAM",
         "min ms",
         "median",
         "p99",
         "events",
+        "static",
         "sweep x",
         "normal ms",
         "QEMU xfer",
@@ -478,12 +569,13 @@ fn print_table(results: &[Value]) {
         let c = &r["cpr_exec"];
         let b = &c["blackout_ms"];
         println!(
-            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>11} {:>11}",
+            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>11} {:>11} {:>11}",
             r["label"].as_str().unwrap_or("?"),
             fmt_ms(&b["min"]),
             fmt_ms(&b["median"]),
             fmt_ms(&b["p99"]),
             fmt_ms(&c["stop_to_resume_events_ms"]["median"]),
+            fmt_ms(&r["cpr_exec_static"]["blackout_ms"]["median"]),
             c["first_sweep_slowdown"]
                 .as_f64()
                 .map(|x| format!("{x:.2}"))
@@ -525,6 +617,8 @@ fn main() {
     }
     let machine = machine_label();
     eprintln!("blackout-bench on {machine}");
+    let default_bins = Binaries::default_build();
+    let static_bins = o.static_build.then(Binaries::static_build);
     let qemu = o.qemu.then(QemuInstall::detect);
     if let Some(q) = &qemu {
         eprintln!("{}", q.describe());
@@ -551,8 +645,19 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let cpr = bench_cpr_exec(dir.path(), ram_mib, o.updates, hugepages)
-            .unwrap_or_else(|e| json!({"error": e}));
+        let reservation = hugepages.then(|| HugePageReservation::reserve(ram_mib));
+        let cpr = match &reservation {
+            Some(Err(e)) => json!({"error": e}),
+            _ => bench_cpr_exec(&default_bins, dir.path(), ram_mib, o.updates, hugepages)
+                .unwrap_or_else(|e| json!({"error": e})),
+        };
+        drop(reservation);
+        let cpr_static = match (&static_bins, hugepages) {
+            (Some(Ok(b)), false) => bench_cpr_exec(b, dir.path(), ram_mib, o.updates, false)
+                .unwrap_or_else(|e| json!({"error": e})),
+            (Some(Err(e)), false) => json!({"error": e}),
+            _ => Value::Null,
+        };
         let normal = if hugepages {
             Value::Null
         } else {
@@ -562,7 +667,7 @@ fn main() {
             Some(q) if !hugepages => bench_qemu(q, ram_mib, o.qemu_reps, dir.path()),
             _ => Value::Null,
         };
-        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "normal": normal, "qemu": qemu}));
+        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_static": cpr_static, "normal": normal, "qemu": qemu}));
     }
     print_table(&results);
     let report = json!({"machine": machine, "updates_per_size": o.updates, "results": results});

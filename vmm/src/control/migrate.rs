@@ -572,35 +572,7 @@ impl Vmm {
             .take()
             .map(|t| t.hello.sender_version)
             .unwrap_or_default();
-        self.migration = MigrationRecord {
-            status: MigrationStatus::Completed,
-            total_time_ms: Some(blackout_ns / 1_000_000),
-            downtime_ms: Some(blackout_ns / 1_000_000),
-            cpr: Some(CprUpdateInfo {
-                blackout_ns,
-                phases: phases
-                    .phases
-                    .iter()
-                    .map(|p| CprPhase {
-                        name: p.name.clone(),
-                        ns: p.ns,
-                    })
-                    .collect(),
-                from_version,
-                to_version: crate::version_string(),
-                rolled_back: false,
-            }),
-            ..MigrationRecord::default()
-        };
-        if run {
-            self.run_state = RunState::Running;
-            self.emit(&EventKind::Resume);
-        } else {
-            self.run_state = RunState::Paused;
-        }
-        self.emit(&EventKind::Migration {
-            status: MigrationStatus::Completed,
-        });
+        self.finish_incoming_update(blackout_ns, &phases, from_version, None, run);
         log::info!(
             "cpr-transfer complete: blackout {:.3} ms",
             blackout_ns as f64 / 1e6
@@ -800,42 +772,13 @@ impl Vmm {
             Attempt::Rollback { reason } => Some(reason.clone()),
             Attempt::Update => None,
         };
-        self.migration = MigrationRecord {
-            status: if rolled_back.is_some() {
-                MigrationStatus::Failed
-            } else {
-                MigrationStatus::Completed
-            },
-            started: None,
-            total_time_ms: Some(blackout_ns / 1_000_000),
-            downtime_ms: Some(blackout_ns / 1_000_000),
-            error: rolled_back.clone(),
-            cpr: Some(CprUpdateInfo {
-                blackout_ns,
-                phases: incoming
-                    .phases
-                    .phases
-                    .iter()
-                    .map(|p| CprPhase {
-                        name: p.name.clone(),
-                        ns: p.ns,
-                    })
-                    .collect(),
-                from_version: incoming.state.fallback.version.clone(),
-                to_version: crate::version_string(),
-                rolled_back: rolled_back.is_some(),
-            }),
-            ..MigrationRecord::default()
-        };
-        if guest_was_running {
-            self.run_state = RunState::Running;
-            self.emit(&EventKind::Resume);
-        } else {
-            self.run_state = RunState::Paused;
-        }
-        self.emit(&EventKind::Migration {
-            status: self.migration.status,
-        });
+        self.finish_incoming_update(
+            blackout_ns,
+            &incoming.phases,
+            incoming.state.fallback.version.clone(),
+            rolled_back.clone(),
+            guest_was_running,
+        );
         match &rolled_back {
             None => log::info!(
                 "live update from {} to {} complete: blackout {:.3} ms",
@@ -850,6 +793,52 @@ impl Vmm {
             ),
         }
         Ok(())
+    }
+
+    /// The new side of a live update (either cpr mode) has resumed the guest (or left it paused
+    /// as it was): record what query-migrate reports and tell the QMP clients. `rolled_back` is
+    /// the failed update's reason when this process is the previous version taking the guest back.
+    fn finish_incoming_update(
+        &mut self,
+        blackout_ns: u64,
+        phases: &PhaseLog,
+        from_version: String,
+        rolled_back: Option<String>,
+        running: bool,
+    ) {
+        let status = if rolled_back.is_some() {
+            MigrationStatus::Failed
+        } else {
+            MigrationStatus::Completed
+        };
+        self.migration = MigrationRecord {
+            status,
+            total_time_ms: Some(blackout_ns / 1_000_000),
+            downtime_ms: Some(blackout_ns / 1_000_000),
+            cpr: Some(CprUpdateInfo {
+                blackout_ns,
+                phases: phases
+                    .phases
+                    .iter()
+                    .map(|p| CprPhase {
+                        name: p.name.clone(),
+                        ns: p.ns,
+                    })
+                    .collect(),
+                from_version,
+                to_version: crate::version_string(),
+                rolled_back: rolled_back.is_some(),
+            }),
+            error: rolled_back,
+            ..MigrationRecord::default()
+        };
+        if running {
+            self.run_state = RunState::Running;
+            self.emit(&EventKind::Resume);
+        } else {
+            self.run_state = RunState::Paused;
+        }
+        self.emit(&EventKind::Migration { status });
     }
 
     /// Normal mode: stop, capture the machine, and write state and RAM on a thread.
