@@ -39,6 +39,7 @@ pub mod procfs;
 pub mod qemu_bench;
 pub mod qmp;
 pub mod tempdir;
+pub mod transfer;
 
 pub use binaries::{build_binaries, shim_bin, target_dir, vmm_bin, workspace_root};
 pub use heartbeat::{

@@ -414,6 +414,129 @@ fn bench_cpr_exec(
     }))
 }
 
+/// cpr-transfer, `updates` times in a chain: each new VMM (same arguments, so with
+/// `--prealloc` like the cpr-exec measurement) takes the guest and becomes the next old one.
+/// New VMMs start with `-incoming defer`, so their monitor is connected before the hand-over
+/// and their RESUME event is seen; the blackout starts only once they listen on the main
+/// channel, so this does not lengthen it. Blackout from the new VMM's own figure (x-cpr
+/// blackout-ns: old VMM stops the vCPUs → new VMM resumes them) and from the old VMM's STOP
+/// to the new VMM's RESUME event timestamps.
+fn bench_cpr_transfer(
+    dir: &Path,
+    ram_mib: u64,
+    updates: usize,
+    hugepages: bool,
+) -> Result<Value, String> {
+    use cpr_tests::transfer::{
+        CprSpelling, MainChannel, Target, migrate_cpr_transfer, unix_channel,
+    };
+    let dir = dir.join("xfer");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut vm = SweepingVm::start(&Binaries::default_build(), &dir, ram_mib, hugepages, None)?;
+    // The machine arguments without the monitor: each new VMM gets its own socket.
+    let mut machine_args = Vec::new();
+    let mut args = vm.args.iter();
+    while let Some(a) = args.next() {
+        if a == "-qmp" {
+            args.next();
+        } else {
+            machine_args.push(a.clone());
+        }
+    }
+    let steady = vm.steady_sweep_ms(3)?;
+    let mut blackouts = Vec::new();
+    let mut events = Vec::new();
+    let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
+    let mut first_sweeps = Vec::new();
+    for i in 0..updates {
+        let target = Target::start(
+            &dir,
+            &format!("t{i}"),
+            &machine_args,
+            MainChannel::Defer,
+            CprSpelling::KeyValue,
+            WAIT,
+        )
+        .map_err(|e| e.to_string())?;
+        let _ = vm.qmp.events();
+        migrate_cpr_transfer(&mut vm.qmp, &target.main_path, &target.cpr_path)
+            .map_err(|e| e.to_string())?;
+        let mut qmp = target.connect_qmp(WAIT)?;
+        qmp.execute(
+            "migrate-incoming",
+            json!({"channels": [unix_channel("main", &target.main_path)]}),
+        )
+        .map_err(|e| e.to_string())?;
+        let resume = qmp.wait_event("RESUME", WAIT).map_err(|e| e.to_string())?;
+        let stop = vm.qmp.wait_event("STOP", WAIT).map_err(|e| e.to_string())?;
+        let info = qmp
+            .execute("query-migrate", Value::Null)
+            .map_err(|e| e.to_string())?;
+        if info["status"] != "completed" {
+            return Err(format!("transfer {i} did not complete: {info}"));
+        }
+        let cpr = &info["x-cpr"];
+        blackouts.push(cpr["blackout-ns"].as_f64().unwrap_or(f64::NAN) / 1e6);
+        events.push((event_timestamp(&resume) - event_timestamp(&stop)) * 1e3);
+        for (order, p) in cpr["phases"].as_array().into_iter().flatten().enumerate() {
+            let name = p["name"].as_str().unwrap_or("?").to_string();
+            let entry = phases.entry(name).or_insert((order, Vec::new()));
+            entry.1.push(p["ns"].as_f64().unwrap_or(0.0) / 1e6);
+        }
+        // The old VMM is done once it has seen COMMIT.
+        loop {
+            let ev = vm
+                .qmp
+                .wait_event("MIGRATION", WAIT)
+                .map_err(|e| e.to_string())?;
+            match ev["data"]["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") => return Err(format!("transfer {i} failed on the old VMM: {ev}")),
+                _ => {}
+            }
+        }
+        let _ = vm.qmp.execute("quit", Value::Null);
+        let _ = vm.vmm.wait_exit(WAIT);
+        qmp.set_timeout(WAIT);
+        vm = SweepingVm {
+            vmm: target.vmm,
+            qmp,
+            args: machine_args.clone(),
+            sweeps_seen: 0,
+        };
+        // As for cpr-exec: the first full sweep after the hand-over.
+        vm.sweeps_seen = vm.sweeps();
+        let b1 = vm.next_sweep()?;
+        let b2 = vm.next_sweep()?;
+        first_sweeps.push((b2 - b1).as_secs_f64() * 1e3);
+        eprint!(
+            "\r  {ram_mib} MiB cpr-transfer: transfer {}/{updates}",
+            i + 1
+        );
+    }
+    eprintln!();
+    let _ = vm.qmp.execute("quit", Value::Null);
+    let _ = vm.vmm.wait_exit(WAIT);
+    let mut ordered: Vec<(usize, String, f64)> = phases
+        .into_iter()
+        .map(|(name, (order, v))| (order, name, median(&v)))
+        .collect();
+    ordered.sort_by_key(|(o, _, _)| *o);
+    let phase_medians: Vec<Value> = ordered
+        .into_iter()
+        .map(|(_, name, ms)| json!({"name": name, "median_ms": ms}))
+        .collect();
+    Ok(json!({
+        "blackout_ms": summary(&blackouts),
+        "stop_to_resume_events_ms": summary(&events),
+        "phase_medians_ms": phase_medians,
+        "steady_sweep_ms": steady,
+        "first_sweep_after_transfer_ms": summary(&first_sweeps),
+        "first_sweep_slowdown": median(&first_sweeps) / steady,
+        "note": "a chain of transfers, each new VMM started with -incoming defer (its monitor connected before the hand-over)",
+    }))
+}
+
 /// Normal migration to a file, then `-incoming defer` + `migrate-incoming` in a new process.
 fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
     let src_dir = dir.join("src");
@@ -553,7 +676,7 @@ fn fmt_ms(v: &Value) -> String {
 fn print_table(results: &[Value]) {
     println!();
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>11} {:>11} {:>11}",
+        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
         "RAM",
         "min ms",
         "median",
@@ -561,6 +684,7 @@ fn print_table(results: &[Value]) {
         "events",
         "static",
         "sweep x",
+        "xfer ms",
         "normal ms",
         "QEMU xfer",
         "QEMU exec"
@@ -569,7 +693,7 @@ fn print_table(results: &[Value]) {
         let c = &r["cpr_exec"];
         let b = &c["blackout_ms"];
         println!(
-            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>11} {:>11} {:>11}",
+            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
             r["label"].as_str().unwrap_or("?"),
             fmt_ms(&b["min"]),
             fmt_ms(&b["median"]),
@@ -580,6 +704,7 @@ fn print_table(results: &[Value]) {
                 .as_f64()
                 .map(|x| format!("{x:.2}"))
                 .unwrap_or("-".into()),
+            fmt_ms(&r["cpr_transfer"]["blackout_ms"]["median"]),
             fmt_ms(&r["normal"]["stop_to_resume_ms"]),
             fmt_ms(&r["qemu"]["qemu_cpr_transfer_pause_ms"]["median"]),
             fmt_ms(&r["qemu"]["qemu_cpr_exec_pause_ms"]["median"]),
@@ -651,6 +776,11 @@ fn main() {
             _ => bench_cpr_exec(&default_bins, dir.path(), ram_mib, o.updates, hugepages)
                 .unwrap_or_else(|e| json!({"error": e})),
         };
+        let transfer = match &reservation {
+            Some(Err(e)) => json!({"error": e}),
+            _ => bench_cpr_transfer(dir.path(), ram_mib, o.updates, hugepages)
+                .unwrap_or_else(|e| json!({"error": e})),
+        };
         drop(reservation);
         let cpr_static = match (&static_bins, hugepages) {
             (Some(Ok(b)), false) => bench_cpr_exec(b, dir.path(), ram_mib, o.updates, false)
@@ -667,7 +797,7 @@ fn main() {
             Some(q) if !hugepages => bench_qemu(q, ram_mib, o.qemu_reps, dir.path()),
             _ => Value::Null,
         };
-        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_static": cpr_static, "normal": normal, "qemu": qemu}));
+        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_static": cpr_static, "cpr_transfer": transfer, "normal": normal, "qemu": qemu}));
     }
     print_table(&results);
     let report = json!({"machine": machine, "updates_per_size": o.updates, "results": results});

@@ -101,9 +101,21 @@ impl Vmm {
         Ok(())
     }
 
+    /// After a cpr-transfer the guest runs in the new VMM on the same memory: running, resetting
+    /// or migrating it here as well would corrupt it.
+    pub(super) fn refuse_if_handed_over(&self) -> Result<(), QmpError> {
+        if self.handed_over {
+            return Err(QmpError::generic(
+                "The guest's RAM was handed to another VMM by cpr-transfer and runs there now; this VMM can only be queried or quit",
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn migrate(&mut self, args: &MigrateArgs) -> Result<(), QmpError> {
         let targets = args.targets()?;
-        if self.outgoing.is_some() {
+        self.refuse_if_handed_over()?;
+        if self.outgoing.is_some() || self.transfer_out.is_some() {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
         if self.machine.is_none() || self.run_state == RunState::Inmigrate {
@@ -175,7 +187,7 @@ impl Vmm {
                 "Guest is waiting for an incoming migration",
             ));
         };
-        let sent = cpr_transfer::connect(&cpr_path).and_then(|cpr| {
+        let sent = cpr_transfer::connect("cpr", &cpr_path).and_then(|cpr| {
             cpr_transfer::send_hello(&cpr, machine.ram(), monotonic_ns())?;
             Ok(cpr)
         });
@@ -183,7 +195,7 @@ impl Vmm {
             Ok(c) => c,
             Err(e) => {
                 let reason = e.to_string();
-                self.fail_migration(&reason, false);
+                self.fail_transfer_out(&reason);
                 return Err(QmpError::generic(reason));
             }
         };
@@ -194,7 +206,7 @@ impl Vmm {
             EventSet::IN | EventSet::READ_HANG_UP,
         ) {
             let reason = format!("cpr-transfer: {e}");
-            self.fail_migration(&reason, false);
+            self.fail_transfer_out(&reason);
             return Err(QmpError::generic(reason));
         }
         self.transfer_out = Some(TransferOut::CprSent {
@@ -242,7 +254,8 @@ impl Vmm {
                 )),
                 Err(TransferError::Closed { .. }) => {
                     self.unwatch(cpr.as_raw_fd());
-                    let main = cpr_transfer::connect(&main_path).map_err(|e| e.to_string())?;
+                    let main =
+                        cpr_transfer::connect("main", &main_path).map_err(|e| e.to_string())?;
                     let _ = main.set_nonblocking(true);
                     self.watch(
                         main.as_raw_fd(),
@@ -290,6 +303,7 @@ impl Vmm {
                     self.migration.total_time_ms = Some(self.migration.elapsed_ms());
                     self.migration.status = MigrationStatus::Completed;
                     self.run_state = RunState::Postmigrate;
+                    self.handed_over = true;
                     self.emit(&EventKind::Migration {
                         status: MigrationStatus::Completed,
                     });
@@ -438,13 +452,26 @@ impl Vmm {
             "cpr-transfer: RAM received from vmm {}",
             t.hello.sender_version
         );
-        let ram = cpr_transfer::take_ram(&mut t, &memory::layout(self.config.ram_size))?;
-        let prepared = Machine::prepare(
-            ram,
-            self.config.vcpus,
-            self.config.guest.clone(),
-            self.console.output(),
-        )?;
+        let prepared = cpr_transfer::take_ram(&mut t, &memory::layout(self.config.ram_size))
+            .map_err(StartError::from)
+            .and_then(|ram| {
+                Machine::prepare(
+                    ram,
+                    self.config.vcpus,
+                    self.config.guest.clone(),
+                    self.console.output(),
+                )
+                .map_err(StartError::from)
+            });
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(s) = &t.cpr_stream {
+                    transfer::send_error(s, &e.to_string());
+                }
+                return Err(e);
+            }
+        };
         self.prepared = Some(prepared);
         self.incoming_transfer = Some(t);
         match self.config.incoming.clone() {

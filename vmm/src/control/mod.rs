@@ -176,6 +176,9 @@ struct Vmm {
     transfer_in: Option<TransferIn>,
     /// cpr-transfer, old side: where the hand-over is.
     transfer_out: Option<TransferOut>,
+    /// cpr-transfer, old side: the new VMM runs the guest on this RAM now; nothing here may
+    /// run it or change it again.
+    handed_over: bool,
     /// cpr-transfer, new side: what came over the cpr channel (its connection is closed to say
     /// the main channel is listening).
     incoming_transfer: Option<IncomingTransfer>,
@@ -253,6 +256,7 @@ impl Vmm {
             prepared: None,
             transfer_in: None,
             transfer_out: None,
+            handed_over: false,
             incoming_transfer: None,
             migration_done,
             pending_input: VecDeque::new(),
@@ -635,6 +639,7 @@ impl Vmm {
             // The reply goes out first; the caller then shuts down.
             Command::Quit => Ok(empty()),
             Command::SystemReset => {
+                self.refuse_if_handed_over()?;
                 if self.machine.is_none() {
                     return Err(QmpError::generic("There is no machine to reset yet"));
                 }
@@ -723,6 +728,12 @@ impl Vmm {
     }
 
     fn cont(&mut self) -> Result<(), QmpError> {
+        self.refuse_if_handed_over()?;
+        if matches!(self.transfer_out, Some(TransferOut::StateSent { .. })) {
+            return Err(QmpError::generic(
+                "The new VMM may be resuming the guest: wait for the cpr-transfer to end",
+            ));
+        }
         if self.outgoing.is_some() {
             return Err(QmpError::generic(
                 "A migration is in progress; the guest resumes when it ends if it was running",

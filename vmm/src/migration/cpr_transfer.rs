@@ -19,8 +19,9 @@ use crate::memory::{GuestRam, MemoryError, RegionLayout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CprTransferError {
-    #[error("cpr channel {path}: {source}")]
+    #[error("{channel} channel {path}: {source}")]
     Socket {
+        channel: &'static str,
         path: String,
         #[source]
         source: std::io::Error,
@@ -57,6 +58,7 @@ pub struct IncomingTransfer {
 /// away (and waited past), the fds are checked like the shim checks them.
 pub fn accept_cpr(path: &Path) -> Result<IncomingTransfer, CprTransferError> {
     let sock_err = |source| CprTransferError::Socket {
+        channel: "cpr",
         path: path.display().to_string(),
         source,
     };
@@ -139,11 +141,26 @@ pub fn take_ram(
 }
 
 /// Connects to a channel the new VMM listens on; it must run as our UID or root.
-pub fn connect(path: &Path) -> Result<UnixStream, CprTransferError> {
-    let stream = UnixStream::connect(path).map_err(|source| CprTransferError::Socket {
-        path: path.display().to_string(),
-        source,
-    })?;
+pub fn connect(channel: &'static str, path: &Path) -> Result<UnixStream, CprTransferError> {
+    // A listener's socket file appears a moment before it listens: a refusal right then is
+    // retried briefly rather than failing the migration.
+    let mut attempts = 0;
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && attempts < 20 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(source) => {
+                return Err(CprTransferError::Socket {
+                    channel,
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        }
+    };
     transfer::check_peer(&stream)?;
     Ok(stream)
 }

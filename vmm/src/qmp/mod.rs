@@ -36,7 +36,8 @@ pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
         }
     }
     // The socket file takes its mode from the umask at bind time; 0177 leaves 0600, with no
-    // window in which it is more open. Start-up is single-threaded, so the umask swap is safe.
+    // window in which it is more open. Sockets are bound while the VMM thread is the only one
+    // changing the umask.
     // SAFETY: umask only changes this process's file-creation mask.
     let old = unsafe { libc::umask(0o177) };
     let result = UnixListener::bind(path);
