@@ -15,14 +15,15 @@ pub const SECTION_VM: u32 = 4;
 pub const SECTION_DEVICES: u32 = 5;
 pub const SECTION_RAM: u32 = 6;
 
-pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Version 2 added the i8042, RTC and PCI-configuration device states.
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 pub static STATE_FILE_FORMAT: FormatSpec = FormatSpec {
     what: "state file",
     magic: *b"CPRVMMST",
     current_version: STATE_FORMAT_VERSION,
-    // The first version; the next one will list [1, 2].
-    readable_versions: &[1],
+    // Version 1 files (no i8042/RTC/PCI state) restore with those devices fresh.
+    readable_versions: &[1, 2],
     sections: &[
         (SECTION_RUN, "run"),
         (SECTION_DESCRIPTION, "description"),

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 use crate::boot::BuiltinGuest;
+use crate::boot::linux::{LinuxBootConfig, MAX_LINUX_VCPUS};
 
 /// Single-dash long options QEMU users type, mapped to our `--long` names.
 const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
@@ -204,6 +205,23 @@ pub enum CprTestFault {
     CrashBeforeResume,
 }
 
+/// What runs in the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestBoot {
+    Builtin(GuestSpec),
+    /// A Linux kernel (bzImage or ELF vmlinux) with its initrd and command line.
+    Linux(LinuxBootConfig),
+}
+
+impl GuestBoot {
+    fn max_vcpus(&self) -> u32 {
+        match self {
+            GuestBoot::Builtin(_) => crate::boot::MAX_BUILTIN_VCPUS,
+            GuestBoot::Linux(_) => MAX_LINUX_VCPUS,
+        }
+    }
+}
+
 /// How the serial console is connected to the outside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialSpec {
@@ -243,7 +261,7 @@ pub struct Config {
     pub prealloc: bool,
     pub hugepages: bool,
     pub vcpus: u32,
-    pub guest: GuestSpec,
+    pub guest: GuestBoot,
     pub serial: SerialSpec,
     pub qmp: Option<QmpSpec>,
     pub incoming: Option<IncomingSpec>,
@@ -255,17 +273,12 @@ pub struct Config {
 }
 
 pub const MIN_RAM: u64 = 16 << 20;
-/// Limited by the built-in guests' stack layout below 1 MiB.
-pub const MAX_VCPUS: u32 = crate::boot::MAX_BUILTIN_VCPUS;
+/// The most any guest supports (Linux; built-in guests stop at 32).
+pub const MAX_VCPUS: u32 = MAX_LINUX_VCPUS;
 pub const DEFAULT_TICK_HZ: u32 = 10;
 
 impl Config {
     pub fn from_args(args: Args, argv: Vec<String>) -> Result<Self, CliError> {
-        if args.kernel.is_some() || args.initrd.is_some() || args.append.is_some() {
-            return Err(CliError::Conflict(
-                "-kernel/-initrd/-append: Linux boot is not supported by this build yet; use --guest heartbeat or --guest memcheck".into(),
-            ));
-        }
         if let Some(accel) = &args.accel
             && accel != "kvm"
         {
@@ -282,7 +295,30 @@ impl Config {
         }
         let ram_size = parse_memory(&args.memory)?;
         let vcpus = parse_smp(&args.smp)?;
-        let guest = parse_guest(args.guest.as_deref().unwrap_or("heartbeat"))?;
+        let guest = match (&args.kernel, &args.guest) {
+            (Some(_), Some(g)) => {
+                return Err(CliError::Conflict(format!(
+                    "-kernel and --guest {g}: boot either a kernel or a built-in guest"
+                )));
+            }
+            (Some(kernel), None) => GuestBoot::Linux(LinuxBootConfig {
+                kernel: kernel.clone(),
+                initrd: args.initrd.clone(),
+                cmdline: args.append.clone().unwrap_or_default(),
+            }),
+            (None, g) => {
+                if args.initrd.is_some() || args.append.is_some() {
+                    return Err(CliError::Conflict(
+                        "-initrd and -append need -kernel".into(),
+                    ));
+                }
+                GuestBoot::Builtin(parse_guest(g.as_deref().unwrap_or("heartbeat"))?)
+            }
+        };
+        let max = guest.max_vcpus();
+        if vcpus > max {
+            return Err(CliError::SmpRange { got: vcpus, max });
+        }
         let serial = parse_serial(&args.serial)?;
         let qmp = args.qmp.as_deref().map(parse_qmp).transpose()?;
         // All guest RAM is a shareable memfd, so aux-ram-share=on (which QEMU needs for cpr) is
@@ -615,7 +651,13 @@ mod tests {
         assert_eq!(c.qmp.unwrap().path, PathBuf::from("/tmp/q.sock"));
         assert_eq!(c.serial, SerialSpec::Null);
         assert_eq!(c.incoming, Some(IncomingSpec::File("/tmp/s".into())));
-        assert_eq!(c.guest.guest, BuiltinGuest::Memcheck);
+        assert!(matches!(
+            c.guest,
+            GuestBoot::Builtin(GuestSpec {
+                guest: BuiltinGuest::Memcheck,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -624,8 +666,11 @@ mod tests {
         assert_eq!(c.ram_size, 256 << 20);
         assert_eq!(c.vcpus, 3);
         assert_eq!(c.serial, SerialSpec::Stdio);
-        assert_eq!(c.guest.guest, BuiltinGuest::Heartbeat);
-        assert_eq!(c.guest.tick_hz, DEFAULT_TICK_HZ);
+        let GuestBoot::Builtin(g) = c.guest else {
+            panic!("expected a built-in guest");
+        };
+        assert_eq!(g.guest, BuiltinGuest::Heartbeat);
+        assert_eq!(g.tick_hz, DEFAULT_TICK_HZ);
     }
 
     #[test]
@@ -725,6 +770,35 @@ mod tests {
         ] {
             assert!(parse(&bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn linux_options() {
+        let c = parse(&[
+            "-kernel",
+            "/boot/vmlinux",
+            "-initrd",
+            "/boot/initrd",
+            "-append",
+            "console=ttyS0",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.guest,
+            GuestBoot::Linux(LinuxBootConfig {
+                kernel: "/boot/vmlinux".into(),
+                initrd: Some("/boot/initrd".into()),
+                cmdline: "console=ttyS0".into(),
+            })
+        );
+        assert!(parse(&["-kernel", "/k", "-smp", "64"]).is_ok());
+        assert!(parse(&["-smp", "64"]).unwrap_err().contains("1 to 32"));
+        assert!(parse(&["-kernel", "/k", "--guest", "heartbeat"]).is_err());
+        assert!(
+            parse(&["-append", "quiet"])
+                .unwrap_err()
+                .contains("need -kernel")
+        );
     }
 
     #[test]

@@ -13,11 +13,15 @@ use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_r
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::boot::{self, BuiltinGuest, GuestParams};
-use crate::cli::GuestSpec;
+use crate::boot::linux::{self, LinuxBootError};
+use crate::boot::{self, GuestParams};
+use crate::cli::GuestBoot;
 use crate::cpuid;
 use crate::devices::console::ConsoleOutput;
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
+use crate::devices::i8042::{I8042, I8042_BASE_PORT, I8042_PORT_COUNT};
+use crate::devices::pci::{PCI_CONFIG_BASE_PORT, PCI_CONFIG_PORT_COUNT, PciConfigPorts};
+use crate::devices::rtc::{RTC_BASE_PORT, RTC_PORT_COUNT, Rtc};
 use crate::devices::serial::{
     COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, InputDrained, IrqTrigger, SerialDevice,
 };
@@ -50,6 +54,8 @@ pub enum MachineError {
     },
     #[error("loading the built-in guest: {0}")]
     Boot(#[from] boot::BootError),
+    #[error("loading the kernel: {0}")]
+    Linux(#[from] LinuxBootError),
     #[error("restoring machine state: {0}")]
     State(#[from] state::StateError),
     #[error("starting vCPU thread {index}: {source}")]
@@ -99,9 +105,9 @@ pub struct Machine {
     vm: VmFd,
     ram: GuestRam,
     vcpus: Vec<VcpuHandle>,
-    serial: Arc<Mutex<SerialDevice>>,
+    devices: Devices,
     console: ConsoleOutput,
-    guest: GuestSpec,
+    guest: GuestBoot,
     vcpu_count: u32,
     events: EventSink,
     wakers: MachineWakers,
@@ -120,7 +126,7 @@ pub struct PreparedMachine {
     vcpu_fds: Vec<VcpuFd>,
     ram: GuestRam,
     vcpu_count: u32,
-    guest: GuestSpec,
+    guest: GuestBoot,
     console: ConsoleOutput,
     events: EventSink,
     rx: Receiver<VcpuEvent>,
@@ -132,7 +138,7 @@ impl Machine {
     pub fn build(
         ram: GuestRam,
         vcpu_count: u32,
-        guest: GuestSpec,
+        guest: GuestBoot,
         console: ConsoleOutput,
         source: Source<'_>,
         phases: Option<&mut PhaseLog>,
@@ -147,7 +153,7 @@ impl Machine {
     pub fn prepare(
         ram: GuestRam,
         vcpu_count: u32,
-        guest: GuestSpec,
+        guest: GuestBoot,
         console: ConsoleOutput,
     ) -> Result<PreparedMachine, MachineError> {
         let kvm = Kvm::new().map_err(MachineError::KvmOpen)?;
@@ -191,16 +197,45 @@ impl Machine {
                     .kvm
                     .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                     .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-                let params = GuestParams {
-                    vcpu_count: self.vcpu_count,
-                    ram_end: self.ram.low_end(),
-                    tick_hz: self.guest.tick_hz,
-                    exit_after_ticks: self.guest.exit_after_ticks,
-                    exit_code: self.guest.exit_code,
-                };
-                boot::load_builtin_guest(self.ram.memory().as_ref(), self.guest.guest, &params)?;
                 for (index, vcpu) in fds.iter().enumerate() {
-                    boot_vcpu(vcpu, &supported, index as u32, self.vcpu_count)?;
+                    prepare_vcpu(vcpu, &supported, index as u32, self.vcpu_count)?;
+                }
+                match &self.guest {
+                    GuestBoot::Builtin(g) => {
+                        let params = GuestParams {
+                            vcpu_count: self.vcpu_count,
+                            ram_end: self.ram.low_end(),
+                            tick_hz: g.tick_hz,
+                            exit_after_ticks: g.exit_after_ticks,
+                            exit_code: g.exit_code,
+                        };
+                        boot::load_builtin_guest(self.ram.memory().as_ref(), g.guest, &params)?;
+                        // Built-in guests start every vCPU at the entry point directly.
+                        for (index, vcpu) in fds.iter().enumerate() {
+                            enter_long_mode(
+                                vcpu,
+                                index as u32,
+                                &boot::builtin_boot_regs(index as u32),
+                                true,
+                            )?;
+                        }
+                    }
+                    GuestBoot::Linux(cfg) => {
+                        let memory = self.ram.memory().as_ref();
+                        linux::write_boot_tables(memory)?;
+                        let layout: Vec<(u64, u64)> = self
+                            .ram
+                            .regions()
+                            .iter()
+                            .map(|r| (r.layout.guest_addr, r.layout.size))
+                            .collect();
+                        let loaded = linux::load_linux(memory, &layout, cfg, self.vcpu_count)?;
+                        // Only the bootstrap processor starts; the others wait for INIT/SIPI
+                        // from the guest, as on real hardware.
+                        if let Some(bsp) = fds.first() {
+                            enter_long_mode(bsp, 0, &linux::linux_boot_regs(&loaded), false)?;
+                        }
+                    }
                 }
                 // Which MSRs to save is decided once, at boot, outside any blackout.
                 let listed = self
@@ -234,7 +269,7 @@ impl Machine {
             }
         }
         self.xsave_words = state::xsave_words(&self.vm);
-        let bus = Arc::new(self.build_bus());
+        let bus = Arc::new(self.devices.bus());
         for (index, vcpu) in fds.into_iter().enumerate() {
             let handle = VcpuHandle::spawn(
                 index as u32,
@@ -256,13 +291,6 @@ impl Machine {
         Ok(())
     }
 
-    fn build_bus(&self) -> PioBus {
-        let mut bus = PioBus::default();
-        bus.insert(COM1_PORT, COM1_PORT_COUNT, self.serial.clone());
-        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)));
-        bus
-    }
-
     pub fn wakers(&self) -> &MachineWakers {
         &self.wakers
     }
@@ -276,7 +304,7 @@ impl Machine {
     }
 
     pub fn description(&self) -> MachineDescription {
-        describe(&self.ram, self.vcpu_count, self.guest.guest)
+        describe(&self.ram, self.vcpu_count, &self.guest)
     }
 
     /// Stops every vCPU (all are asked at once, then all answers collected).
@@ -332,7 +360,7 @@ impl Machine {
             vcpus.push(s);
         }
         let vm = state::save_vm(&self.vm)?;
-        let devices = vec![DeviceState::Serial(lock(&self.serial).snapshot())];
+        let devices = self.devices.snapshot();
         Ok(MachineState {
             description: self.description(),
             vcpus,
@@ -348,7 +376,7 @@ impl Machine {
         self.vcpus.clear();
         let (vm, serial_irq) = create_vm(&self.kvm, &self.ram)?;
         let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
-        self.serial = attach_devices(&vm, serial_irq, &self.console, &self.wakers, &Source::Boot)?;
+        self.devices = attach_devices(&vm, serial_irq, &self.console, &self.wakers, &Source::Boot)?;
         self.vm = vm;
         self.start_vcpus(fds, &Source::Boot, &mut None)?;
         if was_running {
@@ -359,7 +387,7 @@ impl Machine {
 
     /// Feeds typed console input to the UART; returns how many bytes it took.
     pub fn console_input(&self, bytes: &[u8]) -> usize {
-        lock(&self.serial).enqueue_input(bytes)
+        lock(&self.devices.serial).enqueue_input(bytes)
     }
 }
 
@@ -371,7 +399,7 @@ impl PreparedMachine {
         phases: Option<&mut PhaseLog>,
     ) -> Result<(Machine, Receiver<VcpuEvent>), MachineError> {
         let mut phases = phases;
-        let serial = attach_devices(
+        let devices = attach_devices(
             &self.vm,
             self.serial_irq,
             &self.console,
@@ -383,7 +411,7 @@ impl PreparedMachine {
             vm: self.vm,
             ram: self.ram,
             vcpus: Vec::new(),
-            serial,
+            devices,
             console: self.console,
             guest: self.guest,
             vcpu_count: self.vcpu_count,
@@ -412,12 +440,12 @@ fn mark(phases: &mut Option<&mut PhaseLog>, name: &str) {
     }
 }
 
-pub fn describe(ram: &GuestRam, vcpus: u32, guest: BuiltinGuest) -> MachineDescription {
+pub fn describe(ram: &GuestRam, vcpus: u32, guest: &GuestBoot) -> MachineDescription {
     MachineDescription {
         vcpus,
         ram_size: ram.total_size(),
         regions: ram.layouts(),
-        guest: GuestKind::Builtin(guest.name().to_string()),
+        guest: GuestKind::of(guest),
     }
 }
 
@@ -478,34 +506,80 @@ fn attach_devices(
     console: &ConsoleOutput,
     wakers: &MachineWakers,
     source: &Source<'_>,
-) -> Result<Arc<Mutex<SerialDevice>>, MachineError> {
+) -> Result<Devices, MachineError> {
+    let mut saved: &[DeviceState] = &[];
     if let Source::Restore(s) = source {
         state::restore_vm_devices(vm, &s.vm)?;
+        saved = &s.devices;
     }
+    let device_err = |device: &'static str| move |detail| MachineError::Device { device, detail };
     let drained = InputDrained(wakers.input_drained.clone());
-    let serial_snapshot = match source {
-        Source::Restore(s) => s
-            .devices
-            .iter()
-            .map(|d| match d {
-                DeviceState::Serial(snap) => snap,
-            })
-            .next(),
-        Source::Boot => None,
-    };
-    let serial = match serial_snapshot {
+    let mut serial = None;
+    let mut i8042 = None;
+    let mut rtc = None;
+    let mut pci = None;
+    // A device missing from the state (saved by an older VMM that did not have it) starts
+    // fresh, as it would at power-on.
+    for d in saved {
+        match d {
+            DeviceState::Serial(snap) => serial = Some(snap),
+            DeviceState::I8042(snap) => i8042 = Some(I8042::from_snapshot(snap)),
+            DeviceState::Rtc(snap) => {
+                rtc = Some(Rtc::from_snapshot(snap).map_err(device_err("rtc"))?)
+            }
+            DeviceState::PciConfig(snap) => pci = Some(PciConfigPorts::from_snapshot(snap)),
+        }
+    }
+    let serial = match serial {
         Some(snap) => SerialDevice::from_snapshot(snap, IrqTrigger(irq), drained, console.clone())
-            .map_err(|detail| MachineError::Device {
-                device: "serial",
-                detail,
-            })?,
+            .map_err(device_err("serial"))?,
         None => SerialDevice::new(IrqTrigger(irq), drained, console.clone()),
     };
-    Ok(Arc::new(Mutex::new(serial)))
+    Ok(Devices {
+        serial: Arc::new(Mutex::new(serial)),
+        i8042: Arc::new(Mutex::new(i8042.unwrap_or_default())),
+        rtc: Arc::new(Mutex::new(rtc.unwrap_or_default())),
+        pci: Arc::new(Mutex::new(pci.unwrap_or_default())),
+    })
 }
 
-/// Puts a fresh vCPU into the built-in guests' 64-bit entry state.
-fn boot_vcpu(
+/// The emulated devices of a PC: COM1, the i8042 (reset), the CMOS/RTC and the PCI
+/// configuration ports (no devices behind them).
+struct Devices {
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    rtc: Arc<Mutex<Rtc>>,
+    pci: Arc<Mutex<PciConfigPorts>>,
+}
+
+impl Devices {
+    fn snapshot(&self) -> Vec<DeviceState> {
+        vec![
+            DeviceState::Serial(lock(&self.serial).snapshot()),
+            DeviceState::I8042(lock(&self.i8042).snapshot()),
+            DeviceState::Rtc(lock(&self.rtc).snapshot()),
+            DeviceState::PciConfig(lock(&self.pci).snapshot()),
+        ]
+    }
+
+    fn bus(&self) -> PioBus {
+        let mut bus = PioBus::default();
+        bus.insert(COM1_PORT, COM1_PORT_COUNT, self.serial.clone());
+        bus.insert(I8042_BASE_PORT, I8042_PORT_COUNT, self.i8042.clone());
+        bus.insert(RTC_BASE_PORT, RTC_PORT_COUNT, self.rtc.clone());
+        bus.insert(
+            PCI_CONFIG_BASE_PORT,
+            PCI_CONFIG_PORT_COUNT,
+            self.pci.clone(),
+        );
+        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)));
+        bus
+    }
+}
+
+/// What every fresh vCPU gets at power-on: its CPUID (KVM's supported set, with its APIC id
+/// and the topology; KVM's signature leaves stay, so guests find kvmclock) and LINT wiring.
+fn prepare_vcpu(
     vcpu: &VcpuFd,
     supported: &kvm_bindings::CpuId,
     index: u32,
@@ -514,19 +588,30 @@ fn boot_vcpu(
     let err = |op: &str| kvm_err(format!("vCPU {index}: {op}"));
     vcpu.set_cpuid2(&cpuid::for_vcpu(supported, index, count))
         .map_err(err("KVM_SET_CPUID2"))?;
+    set_lint(vcpu).map_err(err("LAPIC LINT setup"))
+}
+
+/// Puts a vCPU at a 64-bit entry point (`regs`), paging on with the boot page tables. KVM
+/// leaves non-boot vCPUs waiting for INIT/SIPI; `runnable` starts one directly instead.
+fn enter_long_mode(
+    vcpu: &VcpuFd,
+    index: u32,
+    regs: &kvm_bindings::kvm_regs,
+    runnable: bool,
+) -> Result<(), MachineError> {
+    let err = |op: &str| kvm_err(format!("vCPU {index}: {op}"));
     let mut sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
     boot::setup_long_mode_sregs(&mut sregs);
     vcpu.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&boot::builtin_boot_regs(index))
-        .map_err(err("KVM_SET_REGS"))?;
+    vcpu.set_regs(regs).map_err(err("KVM_SET_REGS"))?;
     vcpu.set_fpu(&boot::builtin_boot_fpu())
         .map_err(err("KVM_SET_FPU"))?;
-    set_lint(vcpu).map_err(err("LAPIC LINT setup"))?;
-    // KVM leaves non-boot vCPUs waiting for INIT/SIPI; built-in guests start them directly.
-    vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
-        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-    })
-    .map_err(err("KVM_SET_MP_STATE"))?;
+    if runnable {
+        vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(err("KVM_SET_MP_STATE"))?;
+    }
     Ok(())
 }
 

@@ -19,6 +19,8 @@
 //!
 //! Guest-side constants live in `guests/abi.inc`; keep both in sync.
 
+pub mod linux;
+
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 

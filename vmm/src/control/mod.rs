@@ -342,7 +342,7 @@ impl Vmm {
             vcpus: self.config.vcpus,
             ram_size: self.config.ram_size,
             regions: memory::layout(self.config.ram_size),
-            guest: GuestKind::Builtin(self.config.guest.guest.name().to_string()),
+            guest: GuestKind::of(&self.config.guest),
         }
     }
 
@@ -481,7 +481,7 @@ impl Vmm {
                     log::info!("guest requested exit with status {code}");
                     self.shutdown(ShutdownCause::GuestShutdown, code);
                 }
-                VcpuEventKind::Reset => {
+                VcpuEventKind::Reset | VcpuEventKind::Request(VmRequest::Reset) => {
                     if let Err(e) = self.reset_machine(ShutdownCause::GuestReset) {
                         log::error!("guest reset failed: {e}");
                     }

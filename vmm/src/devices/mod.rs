@@ -6,6 +6,9 @@
 
 pub mod console;
 pub mod debug_exit;
+pub mod i8042;
+pub mod pci;
+pub mod rtc;
 pub mod serial;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +19,8 @@ use std::sync::{Arc, Mutex};
 pub enum VmRequest {
     /// End the VMM with this exit status (debug exit port).
     Exit(u8),
+    /// Reset the machine (i8042 reset pulse, PCI reset control register).
+    Reset,
 }
 
 /// A device on the port-I/O bus. `offset` is relative to the device's base port.

@@ -22,6 +22,9 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::devices::i8042::I8042Snapshot;
+use crate::devices::pci::PciConfigSnapshot;
+use crate::devices::rtc::RtcSnapshot;
 use crate::devices::serial::SerialSnapshot;
 use crate::memory::RegionLayout;
 
@@ -82,12 +85,26 @@ pub struct VmState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
     Serial(SerialSnapshot),
+    I8042(I8042Snapshot),
+    Rtc(RtcSnapshot),
+    PciConfig(PciConfigSnapshot),
 }
 
 /// What the guest is, beyond its RAM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestKind {
     Builtin(String),
+    /// A Linux kernel; which image does not matter once it runs (RAM holds it).
+    Linux,
+}
+
+impl GuestKind {
+    pub fn of(boot: &crate::cli::GuestBoot) -> Self {
+        match boot {
+            crate::cli::GuestBoot::Builtin(g) => GuestKind::Builtin(g.guest.name().to_string()),
+            crate::cli::GuestBoot::Linux(_) => GuestKind::Linux,
+        }
+    }
 }
 
 /// What machine this is: a restore checks its own command line against it.
@@ -137,6 +154,7 @@ impl GuestKind {
     pub fn describe(&self) -> String {
         match self {
             GuestKind::Builtin(name) => name.clone(),
+            GuestKind::Linux => "a Linux kernel (-kernel)".to_string(),
         }
     }
 }
