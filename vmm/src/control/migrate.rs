@@ -60,6 +60,11 @@ pub(super) enum TransferOut {
     },
 }
 
+/// Replies and events still queued for a QMP client when the update execs are written for at
+/// most this long (the connection itself survives; only a client that stopped reading loses
+/// them).
+const EXEC_DRAIN_TIMEOUT: Duration = Duration::from_millis(20);
+
 /// How long the old VMM keeps the guest stopped waiting for the new one to commit.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -728,7 +733,8 @@ impl Vmm {
     /// back and the guest resumes.
     pub(super) fn exec_update(&mut self, pending: PendingExec) {
         if let Some(m) = &mut self.monitor {
-            m.drain_output(OUTPUT_DRAIN_TIMEOUT);
+            // The guest is stopped: a client that does not read gets a short grace only.
+            m.drain_output(EXEC_DRAIN_TIMEOUT);
         }
         log::info!("live update: executing {}", pending.prepared.program());
         let (err, prepared) = pending.prepared.exec();

@@ -254,6 +254,9 @@ impl Monitor {
     pub fn drain_output(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         for c in self.clients.values_mut() {
+            if c.pending.is_empty() {
+                continue;
+            }
             let _ = c.stream.set_nonblocking(false);
             let _ = c.stream.set_write_timeout(Some(
                 deadline
