@@ -188,6 +188,8 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
             return Err(CprExecError::DuplicateName(rec.name.clone()));
         }
     }
+    let mut phases = inputs.phases;
+    phases.mark("prepare the exec");
     let state = CprState {
         update_id: inputs.stopped_at_ns ^ u64::from(std::process::id()),
         attempt: Attempt::Update,
@@ -195,7 +197,7 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
         state_file: inputs.state_file.display().to_string(),
         guest_was_running: inputs.guest_was_running,
         stopped_at_ns: inputs.stopped_at_ns,
-        phases: inputs.phases,
+        phases,
         fallback: Fallback {
             exe_fd: own_exe.as_raw_fd(),
             exe_path: own_exe_path,
