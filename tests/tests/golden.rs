@@ -1,34 +1,62 @@
-//! The committed golden state file keeps loading (issue 3's compatibility
+//! The committed golden state files keep loading (issue 3's compatibility
 //! policy: a VMM reads its own state-file format and the previous one).
 //!
-//! `vmm/tests/golden/state-v1.bin` was written by the real VMM from
-//! `vmm -m 16M -smp 2 --guest heartbeat` a few ticks after boot (see
-//! `vmm/tests/golden/README.md`). Restoring it must continue the heartbeat
-//! exactly: the first tick each vCPU prints is the one after the last tick it
-//! had printed when it was saved.
+//! `vmm/tests/golden/state-vN.bin` was written by the real VMM of format
+//! version N from `vmm -m 16M -smp 2 --guest heartbeat` a few ticks after boot
+//! (see `vmm/tests/golden/README.md`). Restoring each must continue the
+//! heartbeat exactly: the first tick each vCPU prints is the one after the last
+//! tick it had printed when it was saved. Every version the VMM declares
+//! readable must have its file here, and every file here must be tested.
 //!
-//! To regenerate the file (only when the format version changes, and then as
+//! To regenerate a file (only when the format version changes, and then as
 //! a new `state-vN.bin` next to the old ones):
 //! `CPR_WRITE_GOLDEN=vmm/tests/golden/state-vN.bin cargo test --release -p cpr-tests --test golden -- --ignored --nocapture`
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cpr_common::state_file::{STATE_FILE_FORMAT, STATE_FORMAT_VERSION};
 use cpr_tests::*;
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// The machine the golden file was saved from; a restore must say the same.
+/// The machine the golden files were saved from; a restore must say the same.
 const GOLDEN_ARGS: [&str; 6] = ["-m", "16M", "-smp", "2", "--guest", "heartbeat"];
 const GOLDEN_CPUS: u32 = 2;
-/// The last tick each vCPU had printed when the golden file was saved
-/// (recorded in the README too; the test also reads them from the file).
-const GOLDEN_LAST_PRINTED: [u64; 2] = [5, 5];
-const GOLDEN_VERSION: u32 = 1;
 
-fn golden_path() -> PathBuf {
-    workspace_root().join("vmm/tests/golden/state-v1.bin")
+/// One committed state file and what it must hold (also recorded in the README).
+struct Golden {
+    /// File name in `vmm/tests/golden/`.
+    file: &'static str,
+    /// The format version in its header.
+    version: u32,
+    /// The last tick each vCPU had printed when it was saved (the test also
+    /// reads them from the file).
+    last_printed: [u64; 2],
+    /// Devices in its `devices` section (the section starts with their count,
+    /// a bincode varint): version 1 has the serial port; version 2 adds the
+    /// i8042, the CMOS/RTC and the PCI configuration ports.
+    devices: u8,
+}
+
+const GOLDEN_FILES: [Golden; 2] = [
+    Golden {
+        file: "state-v1.bin",
+        version: 1,
+        last_printed: [5, 5],
+        devices: 1,
+    },
+    Golden {
+        file: "state-v2.bin",
+        version: 2,
+        last_printed: [5, 5],
+        devices: 4,
+    },
+];
+
+fn golden_dir() -> PathBuf {
+    workspace_root().join("vmm/tests/golden")
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -131,26 +159,80 @@ fn restore_and_check(dir: &TempDir, state: &Path, last_printed: &[u64]) -> Strin
     out
 }
 
-#[test]
-fn the_golden_state_file_still_restores() {
-    let golden = std::fs::read(golden_path()).unwrap_or_else(|e| {
-        panic!("{}: {e}", golden_path().display());
+/// Checks a golden file's header and contents, then restores a copy of it.
+fn check_golden(g: &Golden) {
+    let path = golden_dir().join(g.file);
+    let golden = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!("{}: {e}", path.display());
     });
-    assert_eq!(&golden[..8], b"CPRVMMST");
-    assert_eq!(le_u32(&golden[8..12]), GOLDEN_VERSION, "format version");
-    assert!(golden.len() < 512 << 10, "{} bytes", golden.len());
+    assert_eq!(&golden[..8], b"CPRVMMST", "{}", g.file);
+    assert_eq!(
+        le_u32(&golden[8..12]),
+        g.version,
+        "{}: format version",
+        g.file
+    );
+    assert!(
+        golden.len() < 512 << 10,
+        "{}: {} bytes",
+        g.file,
+        golden.len()
+    );
+    assert_eq!(
+        section(&golden, 5).first(),
+        Some(&g.devices),
+        "{}: device count",
+        g.file
+    );
     let last_printed = saved_last_printed(&golden);
     assert_eq!(
-        last_printed, GOLDEN_LAST_PRINTED,
-        "the golden file does not hold the ticks recorded in the README"
+        last_printed, g.last_printed,
+        "{}: the file does not hold the ticks recorded in the README",
+        g.file
     );
 
     // Restore from a copy, so nothing can ever modify the committed file.
     let dir = TempDir::new("golden").unwrap();
-    let copy = dir.join("state-v1.bin");
-    std::fs::copy(golden_path(), &copy).unwrap();
+    let copy = dir.join(g.file);
+    std::fs::copy(&path, &copy).unwrap();
     restore_and_check(&dir, &copy, &last_printed);
-    assert_eq!(std::fs::read(golden_path()).unwrap(), golden);
+    assert_eq!(std::fs::read(&path).unwrap(), golden);
+}
+
+#[test]
+fn the_v1_golden_state_file_still_restores() {
+    check_golden(&GOLDEN_FILES[0]);
+}
+
+#[test]
+fn the_v2_golden_state_file_restores() {
+    check_golden(&GOLDEN_FILES[1]);
+}
+
+/// Every version the VMM reads has a golden file tested above, the current
+/// one included, and every `state-v*.bin` in the directory is tested.
+#[test]
+fn every_readable_format_version_has_a_tested_golden_file() {
+    let tested: Vec<u32> = GOLDEN_FILES.iter().map(|g| g.version).collect();
+    let mut readable = STATE_FILE_FORMAT.readable_versions.to_vec();
+    readable.sort_unstable();
+    assert_eq!(
+        tested, readable,
+        "golden files tested vs versions the VMM reads: add state-vN.bin for a new version \
+         (see vmm/tests/golden/README.md) and retire unreadable ones"
+    );
+    assert!(tested.contains(&STATE_FORMAT_VERSION));
+    for g in &GOLDEN_FILES {
+        assert_eq!(g.file, format!("state-v{}.bin", g.version));
+    }
+    let mut on_disk: Vec<String> = std::fs::read_dir(golden_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("state-v") && name.ends_with(".bin"))
+        .collect();
+    on_disk.sort();
+    let listed: Vec<&str> = GOLDEN_FILES.iter().map(|g| g.file).collect();
+    assert_eq!(on_disk, listed, "golden files on disk vs tested");
 }
 
 /// Writes a new golden file to `$CPR_WRITE_GOLDEN` (relative to the workspace
@@ -195,7 +277,8 @@ fn regenerate_golden_state_file() {
         }
         let check = TempDir::new("golden-chk").unwrap();
         restore_and_check(&check, &state, &last_printed);
-        std::fs::copy(&state, &target).unwrap();
+        // Written, not copied: the saved file is private (0600), the committed one need not be.
+        std::fs::write(&target, &bytes).unwrap();
         eprintln!(
             "wrote {} ({} bytes); last printed ticks {last_printed:?}",
             target.display(),

@@ -114,6 +114,8 @@ pub struct Machine {
     msr_indices: Arc<Vec<u32>>,
     xsave_words: usize,
     paused: bool,
+    /// A Linux guest's kernel and initrd, as loaded at power-on.
+    linux_images: Option<Arc<linux::LinuxImages>>,
 }
 
 /// A VM built over RAM, with its devices and vCPUs created but no CPU or device state yet.
@@ -199,6 +201,7 @@ impl Machine {
         &mut self,
         fds: Vec<VcpuFd>,
         source: &Source<'_>,
+        preloaded: Option<GuestEntry>,
         phases: &mut Option<&mut PhaseLog>,
     ) -> Result<(), MachineError> {
         match source {
@@ -210,40 +213,23 @@ impl Machine {
                 for (index, vcpu) in fds.iter().enumerate() {
                     prepare_vcpu(vcpu, &supported, index as u32, self.vcpu_count)?;
                 }
-                match &self.guest {
-                    GuestBoot::Builtin(g) => {
-                        let params = GuestParams {
-                            vcpu_count: self.vcpu_count,
-                            ram_end: self.ram.low_end(),
-                            tick_hz: g.tick_hz,
-                            exit_after_ticks: g.exit_after_ticks,
-                            exit_code: g.exit_code,
-                        };
-                        boot::load_builtin_guest(self.ram.memory().as_ref(), g.guest, &params)?;
-                        // Built-in guests start every vCPU at the entry point directly.
+                let entry = match preloaded {
+                    Some(entry) => entry,
+                    None => self.load_guest()?,
+                };
+                match entry {
+                    // Built-in guests start every vCPU at the entry point directly.
+                    GuestEntry::EveryVcpu => {
                         for (index, vcpu) in fds.iter().enumerate() {
-                            enter_long_mode(
-                                vcpu,
-                                index as u32,
-                                &boot::builtin_boot_regs(index as u32),
-                                true,
-                            )?;
+                            let regs = boot::builtin_boot_regs(index as u32);
+                            enter_long_mode(vcpu, index as u32, &regs, true)?;
                         }
                     }
-                    GuestBoot::Linux(cfg) => {
-                        let memory = self.ram.memory().as_ref();
-                        linux::write_boot_tables(memory)?;
-                        let layout: Vec<(u64, u64)> = self
-                            .ram
-                            .regions()
-                            .iter()
-                            .map(|r| (r.layout.guest_addr, r.layout.size))
-                            .collect();
-                        let loaded = linux::load_linux(memory, &layout, cfg, self.vcpu_count)?;
-                        // Only the bootstrap processor starts; the others wait for INIT/SIPI
-                        // from the guest, as on real hardware.
+                    // Only the bootstrap processor starts; the others wait for INIT/SIPI from
+                    // the guest, as on real hardware.
+                    GuestEntry::BootProcessor(regs) => {
                         if let Some(bsp) = fds.first() {
-                            enter_long_mode(bsp, 0, &linux::linux_boot_regs(&loaded), false)?;
+                            enter_long_mode(bsp, 0, &regs, false)?;
                         }
                     }
                 }
@@ -380,19 +366,86 @@ impl Machine {
     }
 
     /// Power-cycles the machine over the same RAM: the VM is rebuilt and the guest reloaded.
-    pub fn reset(&mut self) -> Result<(), MachineError> {
+    ///
+    /// Everything that can fail (a new VM, reading the kernel again) happens while the old VM
+    /// still exists: if it fails, the guest carries on as it was, unless its RAM was already
+    /// partly overwritten, in which case it stays stopped ([`ResetError::guest_intact`]).
+    pub fn reset(&mut self) -> Result<(), ResetError> {
         let was_running = !self.paused;
-        self.pause()?;
+        let intact = |error| ResetError {
+            error,
+            guest_intact: true,
+        };
+        self.pause().map_err(intact)?;
+        let rebuilt = (|| {
+            let (vm, serial_irq) = create_vm(&self.kvm, &self.ram, &mut None)?;
+            let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
+            let devices =
+                attach_devices(&vm, serial_irq, &self.console, &self.wakers, &Source::Boot)?;
+            let entry = self.load_guest()?;
+            Ok((vm, fds, devices, entry))
+        })();
+        let (vm, fds, devices, entry) = match rebuilt {
+            Ok(parts) => parts,
+            Err(error) => {
+                let guest_intact = !guest_memory_changed(&error);
+                if guest_intact && was_running {
+                    self.resume();
+                }
+                return Err(ResetError {
+                    error,
+                    guest_intact,
+                });
+            }
+        };
         self.vcpus.clear();
-        let (vm, serial_irq) = create_vm(&self.kvm, &self.ram, &mut None)?;
-        let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
-        self.devices = attach_devices(&vm, serial_irq, &self.console, &self.wakers, &Source::Boot)?;
         self.vm = vm;
-        self.start_vcpus(fds, &Source::Boot, &mut None)?;
+        self.devices = devices;
+        self.start_vcpus(fds, &Source::Boot, Some(entry), &mut None)
+            .map_err(|error| ResetError {
+                error,
+                guest_intact: false,
+            })?;
         if was_running {
             self.resume();
         }
         Ok(())
+    }
+
+    /// Writes the guest into RAM as at power-on (the built-in guest, or the kernel, initrd and
+    /// boot tables read again from their files) and says where its vCPUs start.
+    fn load_guest(&mut self) -> Result<GuestEntry, MachineError> {
+        match &self.guest {
+            GuestBoot::Builtin(g) => {
+                let params = GuestParams {
+                    vcpu_count: self.vcpu_count,
+                    ram_end: self.ram.low_end(),
+                    tick_hz: g.tick_hz,
+                    exit_after_ticks: g.exit_after_ticks,
+                    exit_code: g.exit_code,
+                };
+                boot::load_builtin_guest(self.ram.memory().as_ref(), g.guest, &params)?;
+                Ok(GuestEntry::EveryVcpu)
+            }
+            GuestBoot::Linux(cfg) => {
+                // Read once and kept: a reset boots the same images even if the files changed.
+                // (A machine restored from a saved state reads them at its first reset.)
+                let images = match &self.linux_images {
+                    Some(images) => images.clone(),
+                    None => Arc::new(linux::LinuxImages::read(cfg)?),
+                };
+                self.linux_images = Some(images.clone());
+                let layout: Vec<(u64, u64)> = self
+                    .ram
+                    .regions()
+                    .iter()
+                    .map(|r| (r.layout.guest_addr, r.layout.size))
+                    .collect();
+                let memory = self.ram.memory().as_ref();
+                let loaded = linux::load_linux_images(memory, &layout, &images, self.vcpu_count)?;
+                Ok(GuestEntry::BootProcessor(linux::linux_boot_regs(&loaded)))
+            }
+        }
     }
 
     /// Feeds typed console input to the UART; returns how many bytes it took.
@@ -430,8 +483,9 @@ impl PreparedMachine {
             msr_indices: Arc::new(Vec::new()),
             xsave_words: 0,
             paused: true,
+            linux_images: None,
         };
-        machine.start_vcpus(self.vcpu_fds, &source, &mut phases)?;
+        machine.start_vcpus(self.vcpu_fds, &source, None, &mut phases)?;
         Ok((machine, self.rx))
     }
 }
@@ -440,6 +494,32 @@ impl Drop for Machine {
     fn drop(&mut self) {
         // Join the vCPU threads before the VM and RAM go away.
         self.vcpus.clear();
+    }
+}
+
+/// Where the vCPUs of a freshly loaded guest start.
+enum GuestEntry {
+    /// Every vCPU at the built-in guest's entry, each with its own stack.
+    EveryVcpu,
+    /// The bootstrap processor at these registers; the others wait for INIT/SIPI.
+    BootProcessor(kvm_bindings::kvm_regs),
+}
+
+/// A failed reset, and whether the guest survived it.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ResetError {
+    pub error: MachineError,
+    /// The guest is as before (running again if it was): only the reset did not happen.
+    pub guest_intact: bool,
+}
+
+/// Whether a failed guest load had already written into guest RAM.
+fn guest_memory_changed(error: &MachineError) -> bool {
+    match error {
+        MachineError::Linux(e) => e.wrote_guest_memory(),
+        MachineError::Boot(boot::BootError::GuestMemoryWrite { .. }) => true,
+        _ => false,
     }
 }
 

@@ -31,6 +31,10 @@
 //! `[0x100000, low end)` usable and, above 3 GiB of RAM, `[4 GiB, 4 GiB + rest)` usable.
 
 use std::fs::File;
+use std::io::Cursor;
+
+/// A kernel image in memory, read like a file.
+type Image<'a> = Cursor<&'a [u8]>;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -126,6 +130,21 @@ pub struct LinuxBootConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel command line (leading and trailing spaces are dropped, as linux-loader does).
     pub cmdline: String,
+}
+
+impl LinuxBootError {
+    /// Whether the failure came after guest memory was written (the input checks all come
+    /// first, so only I/O and loader failures midway do).
+    pub fn wrote_guest_memory(&self) -> bool {
+        matches!(
+            self,
+            LinuxBootError::Loader { .. }
+                | LinuxBootError::CmdlineWrite(_)
+                | LinuxBootError::ReadIntoGuest { .. }
+                | LinuxBootError::BootParamsWrite(_)
+                | LinuxBootError::GuestMemoryWrite { .. }
+        )
+    }
 }
 
 /// Which kind of image was loaded.
@@ -292,17 +311,63 @@ struct KernelPlan {
     initrd_addr_max: u64,
 }
 
-/// Loads `cfg.kernel` (bzImage or ELF `vmlinux`), its initrd and command line into `mem`, whose
+/// The kernel and initrd as read from their files, kept so that a reset boots the same images
+/// even if the files are replaced or removed meanwhile (as QEMU does).
+#[derive(Debug)]
+pub struct LinuxImages {
+    kernel: Vec<u8>,
+    initrd: Option<Vec<u8>>,
+    kernel_path: PathBuf,
+    initrd_path: Option<PathBuf>,
+    cmdline: String,
+}
+
+impl LinuxImages {
+    /// Reads the files `cfg` names (regular files only).
+    pub fn read(cfg: &LinuxBootConfig) -> Result<Self, LinuxBootError> {
+        let read = |what: &'static str, path: &Path| -> Result<Vec<u8>, LinuxBootError> {
+            let mut file = File::open(path).map_err(io_err(what, path))?;
+            let len = regular_file_len(&file).map_err(io_err(what, path))?;
+            let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            file.read_to_end(&mut bytes).map_err(io_err(what, path))?;
+            Ok(bytes)
+        };
+        Ok(LinuxImages {
+            kernel: read("kernel", &cfg.kernel)?,
+            initrd: cfg
+                .initrd
+                .as_deref()
+                .map(|p| read("initrd", p))
+                .transpose()?,
+            kernel_path: cfg.kernel.clone(),
+            initrd_path: cfg.initrd.clone(),
+            cmdline: cfg.cmdline.clone(),
+        })
+    }
+}
+
+/// Reads the files `cfg` names and loads them (see [`load_linux_images`]).
+#[cfg(test)]
+pub fn load_linux<M: GuestMemoryBackend>(
+    mem: &M,
+    ram_layout: &[(u64, u64)],
+    cfg: &LinuxBootConfig,
+    vcpus: u32,
+) -> Result<LinuxBoot, LinuxBootError> {
+    load_linux_images(mem, ram_layout, &LinuxImages::read(cfg)?, vcpus)
+}
+
+/// Loads the kernel (bzImage or ELF `vmlinux`), its initrd and command line into `mem`, whose
 /// RAM regions are `ram_layout` (`(guest address, size)`, the first one at 0), and writes
 /// `boot_params` with the e820 map, an MP table and ACPI tables for `vcpus` vCPUs, the GDT and
 /// the page tables.
 ///
 /// Everything that can be wrong with the input (not a kernel, too big, initrd too big, command
 /// line too long or invalid) is found before guest memory is touched.
-pub fn load_linux<M: GuestMemoryBackend>(
+pub fn load_linux_images<M: GuestMemoryBackend>(
     mem: &M,
     ram_layout: &[(u64, u64)],
-    cfg: &LinuxBootConfig,
+    images: &LinuxImages,
     vcpus: u32,
 ) -> Result<LinuxBoot, LinuxBootError> {
     if vcpus == 0 || vcpus > MAX_LINUX_VCPUS {
@@ -310,8 +375,8 @@ pub fn load_linux<M: GuestMemoryBackend>(
     }
     let low_end = low_ram_end(mem, ram_layout)?;
 
-    let kernel_path = cfg.kernel.as_path();
-    let mut kernel = File::open(kernel_path).map_err(io_err("kernel", kernel_path))?;
+    let kernel_path = images.kernel_path.as_path();
+    let mut kernel = Cursor::new(images.kernel.as_slice());
     let plan = plan_kernel(&mut kernel, kernel_path)?;
     if plan.start < HIMEM_START || plan.end > low_end {
         return Err(LinuxBootError::KernelTooBig {
@@ -322,24 +387,22 @@ pub fn load_linux<M: GuestMemoryBackend>(
         });
     }
 
-    let cmdline = build_cmdline(&cfg.cmdline, plan.cmdline_max)?;
+    let cmdline = build_cmdline(&images.cmdline, plan.cmdline_max)?;
 
-    let initrd = match &cfg.initrd {
-        Some(path) => {
-            let file = File::open(path).map_err(io_err("initrd", path))?;
-            let size = regular_file_len(&file).map_err(io_err("initrd", path))?;
+    let initrd = match (&images.initrd, &images.initrd_path) {
+        (Some(bytes), Some(path)) => {
+            let size = bytes.len() as u64;
             let addr = place_initrd(path, size, plan.end, low_end, plan.initrd_addr_max)?;
-            Some((file, path, InitrdPlacement { addr, size }))
+            Some((bytes, path, InitrdPlacement { addr, size }))
         }
-        None => None,
+        _ => None,
     };
 
     // All checks passed: write guest memory.
     let header = load_kernel_image(mem, &mut kernel, kernel_path, &plan)?;
     let initrd = match initrd {
-        Some((mut file, path, placement)) => {
-            let len = usize::try_from(placement.size).unwrap_or(usize::MAX);
-            mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut file, len)
+        Some((bytes, path, placement)) => {
+            mem.write_slice(bytes, GuestAddress(placement.addr))
                 .map_err(|source| LinuxBootError::ReadIntoGuest {
                     what: "initrd",
                     path: path.clone(),
@@ -445,8 +508,8 @@ fn low_ram_end<M: GuestMemoryBackend>(
 }
 
 /// Works out the format, load range and entry of the kernel without loading it.
-fn plan_kernel(file: &mut File, path: &Path) -> Result<KernelPlan, LinuxBootError> {
-    let file_len = regular_file_len(file).map_err(io_err("kernel", path))?;
+fn plan_kernel(file: &mut Image<'_>, path: &Path) -> Result<KernelPlan, LinuxBootError> {
+    let file_len = file.get_ref().len() as u64;
     let mut head = Vec::new();
     file.by_ref()
         .take(0x1000)
@@ -544,7 +607,11 @@ fn plan_bzimage(head: &[u8], path: &Path, file_len: u64) -> Result<KernelPlan, L
     })
 }
 
-fn plan_elf(file: &mut File, path: &Path, file_len: u64) -> Result<KernelPlan, LinuxBootError> {
+fn plan_elf(
+    file: &mut Image<'_>,
+    path: &Path,
+    file_len: u64,
+) -> Result<KernelPlan, LinuxBootError> {
     const EHDR_SIZE: usize = 64;
     const PHDR_SIZE: usize = 56;
     const MAX_PHDRS: usize = 256;
@@ -622,7 +689,7 @@ fn plan_elf(file: &mut File, path: &Path, file_len: u64) -> Result<KernelPlan, L
 /// set to the load address.
 fn load_kernel_image<M: GuestMemoryBackend>(
     mem: &M,
-    file: &mut File,
+    file: &mut Image<'_>,
     path: &Path,
     plan: &KernelPlan,
 ) -> Result<Option<setup_header>, LinuxBootError> {

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::cli::{Config, CprTestFault, IncomingSpec};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
-use crate::machine::{Machine, MachineError, PreparedMachine, Source};
+use crate::machine::{Machine, MachineError, PreparedMachine, ResetError, Source};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::cpr_exec::{self, CprExecError, ExecInputs, Incoming, PreparedExec};
 use crate::migration::cpr_transfer::IncomingTransfer;
@@ -503,9 +503,20 @@ impl Vmm {
         }
     }
 
-    fn reset_machine(&mut self, cause: ShutdownCause) -> Result<(), MachineError> {
-        if let Some(m) = &mut self.machine {
-            m.reset()?;
+    /// Resets the machine. If that fails and the guest could not be kept either, the VM stops
+    /// in `internal-error` (a defined state, with a STOP event) rather than looking alive.
+    fn reset_machine(&mut self, cause: ShutdownCause) -> Result<(), ResetError> {
+        if let Some(m) = &mut self.machine
+            && let Err(e) = m.reset()
+        {
+            if !e.guest_intact {
+                log::error!("reset failed and left the guest unusable: {}", e.error);
+                if self.run_state == RunState::Running {
+                    self.emit(&EventKind::Stop);
+                }
+                self.run_state = RunState::InternalError;
+            }
+            return Err(e);
         }
         self.emit(&EventKind::reset(cause));
         Ok(())
