@@ -104,22 +104,10 @@ const E820_RESERVED: u32 = 2;
 /// Entries that fit in `boot_params.e820_table`.
 const E820_MAX_ENTRIES: usize = 128;
 
-// GDT and page tables: the same layout as the built-in guests' (see `super`), so that
-// `super::setup_long_mode_sregs` (GDTR = 0x500, 3 entries, CS 0x08, data 0x10, CR3 = 0x9000)
-// describes them.
-const GDT_ADDR: u64 = 0x500;
-const GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-const PML4_ADDR: u64 = 0x9000;
-const PDPT_ADDR: u64 = 0xa000;
-const PD_ADDR: u64 = 0xb000;
-const PD_COUNT: u64 = 4;
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_PWT: u64 = 1 << 3;
-const PTE_PCD: u64 = 1 << 4;
-const PTE_HUGE: u64 = 1 << 7;
-/// From here on the identity map is uncached (the PCI hole: IOAPIC, LAPIC).
-const MMIO_START: u64 = 3 << 30;
+// GDT and page tables: the built-in guests' (see `super`), so that
+// `super::setup_long_mode_sregs` applies unchanged.
+#[cfg(test)]
+use super::{GDT, GDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR};
 
 /// What to boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -461,8 +449,12 @@ pub fn linux_boot_regs(boot: &LinuxBoot) -> kvm_regs {
 /// [`super::setup_long_mode_sregs`] points the CPU at. Linux's 64-bit boot protocol needs the kernel, the
 /// zero page and the command line identity-mapped; this covers all of low RAM and the APICs.
 pub fn write_boot_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), LinuxBootError> {
-    write_guest(mem, "GDT", GDT_ADDR, &GDT.map(u64::to_le_bytes).concat())?;
-    write_guest(mem, "page tables", PML4_ADDR, &page_tables())
+    super::write_long_mode_tables(mem).map_err(|e| match e {
+        super::BootError::GuestMemoryWrite { what, addr, source } => {
+            LinuxBootError::GuestMemoryWrite { what, addr, source }
+        }
+        other => LinuxBootError::RamLayout(other.to_string()),
+    })
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LinuxBootError {
@@ -839,28 +831,6 @@ fn fill_boot_params(
     }
     params.e820_entries = e820.len().min(E820_MAX_ENTRIES) as u8;
     params
-}
-
-/// PML4, PDPT and four page directories, contiguous from [`PML4_ADDR`]: an identity map of
-/// 0..4 GiB with 2 MiB pages; 3..4 GiB is uncached.
-fn page_tables() -> Vec<u8> {
-    const ENTRIES: usize = 512;
-    let mut entries = vec![0u64; (2 + PD_COUNT as usize) * ENTRIES];
-    let (pml4, rest) = entries.split_at_mut(ENTRIES);
-    let (pdpt, pds) = rest.split_at_mut(ENTRIES);
-    pml4[0] = PDPT_ADDR | PTE_PRESENT | PTE_WRITABLE;
-    for (gib, pdpte) in pdpt.iter_mut().take(PD_COUNT as usize).enumerate() {
-        *pdpte = (PD_ADDR + gib as u64 * PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE;
-    }
-    for (i, pde) in pds.iter_mut().enumerate() {
-        let addr = (i as u64) << 21;
-        let mut flags = PTE_PRESENT | PTE_WRITABLE | PTE_HUGE;
-        if addr >= MMIO_START {
-            flags |= PTE_PCD | PTE_PWT;
-        }
-        *pde = addr | flags;
-    }
-    entries.iter().flat_map(|e| e.to_le_bytes()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -72,20 +72,20 @@ const PB_TIMER_COUNT: usize = 0x18;
 const PB_EXIT_AFTER: usize = 0x1c;
 const PB_EXIT_CODE: usize = 0x20;
 
-const GDT_ADDR: u64 = 0x500;
+pub(crate) const GDT_ADDR: u64 = 0x500;
 const CODE_SELECTOR: u16 = 0x08;
 const DATA_SELECTOR: u16 = 0x10;
 /// 64-bit code: G=1, L=1, P=1, DPL=0, S=1, type=0xb (execute/read, accessed).
 const GDT_CODE: u64 = gdt_entry(0xa09b, 0, 0xfffff);
 /// Flat data: G=1, D/B=1, P=1, DPL=0, S=1, type=0x3 (read/write, accessed).
 const GDT_DATA: u64 = gdt_entry(0xc093, 0, 0xfffff);
-const GDT: [u64; 3] = [0, GDT_CODE, GDT_DATA];
+pub(crate) const GDT: [u64; 3] = [0, GDT_CODE, GDT_DATA];
 
-const PML4_ADDR: u64 = 0x9000;
-const PDPT_ADDR: u64 = 0xa000;
-const PD_ADDR: u64 = 0xb000;
+pub(crate) const PML4_ADDR: u64 = 0x9000;
+pub(crate) const PDPT_ADDR: u64 = 0xa000;
+pub(crate) const PD_ADDR: u64 = 0xb000;
 /// Page directories, one per GiB of the 0..4 GiB identity map.
-const PD_COUNT: u64 = 4;
+pub(crate) const PD_COUNT: u64 = 4;
 const PAGE_TABLE_SIZE: u64 = 0x1000;
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
@@ -246,8 +246,7 @@ pub fn load_builtin_guest<M: GuestMemory>(
         None => return Err(BootError::InvalidTickRate(params.tick_hz)),
     };
 
-    write(mem, "GDT", GDT_ADDR, &GDT.map(u64::to_le_bytes).concat())?;
-    write(mem, "page tables", PML4_ADDR, &page_tables())?;
+    write_long_mode_tables(mem)?;
 
     let mut block = [0u8; PARAMS_SIZE];
     let mut put = |offset: usize, bytes: &[u8]| {
@@ -331,6 +330,13 @@ fn write<M: GuestMemory>(
 ) -> Result<(), BootError> {
     mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|source| BootError::GuestMemoryWrite { what, addr, source })
+}
+
+/// Writes the GDT and the identity page tables that [`setup_long_mode_sregs`] points the CPU at:
+/// every 64-bit boot here (built-in guests and Linux) starts on them.
+pub fn write_long_mode_tables<M: GuestMemory>(mem: &M) -> Result<(), BootError> {
+    write(mem, "GDT", GDT_ADDR, &GDT.map(u64::to_le_bytes).concat())?;
+    write(mem, "page tables", PML4_ADDR, &page_tables())
 }
 
 /// PML4, PDPT and four page directories, contiguous from [`PML4_ADDR`]:
