@@ -243,8 +243,8 @@ pub fn open_channel_from_env() -> Result<Option<(OwnedFd, CprState)>, CprError> 
             found: link,
         });
     }
-    // SAFETY: the fd is open (readlink succeeded) and is the channel memfd that this process
-    // inherited for exactly this purpose; from here on this OwnedFd is its only owner.
+    // The fd is open (readlink succeeded) and is the channel memfd this process inherited.
+    // SAFETY: it was inherited for exactly this purpose; from here on this is its only owner.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let state = read_channel(&fd)?;
     Ok(Some((fd, state)))
@@ -333,8 +333,7 @@ fn channel_fd_if_memfd() -> Option<OwnedFd> {
     if fds::memfd_name(&link) != Some(CPR_CHANNEL_NAME) {
         return None;
     }
-    // SAFETY: the fd is open and is the channel memfd this process inherited; nothing else in
-    // this process owns it.
+    // SAFETY: the fd is open and is the inherited channel memfd; nothing else here owns it.
     Some(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
@@ -384,8 +383,8 @@ pub fn rollback_plan(
 
 /// A `File` view of a borrowed fd that does not close it.
 fn borrow_file(fd: &OwnedFd) -> std::mem::ManuallyDrop<File> {
-    // SAFETY: the File never outlives `fd` (it is used within the caller's borrow) and is wrapped
-    // in ManuallyDrop, so it never closes the fd it does not own.
+    // The File is used only within the caller's borrow of `fd`.
+    // SAFETY: ManuallyDrop keeps it from closing the fd it does not own.
     std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) })
 }
 

@@ -124,8 +124,8 @@ impl ExecPlan {
     /// and the exec syscall on memory prepared in advance.
     pub fn exec(&self) -> std::io::Error {
         if let Some((fd, content)) = &self.channel {
-            // SAFETY: plain syscalls on an fd number with a buffer owned by the plan; failures
-            // surface when the receiver validates the channel.
+            // Failures surface when the receiver validates the channel.
+            // SAFETY: plain syscalls on an fd number with a buffer owned by the plan.
             unsafe {
                 libc::ftruncate(*fd, 0);
                 libc::pwrite(*fd, content.as_ptr().cast(), content.len(), 0);
@@ -136,8 +136,8 @@ impl ExecPlan {
         }
         match &self.target {
             ExecTarget::Path(path) => {
-                // SAFETY: path, argv and envp are NUL-terminated strings in NULL-terminated
-                // arrays owned by the plan; exec only reads them.
+                // path, argv and envp are NUL-terminated strings in NULL-terminated arrays.
+                // SAFETY: they are owned by the plan and exec only reads them.
                 unsafe {
                     if path.as_bytes().contains(&b'/') {
                         libc::execve(
@@ -211,8 +211,8 @@ impl TeardownHelper {
             return Err(std::io::Error::last_os_error());
         }
         let [read_end, write_end] = pipe;
-        // SAFETY: an anonymous private mapping for the helper's stack; unmapped in Drop (or
-        // freed with the old address space after an exec).
+        // The helper's stack: unmapped in Drop, or freed with the old address space after an exec.
+        // SAFETY: a new anonymous private mapping aliases nothing.
         let stack = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -235,9 +235,10 @@ impl TeardownHelper {
         // The helper's two arguments live at the bottom of its stack mapping.
         // SAFETY: the mapping is at least 8 bytes and writable; nothing else uses it yet.
         unsafe { *(stack as *mut [libc::c_int; 2]) = [read_end, write_end] };
-        // SAFETY: the child runs `helper_main` on the fresh stack (top, 16-byte aligned); it
-        // shares our memory but only touches its stack and makes raw syscalls (no TLS, no
-        // allocation, no errno), so it cannot disturb this process.
+        // The child runs `helper_main` on the fresh stack (top, 16-byte aligned) and shares our
+        // memory, but only touches its stack and makes raw syscalls (no TLS, no allocation,
+        // no errno).
+        // SAFETY: so it cannot disturb this process.
         let pid = unsafe {
             libc::clone(
                 helper_main,
@@ -277,8 +278,8 @@ impl TeardownHelper {
 impl Drop for TeardownHelper {
     /// The exec did not happen: release the helper and reap it.
     fn drop(&mut self) {
-        // SAFETY: closing our write end makes the helper exit; waitpid reaps exactly that child,
-        // after which its stack is no longer used and can be unmapped.
+        // Closing our write end makes the helper exit; waitpid reaps exactly that child.
+        // SAFETY: after that its stack is no longer used and can be unmapped.
         unsafe {
             libc::close(self.release);
             let mut status = 0;
@@ -296,8 +297,8 @@ impl Drop for TeardownHelper {
 #[cfg(target_arch = "x86_64")]
 unsafe fn raw_syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
     let ret: isize;
-    // SAFETY: the `syscall` instruction with the Linux x86-64 calling convention; rcx and r11
-    // are clobbered by the kernel.
+    // The `syscall` instruction with the Linux x86-64 calling convention.
+    // SAFETY: rcx and r11, which the kernel clobbers, are declared clobbered.
     unsafe {
         std::arch::asm!(
             "syscall",

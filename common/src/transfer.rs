@@ -176,10 +176,11 @@ pub fn recv(stream: &UnixStream) -> Result<Frame, TransferError> {
     let mut head = [0u8; HEADER_LEN];
     let mut raw_fds = [-1 as RawFd; MAX_FDS];
     let (mut got, nfds) = sendfd::RecvWithFd::recv_with_fd(stream, &mut head, &mut raw_fds)?;
-    // SAFETY: recv_with_fd returned `nfds` new fds received with SCM_RIGHTS; nothing else owns
-    // them, and wrapping them first means they are closed on every error path below.
+    // recv_with_fd returned `nfds` new fds received with SCM_RIGHTS; wrapping them first means
+    // they are closed on every error path below.
     let fds: Vec<OwnedFd> = raw_fds[..nfds]
         .iter()
+        // SAFETY: nothing else owns these fresh fds.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
         .collect();
     for fd in &fds {

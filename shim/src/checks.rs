@@ -30,8 +30,8 @@ fn touch_ram(fd: RawFd, size: u64, prefault: bool) -> std::io::Result<()> {
         return Ok(());
     }
     let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    // SAFETY: a fresh shared mapping of an fd we checked is a memfd of exactly `size` bytes; it
-    // is unmapped below and never handed out.
+    // The fd was checked to be a memfd of exactly `size` bytes.
+    // SAFETY: a fresh shared mapping of it, unmapped below and never handed out.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -55,8 +55,8 @@ fn touch_ram(fd: RawFd, size: u64, prefault: bool) -> std::io::Result<()> {
         }
     } else {
         let base = addr.cast::<u8>();
-        // SAFETY: both offsets are inside the mapping (len > 0); volatile reads keep the
-        // compiler from eliding the touch.
+        // Volatile reads keep the compiler from eliding the touch.
+        // SAFETY: both offsets are inside the mapping (len > 0).
         unsafe {
             std::ptr::read_volatile(base);
             std::ptr::read_volatile(base.add(len - 1));

@@ -561,8 +561,8 @@ fn create_vm(
             userspace_addr: host as u64,
             flags: 0,
         };
-        // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM (the
-        // Machine drops its vCPUs and VM before its RAM), and slots do not overlap.
+        // The Machine drops its vCPUs and VM before its RAM, and slots do not overlap.
+        // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM.
         unsafe { vm.set_user_memory_region(mem_region) }.map_err(kvm_err(format!(
             "registering RAM region {}",
             region.layout.name

@@ -290,8 +290,8 @@ fn create_memfd(region: &RegionLayout, hugepages: bool) -> Result<File, MemoryEr
 /// back to touching one byte per page.
 fn populate(host: *mut u8, len: usize) -> std::io::Result<()> {
     const MADV_POPULATE_WRITE: libc::c_int = 23;
-    // SAFETY: [host, host+len) is one of our own live guest-RAM mappings; MADV_POPULATE_WRITE
-    // only faults its pages in (it does not change their content).
+    // MADV_POPULATE_WRITE only faults pages in; it does not change their content.
+    // SAFETY: [host, host+len) is one of our own live guest-RAM mappings.
     let rc = unsafe { libc::madvise(host.cast(), len, MADV_POPULATE_WRITE) };
     if rc == 0 {
         return Ok(());
@@ -302,8 +302,9 @@ fn populate(host: *mut u8, len: usize) -> std::io::Result<()> {
     }
     let page = 4096;
     for offset in (0..len).step_by(page) {
-        // SAFETY: offset < len, so the address lies inside our mapping; a volatile read followed
-        // by writing the same value back faults the page in for writing without changing it.
+        // A volatile read followed by writing the same value back faults the page in for
+        // writing without changing it.
+        // SAFETY: offset < len, so the address lies inside our mapping.
         unsafe {
             let p = host.add(offset);
             std::ptr::write_volatile(p, std::ptr::read_volatile(p));

@@ -85,8 +85,9 @@ pub fn kick_signal() -> libc::c_int {
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let run = KVM_RUN.with(|r| r.get());
     if !run.is_null() {
-        // SAFETY: the pointer is this thread's own live kvm_run mapping (set before the first
-        // KVM_RUN, cleared before the VcpuFd is dropped); a byte store is async-signal-safe.
+        // The pointer is set before the first KVM_RUN and cleared before the VcpuFd is dropped;
+        // a byte store is async-signal-safe.
+        // SAFETY: so it is this thread's own live kvm_run mapping.
         unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
     }
 }
@@ -172,8 +173,8 @@ impl VcpuHandle {
     fn kick(&self) {
         use std::os::unix::thread::JoinHandleExt;
         if let Some(t) = &self.thread {
-            // SAFETY: the pthread is alive until joined (we join only in Drop); the signal's
-            // handler only sets a flag.
+            // The signal's handler only sets a flag.
+            // SAFETY: the pthread is alive until joined, which happens only in Drop.
             unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
         }
     }

@@ -437,9 +437,8 @@ fn create_vm(kvm: &Kvm, ram_size: u64) -> (VmFd, GuestMemoryMmap) {
         memory_size: ram_size,
         userspace_addr: host_addr as u64,
     };
-    // SAFETY: `host_addr` is the start of a mapping of `ram_size` bytes owned
-    // by `mem`, which the caller keeps (in a TestVm) until after the VM fd and
-    // the vCPU fds are closed.
+    // `host_addr` is the start of a mapping of `ram_size` bytes owned by `mem`.
+    // SAFETY: the caller keeps `mem` (in a TestVm) until after the VM and vCPU fds are closed.
     unsafe { vm.set_user_memory_region(region) }.unwrap();
     (vm, mem)
 }

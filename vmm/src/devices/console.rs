@@ -234,8 +234,9 @@ impl Console {
                 }
             }
             Sink::Socket(Some(c)) => {
-                // SAFETY: `buf` is a valid writable slice; MSG_DONTWAIT keeps the read from
-                // blocking the VMM thread while the socket itself stays blocking for writes.
+                // MSG_DONTWAIT keeps the read from blocking the VMM thread while the socket
+                // itself stays blocking for writes.
+                // SAFETY: `buf` is a valid writable slice for its length.
                 let n = unsafe {
                     libc::recv(
                         c.as_raw_fd(),

@@ -294,8 +294,8 @@ static ARMED_ROLLBACK: AtomicPtr<ExecPlan> = AtomicPtr::new(std::ptr::null_mut()
 extern "C" fn rollback_on_fatal_signal(sig: libc::c_int) {
     let plan = ARMED_ROLLBACK.swap(std::ptr::null_mut(), Ordering::SeqCst);
     if !plan.is_null() {
-        // SAFETY: the pointer came from Box::into_raw in `arm` and was swapped out, so this is
-        // its only user; `exec` only makes async-signal-safe syscalls.
+        // `exec` only makes async-signal-safe syscalls.
+        // SAFETY: the pointer came from Box::into_raw in `arm` and was swapped out: we own it.
         let _ = unsafe { &*plan }.exec();
     }
     // The exec failed or nothing was armed: die of the original signal.
@@ -382,9 +382,9 @@ impl Incoming {
             {
                 continue;
             }
-            // SAFETY: `raw` is open and is the very file the CPR state recorded (same device and
-            // inode, checked above); this process inherited it for exactly this purpose and owns
-            // it from now on.
+            // `raw` is open and is the very file the CPR state recorded (same device and inode,
+            // checked above).
+            // SAFETY: it was inherited for exactly this purpose and this is its only owner.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             // Close-on-exec again at once; a rollback clears it on what it passes on.
             let _ = fds::set_cloexec(raw, true);
@@ -552,8 +552,9 @@ impl Incoming {
         if let Some(rec) = exe
             && fds::check_preserved(rec).is_ok()
         {
-            // SAFETY: the fd is the previous executable inherited for rollback only (identity
-            // checked just above); nothing else in this process uses it and rollback is over.
+            // The fd is the previous executable, inherited for rollback only (identity checked
+            // just above), and rollback is over.
+            // SAFETY: nothing else in this process uses it.
             unsafe { libc::close(rec.fd) };
         }
     }
@@ -589,8 +590,8 @@ impl Drop for Incoming {
 /// Unsets the channel variables so they do not leak to anything this process starts. Must be
 /// called while the process is still single-threaded.
 pub fn clear_channel_env() {
-    // SAFETY: called at the start of main, before any thread exists, so nothing reads the
-    // environment concurrently.
+    // Called at the start of main, before any thread exists.
+    // SAFETY: so nothing reads the environment concurrently.
     unsafe {
         std::env::remove_var(CPR_STATE_ENV);
         std::env::remove_var(FALLBACK_ENV);

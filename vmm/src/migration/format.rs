@@ -189,8 +189,8 @@ pub fn encode_state<W: Write>(
 
 fn is_zero_page(page: &[u8]) -> bool {
     let (prefix, words, suffix) = {
-        // SAFETY: reinterpreting initialised bytes as u64 is always valid; align_to handles the
-        // unaligned ends.
+        // align_to handles the unaligned ends.
+        // SAFETY: reinterpreting initialised bytes as u64 is always valid.
         unsafe { page.align_to::<u64>() }
     };
     prefix.iter().all(|b| *b == 0)

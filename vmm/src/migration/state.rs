@@ -317,8 +317,8 @@ fn set_xsave(vcpu: &VcpuFd, index: u32, words: &[u32]) -> Result<(), StateError>
     if extra.is_empty() {
         let mut x = kvm_xsave::default();
         x.region.copy_from_slice(region);
-        // SAFETY: `x` is a complete legacy kvm_xsave with no extra words, which is all that
-        // KVM_SET_XSAVE reads when the saved area had no XSAVE2 extension.
+        // The saved area had no XSAVE2 extension.
+        // SAFETY: `x` is a complete legacy kvm_xsave, which is all KVM_SET_XSAVE reads then.
         return unsafe { vcpu.set_xsave(&x) }.map_err(vcpu_err(index, "KVM_SET_XSAVE"));
     }
     let mut x = Xsave::from_entries(extra).map_err(|e| StateError::VcpuDetail {
@@ -332,8 +332,8 @@ fn set_xsave(vcpu: &VcpuFd, index: u32, words: &[u32]) -> Result<(), StateError>
             .region
             .copy_from_slice(region)
     };
-    // SAFETY: `x` holds the full area saved from a vCPU of the same kind of VM (the machine
-    // description was checked), so KVM reads no further than its allocation.
+    // `x` holds the full area saved from a vCPU of the same kind of VM (description checked).
+    // SAFETY: so KVM reads no further than its allocation.
     unsafe { vcpu.set_xsave2(&x) }.map_err(vcpu_err(index, "KVM_SET_XSAVE2"))
 }
 
