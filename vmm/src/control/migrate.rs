@@ -597,6 +597,7 @@ impl Vmm {
             m.resume();
         }
         let resumed = monotonic_ns();
+        let resumed_wall = SystemTime::now();
         phases.mark_at("resume vCPUs", resumed);
         let blackout_ns = resumed.saturating_sub(stopped_at_ns);
         let from_version = self
@@ -604,7 +605,7 @@ impl Vmm {
             .take()
             .map(|t| t.hello.sender_version)
             .unwrap_or_default();
-        self.finish_incoming_update(blackout_ns, &phases, from_version, None, run);
+        self.finish_incoming_update(blackout_ns, resumed_wall, &phases, from_version, None, run);
         log::info!(
             "cpr-transfer complete: blackout {:.3} ms",
             blackout_ns as f64 / 1e6
@@ -798,20 +799,25 @@ impl Vmm {
             m.resume();
         }
         let resumed_at = monotonic_ns();
+        let resumed_wall = SystemTime::now();
+        incoming.disarm();
         incoming.phases.mark_at("resume vCPUs", resumed_at);
         let blackout_ns = resumed_at.saturating_sub(state.stopped_at_ns);
-        incoming.finish();
         let rolled_back = match &incoming.state.attempt {
             Attempt::Rollback { reason } => Some(reason.clone()),
             Attempt::Update => None,
         };
         self.finish_incoming_update(
             blackout_ns,
+            resumed_wall,
             &incoming.phases,
             incoming.state.fallback.version.clone(),
             rolled_back.clone(),
             guest_was_running,
         );
+        // Last, after the events: this also lets the previous process's teardown start on the
+        // other CPU.
+        incoming.finish();
         match &rolled_back {
             None => log::info!(
                 "live update from {} to {} complete: blackout {:.3} ms",
@@ -834,6 +840,7 @@ impl Vmm {
     fn finish_incoming_update(
         &mut self,
         blackout_ns: u64,
+        resumed_wall: SystemTime,
         phases: &PhaseLog,
         from_version: String,
         rolled_back: Option<String>,
@@ -867,7 +874,11 @@ impl Vmm {
         };
         if running {
             self.run_state = RunState::Running;
-            self.emit(&EventKind::Resume);
+            // Stamped with the moment the vCPUs were resumed, so that STOP to RESUME is the
+            // blackout the VMM reports.
+            if let Some(m) = &mut self.monitor {
+                m.broadcast_at(&EventKind::Resume, resumed_wall);
+            }
         } else {
             self.run_state = RunState::Paused;
         }
