@@ -890,6 +890,21 @@ impl Misdeed {
     }
 }
 
+/// Starts a cpr-transfer of `vm`'s guest to a fake new side listening on `dir/NAME.cpr` (and,
+/// once it opens it, `dir/NAME.main`) and lets the fake take HELLO with the guest's RAM. The
+/// old VMM's earlier events are dropped, so that what it sends from `migrate` on can be checked.
+fn transfer_to_fake(dir: &TempDir, vm: &mut Vm, name: &str) -> FakeNewSide {
+    let (cpr, main) = (
+        dir.join(format!("{name}.cpr")),
+        dir.join(format!("{name}.main")),
+    );
+    let mut fake = FakeNewSide::listen(&cpr, &main).unwrap();
+    let _ = vm.qmp.events();
+    migrate_cpr_transfer(&mut vm.qmp, &main, &cpr).unwrap();
+    fake.take_hello(LONG).unwrap();
+    fake
+}
+
 /// Runs one transfer from `vm` into a fake new side that takes HELLO (checking it), opens the
 /// main channel and then, if `after_ready`, says READY, takes STATE (checking the guest RAM it
 /// got while the old VMM holds the guest stopped) and misbehaves instead of committing;
@@ -904,14 +919,8 @@ fn fake_new_side_case(
 ) {
     let what = format!("case {case} ({misdeed:?}, after READY: {after_ready})");
     eprintln!("{what}");
-    let (cpr, main) = (
-        dir.join(format!("c{case}.cpr")),
-        dir.join(format!("c{case}.main")),
-    );
-    let mut fake = FakeNewSide::listen(&cpr, &main).unwrap();
-    let _ = vm.qmp.events();
-    migrate_cpr_transfer(&mut vm.qmp, &main, &cpr).unwrap();
-    let hello = fake.take_hello(LONG).unwrap().clone();
+    let mut fake = transfer_to_fake(dir, vm, &format!("c{case}"));
+    let hello = fake.hello.clone().expect("HELLO taken");
     assert_eq!(hello.fds.len(), 1, "{what}: {hello:?}");
     assert_eq!(hello.fds[0].name, LOW_RAM_REGION, "{what}");
     assert_eq!(hello.fds[0].kind, FdKind::GuestRam, "{what}");
@@ -977,12 +986,33 @@ fn fake_new_side_case(
     vm.wait_sweeps(1);
 }
 
+/// Boots a 1-vCPU memcheck guest in a fresh directory called `dir_name` and plays every one of
+/// `cases` on it with a fake new side ([`fake_new_side_case`], before or after READY). Then, if
+/// `then` names a CPR channel spelling, shows that nothing was lost: the guest still moves to a
+/// real new VMM with its memory intact.
+fn fake_new_side_cases(
+    dir_name: &str,
+    after_ready: bool,
+    cases: &[Misdeed],
+    then: Option<CprSpelling>,
+) {
+    let dir = TempDir::new(dir_name).unwrap();
+    let mut vm = Vm::boot(&dir, "old", &memcheck_args("16M", 1));
+    vm.wait_sweeps(2);
+    for (i, &misdeed) in cases.iter().enumerate() {
+        fake_new_side_case(&dir, &mut vm, i, misdeed, after_ready);
+    }
+    let Some(spelling) = then else { return };
+    let t = transfer(&dir, &mut vm, "n1", Incoming::Unix, spelling);
+    let old_out = vm.quit();
+    let mut new = t.new;
+    new.wait_sweeps(2);
+    stop_and_check_memcheck(&mut new, sweeps(&old_out), &dir.join("dump"));
+}
+
 /// A fake new side misbehaving before READY: the guest never stops.
 #[test]
 fn fake_new_side_misbehaving_before_ready_never_stops_the_guest() {
-    let dir = TempDir::new("xfake1").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &memcheck_args("16M", 1));
-    vm.wait_sweeps(2);
     let cases = [
         Misdeed::Raw(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
         Misdeed::Error,
@@ -996,34 +1026,20 @@ fn fake_new_side_misbehaving_before_ready_never_stops_the_guest() {
         Misdeed::FrameOnCpr(Kind::Ready),
         Misdeed::FrameOnCpr(Kind::Error),
     ];
-    for (i, misdeed) in cases.into_iter().enumerate() {
-        fake_new_side_case(&dir, &mut vm, i, misdeed, false);
-    }
-    // Nothing was lost: the guest still moves to a real new VMM.
-    let t = transfer(&dir, &mut vm, "n1", Incoming::Unix, CprSpelling::KeyValue);
-    let old_out = vm.quit();
-    let mut new = t.new;
-    new.wait_sweeps(2);
-    stop_and_check_memcheck(&mut new, sweeps(&old_out), &dir.join("dump"));
+    fake_new_side_cases("xfake1", false, &cases, Some(CprSpelling::KeyValue));
 }
 
 /// A fake new side that closes the CPR channel but never listens on the main channel (as a
 /// new VMM that died right after taking the RAM): the error names the main channel.
 #[test]
 fn fake_new_side_without_a_main_channel_is_reported_as_such() {
-    let dir = TempDir::new("xfake2").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &memcheck_args("16M", 1));
-    vm.wait_sweeps(2);
-    fake_new_side_case(&dir, &mut vm, 0, Misdeed::NoMainChannel, false);
+    fake_new_side_cases("xfake2", false, &[Misdeed::NoMainChannel], None);
 }
 
 /// A fake new side misbehaving after the old VMM stopped the guest: it stays paused until
 /// `cont`, and its memory is intact.
 #[test]
 fn fake_new_side_failing_after_the_stop_leaves_the_guest_paused_until_cont() {
-    let dir = TempDir::new("xfake3").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &memcheck_args("16M", 1));
-    vm.wait_sweeps(2);
     let cases = [
         Misdeed::Close,
         Misdeed::Error,
@@ -1037,14 +1053,7 @@ fn fake_new_side_failing_after_the_stop_leaves_the_guest_paused_until_cont() {
         Misdeed::TruncatedPayload,
         Misdeed::Frame(Kind::Ready),
     ];
-    for (i, misdeed) in cases.into_iter().enumerate() {
-        fake_new_side_case(&dir, &mut vm, i, misdeed, true);
-    }
-    let t = transfer(&dir, &mut vm, "n1", Incoming::Unix, CprSpelling::Json);
-    let old_out = vm.quit();
-    let mut new = t.new;
-    new.wait_sweeps(2);
-    stop_and_check_memcheck(&mut new, sweeps(&old_out), &dir.join("dump"));
+    fake_new_side_cases("xfake3", true, &cases, Some(CprSpelling::Json));
 }
 
 /// A new side that says READY, takes the state and then never answers: the old VMM gives up
@@ -1054,11 +1063,7 @@ fn a_new_side_that_never_commits_fails_the_migration_after_the_timeout() {
     let dir = TempDir::new("xslow").unwrap();
     let mut vm = Vm::boot(&dir, "old", &heartbeat_args(1));
     vm.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
-    let (cpr, main) = (dir.join("f.cpr"), dir.join("f.main"));
-    let mut fake = FakeNewSide::listen(&cpr, &main).unwrap();
-    let _ = vm.qmp.events();
-    migrate_cpr_transfer(&mut vm.qmp, &main, &cpr).unwrap();
-    fake.take_hello(LONG).unwrap();
+    let mut fake = transfer_to_fake(&dir, &mut vm, "f");
     let info = query_migrate(&mut vm.qmp);
     assert_eq!(info["status"], "setup", "{info}");
     assert_eq!(vm.status(), "running");
@@ -1100,13 +1105,9 @@ fn a_second_migrate_is_refused_while_a_transfer_is_in_flight() {
     let dir = TempDir::new("xbusy").unwrap();
     let mut vm = Vm::boot(&dir, "old", &heartbeat_args(1));
     vm.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
-    let (cpr, main) = (dir.join("f.cpr"), dir.join("f.main"));
     let (cpr2, main2) = (dir.join("g.cpr"), dir.join("g.main"));
-    let mut fake = FakeNewSide::listen(&cpr, &main).unwrap();
     let mut other = FakeNewSide::listen(&cpr2, &main2).unwrap();
-    let _ = vm.qmp.events();
-    migrate_cpr_transfer(&mut vm.qmp, &main, &cpr).unwrap();
-    fake.take_hello(LONG).unwrap();
+    let mut fake = transfer_to_fake(&dir, &mut vm, "f");
     // RAM handed over, main channel not open yet.
     assert_second_migrate_refused(&mut vm, &mut other, &main2, &cpr2);
     fake.open_main(LONG).unwrap();
@@ -1126,11 +1127,7 @@ fn cont_is_refused_while_the_new_side_may_run_the_guest() {
     let dir = TempDir::new("xcont").unwrap();
     let mut vm = Vm::boot(&dir, "old", &heartbeat_args(1));
     vm.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
-    let (cpr, main) = (dir.join("f.cpr"), dir.join("f.main"));
-    let mut fake = FakeNewSide::listen(&cpr, &main).unwrap();
-    let _ = vm.qmp.events();
-    migrate_cpr_transfer(&mut vm.qmp, &main, &cpr).unwrap();
-    fake.take_hello(LONG).unwrap();
+    let mut fake = transfer_to_fake(&dir, &mut vm, "f");
     fake.open_main(LONG).unwrap();
     fake.ready_and_take_state(LONG).unwrap();
     assert_eq!(vm.status(), "finish-migrate");
