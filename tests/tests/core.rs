@@ -500,80 +500,88 @@ fn malformed_qmp_input_gets_qemu_errors_and_the_guest_keeps_running() {
     }
 
     let mut qmp = connect(&socket);
-    // Malformed JSON: an error without id; the connection stays usable.
-    let reply = raw(&mut qmp, b"{\"execute\": }\n");
-    assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
-    assert_eq!(reply["error"]["desc"], "JSON parse error, expecting value");
-    assert_status(&mut qmp, "running", true);
-    let reply = raw(&mut qmp, b"\"just a string\"\n");
-    assert_error_reply(&reply, "GenericError", "QMP input must be a JSON object");
-    let reply = raw(&mut qmp, b"{\"id\": 5}\n");
-    assert_error_reply(&reply, "GenericError", "QMP input lacks member 'execute'");
-    assert_eq!(reply["id"], 5, "the id is echoed: {reply}");
-    let reply = raw(&mut qmp, b"{\"execute\": 42, \"id\": \"x\"}\n");
-    assert_error_reply(
-        &reply,
-        "GenericError",
-        "QMP input member 'execute' must be a string",
-    );
-
-    // Unknown command, with the id echoed.
-    let reply = raw(
-        &mut qmp,
-        b"{\"execute\": \"no-such-command\", \"id\": \"abc\"}\n",
-    );
-    assert_error_reply(
-        &reply,
-        "CommandNotFound",
-        "The command no-such-command has not been found",
-    );
-    assert_eq!(reply["id"], "abc", "{reply}");
+    // Malformed input, each answered with QEMU's error (and the id echoed where the test gives
+    // one); the connection stays usable: malformed JSON, a message that is not an object, no
+    // or a bad `execute`, an unknown command, `arguments` that are not an object.
+    let malformed: [(&[u8], &str, &str, Option<Value>); 6] = [
+        (
+            b"{\"execute\": }\n",
+            "GenericError",
+            "JSON parse error, expecting value",
+            None,
+        ),
+        (
+            b"\"just a string\"\n",
+            "GenericError",
+            "QMP input must be a JSON object",
+            None,
+        ),
+        (
+            b"{\"id\": 5}\n",
+            "GenericError",
+            "QMP input lacks member 'execute'",
+            Some(json!(5)),
+        ),
+        (
+            b"{\"execute\": 42, \"id\": \"x\"}\n",
+            "GenericError",
+            "QMP input member 'execute' must be a string",
+            None,
+        ),
+        (
+            b"{\"execute\": \"no-such-command\", \"id\": \"abc\"}\n",
+            "CommandNotFound",
+            "The command no-such-command has not been found",
+            Some(json!("abc")),
+        ),
+        (
+            b"{\"execute\": \"stop\", \"arguments\": [], \"id\": 1}\n",
+            "GenericError",
+            "QMP input member 'arguments' must be an object",
+            None,
+        ),
+    ];
+    for (input, class, desc, id) in malformed {
+        let reply = raw(&mut qmp, input);
+        assert_error_reply(&reply, class, desc);
+        if let Some(id) = id {
+            assert_eq!(reply["id"], id, "the id is echoed: {reply}");
+        }
+        assert_status(&mut qmp, "running", true);
+    }
 
     // Wrong argument type, missing argument, unexpected argument.
     let dump = dir.join("dump").to_str().unwrap().to_string();
-    let (class, desc) = expect_error(
-        &mut qmp,
-        "pmemsave",
-        json!({"val": "zero", "size": 4096, "filename": dump}),
-    );
-    assert_eq!(
-        (class.as_str(), desc.as_str()),
+    let bad_arguments = [
         (
-            "GenericError",
-            "Invalid parameter type for 'val', expected: integer"
-        )
-    );
-    let (class, desc) = expect_error(
-        &mut qmp,
-        "human-monitor-command",
-        json!({"command-line": ["info", "status"]}),
-    );
-    assert_eq!(
-        (class.as_str(), desc.as_str()),
+            "pmemsave",
+            json!({"val": "zero", "size": 4096, "filename": dump}),
+            "Invalid parameter type for 'val', expected: integer",
+        ),
         (
-            "GenericError",
-            "Invalid parameter type for 'command-line', expected: string"
-        )
-    );
-    let (class, desc) = expect_error(&mut qmp, "pmemsave", json!({"val": 0, "size": 4096}));
-    assert_eq!(
-        (class.as_str(), desc.as_str()),
-        ("GenericError", "Parameter 'filename' is missing")
-    );
-    let (class, desc) = expect_error(&mut qmp, "query-status", json!({"verbose": true}));
-    assert_eq!(
-        (class.as_str(), desc.as_str()),
-        ("GenericError", "Parameter 'verbose' is unexpected")
-    );
-    let reply = raw(
-        &mut qmp,
-        b"{\"execute\": \"stop\", \"arguments\": [], \"id\": 1}\n",
-    );
-    assert_error_reply(
-        &reply,
-        "GenericError",
-        "QMP input member 'arguments' must be an object",
-    );
+            "human-monitor-command",
+            json!({"command-line": ["info", "status"]}),
+            "Invalid parameter type for 'command-line', expected: string",
+        ),
+        (
+            "pmemsave",
+            json!({"val": 0, "size": 4096}),
+            "Parameter 'filename' is missing",
+        ),
+        (
+            "query-status",
+            json!({"verbose": true}),
+            "Parameter 'verbose' is unexpected",
+        ),
+    ];
+    for (command, arguments, expected) in bad_arguments {
+        let (class, desc) = expect_error(&mut qmp, command, arguments.clone());
+        assert_eq!(
+            (class.as_str(), desc.as_str()),
+            ("GenericError", expected),
+            "{command} {arguments}"
+        );
+    }
     // None of these did anything to the guest.
     assert!(
         !Path::new(&dump).exists(),
