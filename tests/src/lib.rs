@@ -48,7 +48,7 @@ pub use heartbeat::{
     read_tick_counters,
 };
 pub use memcheck::{MEMCHECK_BASE, MEMCHECK_LIMIT, check_memcheck_dump, dump_memcheck_range};
-pub use process::{Stream, TimeoutError, VmmProcess, wait_for_path};
+pub use process::{Stream, TimeoutError, VmmProcess, assert_vmm_startup_error, wait_for_path};
 pub use procfs::{O_CLOEXEC_FLAG, OpenFd, list_fds, read_proc_fd_flags, wait_until};
 pub use qmp::{QmpClient, QmpError, event_timestamp, qmp_socket_arg};
 pub use tempdir::TempDir;

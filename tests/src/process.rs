@@ -545,6 +545,43 @@ impl Drop for VmmProcess {
     }
 }
 
+/// Starts `vmm args` expecting it to refuse to start, and checks how it ends: exit status 1
+/// within `timeout`, nothing on stdout (no guest ran) and exactly one line on stderr, starting
+/// with `vmm: ` and containing every one of `needles`. Returns that line.
+///
+/// # Panics
+/// If any of that does not hold; the message names the arguments and shows what was printed.
+#[track_caller]
+pub fn assert_vmm_startup_error<S>(args: &[S], needles: &[&str], timeout: Duration) -> String
+where
+    S: AsRef<OsStr> + fmt::Debug,
+{
+    let vmm = VmmProcess::start_vmm(args);
+    let status = vmm.wait_exit(timeout).unwrap();
+    let stderr = vmm.stderr_text();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "vmm {args:?} should fail to start with exit status 1, got {status}; stderr:\n{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "vmm {args:?}: expected exactly one line on stderr, got:\n{stderr}"
+    );
+    let line = lines[0];
+    assert!(line.starts_with("vmm: "), "{line}");
+    for needle in needles {
+        assert!(
+            line.contains(needle),
+            "vmm {args:?}: the error should mention {needle:?}: {line}"
+        );
+    }
+    assert_eq!(vmm.stdout_text(), "", "vmm {args:?} printed guest output");
+    line.to_string()
+}
+
 /// Waits for `path` to exist, polling every few milliseconds.
 pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<(), String> {
     if crate::procfs::wait_until(timeout, || path.exists()) {

@@ -137,34 +137,11 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(12)..].join("\n")
 }
 
-/// Asserts that a start-up error ended the process with status 1, nothing on
-/// stdout and exactly one line on stderr, starting with `vmm: ` and containing
-/// every one of `needles`.
+/// Asserts that `vmm args` fails at start-up (see [`assert_vmm_startup_error`]: status 1, nothing
+/// on stdout, one `vmm: ` line on stderr holding every needle). Returns the line.
+#[track_caller]
 fn assert_startup_error(args: &[&str], needles: &[&str]) -> String {
-    let vmm = VmmProcess::start_vmm(args);
-    let status = vmm.wait_exit(LONG).unwrap();
-    let stderr = vmm.stderr_text();
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "vmm {args:?} should fail to start with exit status 1, got {status}; stderr:\n{stderr}"
-    );
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "vmm {args:?}: expected exactly one line on stderr, got:\n{stderr}"
-    );
-    let line = lines[0];
-    assert!(line.starts_with("vmm: "), "{line}");
-    for needle in needles {
-        assert!(
-            line.contains(needle),
-            "vmm {args:?}: the error should mention {needle:?}: {line}"
-        );
-    }
-    assert_eq!(vmm.stdout_text(), "", "vmm {args:?} printed guest output");
-    line.to_string()
+    assert_vmm_startup_error(args, needles, LONG)
 }
 
 /// Runs `command` and returns its error, failing if it succeeded.

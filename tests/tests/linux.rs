@@ -366,33 +366,11 @@ fn check_exit_after_3(text: &str, cpus: u32) {
     assert_ticks_consecutive(&log.ticks).unwrap();
 }
 
-/// Asserts that `vmm args` fails at start-up with exit status 1, nothing on stdout and one line
-/// on stderr, starting with `vmm: ` and containing every needle. Returns the line.
+/// Asserts that `vmm args` fails at start-up (see [`assert_vmm_startup_error`]: status 1, nothing
+/// on stdout, one `vmm: ` line on stderr holding every needle). Returns the line.
+#[track_caller]
 fn assert_startup_error(args: &[String], needles: &[&str]) -> String {
-    let vmm = VmmProcess::start_vmm(args);
-    let status = vmm.wait_exit(LONG).unwrap();
-    let stderr = vmm.stderr_text();
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "vmm {args:?} should fail to start with exit status 1, got {status}; stderr:\n{stderr}"
-    );
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "vmm {args:?}: expected exactly one line on stderr, got:\n{stderr}"
-    );
-    let line = lines[0];
-    assert!(line.starts_with("vmm: "), "{line}");
-    for needle in needles {
-        assert!(
-            line.contains(needle),
-            "vmm {args:?}: the error should mention {needle:?}: {line}"
-        );
-    }
-    assert_eq!(vmm.stdout_text(), "", "vmm {args:?} printed guest output");
-    line.to_string()
+    assert_vmm_startup_error(args, needles, LONG)
 }
 
 // ---------------------------------------------------------------------------
