@@ -116,6 +116,61 @@ pub fn assert_ticks_consecutive(ticks: &BTreeMap<u32, Vec<u64>>) -> Result<(), S
     Ok(())
 }
 
+/// Checks that a process `new` that took a heartbeat guest over from one that printed `old_out`
+/// (by a live update, a transfer or a restore) goes on with the guest's tick numbering: waits up
+/// to `timeout` until `new` printed `more` ticks on each of vCPUs `0..cpus` beyond the old ones,
+/// then checks that the old output followed by the new (where a line the old process was in the
+/// middle of is finished by the new one) holds consecutive ticks, the old ones first, and that
+/// each vCPU's first tick on `new` is its last one on the old side + 1. Returns what `new`
+/// printed, for the caller's own checks (no reboot, nothing garbled).
+///
+/// `event` names the hand-over where a vCPU had not ticked 3 times before it ("cpu N did not
+/// tick before {event}"); `follows` is the message where a vCPU's ticks do not go on ("cpu N:
+/// {follows}").
+///
+/// # Panics
+/// If any of that does not hold, or the wait times out.
+#[track_caller]
+pub fn assert_ticks_go_on(
+    old_out: &str,
+    new: &VmmProcess,
+    cpus: u32,
+    more: usize,
+    timeout: Duration,
+    event: &str,
+    follows: &str,
+) -> String {
+    let old = parse_heartbeat_ticks(old_out);
+    for cpu in 0..cpus {
+        assert!(
+            old.get(&cpu).is_some_and(|t| t.len() >= 3),
+            "cpu {cpu} did not tick before {event}:\n{old_out}"
+        );
+    }
+    let combined = |new: &str| parse_heartbeat_ticks(&format!("{old_out}{new}"));
+    let enough = |text: &str| {
+        let all = combined(text);
+        (0..cpus).all(|cpu| {
+            all.get(&cpu)
+                .is_some_and(|t| t.len() >= old[&cpu].len() + more)
+        })
+    };
+    let new_out = new.wait_for_output(enough, timeout).unwrap();
+    let all = combined(&new_out);
+    assert_ticks_consecutive(&all).unwrap();
+    for cpu in 0..cpus {
+        let before = &old[&cpu];
+        let ticks = &all[&cpu];
+        assert_eq!(&ticks[..before.len()], &before[..], "cpu {cpu}");
+        assert_eq!(
+            ticks[before.len()],
+            before.last().unwrap() + 1,
+            "cpu {cpu}: {follows}"
+        );
+    }
+    new_out
+}
+
 /// The last tick `cpu` printed in `text` (scanning from the end, so it is
 /// cheap enough to run on every wake-up of a wait).
 fn last_tick_in(text: &str, cpu: u32) -> Option<u64> {
@@ -317,6 +372,44 @@ mod tests {
         assert!(
             error.to_string().contains("heartbeat: cpu 1 tick 3"),
             "{error}"
+        );
+    }
+
+    /// What an old process printed before a hand-over: ticks 1 to 3 and half of tick 4's line.
+    const OLD_OUT: &str = "heartbeat: cpu 0 start\nheartbeat: cpu 0 tick 1\n\
+                           heartbeat: cpu 0 tick 2\nheartbeat: cpu 0 tick 3\nheartbeat: cpu 0 ti";
+
+    /// A stand-in for the process that took the guest over, printing `script` (printf format).
+    fn new_side(script: &str) -> VmmProcess {
+        VmmProcess::start("sh", ["-c", &format!("printf '{script}'; sleep 30")]).unwrap()
+    }
+
+    #[test]
+    fn ticks_that_go_on_pass_and_the_new_output_is_returned() {
+        let new = new_side("ck 4\\nheartbeat: cpu 0 tick 5\\nheartbeat: cpu 0 tick 6\\n");
+        let out = assert_ticks_go_on(OLD_OUT, &new, 1, 3, Duration::from_secs(10), "x", "y");
+        assert!(out.ends_with("heartbeat: cpu 0 tick 6\n"), "{out}");
+    }
+
+    #[test]
+    #[should_panic(expected = "tick 6 follows tick 3")]
+    fn a_gap_after_the_hand_over_fails() {
+        let new = new_side("ck 6\\nheartbeat: cpu 0 tick 7\\nheartbeat: cpu 0 tick 8\\n");
+        assert_ticks_go_on(OLD_OUT, &new, 1, 3, Duration::from_secs(10), "x", "y");
+    }
+
+    #[test]
+    #[should_panic(expected = "cpu 1 did not tick before the hand-over")]
+    fn a_vcpu_without_ticks_before_the_hand_over_fails() {
+        let new = new_side("ck 4\\n");
+        assert_ticks_go_on(
+            OLD_OUT,
+            &new,
+            2,
+            1,
+            Duration::from_secs(10),
+            "the hand-over",
+            "y",
         );
     }
 

@@ -44,8 +44,8 @@ pub mod transfer;
 
 pub use binaries::{build_binaries, shim_bin, target_dir, vmm_bin, workspace_root};
 pub use heartbeat::{
-    HeartbeatLog, assert_ticks_consecutive, parse_heartbeat_ticks, parse_heartbeats,
-    read_tick_counters,
+    HeartbeatLog, assert_ticks_consecutive, assert_ticks_go_on, parse_heartbeat_ticks,
+    parse_heartbeats, read_tick_counters,
 };
 pub use memcheck::{MEMCHECK_BASE, MEMCHECK_LIMIT, check_memcheck_dump, dump_memcheck_range};
 pub use process::{Stream, TimeoutError, VmmProcess, assert_vmm_startup_error, wait_for_path};

@@ -194,34 +194,15 @@ fn check_memcheck_now(vm: &mut Vm, earlier: usize, dump: &Path) {
 /// old one's last is that tick + 1 on every vCPU, all consecutive, no vCPU restarted. Waits
 /// for `more` ticks per vCPU on the new VMM first.
 fn assert_ticks_continue(old_out: &str, new: &VmmProcess, cpus: u32, more: usize) {
-    let old = parse_heartbeat_ticks(old_out);
-    for cpu in 0..cpus {
-        assert!(
-            old.get(&cpu).is_some_and(|t| t.len() >= 3),
-            "cpu {cpu} did not tick before the transfer:\n{old_out}"
-        );
-    }
-    let combined = |new: &str| parse_heartbeat_ticks(&format!("{old_out}{new}"));
-    let enough = |text: &str| {
-        let all = combined(text);
-        (0..cpus).all(|cpu| {
-            all.get(&cpu)
-                .is_some_and(|t| t.len() >= old[&cpu].len() + more)
-        })
-    };
-    let new_out = new.wait_for_output(enough, LONG).unwrap();
-    let all = combined(&new_out);
-    assert_ticks_consecutive(&all).unwrap();
-    for cpu in 0..cpus {
-        let before = &old[&cpu];
-        let ticks = &all[&cpu];
-        assert_eq!(&ticks[..before.len()], &before[..], "cpu {cpu}");
-        assert_eq!(
-            ticks[before.len()],
-            before.last().unwrap() + 1,
-            "cpu {cpu}: the new VMM's first tick must follow the old one's last"
-        );
-    }
+    let new_out = assert_ticks_go_on(
+        old_out,
+        new,
+        cpus,
+        more,
+        LONG,
+        "the transfer",
+        "the new VMM's first tick must follow the old one's last",
+    );
     let log = parse_heartbeats(&new_out);
     assert!(
         log.started.is_empty(),

@@ -506,32 +506,15 @@ fn assert_update_completed(update: &Update) {
 /// vCPU on `new` first): every vCPU's first tick on `new` is its last on the old side + 1, all
 /// consecutive, and the probe neither rebooted nor restarted a vCPU.
 fn assert_ticks_continue(old_out: &str, new: &VmmProcess, cpus: u32, more: usize) {
-    let old = parse_heartbeat_ticks(old_out);
-    for cpu in 0..cpus {
-        assert!(
-            old.get(&cpu).is_some_and(|t| t.len() >= 3),
-            "cpu {cpu} did not tick before the update:\n{old_out}"
-        );
-    }
-    let combined = |new: &str| parse_heartbeat_ticks(&format!("{old_out}{new}"));
-    let enough = |text: &str| {
-        let all = combined(text);
-        (0..cpus).all(|cpu| {
-            all.get(&cpu)
-                .is_some_and(|t| t.len() >= old[&cpu].len() + more)
-        })
-    };
-    let new_out = new.wait_for_output(enough, LONG).unwrap();
-    let all = combined(&new_out);
-    assert_ticks_consecutive(&all).unwrap();
-    for cpu in 0..cpus {
-        let before = &old[&cpu];
-        assert_eq!(
-            all[&cpu][before.len()],
-            before.last().unwrap() + 1,
-            "cpu {cpu}: the first tick after the update must follow the last one before"
-        );
-    }
+    let new_out = assert_ticks_go_on(
+        old_out,
+        new,
+        cpus,
+        more,
+        LONG,
+        "the update",
+        "the first tick after the update must follow the last one before",
+    );
     let log = parse_heartbeats(&new_out);
     assert!(
         log.started.is_empty(),

@@ -120,44 +120,19 @@ fn quit(vmm: &VmmProcess, qmp: &mut QmpClient) -> String {
     vmm.stdout_text()
 }
 
-/// Ticks of every vCPU in the old process's output followed by the new one's
-/// (a line the old process was in the middle of is finished by the new one).
-fn combined_ticks(old: &str, new: &str) -> std::collections::BTreeMap<u32, Vec<u64>> {
-    parse_heartbeat_ticks(&format!("{old}{new}"))
-}
-
 /// Waits until the restored process printed `more` ticks on every vCPU, then
 /// checks that the numbering continued exactly: the first tick after the old
 /// process's last is that tick + 1, on every vCPU, and no vCPU restarted.
 fn assert_ticks_continue(old_out: &str, new: &VmmProcess, cpus: u32, more: usize) {
-    let old = parse_heartbeat_ticks(old_out);
-    for cpu in 0..cpus {
-        assert!(
-            old.get(&cpu).is_some_and(|t| t.len() >= 3),
-            "cpu {cpu} did not tick before the save:\n{old_out}"
-        );
-    }
-    let enough = |text: &str| {
-        let all = combined_ticks(old_out, text);
-        (0..cpus).all(|cpu| {
-            all.get(&cpu)
-                .is_some_and(|t| t.len() >= old[&cpu].len() + more)
-        })
-    };
-    let new_out = new.wait_for_output(enough, LONG).unwrap();
-    let all = combined_ticks(old_out, &new_out);
-    assert_ticks_consecutive(&all).unwrap();
-    for cpu in 0..cpus {
-        let saved = &old[&cpu];
-        let last_old = *saved.last().unwrap();
-        let ticks = &all[&cpu];
-        assert_eq!(&ticks[..saved.len()], &saved[..], "cpu {cpu}");
-        assert_eq!(
-            ticks[saved.len()],
-            last_old + 1,
-            "cpu {cpu}: the restored guest's first tick must follow the saved one"
-        );
-    }
+    let new_out = assert_ticks_go_on(
+        old_out,
+        new,
+        cpus,
+        more,
+        LONG,
+        "the save",
+        "the restored guest's first tick must follow the saved one",
+    );
     let log = parse_heartbeats(&new_out);
     assert!(log.started.is_empty(), "the guest rebooted:\n{new_out}");
     assert!(
