@@ -534,20 +534,7 @@ probe_mptable:
 8:  mov     %r8d, GLOBALS + G_CPUS
     lea     msg_mptable(%rip), %rsi
     call    puts
-    mov     %rdi, %rax
-    call    put_dec
-    lea     msg_ioapic(%rip), %rsi
-    call    puts
-    mov     %r10, %rax
-    call    put_dec
-    call    space
-    mov     %r9, %rax
-    call    put_hex
-    lea     msg_checksum_ok(%rip), %rsi
-    test    %r11b, %r11b
-    jz      9f
-    lea     msg_checksum_bad(%rip), %rsi
-9:  jmp     puts
+    jmp     put_cpus_ioapic_checksum    /* tail call */
 
 /*
  * probe_acpi - follow boot_params.acpi_rsdp_addr to the RSDP, its XSDT and the MADT; check all
@@ -620,6 +607,18 @@ probe_acpi:
     call    put_hex
     lea     msg_madt(%rip), %rsi
     call    puts
+    jmp     put_cpus_ioapic_checksum    /* tail call */
+9:  lea     msg_acpi_none(%rip), %rsi
+    jmp     puts
+
+/*
+ * put_cpus_ioapic_checksum - the end of the mptable and acpi lines:
+ * "N ioapic ID 0xADDR checksum ok|bad\n".
+ *   in:  rdi = enabled processors (N), r10 = I/O APIC id, r9 = I/O APIC address,
+ *        r11b = sum of all the checksummed bytes (0: ok)
+ *   clobbers: rax, rcx, rdx, rsi, r8
+ */
+put_cpus_ioapic_checksum:
     mov     %rdi, %rax
     call    put_dec
     lea     msg_ioapic(%rip), %rsi
@@ -631,11 +630,9 @@ probe_acpi:
     call    put_hex
     lea     msg_checksum_ok(%rip), %rsi
     test    %r11b, %r11b
-    jz      10f
+    jz      1f
     lea     msg_checksum_bad(%rip), %rsi
-10: jmp     puts
-9:  lea     msg_acpi_none(%rip), %rsi
-    jmp     puts
+1:  jmp     puts
 
 /*
  * byte_sum - sum of bytes.
