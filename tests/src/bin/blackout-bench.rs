@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p cpr-tests --bin blackout-bench -- [--sizes 256M,1G,4G,16G]
-//!     [--updates 20] [--qemu-reps 10] [--no-qemu] [--hugepages] [--static] [--json FILE]
+//!     [--updates 20] [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--json FILE]
 //! ```
 //!
 //! For each size, with guest RAM pre-faulted (`--prealloc`) and the `memcheck` guest sweeping:
@@ -12,8 +12,9 @@
 //! - the guest's first full memcheck sweep after each update against steady-state sweeps (the
 //!   cost of rebuilding page tables lazily);
 //! - normal `migrate` to a file plus `-incoming` restore of the same VM (copy-everything);
-//! - with `--static`, the cpr-exec blackout again with statically linked `vmm` and `cpr-shim`
-//!   (built into target/static), which spares each of the update's two execs the dynamic loader;
+//! - with `--dist`, the cpr-exec blackout again with the deployment build of `vmm` and
+//!   `cpr-shim` (scripts/build-dist.sh: statically linked, which spares each of the update's two
+//!   execs the dynamic loader, and whole-program optimised);
 //! - QEMU's cpr-transfer and cpr-exec pauses for the same size, when `scripts/bench-setup.sh`
 //!   has installed them (see `cpr_tests::qemu_bench`).
 //!
@@ -38,7 +39,7 @@ struct Options {
     qemu_reps: usize,
     qemu: bool,
     hugepages: bool,
-    static_build: bool,
+    dist_build: bool,
     json: Option<PathBuf>,
 }
 
@@ -61,7 +62,7 @@ fn parse_options() -> Result<Options, String> {
         qemu_reps: 10,
         qemu: true,
         hugepages: false,
-        static_build: false,
+        dist_build: false,
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -78,12 +79,12 @@ fn parse_options() -> Result<Options, String> {
             "--qemu-reps" => o.qemu_reps = value()?.parse().map_err(|_| "bad --qemu-reps")?,
             "--no-qemu" => o.qemu = false,
             "--hugepages" => o.hugepages = true,
-            "--static" => o.static_build = true,
+            "--dist" => o.dist_build = true,
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--help" | "-h" => {
                 return Err(
                     "usage: blackout-bench [--sizes 256M,1G,4G,16G] [--updates 20] \
-                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--static] [--json FILE]"
+                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--json FILE]"
                         .into(),
                 );
             }
@@ -168,35 +169,21 @@ impl Binaries {
         }
     }
 
-    /// Statically linked builds (no dynamic loader at exec: two fewer loader runs per update),
-    /// built into target/static.
-    fn static_build() -> Result<Self, String> {
-        let target = "x86_64-unknown-linux-gnu";
-        let dir = cpr_tests::target_dir().join("static");
-        let status =
-            std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "vmm",
-                    "-p",
-                    "cpr-shim",
-                    "--target",
-                    target,
-                ])
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env("CARGO_TARGET_DIR", &dir)
-                .current_dir(cpr_tests::workspace_root())
-                .status()
-                .map_err(|e| format!("cargo: {e}"))?;
-        if !status.success() {
-            return Err("building static binaries failed".into());
+    /// The deployment build from scripts/build-dist.sh: statically linked (no dynamic loader at
+    /// either exec of an update) and whole-program optimised.
+    fn dist_build() -> Result<Self, String> {
+        let script = cpr_tests::workspace_root().join("scripts/build-dist.sh");
+        let out = std::process::Command::new(&script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("{}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed ({})", script.display(), out.status));
         }
-        let out = dir.join(target).join("release");
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         Ok(Binaries {
-            vmm: out.join("vmm"),
-            shim: out.join("cpr-shim"),
+            vmm: dir.join("vmm"),
+            shim: dir.join("cpr-shim"),
         })
     }
 }
@@ -682,7 +669,7 @@ fn print_table(results: &[Value]) {
         "median",
         "p99",
         "events",
-        "static",
+        "dist",
         "sweep x",
         "xfer ms",
         "normal ms",
@@ -699,7 +686,7 @@ fn print_table(results: &[Value]) {
             fmt_ms(&b["median"]),
             fmt_ms(&b["p99"]),
             fmt_ms(&c["stop_to_resume_events_ms"]["median"]),
-            fmt_ms(&r["cpr_exec_static"]["blackout_ms"]["median"]),
+            fmt_ms(&r["cpr_exec_dist"]["blackout_ms"]["median"]),
             c["first_sweep_slowdown"]
                 .as_f64()
                 .map(|x| format!("{x:.2}"))
@@ -710,18 +697,42 @@ fn print_table(results: &[Value]) {
             fmt_ms(&r["qemu"]["qemu_cpr_exec_pause_ms"]["median"]),
         );
     }
-    if let Some(c) = results.first().map(|r| &r["cpr_exec"]) {
-        println!(
-            "\nphase medians (ms), {}:",
-            results[0]["label"].as_str().unwrap_or("?")
-        );
-        for p in c["phase_medians_ms"].as_array().into_iter().flatten() {
-            println!(
-                "  {:<34} {:>8.3}",
-                p["name"].as_str().unwrap_or("?"),
-                p["median_ms"].as_f64().unwrap_or(0.0)
+    for (mode, title) in [
+        ("cpr_exec", "cpr-exec"),
+        ("cpr_exec_dist", "cpr-exec, deployment build"),
+    ] {
+        print_phase_medians(results, mode, title);
+    }
+}
+
+/// One row per phase, one column per run that measured `mode`.
+fn print_phase_medians(results: &[Value], mode: &str, title: &str) {
+    let runs: Vec<&Value> = results
+        .iter()
+        .filter(|r| r[mode]["phase_medians_ms"].is_array())
+        .collect();
+    let Some(first) = runs.first() else {
+        return;
+    };
+    print!("\nphase medians (ms), {title}:\n  {:<34}", "");
+    for r in &runs {
+        print!(" {:>8}", r["label"].as_str().unwrap_or("?"));
+    }
+    println!();
+    let names = first[mode]["phase_medians_ms"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    for (i, phase) in names.enumerate() {
+        print!("  {:<34}", phase["name"].as_str().unwrap_or("?"));
+        for r in &runs {
+            let ms = r[mode]["phase_medians_ms"][i]["median_ms"].as_f64();
+            print!(
+                " {:>8}",
+                ms.map(|x| format!("{x:.3}")).unwrap_or("-".into())
             );
         }
+        println!();
     }
 }
 
@@ -743,7 +754,7 @@ fn main() {
     let machine = machine_label();
     eprintln!("blackout-bench on {machine}");
     let default_bins = Binaries::default_build();
-    let static_bins = o.static_build.then(Binaries::static_build);
+    let dist_bins = o.dist_build.then(Binaries::dist_build);
     let qemu = o.qemu.then(QemuInstall::detect);
     if let Some(q) = &qemu {
         eprintln!("{}", q.describe());
@@ -782,7 +793,7 @@ fn main() {
                 .unwrap_or_else(|e| json!({"error": e})),
         };
         drop(reservation);
-        let cpr_static = match (&static_bins, hugepages) {
+        let cpr_dist = match (&dist_bins, hugepages) {
             (Some(Ok(b)), false) => bench_cpr_exec(b, dir.path(), ram_mib, o.updates, false)
                 .unwrap_or_else(|e| json!({"error": e})),
             (Some(Err(e)), false) => json!({"error": e}),
@@ -797,7 +808,7 @@ fn main() {
             Some(q) if !hugepages => bench_qemu(q, ram_mib, o.qemu_reps, dir.path()),
             _ => Value::Null,
         };
-        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_static": cpr_static, "cpr_transfer": transfer, "normal": normal, "qemu": qemu}));
+        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "normal": normal, "qemu": qemu}));
     }
     print_table(&results);
     let report = json!({"machine": machine, "updates_per_size": o.updates, "results": results});
