@@ -27,7 +27,8 @@
  * (Castagnoli, the iSCSI/SSE4.2 CRC: init ~0, reflected polynomial 0x82f63b78, final ~) of the
  * whole initrd.
  *
- * Then every vCPU runs the heartbeat loop of guests/heartbeat.S: a periodic LAPIC timer
+ * Then every vCPU runs the heartbeat loop of guests/heartbeat.S (the serial output routines
+ * are guests/console.inc, which the built-in guests include too): a periodic LAPIC timer
  * (vector 0x40, divide by 16, KVM's 1 GHz APIC bus) and the lines
  *   heartbeat: cpu N start
  *   heartbeat: cpu N tick T        (T = 1, 2, 3, ... per vCPU, never skipping or repeating)
@@ -137,6 +138,8 @@
     .set BP_E820_TABLE,        0x2d0
     .set E820_ENTRY_SIZE,      20
     .set MAX_CMDLINE,          4096
+
+    .include "console.inc"              /* print lock, puts, put_dec, put_hex_digits */
 
 /* ------------------------------------------------------------------------------------------
  * Real-mode setup: boot sector and the setup header. A 16-bit bootloader that runs the setup
@@ -1001,35 +1004,8 @@ build_idt:
     jb      1b
     ret
 
-/* print_lock / print_unlock - whole lines from different vCPUs do not interleave. */
-print_lock:
-    push    %rax
-1:  mov     $1, %eax
-    lock xchgl %eax, GLOBALS + G_PRINT_LOCK
-    test    %eax, %eax
-    jz      3f
-2:  pause
-    cmpl    $0, GLOBALS + G_PRINT_LOCK
-    jne     2b
-    jmp     1b
-3:  pop     %rax
-    ret
-
-print_unlock:
-    movl    $0, GLOBALS + G_PRINT_LOCK
-    ret
-
-/*
- * puts - write a NUL-terminated string.  in: rsi.  clobbers: rax, rdx, rsi
- */
-puts:
-    mov     $SERIAL_PORT, %edx
-1:  lodsb
-    test    %al, %al
-    jz      2f
-    out     %al, %dx
-    jmp     1b
-2:  ret
+/* print_lock, print_unlock, puts, put_dec, put_hex_digits (see console.inc). */
+    CONSOLE_ROUTINES GLOBALS+G_PRINT_LOCK
 
 newline:
     mov     $'\n', %al
@@ -1041,26 +1017,6 @@ putc:
     mov     $SERIAL_PORT, %edx
     out     %al, %dx
     pop     %rdx
-    ret
-
-/*
- * put_dec - unsigned decimal.  in: rax.  clobbers: rax, rcx, rdx, rsi
- */
-put_dec:
-    mov     $10, %ecx
-    xor     %esi, %esi
-1:  xor     %edx, %edx
-    div     %rcx
-    push    %rdx
-    inc     %esi
-    test    %rax, %rax
-    jnz     1b
-    mov     $SERIAL_PORT, %edx
-2:  pop     %rax
-    add     $'0', %al
-    out     %al, %dx
-    dec     %esi
-    jnz     2b
     ret
 
 /*
@@ -1083,17 +1039,7 @@ put_hex:
     jnz     2f
     sub     $4, %ecx
     jmp     1b
-2:  mov     %r8, %rax
-    shr     %cl, %rax
-    and     $0xf, %eax
-    cmp     $10, %al
-    jb      3f
-    add     $('a' - '0' - 10), %al
-3:  add     $'0', %al
-    out     %al, %dx
-    sub     $4, %ecx
-    jge     2b
-    ret
+2:  jmp     put_hex_digits              /* tail call */
 
 /*
  * fault_common - report an unexpected exception or interrupt and end the VM with
