@@ -15,7 +15,13 @@ use std::process::{Command, ExitCode};
 /// Guest sources, assembled to `<name>.bin`.
 const GUESTS: &[&str] = &["heartbeat", "memcheck"];
 /// Files the guests include or are linked with.
-const SHARED_INPUTS: &[&str] = &["abi.inc", "lib.inc", "console.inc", "guest.ld"];
+const SHARED_INPUTS: &[&str] = &[
+    "abi.inc",
+    "lib.inc",
+    "console.inc",
+    "heartbeat.inc",
+    "guest.ld",
+];
 /// Where the images are linked and loaded (see guests/abi.inc, src/boot.rs).
 const LOAD_ADDR: u64 = 0x10000;
 /// The image must fit in 0x10000..0x1ffff.

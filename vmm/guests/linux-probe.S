@@ -27,8 +27,8 @@
  * (Castagnoli, the iSCSI/SSE4.2 CRC: init ~0, reflected polynomial 0x82f63b78, final ~) of the
  * whole initrd.
  *
- * Then every vCPU runs the heartbeat loop of guests/heartbeat.S (the serial output routines
- * are guests/console.inc, which the built-in guests include too): a periodic LAPIC timer
+ * Then every vCPU runs the heartbeat loop of guests/heartbeat.S (guests/heartbeat.inc, which
+ * both include; the serial output routines are guests/console.inc): a periodic LAPIC timer
  * (vector 0x40, divide by 16, KVM's 1 GHz APIC bus) and the lines
  *   heartbeat: cpu N start
  *   heartbeat: cpu N tick T        (T = 1, 2, 3, ... per vCPU, never skipping or repeating)
@@ -140,6 +140,7 @@
     .set MAX_CMDLINE,          4096
 
     .include "console.inc"              /* print lock, puts, put_dec, put_hex_digits */
+    .include "heartbeat.inc"            /* the heartbeat, shared with heartbeat.S */
 
 /* ------------------------------------------------------------------------------------------
  * Real-mode setup: boot sector and the setup header. A 16-bit bootloader that runs the setup
@@ -738,23 +739,12 @@ cmdline_param:
 
 /*
  * start_heartbeat - enable this vCPU's LAPIC and start its periodic timer, then print
- * "heartbeat: cpu N start".
- *   clobbers: rax, rcx, rdx, rsi, r8
+ * "heartbeat: cpu N start" (HEARTBEAT_START in heartbeat.inc).
+ *   clobbers: rax, rcx, rdx, rsi
  */
 start_heartbeat:
-    movl    $(APIC_SVR_ENABLE | SPURIOUS_VECTOR), APIC_SVR(%r15)
-    movl    $APIC_DIV_16, APIC_TIMER_DIV(%r15)
-    movl    $(APIC_LVT_PERIODIC | TIMER_VECTOR), APIC_LVT_TIMER(%r15)
-    mov     GLOBALS + G_TIMER_COUNT, %eax
-    mov     %eax, APIC_TIMER_INIT(%r15) /* writing the count starts the timer */
-    call    print_lock
-    lea     msg_hb_prefix(%rip), %rsi
-    call    puts
-    mov     %r12, %rax
-    call    put_dec
-    lea     msg_hb_start(%rip), %rsi
-    call    puts
-    jmp     print_unlock
+    HEARTBEAT_START GLOBALS+G_TIMER_COUNT
+    ret
 
 /*
  * start_ap - start vCPU ebx (its APIC id is G_APIC_IDS[ebx]) with INIT + SIPI and wait until
@@ -862,48 +852,12 @@ ap_entry64:
     jmp     main_loop
 
 /*
- * main_loop - print every tick not printed yet; sleep with `sti; hlt` (atomic: a tick after
- * the check always wakes the CPU).
+ * main_loop - print every tick not printed yet; sleep with `sti; hlt` (HEARTBEAT_LOOP in
+ * heartbeat.inc). Then vCPU 0 ends or resets the VM after N ticks, if told to.
  */
-main_loop:
-    cli
-    mov     PC_TICKS(%r14), %rax
-    cmp     PC_PRINTED(%r14), %rax
-    ja      print_ticks
-    sti
-    hlt
-    jmp     main_loop
-
-print_ticks:
-    sti
-1:  call    print_lock
-    mov     PC_PRINTED(%r14), %rbx
-    inc     %rbx
-    lea     msg_hb_prefix(%rip), %rsi   /* "heartbeat: cpu N tick T\n" */
-    call    puts
-    mov     %r12, %rax
-    call    put_dec
-    lea     msg_hb_tick(%rip), %rsi
-    call    puts
-    mov     %rbx, %rax
-    call    put_dec
-    call    newline
-    mov     %rbx, PC_PRINTED(%r14)      /* only now is the line complete */
-    call    print_unlock
-    cmp     PC_TICKS(%r14), %rbx
-    jb      1b
-
-    test    %r12d, %r12d                /* vCPU 0 may end or reset the VM after N ticks */
-    jnz     main_loop
+    HEARTBEAT_LOOP
     mov     GLOBALS + G_EXIT_AFTER, %rax
-    test    %rax, %rax
-    jz      2f
-    cmp     %rax, %rbx
-    jb      2f
-    mov     GLOBALS + G_EXIT_CODE, %al
-    mov     $DEBUG_EXIT_PORT, %dx
-    out     %al, %dx
-    jmp     halt_forever
+    HEARTBEAT_EXIT_AT GLOBALS+G_EXIT_CODE, 2f
 2:  mov     GLOBALS + G_RESET_AFTER, %rax
     test    %rax, %rax
     jz      main_loop
@@ -926,10 +880,7 @@ print_ticks:
     jmp     halt_forever
 
 /* timer_isr - count the tick, acknowledge it. Changes no register. */
-timer_isr:
-    incq    PC_TICKS(%r14)
-    movl    $0, APIC_EOI(%r15)
-    iretq
+    HEARTBEAT_TIMER_ISR
 
 spurious_isr:
     iretq
@@ -1182,9 +1133,7 @@ msg_apic:           .asciz  " apic "
 msg_ap_started:     .asciz  " started\n"
 msg_ap_failed:      .asciz  " did not start\n"
 msg_ready:          .asciz  "probe: ready\n"
-msg_hb_prefix:      .asciz  "heartbeat: cpu "
-msg_hb_start:       .asciz  " start\n"
-msg_hb_tick:        .asciz  " tick "
+    HEARTBEAT_STRINGS
 msg_fault_cpu:      .asciz  "\nprobe: cpu "
 msg_fault_vector:   .asciz  ": unexpected exception/interrupt, vector "
 msg_fault_error:    .asciz  " error "
