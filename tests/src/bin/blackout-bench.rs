@@ -12,6 +12,8 @@
 //! - the guest's first full memcheck sweep after each update against steady-state sweeps (the
 //!   cost of rebuilding page tables lazily);
 //! - normal `migrate` to a file plus `-incoming` restore of the same VM (copy-everything);
+//! - KVM alone creating a VM and registering that much RAM (`KVM reg`): a floor under any
+//!   exec-based update on this host, since the new process must do it while the guest waits;
 //! - with `--dist`, the cpr-exec blackout again with the deployment build of `vmm` and
 //!   `cpr-shim` (scripts/build-dist.sh: statically linked, which spares each of the update's two
 //!   execs the dynamic loader, and whole-program optimised);
@@ -22,6 +24,7 @@
 //! figure is labelled with the machine it ran on; timings are reported, never asserted.
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -524,6 +527,85 @@ fn bench_cpr_transfer(
     }))
 }
 
+/// What KVM alone charges for two steps an exec-based update cannot move out of the blackout:
+/// creating a VM, and registering `ram_mib` of RAM with it from a fresh, unpopulated mapping of
+/// a memfd (as a new VMM does right after exec), split below 3 GiB and from 4 GiB up as the VMM
+/// splits it. On a shadow-paging host the registration grows with RAM size (KVM allocates
+/// metadata for every 4 KiB page up front), which puts a size-dependent floor under the
+/// cpr-exec blackout; cpr-transfer pays it before the guest stops.
+fn bench_kvm_floor(ram_mib: u64, reps: usize) -> Result<Value, String> {
+    const LOW_RAM_END: u64 = 3 << 30;
+    const HIGH_RAM_START: u64 = 4 << 30;
+    let size = ram_mib << 20;
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is owned by `memfd` below.
+    let fd = unsafe { libc::memfd_create(c"bench-kvm-floor".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new fd that nothing else owns.
+    let memfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    std::fs::File::from(memfd.try_clone().map_err(|e| e.to_string())?)
+        .set_len(size)
+        .map_err(|e| format!("sizing the memfd: {e}"))?;
+    // SAFETY: a new shared mapping of our own memfd; it aliases no Rust object and is unmapped
+    // below before the memfd is closed.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            memfd.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let low = size.min(LOW_RAM_END);
+    let slots = [
+        (0u32, 0u64, 0u64, low),
+        (1, HIGH_RAM_START, low, size - low),
+    ];
+    let mut create_ms = Vec::new();
+    let mut register_ms = Vec::new();
+    let mut failure = None;
+    'reps: for _ in 0..reps {
+        let t0 = Instant::now();
+        let vm = match kvm.create_vm() {
+            Ok(vm) => vm,
+            Err(e) => {
+                failure = Some(format!("KVM_CREATE_VM: {e}"));
+                break;
+            }
+        };
+        let t1 = Instant::now();
+        for &(slot, gpa, offset, len) in slots.iter().filter(|s| s.3 > 0) {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: len,
+                userspace_addr: base as u64 + offset,
+            };
+            // SAFETY: the region lies inside our live mapping, which outlives `vm`.
+            if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
+                failure = Some(format!("KVM_SET_USER_MEMORY_REGION: {e}"));
+                break 'reps;
+            }
+        }
+        register_ms.push(t1.elapsed().as_secs_f64() * 1e3);
+        create_ms.push((t1 - t0).as_secs_f64() * 1e3);
+    }
+    // SAFETY: unmapping the mapping made above; every VM using it has been dropped.
+    unsafe { libc::munmap(base, size as usize) };
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(json!({"create_vm_ms": summary(&create_ms), "register_ram_ms": summary(&register_ms)}))
+}
+
 /// Normal migration to a file, then `-incoming defer` + `migrate-incoming` in a new process.
 fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
     let src_dir = dir.join("src");
@@ -663,13 +745,14 @@ fn fmt_ms(v: &Value) -> String {
 fn print_table(results: &[Value]) {
     println!();
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
+        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
         "RAM",
         "min ms",
         "median",
         "p99",
         "events",
         "dist",
+        "KVM reg",
         "sweep x",
         "xfer ms",
         "normal ms",
@@ -680,13 +763,14 @@ fn print_table(results: &[Value]) {
         let c = &r["cpr_exec"];
         let b = &c["blackout_ms"];
         println!(
-            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
+            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
             r["label"].as_str().unwrap_or("?"),
             fmt_ms(&b["min"]),
             fmt_ms(&b["median"]),
             fmt_ms(&b["p99"]),
             fmt_ms(&c["stop_to_resume_events_ms"]["median"]),
             fmt_ms(&r["cpr_exec_dist"]["blackout_ms"]["median"]),
+            fmt_ms(&r["kvm_floor"]["register_ram_ms"]["median"]),
             c["first_sweep_slowdown"]
                 .as_f64()
                 .map(|x| format!("{x:.2}"))
@@ -799,6 +883,11 @@ fn main() {
             (Some(Err(e)), false) => json!({"error": e}),
             _ => Value::Null,
         };
+        let kvm_floor = if hugepages {
+            Value::Null
+        } else {
+            bench_kvm_floor(ram_mib, o.updates).unwrap_or_else(|e| json!({"error": e}))
+        };
         let normal = if hugepages {
             Value::Null
         } else {
@@ -808,7 +897,7 @@ fn main() {
             Some(q) if !hugepages => bench_qemu(q, ram_mib, o.qemu_reps, dir.path()),
             _ => Value::Null,
         };
-        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "normal": normal, "qemu": qemu}));
+        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "kvm_floor": kvm_floor, "normal": normal, "qemu": qemu}));
     }
     print_table(&results);
     let report = json!({"machine": machine, "updates_per_size": o.updates, "results": results});
