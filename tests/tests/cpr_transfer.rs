@@ -129,6 +129,22 @@ impl Vm {
         }
     }
 
+    /// Boots the heartbeat guest with `cpus` vCPUs as `old` and waits until every vCPU printed
+    /// 5 ticks.
+    fn boot_heartbeat(dir: &TempDir, cpus: u32) -> Vm {
+        let vm = Vm::boot(dir, "old", &heartbeat_args(cpus));
+        vm.vmm.wait_for_all_ticks(cpus, 5, LONG).unwrap();
+        vm
+    }
+
+    /// Boots the memcheck guest with `mem` of RAM and `cpus` vCPUs as `old` and waits until it
+    /// completed 2 sweeps.
+    fn boot_memcheck(dir: &TempDir, mem: &str, cpus: u32) -> Vm {
+        let vm = Vm::boot(dir, "old", &memcheck_args(mem, cpus));
+        vm.wait_sweeps(2);
+        vm
+    }
+
     fn status(&mut self) -> String {
         status(&mut self.qmp)
     }
@@ -379,6 +395,23 @@ fn transfer(
     }
 }
 
+/// Shows that a memcheck guest lost nothing (after a failed transfer): transfers it from `old`
+/// to a real new side called `name`, quits `old`, lets it sweep twice more there and checks its
+/// memory (dumped to `dir/dump`) and sweep count.
+fn memcheck_moves_intact(
+    dir: &TempDir,
+    mut old: Vm,
+    name: &str,
+    spelling: CprSpelling,
+    dump: &str,
+) {
+    let t = transfer(dir, &mut old, name, Incoming::Unix, spelling);
+    let old_out = old.quit();
+    let mut new = t.new;
+    new.wait_sweeps(2);
+    stop_and_check_memcheck(&mut new, sweeps(&old_out), &dir.join(dump));
+}
+
 /// Waits for the old side's migration to fail; checks the events (no RESUME, STOP only if
 /// `stopped`), `query-migrate` and the run state, and that `error-desc` holds every needle.
 /// Returns `error-desc`.
@@ -446,8 +479,7 @@ fn assert_new_side_exits(target: &Target, needles: &[&str]) -> String {
 #[test]
 fn heartbeat_one_vcpu_continues_on_the_new_side() {
     let dir = TempDir::new("xhb1").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(1));
-    old.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 1);
     let t = transfer(&dir, &mut old, "n1", Incoming::Unix, CprSpelling::KeyValue);
     let old_out = old.quit();
     assert_ticks_continue(&old_out, &t.new.vmm, 1, 10);
@@ -457,8 +489,7 @@ fn heartbeat_one_vcpu_continues_on_the_new_side() {
 #[test]
 fn heartbeat_two_vcpus_continue_with_the_json_cpr_channel() {
     let dir = TempDir::new("xhb2").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(2));
-    old.vmm.wait_for_all_ticks(2, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 2);
     let t = transfer(&dir, &mut old, "n1", Incoming::Unix, CprSpelling::Json);
     let old_out = old.quit();
     assert_ticks_continue(&old_out, &t.new.vmm, 2, 10);
@@ -468,8 +499,7 @@ fn heartbeat_two_vcpus_continue_with_the_json_cpr_channel() {
 #[test]
 fn memcheck_memory_is_consistent_on_the_new_side() {
     let dir = TempDir::new("xmc1").unwrap();
-    let mut old = Vm::boot(&dir, "old", &memcheck_args("64M", 1));
-    old.wait_sweeps(2);
+    let mut old = Vm::boot_memcheck(&dir, "64M", 1);
     let t = transfer(&dir, &mut old, "n1", Incoming::Unix, CprSpelling::KeyValue);
     let old_out = old.quit();
     assert!(old_out.starts_with('A'), "{old_out}");
@@ -488,8 +518,7 @@ fn memcheck_memory_is_consistent_on_the_new_side() {
 #[test]
 fn memcheck_two_vcpus_with_incoming_defer_and_migrate_incoming_channels() {
     let dir = TempDir::new("xmc2").unwrap();
-    let mut old = Vm::boot(&dir, "old", &memcheck_args("32M", 2));
-    old.wait_sweeps(2);
+    let mut old = Vm::boot_memcheck(&dir, "32M", 2);
     let t = transfer(
         &dir,
         &mut old,
@@ -508,8 +537,7 @@ fn memcheck_two_vcpus_with_incoming_defer_and_migrate_incoming_channels() {
 #[test]
 fn heartbeat_two_vcpus_with_incoming_defer_and_migrate_incoming_uri() {
     let dir = TempDir::new("xdefu").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(2));
-    old.vmm.wait_for_all_ticks(2, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 2);
     let t = transfer(
         &dir,
         &mut old,
@@ -534,8 +562,7 @@ fn heartbeat_two_vcpus_with_incoming_defer_and_migrate_incoming_uri() {
 #[test]
 fn a_paused_guest_arrives_paused_with_identical_memory() {
     let dir = TempDir::new("xpause").unwrap();
-    let mut old = Vm::boot(&dir, "old", &memcheck_args("32M", 1));
-    old.wait_sweeps(2);
+    let mut old = Vm::boot_memcheck(&dir, "32M", 1);
     old.qmp.execute("stop", Value::Null).unwrap();
     old.qmp.wait_event("STOP", LONG).unwrap();
     let ram = old.ram();
@@ -566,8 +593,7 @@ fn a_paused_guest_arrives_paused_with_identical_memory() {
 #[test]
 fn a_guest_moves_through_a_chain_of_transfers() {
     let dir = TempDir::new("xchain").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &heartbeat_args(2));
-    vm.vmm.wait_for_all_ticks(2, 5, LONG).unwrap();
+    let mut vm = Vm::boot_heartbeat(&dir, 2);
     let mut history = String::new();
     let spellings = [CprSpelling::KeyValue, CprSpelling::Json];
     for hop in 0..4 {
@@ -594,8 +620,7 @@ fn a_guest_moves_through_a_chain_of_transfers() {
 #[test]
 fn stop_on_the_waiting_new_side_makes_the_guest_arrive_paused() {
     let dir = TempDir::new("xstop").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(2));
-    old.vmm.wait_for_all_ticks(2, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 2);
     let target = Target::start(
         dir.path(),
         "n1",
@@ -643,8 +668,7 @@ fn stop_on_the_waiting_new_side_makes_the_guest_arrive_paused() {
 #[test]
 fn new_side_killed_after_taking_the_ram_leaves_the_guest_running() {
     let dir = TempDir::new("xkill1").unwrap();
-    let mut old = Vm::boot(&dir, "old", &memcheck_args("16M", 1));
-    old.wait_sweeps(2);
+    let mut old = Vm::boot_memcheck(&dir, "16M", 1);
     let target = Target::start(
         dir.path(),
         "n1",
@@ -666,11 +690,7 @@ fn new_side_killed_after_taking_the_ram_leaves_the_guest_running() {
     cont_if_paused(&mut old);
     old.wait_sweeps(1);
     // The guest still moves.
-    let t = transfer(&dir, &mut old, "n2", Incoming::Unix, CprSpelling::KeyValue);
-    let old_out = old.quit();
-    let mut new = t.new;
-    new.wait_sweeps(2);
-    stop_and_check_memcheck(&mut new, sweeps(&old_out), &dir.join("d2"));
+    memcheck_moves_intact(&dir, old, "n2", CprSpelling::KeyValue, "d2");
 }
 
 /// Starts a real new side `name` whose main channel the old VMM reaches through a relay, and
@@ -697,8 +717,7 @@ fn relayed_transfer(dir: &TempDir, old: &mut Vm, name: &str) -> (Target, Relayed
 #[test]
 fn new_side_killed_before_ready_arrives_leaves_the_guest_running() {
     let dir = TempDir::new("xkill2").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(2));
-    old.vmm.wait_for_all_ticks(2, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 2);
     let (target, relayed) = relayed_transfer(&dir, &mut old, "n1");
     relayed.take_from_new(Kind::Ready, LONG).unwrap();
     target.vmm.send_signal(Signal::SIGKILL).unwrap();
@@ -714,8 +733,7 @@ fn new_side_killed_before_ready_arrives_leaves_the_guest_running() {
 #[test]
 fn new_side_killed_after_the_guest_stopped_leaves_it_paused_and_cont_resumes() {
     let dir = TempDir::new("xkill3").unwrap();
-    let mut old = Vm::boot(&dir, "old", &memcheck_args("16M", 1));
-    old.wait_sweeps(2);
+    let mut old = Vm::boot_memcheck(&dir, "16M", 1);
     let (target, relayed) = relayed_transfer(&dir, &mut old, "n1");
     let ready = relayed.take_from_new(Kind::Ready, LONG).unwrap();
     relayed.give_to_old(&ready).unwrap();
@@ -729,11 +747,7 @@ fn new_side_killed_after_the_guest_stopped_leaves_it_paused_and_cont_resumes() {
     old.wait_sweeps(3);
     stop_and_check_memcheck(&mut old, 0, &dir.join("d2"));
     cont_if_paused(&mut old);
-    let t = transfer(&dir, &mut old, "n2", Incoming::Unix, CprSpelling::Json);
-    let old_out = old.quit();
-    let mut new = t.new;
-    new.wait_sweeps(2);
-    stop_and_check_memcheck(&mut new, sweeps(&old_out), &dir.join("d3"));
+    memcheck_moves_intact(&dir, old, "n2", CprSpelling::Json, "d3");
 }
 
 /// A new VMM started with another `-smp` takes the RAM but refuses the state: it says why
@@ -741,8 +755,7 @@ fn new_side_killed_after_the_guest_stopped_leaves_it_paused_and_cont_resumes() {
 #[test]
 fn new_side_with_another_vcpu_count_refuses_the_state_and_cont_resumes() {
     let dir = TempDir::new("xsmp").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(1));
-    old.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 1);
     let target = Target::start(
         dir.path(),
         "n1",
@@ -765,8 +778,7 @@ fn new_side_with_another_vcpu_count_refuses_the_state_and_cont_resumes() {
 #[test]
 fn new_side_with_another_ram_size_exits_and_the_old_side_says_why() {
     let dir = TempDir::new("xram").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(1));
-    old.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 1);
     let target = Target::start(
         dir.path(),
         "n1",
@@ -978,17 +990,12 @@ fn fake_new_side_cases(
     then: Option<CprSpelling>,
 ) {
     let dir = TempDir::new(dir_name).unwrap();
-    let mut vm = Vm::boot(&dir, "old", &memcheck_args("16M", 1));
-    vm.wait_sweeps(2);
+    let mut vm = Vm::boot_memcheck(&dir, "16M", 1);
     for (i, &misdeed) in cases.iter().enumerate() {
         fake_new_side_case(&dir, &mut vm, i, misdeed, after_ready);
     }
     let Some(spelling) = then else { return };
-    let t = transfer(&dir, &mut vm, "n1", Incoming::Unix, spelling);
-    let old_out = vm.quit();
-    let mut new = t.new;
-    new.wait_sweeps(2);
-    stop_and_check_memcheck(&mut new, sweeps(&old_out), &dir.join("dump"));
+    memcheck_moves_intact(&dir, vm, "n1", spelling, "dump");
 }
 
 /// A fake new side misbehaving before READY: the guest never stops.
@@ -1042,8 +1049,7 @@ fn fake_new_side_failing_after_the_stop_leaves_the_guest_paused_until_cont() {
 #[test]
 fn a_new_side_that_never_commits_fails_the_migration_after_the_timeout() {
     let dir = TempDir::new("xslow").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &heartbeat_args(1));
-    vm.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut vm = Vm::boot_heartbeat(&dir, 1);
     let mut fake = transfer_to_fake(&dir, &mut vm, "f");
     let info = query_migrate(&mut vm.qmp);
     assert_eq!(info["status"], "setup", "{info}");
@@ -1084,8 +1090,7 @@ fn assert_second_migrate_refused(vm: &mut Vm, other: &mut FakeNewSide, main2: &P
 #[test]
 fn a_second_migrate_is_refused_while_a_transfer_is_in_flight() {
     let dir = TempDir::new("xbusy").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &heartbeat_args(1));
-    vm.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut vm = Vm::boot_heartbeat(&dir, 1);
     let (cpr2, main2) = (dir.join("g.cpr"), dir.join("g.main"));
     let mut other = FakeNewSide::listen(&cpr2, &main2).unwrap();
     let mut fake = transfer_to_fake(&dir, &mut vm, "f");
@@ -1106,8 +1111,7 @@ fn a_second_migrate_is_refused_while_a_transfer_is_in_flight() {
 #[test]
 fn cont_is_refused_while_the_new_side_may_run_the_guest() {
     let dir = TempDir::new("xcont").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &heartbeat_args(1));
-    vm.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut vm = Vm::boot_heartbeat(&dir, 1);
     let mut fake = transfer_to_fake(&dir, &mut vm, "f");
     fake.open_main(LONG).unwrap();
     fake.ready_and_take_state(LONG).unwrap();
@@ -1483,8 +1487,7 @@ fn a_peer_with_another_uid_is_refused_and_the_new_side_keeps_waiting() {
         return;
     }
     let dir = TempDir::new("xuid").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(2));
-    old.vmm.wait_for_all_ticks(2, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 2);
     let target = Target::start(
         dir.path(),
         "n1",
@@ -1531,8 +1534,7 @@ fn the_old_side_refuses_a_new_side_of_another_uid() {
         return;
     }
     let dir = TempDir::new("xuid2").unwrap();
-    let mut old = Vm::boot(&dir, "old", &heartbeat_args(1));
-    old.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut old = Vm::boot_heartbeat(&dir, 1);
     let (cpr, main) = (dir.join("f.cpr"), dir.join("f.main"));
     let foreign = ForeignListener::start(&cpr, OTHER_UID, OTHER_UID).unwrap();
     let _ = old.qmp.events();
@@ -1554,8 +1556,7 @@ fn the_old_side_refuses_a_new_side_of_another_uid() {
 #[test]
 fn migrate_arguments_that_cannot_do_a_cpr_transfer_are_refused() {
     let dir = TempDir::new("xargs").unwrap();
-    let mut vm = Vm::boot(&dir, "old", &heartbeat_args(1));
-    vm.vmm.wait_for_all_ticks(1, 5, LONG).unwrap();
+    let mut vm = Vm::boot_heartbeat(&dir, 1);
     set_cpr_transfer_mode(&mut vm.qmp).unwrap();
     let params = vm
         .qmp
