@@ -101,6 +101,67 @@ fn run_cargo_build() -> Result<(), String> {
     ))
 }
 
+/// The deployment build of `vmm` and `cpr-shim` (statically linked, profile `dist`) made by
+/// `scripts/build-dist.sh`, once per process; returns `(vmm, cpr-shim)`. `CPR_DIST_DIR` names a
+/// directory of prebuilt ones instead.
+///
+/// # Panics
+/// If the script fails; the message holds its output.
+pub fn dist_binaries() -> (PathBuf, PathBuf) {
+    static OUTCOME: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = match std::env::var_os("CPR_DIST_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => match OUTCOME.get_or_init(run_build_dist) {
+            Ok(dir) => dir.clone(),
+            Err(message) => panic!("{message}"),
+        },
+    };
+    (dir.join("vmm"), dir.join("cpr-shim"))
+}
+
+fn run_build_dist() -> Result<PathBuf, String> {
+    let script = workspace_root().join("scripts").join("build-dist.sh");
+    eprintln!("cpr-tests: {}", script.display());
+    let output = Command::new(&script)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{} failed ({})\n--- stderr ---\n{}",
+            script.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+        ));
+    }
+    // The script prints the directory holding the two binaries.
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim(),
+    ))
+}
+
+/// Whether the ELF executable at `path` runs without a dynamic loader (no `PT_INTERP`).
+pub fn is_statically_linked(path: &Path) -> std::io::Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let image = std::fs::read(path)?;
+    if image.len() < 64 || &image[..4] != b"\x7fELF" || image[4] != 2 {
+        return Err(bad("not a 64-bit ELF file"));
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([image[at], image[at + 1]]) as usize;
+    let phoff = u64::from_le_bytes(image[0x20..0x28].try_into().map_err(|_| bad("header"))?);
+    let (entry_size, count) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..count {
+        let at = usize::try_from(phoff).map_err(|_| bad("program header offset"))? + i * entry_size;
+        let p_type = image
+            .get(at..at + 4)
+            .ok_or_else(|| bad("truncated program headers"))?;
+        if u32::from_le_bytes([p_type[0], p_type[1], p_type[2], p_type[3]]) == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +170,15 @@ mod tests {
     fn workspace_root_holds_the_tests_package() {
         let root = workspace_root();
         assert!(root.join("tests").join("Cargo.toml").is_file(), "{root:?}");
+    }
+
+    #[test]
+    fn tells_dynamic_from_static_executables() {
+        // This test program is linked dynamically, as `cargo test` links it.
+        let me = std::env::current_exe().unwrap();
+        assert!(!is_statically_linked(&me).unwrap(), "{me:?}");
+        let not_elf = workspace_root().join("Cargo.toml");
+        assert!(is_statically_linked(&not_elf).is_err());
     }
 
     #[test]

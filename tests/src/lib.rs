@@ -42,7 +42,10 @@ pub mod qmp;
 pub mod tempdir;
 pub mod transfer;
 
-pub use binaries::{build_binaries, shim_bin, target_dir, vmm_bin, workspace_root};
+pub use binaries::{
+    build_binaries, dist_binaries, is_statically_linked, shim_bin, target_dir, vmm_bin,
+    workspace_root,
+};
 pub use heartbeat::{
     HeartbeatLog, assert_ticks_consecutive, assert_ticks_go_on, parse_heartbeat_ticks,
     parse_heartbeats, read_tick_counters,

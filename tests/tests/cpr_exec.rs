@@ -455,6 +455,35 @@ fn a_paused_guest_stays_paused_and_its_memory_is_untouched() {
     vm.quit();
 }
 
+/// The deployment build (scripts/build-dist.sh) is statically linked, and live-updates to and
+/// from the `cargo build --release` binaries in both directions, each through its own shim.
+#[test]
+fn deployment_build_updates_to_and_from_the_release_build() {
+    const CPUS: u32 = 2;
+    let (dist_vmm, dist_shim) = dist_binaries();
+    for binary in [&dist_vmm, &dist_shim] {
+        assert!(
+            is_statically_linked(binary).unwrap(),
+            "{} must not need the dynamic loader",
+            binary.display()
+        );
+    }
+    let mut vm = Vm::heartbeat("dist", CPUS);
+    let pid = vm.pid();
+    vm.wait_ticks_advance(CPUS, 3);
+    let to_dist = shim_command(&dist_shim, &[], &dist_vmm, &vm.args, &vm.state);
+    let update = vm.update(&to_dist);
+    assert_completed(&update);
+    vm.assert_same_process_runs(&dist_vmm);
+    vm.wait_ticks_advance(CPUS, 2);
+    vm.update_ok(&vmm_bin());
+    vm.assert_same_process_runs(&vmm_bin());
+    assert_eq!(vm.pid(), pid);
+    vm.wait_ticks_advance(CPUS, 3);
+    vm.assert_heartbeat_continuous(CPUS);
+    vm.quit();
+}
+
 #[test]
 fn fifty_updates_alternating_between_two_builds() {
     const UPDATES: usize = 50;

@@ -174,20 +174,9 @@ impl Binaries {
 
     /// The deployment build from scripts/build-dist.sh: statically linked (no dynamic loader at
     /// either exec of an update) and whole-program optimised.
-    fn dist_build() -> Result<Self, String> {
-        let script = cpr_tests::workspace_root().join("scripts/build-dist.sh");
-        let out = std::process::Command::new(&script)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .map_err(|e| format!("{}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!("{} failed ({})", script.display(), out.status));
-        }
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        Ok(Binaries {
-            vmm: dir.join("vmm"),
-            shim: dir.join("cpr-shim"),
-        })
+    fn dist_build() -> Self {
+        let (vmm, shim) = cpr_tests::dist_binaries();
+        Binaries { vmm, shim }
     }
 }
 
@@ -878,9 +867,8 @@ fn main() {
         };
         drop(reservation);
         let cpr_dist = match (&dist_bins, hugepages) {
-            (Some(Ok(b)), false) => bench_cpr_exec(b, dir.path(), ram_mib, o.updates, false)
+            (Some(b), false) => bench_cpr_exec(b, dir.path(), ram_mib, o.updates, false)
                 .unwrap_or_else(|e| json!({"error": e})),
-            (Some(Err(e)), false) => json!({"error": e}),
             _ => Value::Null,
         };
         let kvm_floor = if hugepages {
