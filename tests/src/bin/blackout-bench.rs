@@ -14,6 +14,8 @@
 //! - normal `migrate` to a file plus `-incoming` restore of the same VM (copy-everything);
 //! - KVM alone creating a VM and registering that much RAM (`KVM reg`): a floor under any
 //!   exec-based update on this host, since the new process must do it while the guest waits;
+//!   and, once, how long one exec of a minimal static C program takes (the floor under each of
+//!   an update's two execs; needs `cc -static`);
 //! - with `--dist`, the cpr-exec blackout again with the deployment build of `vmm` and
 //!   `cpr-shim` (scripts/build-dist.sh: statically linked, which spares each of the update's two
 //!   execs the dynamic loader, and whole-program optimised);
@@ -516,6 +518,72 @@ fn bench_cpr_transfer(
     }))
 }
 
+/// A minimal statically linked C program that measures one exec of itself: run with no
+/// argument, it stamps CLOCK_MONOTONIC and execs itself with the stamp; the new image prints the
+/// nanoseconds from just before `execve` to its `main`.
+const EXEC_FLOOR_SOURCE: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+static unsigned long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
+}
+int main(int argc, char **argv) {
+    unsigned long long now = now_ns();
+    if (argc > 1) {
+        printf("%llu\n", now - strtoull(argv[1], NULL, 10));
+        return 0;
+    }
+    char stamp[32];
+    snprintf(stamp, sizeof stamp, "%llu", now_ns());
+    char *args[] = {argv[0], stamp, NULL};
+    execv("/proc/self/exe", args);
+    perror("execv");
+    return 1;
+}
+"#;
+
+/// How long one exec of a minimal statically linked program takes on this machine, from just
+/// before `execve` to its `main`: the floor under each of an update's two execs. Needs a C
+/// compiler with static glibc (`cc -static`).
+fn bench_exec_floor(dir: &Path, reps: usize) -> Result<Value, String> {
+    let source = dir.join("exec-floor.c");
+    let program = dir.join("exec-floor");
+    std::fs::write(&source, EXEC_FLOOR_SOURCE).map_err(|e| format!("{}: {e}", source.display()))?;
+    let built = std::process::Command::new("cc")
+        .args(["-O2", "-static", "-o"])
+        .arg(&program)
+        .arg(&source)
+        .output()
+        .map_err(|e| format!("cc: {e}"))?;
+    if !built.status.success() {
+        return Err(format!(
+            "cc -static failed: {}",
+            String::from_utf8_lossy(&built.stderr).trim()
+        ));
+    }
+    let mut ms = Vec::new();
+    for _ in 0..reps {
+        let out = std::process::Command::new(&program)
+            .output()
+            .map_err(|e| format!("{}: {e}", program.display()))?;
+        let ns: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| {
+                format!(
+                    "exec-floor printed {:?}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })?;
+        ms.push(ns as f64 / 1e6);
+    }
+    Ok(summary(&ms))
+}
+
 /// What KVM alone charges for two steps an exec-based update cannot move out of the blackout:
 /// creating a VM, and registering `ram_mib` of RAM with it from a fresh, unpopulated mapping of
 /// a memfd (as a new VMM does right after exec), split below 3 GiB and from 4 GiB up as the VMM
@@ -826,6 +894,10 @@ fn main() {
     }
     let machine = machine_label();
     eprintln!("blackout-bench on {machine}");
+    let exec_floor = TempDir::new("exec-floor")
+        .map_err(|e| e.to_string())
+        .and_then(|d| bench_exec_floor(d.path(), o.updates))
+        .unwrap_or_else(|e| json!({"error": e}));
     let default_bins = Binaries::default_build();
     let dist_bins = o.dist_build.then(Binaries::dist_build);
     let qemu = o.qemu.then(QemuInstall::detect);
@@ -888,7 +960,16 @@ fn main() {
         results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "kvm_floor": kvm_floor, "normal": normal, "qemu": qemu}));
     }
     print_table(&results);
-    let report = json!({"machine": machine, "updates_per_size": o.updates, "results": results});
+    match exec_floor["error"].as_str() {
+        Some(e) => println!("\nexec of a minimal static program: not measured: {e}"),
+        None => println!(
+            "\nexec of a minimal static program (floor under each of the two execs): \
+             min {} median {} ms",
+            fmt_ms(&exec_floor["min"]),
+            fmt_ms(&exec_floor["median"])
+        ),
+    }
+    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results});
     let path = o.json.clone().unwrap_or_else(|| {
         cpr_tests::target_dir().join("bench").join(format!(
             "blackout-{}.json",
