@@ -77,7 +77,8 @@ pub fn normalize_qemu_spellings<I: IntoIterator<Item = String>>(args: I) -> Vec<
         -serial stdio -incoming file:/run/vm.state -machine aux-ram-share=on"
 )]
 pub struct Args {
-    /// Guest RAM size: N with an optional K/M/G/T suffix (no suffix = MiB), or size=N.
+    /// Guest RAM size: N with an optional K/M/G/T suffix (no suffix = MiB), or size=N; then
+    /// optionally ,hugepages=on|off and ,prealloc=on|off (e.g. -m 64G,hugepages=on).
     #[arg(
         short = 'm',
         long = "memory",
@@ -172,6 +173,10 @@ pub enum CliError {
         "invalid memory size '{0}': use N with an optional K/M/G/T suffix (no suffix means MiB), e.g. -m 512M or -m 4G"
     )]
     MemorySize(String),
+    #[error(
+        "invalid -m option '{0}': after the size, -m takes hugepages=on|off and prealloc=on|off"
+    )]
+    MemoryOption(String),
     #[error("memory size {0} bytes is too small: the built-in guests need at least 16 MiB")]
     MemoryTooSmall(u64),
     #[error("invalid -smp '{0}': use a vCPU count such as -smp 2 or -smp cpus=2")]
@@ -293,7 +298,18 @@ impl Config {
                 "-display {display}: there is no display; only -display none is accepted"
             )));
         }
-        let ram_size = parse_memory(&args.memory)?;
+        let memory = parse_memory_spec(&args.memory)?;
+        let ram_size = memory.size;
+        for (name, flag, option) in [
+            ("hugepages", args.hugepages, memory.hugepages),
+            ("prealloc", args.prealloc, memory.prealloc),
+        ] {
+            if flag && option == Some(false) {
+                return Err(CliError::Conflict(format!(
+                    "--{name} contradicts -m ...,{name}=off: give one of them"
+                )));
+            }
+        }
         let vcpus = parse_smp(&args.smp)?;
         let guest = match (&args.kernel, &args.guest) {
             (Some(_), Some(g)) => {
@@ -329,8 +345,8 @@ impl Config {
         let (incoming, cpr_channel) = parse_incoming_channels(&args.incoming)?;
         Ok(Config {
             ram_size,
-            prealloc: args.prealloc,
-            hugepages: args.hugepages,
+            prealloc: args.prealloc || memory.prealloc == Some(true),
+            hugepages: args.hugepages || memory.hugepages == Some(true),
             vcpus,
             guest,
             serial,
@@ -343,7 +359,49 @@ impl Config {
     }
 }
 
-/// Parses `1G`, `512M`, `1024` (MiB), `size=1G`.
+/// Guest RAM as `-m` gives it: a size, and optionally how to back it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySpec {
+    pub size: u64,
+    /// `hugepages=on|off` (QEMU's memory-backend `hugetlb`), if given.
+    pub hugepages: Option<bool>,
+    /// `prealloc=on|off`, if given.
+    pub prealloc: Option<bool>,
+}
+
+/// Parses `-m`: `1G`, `512M`, `1024` (MiB), `size=1G`, optionally followed by
+/// `,hugepages=on|off` and `,prealloc=on|off` (the documented choice for very large guests is
+/// `-m 64G,hugepages=on`).
+pub fn parse_memory_spec(spec: &str) -> Result<MemorySpec, CliError> {
+    let mut hugepages = None;
+    let mut prealloc = None;
+    let mut size_spec = Vec::new();
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("hugepages", v)) => hugepages = Some(parse_on_off(v, part)?),
+            Some(("prealloc", v)) => prealloc = Some(parse_on_off(v, part)?),
+            Some((key, _)) if key != "size" => {
+                return Err(CliError::MemoryOption(part.to_string()));
+            }
+            _ => size_spec.push(part),
+        }
+    }
+    Ok(MemorySpec {
+        size: parse_memory(&size_spec.join(","))?,
+        hugepages,
+        prealloc,
+    })
+}
+
+fn parse_on_off(value: &str, part: &str) -> Result<bool, CliError> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(CliError::MemoryOption(part.to_string())),
+    }
+}
+
+/// Parses a RAM size: `1G`, `512M`, `1024` (MiB), `size=1G`.
 pub fn parse_memory(spec: &str) -> Result<u64, CliError> {
     let err = || CliError::MemorySize(spec.to_string());
     let mut size_text = None;
@@ -691,6 +749,31 @@ mod tests {
             "1G,x=1",
         ] {
             assert!(parse_memory(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn memory_backing_options() {
+        let c = parse(&["-m", "1G,hugepages=on,prealloc=on"]).unwrap();
+        assert_eq!(c.ram_size, 1 << 30);
+        assert!(c.hugepages && c.prealloc);
+        let c = parse(&["-m", "size=2G,hugepages=off"]).unwrap();
+        assert_eq!(c.ram_size, 2 << 30);
+        assert!(!c.hugepages && !c.prealloc);
+        let c = parse(&["-m", "512M", "--hugepages"]).unwrap();
+        assert!(c.hugepages);
+        for (args, says) in [
+            (&["-m", "1G,hugepages=maybe"][..], "hugepages=on|off"),
+            (&["-m", "1G,hugetlb=on"][..], "hugepages=on|off"),
+            (
+                &["-m", "1G,hugepages=off", "--hugepages"][..],
+                "contradicts",
+            ),
+            (&["-m", "1G,prealloc=off", "--prealloc"][..], "contradicts"),
+            (&["-m", "hugepages=on"][..], "invalid memory size"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
         }
     }
 
