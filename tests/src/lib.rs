@@ -33,6 +33,7 @@
 pub mod binaries;
 pub mod cpr;
 pub mod heartbeat;
+pub mod hugepages;
 pub mod linux_probe;
 pub mod memcheck;
 pub mod process;

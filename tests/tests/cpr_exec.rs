@@ -32,6 +32,7 @@ use cpr_tests::cpr::{
     min_median_max, ram_fd, ram_memfds, shim_command, wait_update_end,
 };
 use cpr_tests::heartbeat::parse_heartbeats;
+use cpr_tests::hugepages::{HugePageReservation, mapping_page_size_kib};
 use cpr_tests::*;
 use serde_json::{Value, json};
 
@@ -452,6 +453,31 @@ fn a_paused_guest_stays_paused_and_its_memory_is_untouched() {
     vm.process
         .wait_for_output(|text| text.matches('B').count() > sweeps, LONG)
         .unwrap();
+    vm.quit();
+}
+
+/// `-m SIZE,hugepages=on` backs guest RAM with 2 MiB hugetlb pages, and a live update keeps
+/// them (the new VMM maps the same hugetlb memfd). Skipped, saying why, on a machine that cannot
+/// reserve 2 MiB pages.
+#[test]
+fn hugepage_backed_guest_updates() {
+    const RAM_MIB: u64 = 16;
+    let _reservation = match HugePageReservation::reserve(RAM_MIB + 4) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hugepage_backed_guest_updates skipped: {e}");
+            return;
+        }
+    };
+    let memory = format!("{RAM_MIB}M,hugepages=on");
+    let mut vm = Vm::start("huge", &["-m", &memory, "-smp", "1", "--guest", HEARTBEAT]);
+    let page_kib = |vm: &Vm| mapping_page_size_kib(vm.pid(), "guest-ram-low");
+    assert_eq!(page_kib(&vm), Some(2048), "guest RAM is not on 2 MiB pages");
+    vm.wait_ticks_advance(1, 3);
+    vm.update_ok(&vmm_bin());
+    assert_eq!(page_kib(&vm), Some(2048), "after the update");
+    vm.wait_ticks_advance(1, 3);
+    vm.assert_heartbeat_continuous(1);
     vm.quit();
 }
 

@@ -30,6 +30,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cpr_tests::hugepages::HugePageReservation;
 use cpr_tests::qemu_bench::{Measurement, QemuInstall, qemu_cpr_exec, qemu_cpr_transfer};
 use cpr_tests::{
     QmpClient, TempDir, VmmProcess, build_binaries, event_timestamp, shim_bin, vmm_bin,
@@ -757,40 +758,6 @@ fn bench_qemu(install: &QemuInstall, ram_mib: u64, reps: usize, workdir: &Path) 
     json!({"qemu_cpr_transfer_pause_ms": transfer, "qemu_cpr_exec_pause_ms": exec})
 }
 
-/// Reserves enough 2 MiB huge pages for a guest (root only) and gives them back when dropped.
-struct HugePageReservation {
-    previous: String,
-}
-
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-
-impl HugePageReservation {
-    fn reserve(ram_mib: u64) -> Result<Self, String> {
-        let previous = std::fs::read_to_string(NR_HUGEPAGES)
-            .map_err(|e| format!("huge pages: {NR_HUGEPAGES}: {e}"))?;
-        let want = ram_mib / 2 + 8;
-        std::fs::write(NR_HUGEPAGES, want.to_string())
-            .map_err(|e| format!("huge pages: cannot reserve {want}: {e}"))?;
-        let got: u64 = std::fs::read_to_string(NR_HUGEPAGES)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        let reservation = HugePageReservation { previous };
-        if got < want {
-            return Err(format!(
-                "huge pages: the machine could reserve only {got} of {want} 2 MiB pages"
-            ));
-        }
-        Ok(reservation)
-    }
-}
-
-impl Drop for HugePageReservation {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR_HUGEPAGES, self.previous.trim());
-    }
-}
-
 fn fmt_ms(v: &Value) -> String {
     match v.as_f64() {
         Some(x) if x >= 100.0 => format!("{x:.0}"),
@@ -926,7 +893,7 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let reservation = hugepages.then(|| HugePageReservation::reserve(ram_mib));
+        let reservation = hugepages.then(|| HugePageReservation::reserve(ram_mib + 16));
         let cpr = match &reservation {
             Some(Err(e)) => json!({"error": e}),
             _ => bench_cpr_exec(&default_bins, dir.path(), ram_mib, o.updates, hugepages)
