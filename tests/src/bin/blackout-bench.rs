@@ -338,6 +338,62 @@ fn one_update(vm: &mut SweepingVm, bins: &Binaries, state: &Path) -> Result<Valu
     }))
 }
 
+/// What a series of live updates measured, summarised the same way for every mode.
+#[derive(Default)]
+struct Samples {
+    blackouts_ms: Vec<f64>,
+    events_ms: Vec<f64>,
+    /// Phase name -> (its position in the first update that had it, every duration in ms).
+    phases: BTreeMap<String, (usize, Vec<f64>)>,
+    first_sweeps_ms: Vec<f64>,
+}
+
+impl Samples {
+    /// One update: the VMM's blackout figure, the STOP->RESUME event gap and x-cpr `phases`.
+    fn record(&mut self, blackout_ms: f64, events_ms: f64, phases: &Value) {
+        self.blackouts_ms.push(blackout_ms);
+        self.events_ms.push(events_ms);
+        for (order, p) in phases.as_array().into_iter().flatten().enumerate() {
+            let name = p["name"].as_str().unwrap_or("?").to_string();
+            let entry = self.phases.entry(name).or_insert((order, Vec::new()));
+            entry.1.push(p["ns"].as_f64().unwrap_or(0.0) / 1e6);
+        }
+    }
+
+    /// The first full memcheck sweep after an update: the sweep in progress at the update ends
+    /// partly before it, so the one after that.
+    fn record_first_sweep(&mut self, vm: &mut SweepingVm) -> Result<(), String> {
+        vm.sweeps_seen = vm.sweeps();
+        let b1 = vm.next_sweep()?;
+        let b2 = vm.next_sweep()?;
+        self.first_sweeps_ms.push((b2 - b1).as_secs_f64() * 1e3);
+        Ok(())
+    }
+
+    /// The summary, with the first-sweep figures under `first_sweep_key`.
+    fn summarize(self, steady_sweep_ms: f64, first_sweep_key: &str) -> Value {
+        let mut ordered: Vec<(usize, String, f64)> = self
+            .phases
+            .into_iter()
+            .map(|(name, (order, v))| (order, name, median(&v)))
+            .collect();
+        ordered.sort_by_key(|(o, _, _)| *o);
+        let phase_medians: Vec<Value> = ordered
+            .into_iter()
+            .map(|(_, name, ms)| json!({"name": name, "median_ms": ms}))
+            .collect();
+        let mut out = json!({
+            "blackout_ms": summary(&self.blackouts_ms),
+            "stop_to_resume_events_ms": summary(&self.events_ms),
+            "phase_medians_ms": phase_medians,
+            "steady_sweep_ms": steady_sweep_ms,
+            "first_sweep_slowdown": median(&self.first_sweeps_ms) / steady_sweep_ms,
+        });
+        out[first_sweep_key] = summary(&self.first_sweeps_ms);
+        out
+    }
+}
+
 fn bench_cpr_exec(
     bins: &Binaries,
     dir: &Path,
@@ -349,26 +405,16 @@ fn bench_cpr_exec(
     let pid = vm.vmm.pid();
     let steady = vm.steady_sweep_ms(3)?;
     let state = dir.join("vm.state");
-    let mut blackouts = Vec::new();
-    let mut events = Vec::new();
-    let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
-    let mut first_sweeps = Vec::new();
+    let mut samples = Samples::default();
     for i in 0..updates {
         vm.wait_quiet();
         let m = one_update(&mut vm, bins, &state)?;
-        blackouts.push(m["blackout_ms"].as_f64().unwrap_or(f64::NAN));
-        events.push(m["events_ms"].as_f64().unwrap_or(f64::NAN));
-        for (order, p) in m["phases"].as_array().into_iter().flatten().enumerate() {
-            let name = p["name"].as_str().unwrap_or("?").to_string();
-            let entry = phases.entry(name).or_insert((order, Vec::new()));
-            entry.1.push(p["ns"].as_f64().unwrap_or(0.0) / 1e6);
-        }
-        // The sweep in progress at the update ends partly before it; the next one is the first
-        // full sweep after it.
-        vm.sweeps_seen = vm.sweeps();
-        let b1 = vm.next_sweep()?;
-        let b2 = vm.next_sweep()?;
-        first_sweeps.push((b2 - b1).as_secs_f64() * 1e3);
+        samples.record(
+            m["blackout_ms"].as_f64().unwrap_or(f64::NAN),
+            m["events_ms"].as_f64().unwrap_or(f64::NAN),
+            &m["phases"],
+        );
+        samples.record_first_sweep(&mut vm)?;
         eprint!("\r  {ram_mib} MiB cpr-exec: update {}/{updates}", i + 1);
     }
     eprintln!();
@@ -377,23 +423,7 @@ fn bench_cpr_exec(
     }
     let _ = vm.qmp.execute("quit", Value::Null);
     let _ = vm.vmm.wait_exit(WAIT);
-    let mut ordered: Vec<(usize, String, f64)> = phases
-        .into_iter()
-        .map(|(name, (order, v))| (order, name, median(&v)))
-        .collect();
-    ordered.sort_by_key(|(o, _, _)| *o);
-    let phase_medians: Vec<Value> = ordered
-        .into_iter()
-        .map(|(_, name, ms)| json!({"name": name, "median_ms": ms}))
-        .collect();
-    Ok(json!({
-        "blackout_ms": summary(&blackouts),
-        "stop_to_resume_events_ms": summary(&events),
-        "phase_medians_ms": phase_medians,
-        "steady_sweep_ms": steady,
-        "first_sweep_after_update_ms": summary(&first_sweeps),
-        "first_sweep_slowdown": median(&first_sweeps) / steady,
-    }))
+    Ok(samples.summarize(steady, "first_sweep_after_update_ms"))
 }
 
 /// cpr-transfer, `updates` times in a chain: each new VMM (same arguments, so with
@@ -426,10 +456,7 @@ fn bench_cpr_transfer(
         }
     }
     let steady = vm.steady_sweep_ms(3)?;
-    let mut blackouts = Vec::new();
-    let mut events = Vec::new();
-    let mut phases: BTreeMap<String, (usize, Vec<f64>)> = BTreeMap::new();
-    let mut first_sweeps = Vec::new();
+    let mut samples = Samples::default();
     for i in 0..updates {
         let target = Target::start(
             &dir,
@@ -458,13 +485,11 @@ fn bench_cpr_transfer(
             return Err(format!("transfer {i} did not complete: {info}"));
         }
         let cpr = &info["x-cpr"];
-        blackouts.push(cpr["blackout-ns"].as_f64().unwrap_or(f64::NAN) / 1e6);
-        events.push((event_timestamp(&resume) - event_timestamp(&stop)) * 1e3);
-        for (order, p) in cpr["phases"].as_array().into_iter().flatten().enumerate() {
-            let name = p["name"].as_str().unwrap_or("?").to_string();
-            let entry = phases.entry(name).or_insert((order, Vec::new()));
-            entry.1.push(p["ns"].as_f64().unwrap_or(0.0) / 1e6);
-        }
+        samples.record(
+            cpr["blackout-ns"].as_f64().unwrap_or(f64::NAN) / 1e6,
+            (event_timestamp(&resume) - event_timestamp(&stop)) * 1e3,
+            &cpr["phases"],
+        );
         // The old VMM is done once it has seen COMMIT.
         loop {
             let ev = vm
@@ -486,11 +511,7 @@ fn bench_cpr_transfer(
             args: machine_args.clone(),
             sweeps_seen: 0,
         };
-        // As for cpr-exec: the first full sweep after the hand-over.
-        vm.sweeps_seen = vm.sweeps();
-        let b1 = vm.next_sweep()?;
-        let b2 = vm.next_sweep()?;
-        first_sweeps.push((b2 - b1).as_secs_f64() * 1e3);
+        samples.record_first_sweep(&mut vm)?;
         eprint!(
             "\r  {ram_mib} MiB cpr-transfer: transfer {}/{updates}",
             i + 1
@@ -499,24 +520,11 @@ fn bench_cpr_transfer(
     eprintln!();
     let _ = vm.qmp.execute("quit", Value::Null);
     let _ = vm.vmm.wait_exit(WAIT);
-    let mut ordered: Vec<(usize, String, f64)> = phases
-        .into_iter()
-        .map(|(name, (order, v))| (order, name, median(&v)))
-        .collect();
-    ordered.sort_by_key(|(o, _, _)| *o);
-    let phase_medians: Vec<Value> = ordered
-        .into_iter()
-        .map(|(_, name, ms)| json!({"name": name, "median_ms": ms}))
-        .collect();
-    Ok(json!({
-        "blackout_ms": summary(&blackouts),
-        "stop_to_resume_events_ms": summary(&events),
-        "phase_medians_ms": phase_medians,
-        "steady_sweep_ms": steady,
-        "first_sweep_after_transfer_ms": summary(&first_sweeps),
-        "first_sweep_slowdown": median(&first_sweeps) / steady,
-        "note": "a chain of transfers, each new VMM started with -incoming defer (its monitor connected before the hand-over)",
-    }))
+    let mut out = samples.summarize(steady, "first_sweep_after_transfer_ms");
+    out["note"] = json!(
+        "a chain of transfers, each new VMM started with -incoming defer (its monitor connected before the hand-over)"
+    );
+    Ok(out)
 }
 
 /// A minimal statically linked C program that measures one exec of itself: run with no
