@@ -25,7 +25,7 @@ use crate::devices::rtc::{RTC_BASE_PORT, RTC_PORT_COUNT, Rtc};
 use crate::devices::serial::{
     COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, InputDrained, IrqTrigger, SerialDevice,
 };
-use crate::devices::{PioBus, lock};
+use crate::devices::{Bus, BusOverlap, lock};
 use crate::memory::GuestRam;
 use crate::migration::state::{
     self, DeviceState, GuestKind, MachineDescription, MachineState, VcpuState,
@@ -75,6 +75,8 @@ pub enum MachineError {
         device: &'static str,
         detail: String,
     },
+    #[error("putting the machine's devices on the bus: {0}")]
+    Bus(#[from] BusOverlap),
     #[error("the saved state has {saved} vCPU states for {described} vCPUs")]
     VcpuCount { saved: usize, described: u32 },
 }
@@ -265,7 +267,7 @@ impl Machine {
             }
         }
         self.xsave_words = state::xsave_words(&self.vm);
-        let bus = Arc::new(self.devices.bus());
+        let bus = Arc::new(self.devices.bus()?);
         for (index, vcpu) in fds.into_iter().enumerate() {
             let handle = VcpuHandle::spawn(
                 index as u32,
@@ -660,18 +662,18 @@ impl Devices {
         ]
     }
 
-    fn bus(&self) -> PioBus {
-        let mut bus = PioBus::default();
-        bus.insert(COM1_PORT, COM1_PORT_COUNT, self.serial.clone());
-        bus.insert(I8042_BASE_PORT, I8042_PORT_COUNT, self.i8042.clone());
-        bus.insert(RTC_BASE_PORT, RTC_PORT_COUNT, self.rtc.clone());
-        bus.insert(
+    fn bus(&self) -> Result<Bus, BusOverlap> {
+        let mut bus = Bus::default();
+        bus.insert_pio(COM1_PORT, COM1_PORT_COUNT, self.serial.clone())?;
+        bus.insert_pio(I8042_BASE_PORT, I8042_PORT_COUNT, self.i8042.clone())?;
+        bus.insert_pio(RTC_BASE_PORT, RTC_PORT_COUNT, self.rtc.clone())?;
+        bus.insert_pio(
             PCI_CONFIG_BASE_PORT,
             PCI_CONFIG_PORT_COUNT,
             self.pci.clone(),
-        );
-        bus.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)));
-        bus
+        )?;
+        bus.insert_pio(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
+        Ok(bus)
     }
 }
 

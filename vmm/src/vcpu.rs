@@ -20,7 +20,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::{PioBus, VmRequest, unknown_mmio_read, unknown_mmio_write};
+use crate::devices::{Bus, VmRequest};
 use crate::migration::state::{self, VcpuState};
 
 /// What a vCPU thread reports to the VMM thread.
@@ -117,7 +117,7 @@ impl VcpuHandle {
     pub fn spawn(
         index: u32,
         vcpu: VcpuFd,
-        bus: Arc<PioBus>,
+        bus: Arc<Bus>,
         events: EventSink,
         msr_indices: Arc<Vec<u32>>,
         xsave_words: usize,
@@ -192,7 +192,7 @@ impl Drop for VcpuHandle {
 struct VcpuWorker {
     index: u32,
     vcpu: VcpuFd,
-    bus: Arc<PioBus>,
+    bus: Arc<Bus>,
     events: EventSink,
     commands: Receiver<VcpuCommand>,
     msr_indices: Arc<Vec<u32>>,
@@ -293,21 +293,21 @@ impl VcpuWorker {
         match self.vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
-                    self.bus.read(port, data);
+                    self.bus.pio_read(port, data);
                     Flow::Continue
                 }
-                VcpuExit::IoOut(port, data) => match self.bus.write(port, data) {
+                VcpuExit::IoOut(port, data) => match self.bus.pio_write(port, data) {
                     Some(request) => Flow::Stop(VcpuEventKind::Request(request)),
                     None => Flow::Continue,
                 },
                 VcpuExit::MmioRead(addr, data) => {
-                    unknown_mmio_read(addr, data);
+                    self.bus.mmio_read(addr, data);
                     Flow::Continue
                 }
-                VcpuExit::MmioWrite(addr, data) => {
-                    unknown_mmio_write(addr, data);
-                    Flow::Continue
-                }
+                VcpuExit::MmioWrite(addr, data) => match self.bus.mmio_write(addr, data) {
+                    Some(request) => Flow::Stop(VcpuEventKind::Request(request)),
+                    None => Flow::Continue,
+                },
                 VcpuExit::Shutdown => Flow::Stop(VcpuEventKind::Shutdown),
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => Flow::Stop(VcpuEventKind::Reset),
