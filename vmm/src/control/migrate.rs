@@ -2,6 +2,7 @@
 //! new side of a live update. The machine-state walk and formats are in `crate::migration`;
 //! this is the orchestration (stop, save, hand over, resume or fail) and what QMP reports.
 
+use super::run_state;
 use super::*;
 use crate::migration::cpr_transfer;
 use crate::migration::format::{encode_state, write_state_bytes};
@@ -95,7 +96,7 @@ impl Vmm {
         if file.run.guest_was_running && self.autostart {
             self.set_running();
         } else {
-            self.run_state = RunState::Paused;
+            let _ = self.set_run_state(RunState::Paused);
         }
         log::info!(
             "restored from {} (saved by vmm {}) in {} ms",
@@ -123,10 +124,18 @@ impl Vmm {
         if self.outgoing.is_some() || self.transfer_out.is_some() {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
-        if self.machine.is_none() || self.run_state == RunState::Inmigrate {
+        if self.machine.is_none() || self.run_state() == RunState::Inmigrate {
             return Err(QmpError::generic(
                 "Guest is waiting for an incoming migration",
             ));
+        }
+        // Refused here, before anything stops, rather than half-way through.
+        if !run_state::allowed(self.run_state(), RunState::FinishMigrate) {
+            return Err(run_state::RunStateError {
+                from: self.run_state(),
+                to: RunState::FinishMigrate,
+            }
+            .into());
         }
         let mode = self.params.mode.unwrap_or_default();
         if mode == MigMode::CprTransfer {
@@ -307,7 +316,7 @@ impl Vmm {
                     self.migration.downtime_ms = Some(ms);
                     self.migration.total_time_ms = Some(self.migration.elapsed_ms());
                     self.migration.status = MigrationStatus::Completed;
-                    self.run_state = RunState::Postmigrate;
+                    let _ = self.set_run_state(RunState::Postmigrate);
                     self.handed_over = true;
                     self.emit(&EventKind::Migration {
                         status: MigrationStatus::Completed,
@@ -339,7 +348,7 @@ impl Vmm {
 
     /// Old side, READY received: stop the guest and send its state. The blackout starts here.
     fn send_transfer_state(&mut self, main: UnixStream, reader: FrameReader) -> Result<(), String> {
-        let guest_was_running = self.run_state == RunState::Running;
+        let guest_was_running = self.run_state() == RunState::Running;
         let stop_wall = SystemTime::now();
         let stopped_at_ns = monotonic_ns();
         let stopped_at = Instant::now();
@@ -348,7 +357,7 @@ impl Vmm {
         };
         let saved = machine.pause_and_save();
         if guest_was_running {
-            self.run_state = RunState::FinishMigrate;
+            let _ = self.set_run_state(RunState::FinishMigrate);
             if let Some(m) = &mut self.monitor {
                 m.broadcast_at(&EventKind::Stop, stop_wall);
             }
@@ -420,7 +429,7 @@ impl Vmm {
             status: MigrationStatus::Failed,
         });
         if stopped.is_some() {
-            self.run_state = RunState::Paused;
+            let _ = self.set_run_state(RunState::Paused);
         }
     }
 
@@ -452,7 +461,7 @@ impl Vmm {
         &mut self,
         mut t: IncomingTransfer,
     ) -> Result<(), StartError> {
-        self.run_state = RunState::Inmigrate;
+        let _ = self.set_run_state(RunState::Inmigrate);
         log::info!(
             "cpr-transfer: RAM received from vmm {}",
             t.hello.sender_version
@@ -703,7 +712,7 @@ impl Vmm {
             .map_err(|e| e.to_string())
         });
         if guest_was_running {
-            self.run_state = RunState::FinishMigrate;
+            let _ = self.set_run_state(RunState::FinishMigrate);
             if let Some(m) = &mut self.monitor {
                 m.broadcast_at(&EventKind::Stop, stop_wall);
             }
@@ -749,7 +758,7 @@ impl Vmm {
     /// cpr-exec, new side: restore over the inherited RAM and resume the guest.
     pub(super) fn start_cpr_incoming(&mut self, incoming: &mut Incoming) -> Result<(), StartError> {
         self.sync_console_fds();
-        self.run_state = RunState::Inmigrate;
+        let _ = self.set_run_state(RunState::Inmigrate);
         let path = PathBuf::from(&incoming.state.state_file);
         let label = path.display().to_string();
         let loaded = std::fs::read(&path)
@@ -873,21 +882,21 @@ impl Vmm {
             ..MigrationRecord::default()
         };
         if running {
-            self.run_state = RunState::Running;
+            let _ = self.set_run_state(RunState::Running);
             // Stamped with the moment the vCPUs were resumed, so that STOP to RESUME is the
             // blackout the VMM reports.
             if let Some(m) = &mut self.monitor {
                 m.broadcast_at(&EventKind::Resume, resumed_wall);
             }
         } else {
-            self.run_state = RunState::Paused;
+            let _ = self.set_run_state(RunState::Paused);
         }
         self.emit(&EventKind::Migration { status });
     }
 
     /// Normal mode: stop, capture the machine, and write state and RAM on a thread.
     pub(super) fn start_outgoing_save(&mut self, path: PathBuf) -> Result<(), QmpError> {
-        let guest_was_running = self.run_state == RunState::Running;
+        let guest_was_running = self.run_state() == RunState::Running;
         let progress = Arc::new(RamProgress::default());
         if let Some(m) = &self.machine {
             // Known from the start, so query-migrate never shows an empty save as done.
@@ -949,7 +958,7 @@ impl Vmm {
         if guest_was_running {
             self.emit(&EventKind::Stop);
         }
-        self.run_state = RunState::FinishMigrate;
+        let _ = self.set_run_state(RunState::FinishMigrate);
         Ok((state, ram))
     }
 
@@ -970,7 +979,7 @@ impl Vmm {
                 // The guest was stopped for the whole save.
                 self.migration.downtime_ms = Some(ms);
                 self.migration.status = MigrationStatus::Completed;
-                self.run_state = RunState::Postmigrate;
+                let _ = self.set_run_state(RunState::Postmigrate);
                 log::info!("migration to file completed: {size} bytes in {ms} ms");
                 self.emit(&EventKind::Migration {
                     status: MigrationStatus::Completed,
@@ -994,7 +1003,7 @@ impl Vmm {
         if guest_was_running {
             self.set_running();
         } else if self.machine.is_some() {
-            self.run_state = RunState::Paused;
+            let _ = self.set_run_state(RunState::Paused);
         }
     }
 
@@ -1037,7 +1046,7 @@ impl Vmm {
                 "'-incoming' was not specified on the command line",
             ));
         }
-        if self.run_state != RunState::Inmigrate || self.machine.is_some() {
+        if self.run_state() != RunState::Inmigrate || self.machine.is_some() {
             return Err(QmpError::generic(
                 "The incoming migration has already been started",
             ));

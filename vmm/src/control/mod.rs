@@ -6,6 +6,7 @@
 //! Migration (every mode's orchestration on this thread) is in [`migrate`].
 
 mod migrate;
+mod run_state;
 
 use migrate::{OutgoingSave, PendingExec, TransferIn, TransferOut};
 
@@ -319,11 +320,11 @@ impl Vmm {
                 self.set_running();
             }
             Some(IncomingSpec::File(path)) => {
-                self.run_state = RunState::Inmigrate;
+                let _ = self.set_run_state(RunState::Inmigrate);
                 self.incoming_from_file(&path)?;
             }
             Some(IncomingSpec::Defer) => {
-                self.run_state = RunState::Inmigrate;
+                let _ = self.set_run_state(RunState::Inmigrate);
                 log::info!("waiting for migrate-incoming");
             }
             Some(IncomingSpec::Unix(path)) => {
@@ -371,7 +372,7 @@ impl Vmm {
         if let Some(m) = &mut self.machine {
             m.resume();
         }
-        self.run_state = RunState::Running;
+        let _ = self.set_run_state(RunState::Running);
         self.emit(&EventKind::Resume);
     }
 
@@ -459,7 +460,7 @@ impl Vmm {
 
     fn shutdown(&mut self, cause: ShutdownCause, code: u8) {
         self.emit(&EventKind::shutdown(cause));
-        self.run_state = RunState::Shutdown;
+        let _ = self.set_run_state(RunState::Shutdown);
         self.exit_code = Some(code);
     }
 
@@ -491,10 +492,10 @@ impl Vmm {
                     if let Some(m) = &mut self.machine {
                         let _ = m.pause();
                     }
-                    if self.run_state == RunState::Running {
+                    if self.run_state() == RunState::Running {
                         self.emit(&EventKind::Stop);
                     }
-                    self.run_state = RunState::InternalError;
+                    let _ = self.set_run_state(RunState::InternalError);
                 }
             }
             if self.exit_code.is_some() {
@@ -511,10 +512,10 @@ impl Vmm {
         {
             if !e.guest_intact {
                 log::error!("reset failed and left the guest unusable: {}", e.error);
-                if self.run_state == RunState::Running {
+                if self.run_state() == RunState::Running {
                     self.emit(&EventKind::Stop);
                 }
-                self.run_state = RunState::InternalError;
+                let _ = self.set_run_state(RunState::InternalError);
             }
             return Err(e);
         }
@@ -638,7 +639,7 @@ impl Vmm {
             Command::QmpCapabilities(_) => Err(QmpError::command_not_found(
                 "Capabilities negotiation is already complete, command ignored",
             )),
-            Command::QueryStatus => to_value(&StatusInfo::from_state(self.run_state)),
+            Command::QueryStatus => to_value(&StatusInfo::from_state(self.run_state())),
             Command::Stop => {
                 self.stop()?;
                 Ok(empty())
@@ -721,7 +722,7 @@ impl Vmm {
     }
 
     fn stop(&mut self) -> Result<(), QmpError> {
-        match self.run_state {
+        match self.run_state() {
             RunState::Inmigrate => {
                 self.autostart = false;
                 Ok(())
@@ -730,7 +731,7 @@ impl Vmm {
                 if let Some(m) = &mut self.machine {
                     m.pause().map_err(|e| QmpError::generic(e.to_string()))?;
                 }
-                self.run_state = RunState::Paused;
+                let _ = self.set_run_state(RunState::Paused);
                 self.emit(&EventKind::Stop);
                 Ok(())
             }
@@ -750,7 +751,7 @@ impl Vmm {
                 "A migration is in progress; the guest resumes when it ends if it was running",
             ));
         }
-        match self.run_state {
+        match self.run_state() {
             RunState::Running => Ok(()),
             RunState::Inmigrate => {
                 self.autostart = true;
