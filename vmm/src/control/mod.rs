@@ -345,6 +345,7 @@ impl Vmm {
             ram_size: self.config.ram_size,
             regions: memory::layout(self.config.ram_size),
             guest: GuestKind::of(&self.config.guest),
+            devices: crate::machine::device_descriptions(),
         }
     }
 

@@ -31,6 +31,7 @@ use cpr_common::timing::{PhaseLog, monotonic_ns};
 
 use crate::cli::CprTestFault;
 use crate::control::{IncomingError, StartError, Vmm};
+use crate::devices::{HandedOverFds, HostFd};
 use crate::machine::{Machine, Source};
 use crate::memory::RegionLayout;
 use crate::memory::{GuestRam, MemoryError};
@@ -163,6 +164,8 @@ pub struct ExecInputs<'a> {
     pub ram: &'a GuestRam,
     /// (kind, name, fd) of the monitor's and console's fds.
     pub other_fds: Vec<(FdKind, String, RawFd)>,
+    /// The host fds the machine's devices own.
+    pub device_fds: Vec<HostFd>,
 }
 
 /// Builds the CPR state and the exec plan. Nothing is changed yet: the fds stay close-on-exec
@@ -183,6 +186,14 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
     }
     for (kind, name, fd) in &inputs.other_fds {
         preserved.push(describe(*fd, name, *kind)?);
+    }
+    for host in &inputs.device_fds {
+        preserved.push(super::describe_device_fd(host).map_err(|source| {
+            CprExecError::Describe {
+                name: host.name.clone(),
+                source,
+            }
+        })?);
     }
     preserved.push(describe(
         own_exe.as_raw_fd(),
@@ -610,50 +621,6 @@ pub fn clear_channel_env() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fallback_argv_replaces_incoming() {
-        let argv: Vec<String> = [
-            "vmm",
-            "-m",
-            "1G",
-            "-incoming",
-            "file:/old",
-            "--incoming=defer",
-            "-smp",
-            "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let out = fallback_argv(&argv, Path::new("/run/vm.state"));
-        assert_eq!(
-            out,
-            vec![
-                "vmm",
-                "-m",
-                "1G",
-                "-smp",
-                "2",
-                "-incoming",
-                "file:/run/vm.state"
-            ]
-        );
-    }
-
-    #[test]
-    fn this_binary_carries_its_compat_note() {
-        let exe = File::open("/proc/self/exe").unwrap();
-        let c = cpr_common::compat::read_note(&exe).unwrap();
-        assert!(c.reads_state(super::super::format::STATE_FORMAT_VERSION));
-        assert!(c.reads_cpr(cpr::CPR_STATE_FORMAT.current_version));
-        assert_eq!(c.version, crate::VERSION);
-    }
-}
-
 /// A cpr-exec update ready to exec once the `migrate` reply is out.
 pub(crate) struct PendingExec {
     prepared: PreparedExec,
@@ -713,6 +680,7 @@ impl Vmm {
                 .map_err(|e| e.to_string())?;
             write_state_bytes(&state_file, &bytes).map_err(|e| e.to_string())?;
             phases.mark("write state file");
+            let device_fds = machine.device_host_fds().map_err(|e| e.to_string())?;
             let mut other_fds = self
                 .monitor
                 .as_ref()
@@ -736,6 +704,7 @@ impl Vmm {
                 own_argv: &self.config.argv,
                 ram: machine.ram(),
                 other_fds,
+                device_fds,
             })
             .map_err(|e| e.to_string())
         });
@@ -812,12 +781,22 @@ impl Vmm {
         incoming.phases.mark("read state file");
         let ram = incoming.take_ram(&file.state.description.regions)?;
         incoming.phases.mark("map memory");
+        let host_fds = HandedOverFds::new(
+            incoming
+                .take_all(|k| matches!(k, FdKind::DeviceBackend { .. }))
+                .into_iter()
+                .map(|(rec, fd)| (rec.name, fd))
+                .collect(),
+        );
         let (machine, rx) = Machine::build(
             ram,
             self.config.vcpus,
             self.config.guest.clone(),
             self.console.output(),
-            Source::Restore(&file.state),
+            Source::Restore {
+                state: &file.state,
+                host_fds,
+            },
             Some(&mut incoming.phases),
         )?;
         self.install_machine(machine, rx)
@@ -920,5 +899,49 @@ impl Vmm {
             let _ = self.set_run_state(RunState::Paused);
         }
         self.emit(&EventKind::Migration { status });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_argv_replaces_incoming() {
+        let argv: Vec<String> = [
+            "vmm",
+            "-m",
+            "1G",
+            "-incoming",
+            "file:/old",
+            "--incoming=defer",
+            "-smp",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = fallback_argv(&argv, Path::new("/run/vm.state"));
+        assert_eq!(
+            out,
+            vec![
+                "vmm",
+                "-m",
+                "1G",
+                "-smp",
+                "2",
+                "-incoming",
+                "file:/run/vm.state"
+            ]
+        );
+    }
+
+    #[test]
+    fn this_binary_carries_its_compat_note() {
+        let exe = File::open("/proc/self/exe").unwrap();
+        let c = cpr_common::compat::read_note(&exe).unwrap();
+        assert!(c.reads_state(super::super::format::STATE_FORMAT_VERSION));
+        assert!(c.reads_cpr(cpr::CPR_STATE_FORMAT.current_version));
+        assert_eq!(c.version, crate::VERSION);
     }
 }

@@ -23,6 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::cli::IncomingSpec;
 use crate::control::{StartError, T_TRANSFER, T_TRANSFER_LISTEN, Vmm};
+use crate::devices::{HandedOverFds, HostFd};
 use crate::machine::{Machine, Source};
 use crate::memory::RegionLayout;
 use crate::memory::{self, GuestRam, MemoryError};
@@ -60,14 +61,33 @@ pub enum CprTransferError {
     MissingRegion(String),
     #[error("cpr-transfer: mapping received RAM: {0}")]
     Memory(#[from] MemoryError),
+    #[error("cpr-transfer: the devices' host fds: {0}")]
+    DeviceFds(String),
 }
 
 /// What the new side got on the CPR channel: the sender, its RAM memfds (checked), and the
 /// still-open CPR connection, whose closing tells the old side to connect the main channel.
 pub struct IncomingTransfer {
     pub hello: Hello,
+    /// Every fd received (RAM memfds and devices' host fds), each checked.
     ram: Vec<(PreservedFd, OwnedFd)>,
     pub cpr_stream: Option<UnixStream>,
+}
+
+impl IncomingTransfer {
+    /// The devices' host fds, for their devices to take back at restore.
+    pub fn take_device_fds(&mut self) -> HandedOverFds {
+        let (devices, rest) = std::mem::take(&mut self.ram)
+            .into_iter()
+            .partition(|(rec, _)| matches!(rec.kind, FdKind::DeviceBackend { .. }));
+        self.ram = rest;
+        HandedOverFds::new(
+            devices
+                .into_iter()
+                .map(|(rec, fd)| (rec.name, fd))
+                .collect(),
+        )
+    }
 }
 
 /// Listens on the CPR channel and takes the old VMM's HELLO: peers of another UID are turned
@@ -185,6 +205,7 @@ pub fn connect(channel: &'static str, path: &Path) -> Result<UnixStream, CprTran
 pub fn send_hello(
     stream: &UnixStream,
     ram: &GuestRam,
+    device_fds: &[HostFd],
     started_ns: u64,
 ) -> Result<(), CprTransferError> {
     let mut records = Vec::new();
@@ -196,6 +217,10 @@ pub fn send_hello(
             FdKind::GuestRam,
         )?);
         raw.push(region.fd().as_raw_fd());
+    }
+    for host in device_fds {
+        records.push(super::describe_device_fd(host)?);
+        raw.push(host.fd);
     }
     let hello = Hello {
         sender_version: crate::version_string(),
@@ -223,59 +248,6 @@ pub fn split_state_payload(mut payload: Vec<u8>) -> Result<(u64, Vec<u8>), Trans
     let mut t = [0u8; 8];
     t.copy_from_slice(&payload);
     Ok((u64::from_le_bytes(t), rest))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hello_carries_ram_that_maps_on_the_other_side() {
-        use vm_memory::{Bytes, GuestAddress};
-        let ram = GuestRam::create(16 << 20, false, false).unwrap();
-        ram.memory()
-            .write_obj(0xabu8, GuestAddress(0x3000))
-            .unwrap();
-        let (a, b) = UnixStream::pair().unwrap();
-        send_hello(&a, &ram, 1).unwrap();
-        let (hello, fds) = receive_hello(&b).unwrap();
-        assert_eq!(hello.fds.len(), 1);
-        let mut incoming = IncomingTransfer {
-            hello,
-            ram: fds,
-            cpr_stream: None,
-        };
-        let copy = take_ram(&mut incoming, &ram.layouts()).unwrap();
-        let v: u8 = copy.memory().read_obj(GuestAddress(0x3000)).unwrap();
-        assert_eq!(v, 0xab);
-    }
-
-    #[test]
-    fn wrong_size_and_missing_regions_are_refused() {
-        let ram = GuestRam::create(16 << 20, false, false).unwrap();
-        let (a, b) = UnixStream::pair().unwrap();
-        send_hello(&a, &ram, 1).unwrap();
-        let (hello, fds) = receive_hello(&b).unwrap();
-        let mut incoming = IncomingTransfer {
-            hello,
-            ram: fds,
-            cpr_stream: None,
-        };
-        let bigger = crate::memory::layout(32 << 20);
-        assert!(matches!(
-            take_ram(&mut incoming, &bigger),
-            Err(CprTransferError::RegionSize { .. })
-        ));
-        let two = crate::memory::layout(5 << 30);
-        assert!(take_ram(&mut incoming, &two).is_err());
-    }
-
-    #[test]
-    fn state_payload_round_trips() {
-        let p = state_payload(42, b"state");
-        assert_eq!(split_state_payload(p).unwrap(), (42, b"state".to_vec()));
-        assert!(split_state_payload(vec![1, 2]).is_err());
-    }
 }
 
 /// cpr-transfer, new side: the main channel.
@@ -362,7 +334,10 @@ impl Vmm {
             ));
         };
         let sent = connect("cpr", &cpr_path).and_then(|cpr| {
-            send_hello(&cpr, machine.ram(), monotonic_ns())?;
+            let device_fds = machine
+                .device_host_fds()
+                .map_err(|e| CprTransferError::DeviceFds(e.to_string()))?;
+            send_hello(&cpr, machine.ram(), &device_fds, monotonic_ns())?;
             Ok(cpr)
         });
         let cpr = match sent {
@@ -755,8 +730,17 @@ impl Vmm {
             .ok_or("cpr-transfer: no prepared machine")?;
         let mut phases = PhaseLog::starting_at(stopped_at_ns);
         phases.mark("stop, save and send state");
+        let host_fds = self
+            .incoming_transfer
+            .as_mut()
+            .map(IncomingTransfer::take_device_fds)
+            .unwrap_or_default();
+        let source = Source::Restore {
+            state: &file.state,
+            host_fds,
+        };
         let (machine, rx) = prepared
-            .start(Source::Restore(&file.state), Some(&mut phases))
+            .start(source, Some(&mut phases))
             .map_err(|e| e.to_string())?;
         self.install_machine(machine, rx)
             .map_err(|e| e.to_string())?;
@@ -801,5 +785,103 @@ impl Vmm {
             status: MigrationStatus::Failed,
         });
         self.exit_code = Some(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_carries_ram_that_maps_on_the_other_side() {
+        use vm_memory::{Bytes, GuestAddress};
+        let ram = GuestRam::create(16 << 20, false, false).unwrap();
+        ram.memory()
+            .write_obj(0xabu8, GuestAddress(0x3000))
+            .unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        send_hello(&a, &ram, &[], 1).unwrap();
+        let (hello, fds) = receive_hello(&b).unwrap();
+        assert_eq!(hello.fds.len(), 1);
+        let mut incoming = IncomingTransfer {
+            hello,
+            ram: fds,
+            cpr_stream: None,
+        };
+        let copy = take_ram(&mut incoming, &ram.layouts()).unwrap();
+        let v: u8 = copy.memory().read_obj(GuestAddress(0x3000)).unwrap();
+        assert_eq!(v, 0xab);
+    }
+
+    #[test]
+    fn device_host_fds_travel_with_ram_and_come_back_by_name() {
+        use std::io::{Read, Seek, Write};
+        let ram = GuestRam::create(16 << 20, false, false).unwrap();
+        let mut disk = tempfile_with(b"disk contents");
+        let host = HostFd {
+            name: "drive0".into(),
+            fd: disk.as_raw_fd(),
+        };
+        let (a, b) = UnixStream::pair().unwrap();
+        send_hello(&a, &ram, std::slice::from_ref(&host), 1).unwrap();
+        let (hello, fds) = receive_hello(&b).unwrap();
+        assert_eq!(hello.fds.len(), 2);
+        let mut incoming = IncomingTransfer {
+            hello,
+            ram: fds,
+            cpr_stream: None,
+        };
+        let mut devices = incoming.take_device_fds();
+        assert_eq!(devices.names(), vec!["drive0".to_string()]);
+        assert!(take_ram(&mut incoming, &ram.layouts()).is_ok());
+        // The very same open file, not a re-opened path: writes through one show in the other.
+        let mut received = std::fs::File::from(devices.take("drive0").unwrap());
+        disk.write_all(b"!").unwrap();
+        let mut s = String::new();
+        received.rewind().unwrap();
+        received.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "disk contents!");
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> std::fs::File {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("cpr-xfer-test-{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn wrong_size_and_missing_regions_are_refused() {
+        let ram = GuestRam::create(16 << 20, false, false).unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        send_hello(&a, &ram, &[], 1).unwrap();
+        let (hello, fds) = receive_hello(&b).unwrap();
+        let mut incoming = IncomingTransfer {
+            hello,
+            ram: fds,
+            cpr_stream: None,
+        };
+        let bigger = crate::memory::layout(32 << 20);
+        assert!(matches!(
+            take_ram(&mut incoming, &bigger),
+            Err(CprTransferError::RegionSize { .. })
+        ));
+        let two = crate::memory::layout(5 << 30);
+        assert!(take_ram(&mut incoming, &two).is_err());
+    }
+
+    #[test]
+    fn state_payload_round_trips() {
+        let p = state_payload(42, b"state");
+        assert_eq!(split_state_payload(p).unwrap(), (42, b"state".to_vec()));
+        assert!(split_state_payload(vec![1, 2]).is_err());
     }
 }

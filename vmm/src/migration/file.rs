@@ -79,7 +79,11 @@ impl Vmm {
             self.config.vcpus,
             self.config.guest.clone(),
             self.console.output(),
-            Source::Restore(&file.state),
+            // A new process on the same host: devices open their backends from the command line.
+            Source::Restore {
+                state: &file.state,
+                host_fds: Default::default(),
+            },
             None,
         )?;
         self.install_machine(machine, rx)

@@ -6,10 +6,10 @@
 //! ```text
 //! id  name         payload
 //! 1   run          SavedRun: was the guest running, which VMM version saved it, when
-//! 2   description  MachineDescription: vCPU count, RAM size and regions, guest kind
+//! 2   description  MachineDescription: vCPU count, RAM size and regions, guest kind, devices
 //! 3   vcpus        Vec<VcpuState>
 //! 4   vm           VmState: PIC master/slave, IOAPIC, PIT, kvmclock
-//! 5   devices      Vec<DeviceState>
+//! 5   devices      Vec<SavedDevice>: each device's id and its own state, bincode-encoded
 //! 6   ram          only in "normal" mode; absent when RAM stays in preserved memfds
 //! ```
 //!
@@ -22,10 +22,13 @@
 //! +-------------+-------------+------------------------+------------------+----------------+
 //! ```
 //!
-//! Compatibility policy: this VMM reads the current format version and the previous one, and
-//! always writes the current one. A change to any payload's layout bumps the version; new device
-//! kinds are added as new `DeviceState` variants at the end, which keeps older files decodable.
-//! `vmm/tests/golden/` holds a state file from each supported version, with a test that loads it.
+//! Compatibility policy: this VMM reads the current format version and the previous one (here
+//! also version 1, which decodes like version 2), and always writes the current one. A change to
+//! any payload's layout bumps the version. A new device needs no new version: its state is a new
+//! entry under its own id (see [`crate::devices`]); a change to an existing device's state does.
+//! Versions 1 and 2 stored devices as one enum and had no device list in the description; they
+//! are converted when read ([`legacy`]). `vmm/tests/golden/` holds a state file from each
+//! supported version, with a test that loads it.
 
 use std::fs::File;
 use std::io::Write;
@@ -301,11 +304,29 @@ impl<R: ReadAt> StateFile<R> {
         };
         let reader = ContainerReader::open(src, &STATE_FILE_FORMAT).map_err(fmt_err)?;
         let run: SavedRun = reader.read_section(SECTION_RUN).map_err(fmt_err)?;
+        let (description, devices) = if reader.version() >= 3 {
+            (
+                reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?,
+                reader.read_section(SECTION_DEVICES).map_err(fmt_err)?,
+            )
+        } else {
+            let description: legacy::MachineDescriptionV2 =
+                reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?;
+            let devices: Vec<legacy::DeviceStateV2> =
+                reader.read_section(SECTION_DEVICES).map_err(fmt_err)?;
+            legacy::convert(description, devices).map_err(|detail| StateFileError::Format {
+                path: p.clone(),
+                source: ContainerError::Malformed {
+                    what: "state file",
+                    detail,
+                },
+            })?
+        };
         let state = MachineState {
-            description: reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?,
+            description,
             vcpus: reader.read_section(SECTION_VCPUS).map_err(fmt_err)?,
             vm: reader.read_section(SECTION_VM).map_err(fmt_err)?,
-            devices: reader.read_section(SECTION_DEVICES).map_err(fmt_err)?,
+            devices,
         };
         if state.vcpus.len() != state.description.vcpus as usize {
             return Err(StateFileError::Format {
@@ -495,5 +516,67 @@ mod tests {
         let mut parser = RunParser::new(&fresh);
         parser.feed(&out[..out.len() - 1]).unwrap();
         assert!(parser.finish().is_err());
+    }
+}
+
+/// State-file versions 1 and 2: devices as one enum, no device list in the description. Read
+/// and converted to version 3's shapes; never written.
+pub mod legacy {
+    use serde::{Deserialize, Serialize};
+
+    use crate::devices::i8042::I8042Snapshot;
+    use crate::devices::pci::PciConfigSnapshot;
+    use crate::devices::rtc::RtcSnapshot;
+    use crate::devices::serial::SerialSnapshot;
+    use crate::devices::{SavedDevice, encode_state};
+    use crate::memory::RegionLayout;
+    use crate::migration::state::{GuestKind, MachineDescription};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct MachineDescriptionV2 {
+        pub vcpus: u32,
+        pub ram_size: u64,
+        pub regions: Vec<RegionLayout>,
+        pub guest: GuestKind,
+    }
+
+    /// Version 1 had only `Serial`; version 2 added the others at the end.
+    #[derive(Serialize, Deserialize)]
+    pub enum DeviceStateV2 {
+        Serial(SerialSnapshot),
+        I8042(I8042Snapshot),
+        Rtc(RtcSnapshot),
+        PciConfig(PciConfigSnapshot),
+    }
+
+    /// Every device a version 1 or 2 VMM had is in today's machine under these ids, at the same
+    /// places; a device the file lacks starts as at power-on.
+    pub fn convert(
+        d: MachineDescriptionV2,
+        devices: Vec<DeviceStateV2>,
+    ) -> Result<(MachineDescription, Vec<SavedDevice>), String> {
+        let saved = devices
+            .into_iter()
+            .map(|dev| {
+                let (id, state) = match &dev {
+                    DeviceStateV2::Serial(s) => ("serial", encode_state(s)),
+                    DeviceStateV2::I8042(s) => ("i8042", encode_state(s)),
+                    DeviceStateV2::Rtc(s) => ("rtc", encode_state(s)),
+                    DeviceStateV2::PciConfig(s) => ("pci-config", encode_state(s)),
+                };
+                Ok(SavedDevice {
+                    id: id.to_string(),
+                    state: state.map_err(|e| format!("device {id}: {e}"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let description = MachineDescription {
+            vcpus: d.vcpus,
+            ram_size: d.ram_size,
+            regions: d.regions,
+            guest: d.guest,
+            devices: crate::machine::device_descriptions(),
+        };
+        Ok((description, saved))
     }
 }

@@ -14,13 +14,18 @@ pub mod file;
 pub mod format;
 pub mod state;
 
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use cpr_common::cpr::{FdKind, PreservedFd};
+use cpr_common::fds::{self, FdError};
+
 use crate::cli::IncomingSpec;
 use crate::control::Vmm;
 use crate::control::run_state;
+use crate::devices::HostFd;
 use crate::migration::cpr_transfer::TransferIn;
 use crate::migration::format::RamProgress;
 use crate::qmp::protocol::SocketAddress;
@@ -30,6 +35,17 @@ use crate::qmp::protocol::{
 };
 
 pub use crate::qmp::protocol::{MigMode, MigrationStatus};
+
+/// A device's host fd as a preserved fd: the same record and checks as guest RAM, with its
+/// file type recorded so the receiver checks that too.
+pub fn describe_device_fd(host: &HostFd) -> Result<PreservedFd, FdError> {
+    let name = host.name.as_str();
+    let file_type = fds::identity(host.fd, name)?.file_type;
+    // SAFETY: the device keeps `host.fd` open while it is described (the machine is paused and
+    // owned by the caller), and the borrow does not outlive this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(host.fd) };
+    fds::describe(fd, name, FdKind::DeviceBackend { file_type })
+}
 
 /// What `query-migrate` reports about the last (or current) migration.
 #[derive(Clone, Debug)]
