@@ -408,8 +408,13 @@ impl Machine {
         let rebuilt = (|| {
             let (vm, serial_irq) = create_vm(&self.kvm, &self.ram, &mut None)?;
             let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
-            let devices =
-                attach_devices(serial_irq, &self.console, &self.wakers, &mut Source::Boot)?;
+            let devices = attach_devices(
+                &vm,
+                serial_irq,
+                &self.console,
+                &self.wakers,
+                &mut Source::Boot,
+            )?;
             let entry = self.load_guest()?;
             Ok((vm, fds, devices, entry))
         })();
@@ -497,7 +502,13 @@ impl PreparedMachine {
         if let Source::Restore { state, .. } = &source {
             state::restore_vm_devices(&self.vm, &state.vm)?;
         }
-        let devices = attach_devices(self.serial_irq, &self.console, &self.wakers, &mut source)?;
+        let devices = attach_devices(
+            &self.vm,
+            self.serial_irq,
+            &self.console,
+            &self.wakers,
+            &mut source,
+        )?;
         let mut machine = Machine {
             kvm: self.kvm,
             vm: self.vm,
@@ -629,6 +640,7 @@ fn create_vcpu_fds(vm: &VmFd, count: u32) -> Result<Vec<VcpuFd>, MachineError> {
 
 /// Builds the emulated devices, at power-on or from `source`'s saved state.
 fn attach_devices(
+    vm: &VmFd,
     serial_irq: EventFd,
     console: &ConsoleOutput,
     wakers: &MachineWakers,
@@ -641,6 +653,7 @@ fn attach_devices(
         }
     };
     let mut ctx = DeviceContext {
+        vm,
         console,
         input_drained: &wakers.input_drained,
         serial_irq: Some(serial_irq),

@@ -30,6 +30,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kvm_ioctls::VmFd;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -189,6 +190,10 @@ impl HandedOverFds {
 
 /// What building a device may need from the machine.
 pub struct DeviceContext<'a> {
+    /// The VM, to register the device's ioeventfds (queue notifications) and irqfds
+    /// (interrupts) with KVM.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub vm: &'a VmFd,
     pub console: &'a ConsoleOutput,
     /// Written by the UART when the guest drained its receive FIFO.
     pub input_drained: &'a Arc<EventFd>,
@@ -726,7 +731,9 @@ mod tests {
             .unwrap()
             .output();
         let drained = Arc::new(EventFd::new(0).unwrap());
+        let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
         let mut ctx = DeviceContext {
+            vm: &vm,
             console: &console,
             input_drained: &drained,
             serial_irq: None,

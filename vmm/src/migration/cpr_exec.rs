@@ -35,6 +35,7 @@ use crate::devices::{HandedOverFds, HostFd};
 use crate::machine::{Machine, Source};
 use crate::memory::RegionLayout;
 use crate::memory::{GuestRam, MemoryError};
+use crate::migration::MigrationError;
 use crate::migration::format::{RamContents, SavedRun, StateFile, StateFileError};
 use crate::migration::format::{encode_state, write_state_bytes};
 use crate::migration::{MigrationRecord, MigrationStatus};
@@ -669,18 +670,17 @@ impl Vmm {
         };
         let saved = machine.pause_and_save();
         phases.mark("stop vCPUs and save vCPU state");
-        let prepared = saved.map_err(|e| e.to_string()).and_then(|state| {
+        let prepared = saved.map_err(MigrationError::from).and_then(|state| {
             let run = SavedRun {
                 guest_was_running,
                 saved_by_version: crate::version_string(),
                 saved_at_unix_ns: cpr_common::timing::realtime_ns(),
             };
             let label = state_file.display().to_string();
-            let bytes = encode_state(Vec::new(), &state, &run, RamContents::Preserved, &label)
-                .map_err(|e| e.to_string())?;
-            write_state_bytes(&state_file, &bytes).map_err(|e| e.to_string())?;
+            let bytes = encode_state(Vec::new(), &state, &run, RamContents::Preserved, &label)?;
+            write_state_bytes(&state_file, &bytes)?;
             phases.mark("write state file");
-            let device_fds = machine.device_host_fds().map_err(|e| e.to_string())?;
+            let device_fds = machine.device_host_fds()?;
             let mut other_fds = self
                 .monitor
                 .as_ref()
@@ -706,7 +706,7 @@ impl Vmm {
                 other_fds,
                 device_fds,
             })
-            .map_err(|e| e.to_string())
+            .map_err(MigrationError::from)
         });
         if guest_was_running {
             let _ = self.set_run_state(RunState::FinishMigrate);

@@ -27,6 +27,7 @@ use crate::devices::{HandedOverFds, HostFd};
 use crate::machine::{Machine, Source};
 use crate::memory::RegionLayout;
 use crate::memory::{self, GuestRam, MemoryError};
+use crate::migration::MigrationError;
 use crate::migration::cpr_exec::{self};
 use crate::migration::format::encode_state;
 use crate::migration::format::{RamContents, SavedRun, StateFile};
@@ -374,12 +375,12 @@ impl Vmm {
         } else if self.transfer_out.is_some()
             && let Err(reason) = self.advance_transfer_out()
         {
-            self.fail_transfer_out(&reason);
+            self.fail_transfer_out(&reason.to_string());
         }
     }
 
     /// Old side: one step of the hand-over, as far as the new VMM's messages allow.
-    pub(crate) fn advance_transfer_out(&mut self) -> Result<(), String> {
+    pub(crate) fn advance_transfer_out(&mut self) -> Result<(), MigrationError> {
         let Some(state) = self.transfer_out.take() else {
             return Ok(());
         };
@@ -397,20 +398,21 @@ impl Vmm {
                     });
                     Ok(())
                 }
-                Ok(Some(frame)) => Err(format!(
-                    "cpr-transfer: unexpected {:?} on the cpr channel",
-                    frame.kind
-                )),
+                Ok(Some(frame)) => Err(MigrationError::Unexpected {
+                    channel: "cpr",
+                    expected: "the channel to close",
+                    got: frame.kind,
+                }),
                 Err(TransferError::Closed { .. }) => {
                     self.unwatch(cpr.as_raw_fd());
-                    let main = connect("main", &main_path).map_err(|e| e.to_string())?;
+                    let main = connect("main", &main_path)?;
                     let _ = main.set_nonblocking(true);
                     self.watch(
                         main.as_raw_fd(),
                         T_TRANSFER,
                         EventSet::IN | EventSet::READ_HANG_UP,
                     )
-                    .map_err(|e| format!("cpr-transfer: {e}"))?;
+                    .map_err(MigrationError::io("watching the main channel"))?;
                     self.transfer_out = Some(TransferOut::MainConnected {
                         main,
                         reader: FrameReader::default(),
@@ -418,7 +420,7 @@ impl Vmm {
                     // READY may already be there.
                     self.advance_transfer_out()
                 }
-                Err(e) => Err(format!("cpr-transfer: {e}")),
+                Err(e) => Err(e.into()),
             },
             TransferOut::MainConnected { main, mut reader } => match reader.poll(&main) {
                 Ok(None) => {
@@ -426,8 +428,12 @@ impl Vmm {
                     Ok(())
                 }
                 Ok(Some(f)) if f.kind == Kind::Ready => self.send_transfer_state(main, reader),
-                Ok(Some(f)) => Err(format!("cpr-transfer: expected READY, got {:?}", f.kind)),
-                Err(e) => Err(format!("cpr-transfer: {e}")),
+                Ok(Some(f)) => Err(MigrationError::Unexpected {
+                    channel: "main",
+                    expected: "READY",
+                    got: f.kind,
+                }),
+                Err(e) => Err(e.into()),
             },
             TransferOut::StateSent {
                 main,
@@ -465,7 +471,11 @@ impl Vmm {
                         guest_was_running,
                         stopped_at,
                     });
-                    Err(format!("cpr-transfer: expected COMMIT, got {:?}", f.kind))
+                    Err(MigrationError::Unexpected {
+                        channel: "main",
+                        expected: "COMMIT",
+                        got: f.kind,
+                    })
                 }
                 Err(e) => {
                     self.transfer_out = Some(TransferOut::StateSent {
@@ -474,7 +484,7 @@ impl Vmm {
                         guest_was_running,
                         stopped_at,
                     });
-                    Err(format!("cpr-transfer: {e}"))
+                    Err(e.into())
                 }
             },
         }
@@ -485,13 +495,13 @@ impl Vmm {
         &mut self,
         main: UnixStream,
         reader: FrameReader,
-    ) -> Result<(), String> {
+    ) -> Result<(), MigrationError> {
         let guest_was_running = self.run_state() == RunState::Running;
         let stop_wall = SystemTime::now();
         let stopped_at_ns = monotonic_ns();
         let stopped_at = Instant::now();
         let Some(machine) = &mut self.machine else {
-            return Err("there is no machine".into());
+            return Err(MigrationError::NoMachine);
         };
         let saved = machine.pause_and_save();
         if guest_was_running {
@@ -507,7 +517,7 @@ impl Vmm {
             guest_was_running,
             stopped_at,
         });
-        let state = saved.map_err(|e| e.to_string())?;
+        let state = saved?;
         let run = SavedRun {
             guest_was_running,
             saved_by_version: crate::version_string(),
@@ -519,14 +529,13 @@ impl Vmm {
             &run,
             RamContents::Preserved,
             "cpr-transfer",
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let payload = state_payload(stopped_at_ns, &bytes);
         if let Some(TransferOut::StateSent { main, .. }) = &self.transfer_out {
             let _ = main.set_nonblocking(false);
             let sent = transfer::send(main, Kind::State, &payload, &[]);
             let _ = main.set_nonblocking(true);
-            sent.map_err(|e| format!("cpr-transfer: sending the state: {e}"))?;
+            sent?;
         }
         self.migration.status = MigrationStatus::Active;
         self.emit(&EventKind::Migration {
@@ -639,12 +648,13 @@ impl Vmm {
     }
 
     /// New side: listen on the main channel, then tell the old VMM by closing the cpr channel.
-    pub(crate) fn listen_transfer_main(&mut self, path: &Path) -> Result<(), String> {
-        let listener = crate::qmp::bind_unix_listener(path)
-            .map_err(|e| format!("main channel {}: {e}", path.display()))?;
+    pub(crate) fn listen_transfer_main(&mut self, path: &Path) -> Result<(), MigrationError> {
+        let listener = crate::qmp::bind_unix_listener(path).map_err(MigrationError::io(
+            format!("main channel {}", path.display()),
+        ))?;
         let _ = listener.set_nonblocking(true);
         self.watch(listener.as_raw_fd(), T_TRANSFER_LISTEN, EventSet::IN)
-            .map_err(|e| e.to_string())?;
+            .map_err(MigrationError::io("watching the main channel"))?;
         self.transfer_in = Some(TransferIn::Listening {
             listener,
             path: path.to_path_buf(),
@@ -703,7 +713,7 @@ impl Vmm {
                 };
                 self.unwatch(stream.as_raw_fd());
                 if let Err(e) = self.finish_transfer_incoming(&stream, f.payload) {
-                    self.fail_transfer_in(&e, Some(&stream));
+                    self.fail_transfer_in(&e.to_string(), Some(&stream));
                 }
             }
             Ok(Some(f)) => {
@@ -719,15 +729,14 @@ impl Vmm {
         &mut self,
         stream: &UnixStream,
         payload: Vec<u8>,
-    ) -> Result<(), String> {
-        let (stopped_at_ns, bytes) = split_state_payload(payload).map_err(|e| e.to_string())?;
-        let file = StateFile::from_bytes(bytes, "cpr-transfer state").map_err(|e| e.to_string())?;
-        file.check_machine(&self.described_machine())
-            .map_err(|e| e.to_string())?;
+    ) -> Result<(), MigrationError> {
+        let (stopped_at_ns, bytes) = split_state_payload(payload)?;
+        let file = StateFile::from_bytes(bytes, "cpr-transfer state")?;
+        file.check_machine(&self.described_machine())?;
         let prepared = self
             .prepared
             .take()
-            .ok_or("cpr-transfer: no prepared machine")?;
+            .ok_or(MigrationError::NoPreparedMachine)?;
         let mut phases = PhaseLog::starting_at(stopped_at_ns);
         phases.mark("stop, save and send state");
         let host_fds = self
@@ -739,14 +748,11 @@ impl Vmm {
             state: &file.state,
             host_fds,
         };
-        let (machine, rx) = prepared
-            .start(source, Some(&mut phases))
-            .map_err(|e| e.to_string())?;
+        let (machine, rx) = prepared.start(source, Some(&mut phases))?;
         self.install_machine(machine, rx)
-            .map_err(|e| e.to_string())?;
+            .map_err(MigrationError::io("watching the machine"))?;
         let _ = stream.set_nonblocking(false);
-        transfer::send(stream, Kind::Commit, &[], &[])
-            .map_err(|e| format!("cpr-transfer: sending COMMIT: {e}"))?;
+        transfer::send(stream, Kind::Commit, &[], &[])?;
         let run = file.run.guest_was_running && self.autostart;
         if run && let Some(m) = &mut self.machine {
             m.resume();

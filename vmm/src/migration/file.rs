@@ -18,6 +18,7 @@ use crate::control::{IncomingError, Vmm};
 use crate::machine::{Machine, MachineError, Source};
 use crate::memory::RamView;
 use crate::memory::{self, GuestRam, MemoryError};
+use crate::migration::MigrationError;
 use crate::migration::format::{RamContents, RamProgress, SavedRun, StateFile, StateFileError};
 use crate::migration::{MigrationRecord, MigrationStatus};
 use crate::qmp::protocol::{EventKind, QmpError, RunState};
@@ -129,8 +130,9 @@ impl Vmm {
         let (state, ram) = match captured {
             Ok(c) => c,
             Err(e) => {
-                self.fail_migration(&e, guest_was_running);
-                return Err(QmpError::generic(e));
+                let reason = e.to_string();
+                self.fail_migration(&reason, guest_was_running);
+                return Err(QmpError::generic(reason));
             }
         };
         self.migration.setup_time_ms = self.migration.elapsed_ms();
@@ -163,11 +165,11 @@ impl Vmm {
     pub(crate) fn capture_for_save(
         &mut self,
         guest_was_running: bool,
-    ) -> Result<(crate::migration::state::MachineState, memory::RamView), String> {
+    ) -> Result<(crate::migration::state::MachineState, memory::RamView), MigrationError> {
         let Some(m) = &mut self.machine else {
-            return Err("there is no machine".into());
+            return Err(MigrationError::NoMachine);
         };
-        let state = m.pause_and_save().map_err(|e| e.to_string())?;
+        let state = m.pause_and_save()?;
         let ram = m.ram().view();
         if guest_was_running {
             self.emit(&EventKind::Stop);
@@ -183,7 +185,7 @@ impl Vmm {
         let result = out.thread.join().unwrap_or_else(|_| {
             Err(StateFileError::Ram {
                 path: String::new(),
-                detail: "the migration thread panicked".into(),
+                source: super::format::RamRecordError::WriterPanicked,
             })
         });
         match result {

@@ -82,8 +82,12 @@ pub enum StateFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("state file {path}: RAM {detail}")]
-    Ram { path: String, detail: String },
+    #[error("state file {path}: RAM {source}")]
+    Ram {
+        path: String,
+        #[source]
+        source: RamRecordError,
+    },
     #[error("state file {path} describes another machine: {}", differences.join("; "))]
     Mismatch {
         path: String,
@@ -384,11 +388,33 @@ impl<R: ReadAt> StateFile<R> {
             })?;
         outcome
             .and_then(|()| parser.finish())
-            .map_err(|detail| StateFileError::Ram {
+            .map_err(|source| StateFileError::Ram {
                 path: self.path.clone(),
-                detail,
+                source,
             })
     }
+}
+
+/// A `ram` section whose records do not fit this machine's RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum RamRecordError {
+    #[error("writing guest RAM at {addr:#x}: {detail}")]
+    Write { addr: u64, detail: String },
+    #[error("record names region {0}, which does not exist")]
+    NoRegion(usize),
+    #[error("record has an invalid page count {0}")]
+    PageCount(u64),
+    #[error("record {offset:#x}+{len:#x} lies outside region '{region}' ({size:#x} bytes)")]
+    OutsideRegion {
+        offset: u64,
+        len: u64,
+        region: String,
+        size: u64,
+    },
+    #[error("section ends in the middle of a record")]
+    Truncated,
+    #[error("the migration thread panicked")]
+    WriterPanicked,
 }
 
 /// Parses run records from arbitrary chunk boundaries and writes the pages into RAM.
@@ -408,7 +434,7 @@ impl<'a> RunParser<'a> {
         }
     }
 
-    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), RamRecordError> {
         while !bytes.is_empty() {
             match &mut self.current {
                 Some((addr, left)) => {
@@ -416,7 +442,10 @@ impl<'a> RunParser<'a> {
                     self.ram
                         .memory
                         .write_slice(&bytes[..n], GuestAddress(*addr))
-                        .map_err(|e| format!("writing guest RAM at {:#x}: {e}", *addr))?;
+                        .map_err(|e| RamRecordError::Write {
+                            addr: *addr,
+                            detail: e.to_string(),
+                        })?;
                     *addr += n as u64;
                     *left -= n as u64;
                     if *left == 0 {
@@ -439,7 +468,7 @@ impl<'a> RunParser<'a> {
         Ok(())
     }
 
-    fn start_run(&self) -> Result<(u64, u64), String> {
+    fn start_run(&self) -> Result<(u64, u64), RamRecordError> {
         let h = &self.header;
         let region = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let offset = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
@@ -448,23 +477,25 @@ impl<'a> RunParser<'a> {
             .ram
             .regions
             .get(region)
-            .ok_or_else(|| format!("record names region {region}, which does not exist"))?;
+            .ok_or(RamRecordError::NoRegion(region))?;
         let len = pages
             .checked_mul(PAGE_SIZE)
             .filter(|&len| len > 0)
-            .ok_or_else(|| format!("record has an invalid page count {pages}"))?;
+            .ok_or(RamRecordError::PageCount(pages))?;
         if offset % PAGE_SIZE != 0 || offset.checked_add(len).is_none_or(|end| end > layout.size) {
-            return Err(format!(
-                "record {offset:#x}+{len:#x} lies outside region '{}' ({:#x} bytes)",
-                layout.name, layout.size
-            ));
+            return Err(RamRecordError::OutsideRegion {
+                offset,
+                len,
+                region: layout.name.clone(),
+                size: layout.size,
+            });
         }
         Ok((layout.guest_addr + offset, len))
     }
 
-    fn finish(&self) -> Result<(), String> {
+    fn finish(&self) -> Result<(), RamRecordError> {
         if self.current.is_some() || !self.header.is_empty() {
-            return Err("section ends in the middle of a record".to_string());
+            return Err(RamRecordError::Truncated);
         }
         Ok(())
     }

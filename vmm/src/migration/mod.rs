@@ -36,6 +36,45 @@ use crate::qmp::protocol::{
 
 pub use crate::qmp::protocol::{MigMode, MigrationStatus};
 
+/// Why a step of a migration failed, in any mode; its text is the reason `query-migrate` and
+/// the `MIGRATION` event's clients see.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("there is no machine to migrate")]
+    NoMachine,
+    #[error(transparent)]
+    Machine(#[from] crate::machine::MachineError),
+    #[error(transparent)]
+    StateFile(#[from] format::StateFileError),
+    #[error(transparent)]
+    CprExec(#[from] cpr_exec::CprExecError),
+    #[error(transparent)]
+    Transfer(#[from] cpr_transfer::CprTransferError),
+    #[error("cpr-transfer: {0}")]
+    Protocol(#[from] cpr_common::transfer::TransferError),
+    #[error("cpr-transfer: expected {expected} on the {channel} channel, got {got:?}")]
+    Unexpected {
+        channel: &'static str,
+        expected: &'static str,
+        got: cpr_common::transfer::Kind,
+    },
+    #[error("cpr-transfer: {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cpr-transfer: the VM built for the incoming guest is gone")]
+    NoPreparedMachine,
+}
+
+impl MigrationError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| MigrationError::Io { what, source }
+    }
+}
+
 /// A device's host fd as a preserved fd: the same record and checks as guest RAM, with its
 /// file type recorded so the receiver checks that too.
 pub fn describe_device_fd(host: &HostFd) -> Result<PreservedFd, FdError> {
@@ -189,7 +228,9 @@ impl Vmm {
                     ));
                 }
             };
-            return self.listen_transfer_main(&path).map_err(QmpError::generic);
+            return self
+                .listen_transfer_main(&path)
+                .map_err(|e| QmpError::generic(e.to_string()));
         }
         if self.config.incoming != Some(IncomingSpec::Defer) {
             return Err(QmpError::generic(
