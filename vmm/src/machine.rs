@@ -69,7 +69,7 @@ pub enum MachineError {
     #[error("vCPU {index} did not answer: its thread is gone")]
     VcpuGone { index: u32 },
     #[error("{0}")]
-    Vcpu(String),
+    Vcpu(state::StateError),
     #[error("restoring device {device}: {detail}")]
     Device {
         device: &'static str,
