@@ -62,7 +62,7 @@ pub fn accept_cpr(path: &Path) -> Result<IncomingTransfer, CprTransferError> {
         path: path.display().to_string(),
         source,
     };
-    let listener = crate::qmp::bind_unix_listener(path).map_err(sock_err)?;
+    let listener = crate::unix_socket::bind_listener(path).map_err(sock_err)?;
     log::info!(
         "cpr-transfer: waiting for the old VMM on {}",
         path.display()
@@ -78,7 +78,7 @@ pub fn accept_cpr(path: &Path) -> Result<IncomingTransfer, CprTransferError> {
         }
     };
     drop(listener);
-    crate::qmp::remove_socket_file(path);
+    crate::unix_socket::remove_socket_file(path);
     let result = receive_hello(&stream);
     if let Err(e) = &result {
         transfer::send_error(&stream, &e.to_string());
