@@ -60,6 +60,16 @@ pub struct ConsoleOutput {
     sink: Arc<Mutex<Sink>>,
 }
 
+#[cfg(test)]
+impl ConsoleOutput {
+    /// Output written to `file` (a pipe, in tests that read the guest's output back).
+    pub fn to_file(file: File) -> Self {
+        ConsoleOutput {
+            sink: Arc::new(Mutex::new(Sink::File(file))),
+        }
+    }
+}
+
 /// Output that has nowhere to go (stdout closed, disk full) is dropped like a UART with nothing
 /// attached, and said once: the guest must not stall or flood the log over it.
 fn drop_output(result: io::Result<usize>, len: usize, what: &str) -> io::Result<usize> {
