@@ -67,7 +67,7 @@ pub enum MachineError {
     #[error("vCPU {index} did not answer: its thread is gone")]
     VcpuGone { index: u32 },
     #[error("{0}")]
-    Vcpu(String),
+    Vcpu(state::StateError),
     #[error("devices: {0}")]
     Devices(#[from] DeviceSetError),
     #[error("the saved state has {saved} vCPU states for {described} vCPUs")]

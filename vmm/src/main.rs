@@ -14,6 +14,7 @@ mod machine;
 mod memory;
 mod migration;
 mod qmp;
+mod unix_socket;
 mod vcpu;
 
 use std::process::ExitCode;

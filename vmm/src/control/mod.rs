@@ -416,10 +416,10 @@ impl Vmm {
     /// The sockets this VMM listens on go away with it.
     pub(crate) fn remove_socket_files(&self) {
         if let Some(spec) = &self.config.qmp {
-            crate::qmp::remove_socket_file(&spec.path);
+            crate::unix_socket::remove_socket_file(&spec.path);
         }
         if let crate::cli::SerialSpec::UnixServer(path) = &self.config.serial {
-            crate::qmp::remove_socket_file(path);
+            crate::unix_socket::remove_socket_file(path);
         }
     }
 

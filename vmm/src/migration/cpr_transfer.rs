@@ -99,7 +99,7 @@ pub fn accept_cpr(path: &Path) -> Result<IncomingTransfer, CprTransferError> {
         path: path.display().to_string(),
         source,
     };
-    let listener = crate::qmp::bind_unix_listener(path).map_err(sock_err)?;
+    let listener = crate::unix_socket::bind_listener(path).map_err(sock_err)?;
     log::info!(
         "cpr-transfer: waiting for the old VMM on {}",
         path.display()
@@ -115,7 +115,7 @@ pub fn accept_cpr(path: &Path) -> Result<IncomingTransfer, CprTransferError> {
         }
     };
     drop(listener);
-    crate::qmp::remove_socket_file(path);
+    crate::unix_socket::remove_socket_file(path);
     let result = receive_hello(&stream);
     if let Err(e) = &result {
         transfer::send_error(&stream, &e.to_string());
@@ -649,7 +649,7 @@ impl Vmm {
 
     /// New side: listen on the main channel, then tell the old VMM by closing the cpr channel.
     pub(crate) fn listen_transfer_main(&mut self, path: &Path) -> Result<(), MigrationError> {
-        let listener = crate::qmp::bind_unix_listener(path).map_err(MigrationError::io(
+        let listener = crate::unix_socket::bind_listener(path).map_err(MigrationError::io(
             format!("main channel {}", path.display()),
         ))?;
         let _ = listener.set_nonblocking(true);
@@ -681,7 +681,7 @@ impl Vmm {
         let listen_fd = listener.as_raw_fd();
         let path = path.clone();
         self.unwatch(listen_fd);
-        crate::qmp::remove_socket_file(&path);
+        crate::unix_socket::remove_socket_file(&path);
         if let Err(e) = transfer::send(&stream, Kind::Ready, &[], &[]) {
             self.fail_transfer_in(&format!("cpr-transfer: sending READY: {e}"), None);
             return;
