@@ -20,7 +20,12 @@ use crate::cpuid;
 use crate::devices::console::ConsoleOutput;
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
 use crate::devices::i8042::{I8042, I8042_BASE_PORT, I8042_PORT_COUNT};
-use crate::devices::pci::{PCI_CONFIG_BASE_PORT, PCI_CONFIG_PORT_COUNT, PciConfigPorts};
+use crate::devices::interrupts::GsiRouter;
+use crate::devices::pci::host_bridge::HostBridge;
+use crate::devices::pci::{
+    PCI_CONFIG_BASE_PORT, PCI_CONFIG_PORT_COUNT, PCI_MMIO_BASE, PCI_MMIO_SIZE, PciBus,
+    PciConfigPorts, PciMmioWindow,
+};
 use crate::devices::rtc::{RTC_BASE_PORT, RTC_PORT_COUNT, Rtc};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, SerialDevice};
 use crate::devices::{
@@ -104,6 +109,8 @@ fn device_specs() -> Vec<DeviceSpec> {
             PCI_CONFIG_PORT_COUNT,
         ),
         DeviceSpec::port::<DebugExit>("debug-exit", DEBUG_EXIT_PORT, 1),
+        DeviceSpec::mmio::<PciMmioWindow>("pci-mmio", PCI_MMIO_BASE, PCI_MMIO_SIZE),
+        DeviceSpec::pci::<HostBridge>("pci-host", 0),
     ]
 }
 
@@ -122,7 +129,7 @@ pub struct MachineWakers {
 
 pub struct Machine {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     ram: GuestRam,
     vcpus: Vec<VcpuHandle>,
     devices: DeviceSet,
@@ -143,7 +150,7 @@ pub struct Machine {
 /// [`PreparedMachine::start`] falls inside the blackout.
 pub struct PreparedMachine {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     serial_irq: EventFd,
     vcpu_fds: Vec<VcpuFd>,
     ram: GuestRam,
@@ -585,8 +592,8 @@ fn create_vm(
     kvm: &Kvm,
     ram: &GuestRam,
     phases: &mut Option<&mut PhaseLog>,
-) -> Result<(VmFd, EventFd), MachineError> {
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+) -> Result<(Arc<VmFd>, EventFd), MachineError> {
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     mark(phases, "create VM");
     // RAM first: a memory slot added after the irqchip and PIT exist waits for an SRCU grace
     // period (milliseconds on this kind of host, measured), one added before does not. This
@@ -640,7 +647,7 @@ fn create_vcpu_fds(vm: &VmFd, count: u32) -> Result<Vec<VcpuFd>, MachineError> {
 
 /// Builds the emulated devices, at power-on or from `source`'s saved state.
 fn attach_devices(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     serial_irq: EventFd,
     console: &ConsoleOutput,
     wakers: &MachineWakers,
@@ -654,6 +661,8 @@ fn attach_devices(
     };
     let mut ctx = DeviceContext {
         vm,
+        interrupts: GsiRouter::new(vm.clone()),
+        pci: PciBus::new(),
         console,
         input_drained: &wakers.input_drained,
         serial_irq: Some(serial_irq),

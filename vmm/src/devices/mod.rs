@@ -21,6 +21,7 @@
 pub mod console;
 pub mod debug_exit;
 pub mod i8042;
+pub mod interrupts;
 pub mod pci;
 pub mod rtc;
 pub mod serial;
@@ -144,8 +145,18 @@ pub fn decode_state<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, DeviceError>
 /// Where a device sits on the bus; part of the machine description.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Place {
-    Port { base: u16, len: u16 },
-    Mmio { base: u64, len: u64 },
+    Port {
+        base: u16,
+        len: u16,
+    },
+    Mmio {
+        base: u64,
+        len: u64,
+    },
+    /// Function 0 of a slot on PCI bus 0.
+    Pci {
+        slot: u8,
+    },
 }
 
 impl std::fmt::Display for Place {
@@ -153,6 +164,7 @@ impl std::fmt::Display for Place {
         match self {
             Place::Port { base, len } => write!(f, "ports {base:#x}+{len}"),
             Place::Mmio { base, len } => write!(f, "MMIO {base:#x}+{len:#x}"),
+            Place::Pci { slot } => write!(f, "PCI 00:{slot:02x}.0"),
         }
     }
 }
@@ -194,6 +206,11 @@ pub struct DeviceContext<'a> {
     /// (interrupts) with KVM. No device in the list registers any yet (virtio will).
     #[allow(dead_code)]
     pub vm: &'a VmFd,
+    /// The VM's GSI routing table, for MSI vectors.
+    #[allow(dead_code)]
+    pub interrupts: Arc<interrupts::GsiRouter>,
+    /// PCI bus 0, which PCI functions join and the configuration ports and MMIO window use.
+    pub pci: Arc<pci::PciBus>,
     pub console: &'a ConsoleOutput,
     /// Written by the UART when the guest drained its receive FIFO.
     pub input_drained: &'a Arc<EventFd>,
@@ -268,6 +285,24 @@ impl DeviceSpec {
             plug: Box::new(move |ctx, saved, bus| {
                 let dev = Arc::new(Mutex::new(build::<T>(ctx, saved)?));
                 bus.insert_mmio(base, len, dev.clone())?;
+                Ok(dev)
+            }),
+        }
+    }
+
+    /// A function at `slot` of PCI bus 0.
+    pub fn pci<T>(id: &str, slot: u8) -> Self
+    where
+        T: Persist + pci::PciFunction + Send + 'static,
+    {
+        DeviceSpec {
+            id: id.to_string(),
+            place: Place::Pci { slot },
+            plug: Box::new(move |ctx, saved, _bus| {
+                let dev = Arc::new(Mutex::new(build::<T>(ctx, saved)?));
+                ctx.pci
+                    .attach(slot, dev.clone())
+                    .map_err(|e| DeviceError::Setup(e.to_string()))?;
                 Ok(dev)
             }),
         }
@@ -731,9 +766,11 @@ mod tests {
             .unwrap()
             .output();
         let drained = Arc::new(EventFd::new(0).unwrap());
-        let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
+        let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
         let mut ctx = DeviceContext {
             vm: &vm,
+            interrupts: interrupts::GsiRouter::new(vm.clone()),
+            pci: pci::PciBus::new(),
             console: &console,
             input_drained: &drained,
             serial_irq: None,
