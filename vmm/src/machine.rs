@@ -338,7 +338,8 @@ impl Machine {
         Ok(self.devices.host_fds()?)
     }
 
-    /// Stops every vCPU (all are asked at once, then all answers collected).
+    /// Stops every vCPU (all are asked at once, then all answers collected), then the devices'
+    /// own activity.
     pub fn pause(&mut self) -> Result<(), MachineError> {
         if self.paused {
             return Ok(());
@@ -358,14 +359,17 @@ impl Machine {
                 Err(_) => return Err(MachineError::VcpuGone { index: 0 }),
             }
         }
+        self.devices.pause();
         self.paused = true;
         Ok(())
     }
 
+    /// Starts the devices, then every vCPU.
     pub fn resume(&mut self) {
         if !self.paused {
             return;
         }
+        self.devices.resume();
         for v in &self.vcpus {
             v.send(VcpuCommand::Resume);
         }
@@ -390,6 +394,8 @@ impl Machine {
                 .map_err(MachineError::Vcpu)?;
             vcpus.push(s);
         }
+        // Requests in flight complete before the devices' state is taken.
+        self.devices.pause();
         let vm = state::save_vm(&self.vm)?;
         let devices = self.devices.save()?;
         Ok(MachineState {

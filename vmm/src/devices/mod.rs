@@ -89,6 +89,15 @@ pub trait Persist: Sized {
     fn host_fds(&self) -> Vec<HostFd> {
         Vec::new()
     }
+
+    /// Stops the device's own activity (an I/O thread) once every vCPU is stopped, so that its
+    /// state stays still while it is saved: requests in flight complete first. Devices driven
+    /// only by vCPU exits need nothing here.
+    fn pause(&mut self) {}
+
+    /// Starts it again (also after a restore, where it must look at its queues once: the guest
+    /// may have queued work while it was stopped).
+    fn resume(&mut self) {}
 }
 
 /// A host fd a device owns (disk image, tap, socket), as declared for a migration.
@@ -103,6 +112,8 @@ pub trait Device: Send {
     /// The saved state, encoded.
     fn save_state(&self) -> Result<Vec<u8>, DeviceError>;
     fn host_fds(&self) -> Vec<HostFd>;
+    fn pause(&mut self);
+    fn resume(&mut self);
     /// For the few places that need the concrete device (feeding console input to the UART).
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -114,6 +125,14 @@ impl<T: Persist + Send + 'static> Device for T {
 
     fn host_fds(&self) -> Vec<HostFd> {
         Persist::host_fds(self)
+    }
+
+    fn pause(&mut self) {
+        Persist::pause(self)
+    }
+
+    fn resume(&mut self) {
+        Persist::resume(self)
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -413,6 +432,20 @@ impl DeviceSet {
                 })
             })
             .collect()
+    }
+
+    /// Quiesces every device (after the vCPUs stopped), in list order.
+    pub fn pause(&self) {
+        for (_, d) in &self.devices {
+            lock(d).pause();
+        }
+    }
+
+    /// Starts every device again (before the vCPUs run).
+    pub fn resume(&self) {
+        for (_, d) in &self.devices {
+            lock(d).resume();
+        }
     }
 
     /// Every host fd the devices own (names are unique across the machine).
