@@ -1474,16 +1474,14 @@ fn the_new_side_exits_when_the_old_side_sends_a_bad_state_or_vanishes() {
 // ---------------------------------------------------------------------------
 // peers of another UID
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// A process of another UID connecting to the CPR channel is turned away with an ERROR; the
 /// new VMM goes on waiting (no monitor yet) and then takes the real old VMM's guest.
 #[test]
 fn a_peer_with_another_uid_is_refused_and_the_new_side_keeps_waiting() {
-    if !is_root() {
-        eprintln!("skipped: switching to another UID needs root");
+    if !require_root(
+        "a_peer_with_another_uid_is_refused_and_the_new_side_keeps_waiting",
+        "switching to another UID",
+    ) {
         return;
     }
     let dir = TempDir::new("xuid").unwrap();
@@ -1529,8 +1527,10 @@ fn a_peer_with_another_uid_is_refused_and_the_new_side_keeps_waiting() {
 /// The old VMM does not hand its RAM to a new side listening as another UID.
 #[test]
 fn the_old_side_refuses_a_new_side_of_another_uid() {
-    if !is_root() {
-        eprintln!("skipped: switching to another UID needs root");
+    if !require_root(
+        "the_old_side_refuses_a_new_side_of_another_uid",
+        "switching to another UID",
+    ) {
         return;
     }
     let dir = TempDir::new("xuid2").unwrap();

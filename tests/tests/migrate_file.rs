@@ -897,7 +897,9 @@ struct SmallTmpfs {
 }
 
 impl SmallTmpfs {
+    /// `None` when it cannot be mounted: a failure under CI, a recorded skip elsewhere.
     fn mount(path: PathBuf, size: &str) -> Option<Self> {
+        const TEST: &str = "a_save_that_runs_out_of_space_fails_and_the_guest_keeps_running";
         std::fs::create_dir_all(&path).unwrap();
         let output = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -906,15 +908,18 @@ impl SmallTmpfs {
         match output {
             Ok(o) if o.status.success() => Some(SmallTmpfs { path }),
             Ok(o) => {
-                println!(
-                    "SKIPPED: cannot mount a tmpfs at {}: {}",
-                    path.display(),
-                    String::from_utf8_lossy(&o.stderr).trim()
+                prerequisite_missing(
+                    TEST,
+                    &format!(
+                        "cannot mount a tmpfs at {}: {}",
+                        path.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
                 );
                 None
             }
             Err(e) => {
-                println!("SKIPPED: cannot run mount: {e}");
+                prerequisite_missing(TEST, &format!("cannot run mount: {e}"));
                 None
             }
         }
