@@ -307,6 +307,21 @@ fn assert_failed(update: &Update, causes: &[&str], rolled_back: bool) {
     assert!(update.stop.is_some() && update.resume.is_some());
 }
 
+/// What `pid` holds once the teardown helper of the last update was reaped and its KVM VM
+/// released: no child, one KVM VM (waits for that, failing with `when` if it never comes).
+fn settled_holdings(pid: u32, when: &str) -> Holdings {
+    let mut last = None;
+    let settled = wait_until(LONG, || {
+        last = holdings(pid).ok();
+        last.is_some_and(|h| h.children == 0 && h.kvm_vms == 1)
+    });
+    assert!(
+        settled,
+        "{when}: the VMM still holds {last:?} (want no child and one KVM VM)"
+    );
+    last.unwrap()
+}
+
 fn shim_log_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -615,6 +630,9 @@ fn fifty_updates_alternating_between_two_builds() {
     let mut blackouts = Vec::new();
     let mut gaps = Vec::new();
     let mut versions: Vec<String> = Vec::new();
+    // What the process holds once the previous version's teardown helper is done: recorded
+    // after the first update, and the same after the last one.
+    let mut after_first: Option<Holdings> = None;
     let started = Instant::now();
     for i in 0..UPDATES {
         let (target, is_alt) = if i % 2 == 0 {
@@ -642,7 +660,23 @@ fn fifty_updates_alternating_between_two_builds() {
         gaps.push(update.event_gap_s().unwrap() * 1e3);
         // Each version runs the guest before the next update.
         vm.wait_ticks_advance(CPUS, 1);
+        if i == 0 {
+            let settled = settled_holdings(pid, "after the first update");
+            eprintln!("after the first update the VMM holds {settled:?}");
+            after_first = Some(settled);
+        }
     }
+    let after_first = after_first.unwrap();
+    let mut last = None;
+    let same = wait_until(LONG, || {
+        last = holdings(pid).ok();
+        last == Some(after_first)
+    });
+    assert!(
+        same,
+        "after {UPDATES} updates the VMM holds {last:?}, after the first {after_first:?}: \
+         the teardown helpers or KVM VMs were not released"
+    );
     let elapsed = started.elapsed();
     vm.wait_ticks_advance(CPUS, 5);
     vm.assert_heartbeat_continuous(CPUS);
