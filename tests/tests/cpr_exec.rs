@@ -34,6 +34,7 @@ use cpr_tests::cpr::{
 };
 use cpr_tests::heartbeat::parse_heartbeats;
 use cpr_tests::hugepages::{HugePageReservation, mapping_page_size_kib, mapping_rss_kib};
+use cpr_tests::memcheck::stop_and_check_sampled;
 use cpr_tests::*;
 use serde_json::{Value, json};
 
@@ -458,6 +459,36 @@ fn memcheck_memory_is_consistent_after_an_update() {
         .unwrap();
     assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
     vm.assert_memcheck_consistent(RAM, "after the update");
+    vm.quit();
+}
+
+/// RAM above 4 GiB: a 5 GiB memcheck guest sweeping one page every 16 MiB of all RAM (both
+/// regions) is consistent after a live update, read from the RAM memfds of the process.
+#[test]
+fn memcheck_sampled_across_5_gib_is_consistent_after_an_update() {
+    const RAM: u64 = 5 << 30;
+    let mut vm = Vm::start(
+        "mem5g",
+        &["-m", "5G", "-smp", "1", "--guest", "memcheck,sweep=sampled"],
+    );
+    let sweeps = |vm: &Vm| vm.process.stdout_text().matches('B').count();
+    vm.process
+        .wait_for_output(
+            |text| text.starts_with('A') && text.matches('B').count() >= 3,
+            LONG,
+        )
+        .unwrap();
+    assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
+    let done = sweeps(&vm);
+    vm.process
+        .wait_for_output(|text| text.matches('B').count() >= done + 2, LONG)
+        .unwrap();
+    let pid = vm.pid();
+    if let Err(e) = stop_and_check_sampled(&mut vm.qmp, pid, RAM) {
+        panic!("after the update: {e}");
+    }
+    vm.qmp.execute("cont", Value::Null).unwrap();
+    assert_eq!(vm.process.stdout_text().matches('A').count(), 1);
     vm.quit();
 }
 

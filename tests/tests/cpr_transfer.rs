@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use cpr_common::cpr::{FdKind, PreservedFd};
 use cpr_common::transfer::Kind;
-use cpr_tests::memcheck::PAGE_SIZE;
+use cpr_tests::memcheck::{PAGE_SIZE, stop_and_check_sampled};
 use cpr_tests::transfer::*;
 use cpr_tests::*;
 use serde_json::{Value, json};
@@ -511,6 +511,32 @@ fn memcheck_memory_is_consistent_on_the_new_side() {
         "memcheck restarted on the new VMM"
     );
     // And it goes on.
+    cont_if_paused(&mut new);
+    new.wait_sweeps(1);
+}
+
+/// RAM above 4 GiB: a 5 GiB memcheck guest sweeping one page every 16 MiB of all RAM (both
+/// regions) is consistent on the new side, read from the new VMM's RAM memfds.
+#[test]
+fn memcheck_sampled_across_5_gib_is_consistent_on_the_new_side() {
+    const RAM: u64 = 5 << 30;
+    let dir = TempDir::new("xmc5g").unwrap();
+    let args = strings(&["-m", "5G", "-smp", "1", "--guest", "memcheck,sweep=sampled"]);
+    let mut old = Vm::boot(&dir, "old", &args);
+    old.wait_sweeps(3);
+    let t = transfer(&dir, &mut old, "n1", Incoming::Unix, CprSpelling::KeyValue);
+    let old_out = old.quit();
+    assert!(old_out.starts_with('A'), "{old_out}");
+    let mut new = t.new;
+    new.wait_sweeps(2);
+    let pid = new.vmm.pid();
+    if let Err(e) = stop_and_check_sampled(&mut new.qmp, pid, RAM) {
+        panic!("on the new side: {e}");
+    }
+    assert!(
+        !new.vmm.stdout_text().contains('A'),
+        "memcheck restarted on the new VMM"
+    );
     cont_if_paused(&mut new);
     new.wait_sweeps(1);
 }
