@@ -203,24 +203,15 @@ fn corrupt_channel() -> Result<(), String> {
 fn close_exe(path: &str) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let wanted = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
-    let entries = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("/proc/self/fd: {e}"))?;
-    let mut closed = Vec::new();
-    for entry in entries.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        // The directory's own fd is gone by the time it is looked at: nothing matches it.
-        let Ok(meta) = std::fs::metadata(entry.path()) else {
-            continue;
-        };
-        if meta.dev() == wanted.dev() && meta.ino() == wanted.ino() {
-            closed.push(fd);
-        }
-    }
+    let fds = cpr_tests::list_fds(std::process::id()).map_err(|e| format!("listing fds: {e}"))?;
+    let closed: Vec<RawFd> = fds
+        .iter()
+        .filter(|open| {
+            std::fs::metadata(format!("/proc/self/fd/{}", open.fd))
+                .is_ok_and(|m| m.dev() == wanted.dev() && m.ino() == wanted.ino())
+        })
+        .map(|open| open.fd)
+        .collect();
     if closed.is_empty() {
         return Err(format!("no fd is open on {path}"));
     }
