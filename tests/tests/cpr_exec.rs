@@ -1545,23 +1545,11 @@ fn a_rollback_that_fails_ends_the_process_with_the_documented_message() {
     let mut vm = Vm::heartbeat("rbfail", 1);
     vm.wait_ticks_advance(1, 3);
     let log = vm.dir.join("shim.log");
-    let exe = vm.exe();
-    let mut command = vec![
-        fault_bin().display().to_string(),
-        "--close-exe".into(),
-        exe.display().to_string(),
-        "--".into(),
-    ];
-    command.extend(vm.via_shim(&strings(&["--log", log.to_str().unwrap()]), &vmm_bin()));
-    set_cpr_exec_command(&mut vm.qmp, &command).unwrap();
-    vm.qmp
-        .execute(
-            "migrate",
-            json!({"uri": format!("file:{}", vm.state.display())}),
-        )
-        .unwrap();
-    let status = vm.process.wait_exit(LONG).unwrap();
-    let stderr = vm.process.stderr_text();
+    let command = without_a_way_back(
+        &vm,
+        vm.via_shim(&strings(&["--log", log.to_str().unwrap()]), &vmm_bin()),
+    );
+    let (status, stderr) = update_that_ends_the_process(&mut vm, &command);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("cpr-shim: live update refused:"),
@@ -1572,4 +1560,54 @@ fn a_rollback_that_fails_ends_the_process_with_the_documented_message() {
         "{stderr}"
     );
     assert_refusal_logged(&log, vm.pid(), "(fallback-exe) is not open");
+}
+
+/// The same last resort in the new VMM: it fails before resuming the guest (no shim), and its
+/// rollback cannot execute the previous binary. It ends with the documented message.
+#[test]
+fn a_failing_rollback_from_the_new_vmm_ends_the_process_with_the_documented_message() {
+    let mut vm = Vm::heartbeat("rbfail2", 1);
+    vm.wait_ticks_advance(1, 3);
+    let mut direct = vm.direct(&vmm_bin());
+    let at = direct.len() - 2;
+    direct.splice(at..at, strings(&["--cpr-test-fault", "exit-before-resume"]));
+    let command = without_a_way_back(&vm, direct);
+    let (status, stderr) = update_that_ends_the_process(&mut vm, &command);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("live update failed and the guest could not be recovered")
+            && stderr.contains("exit-before-resume")
+            && stderr.contains("rollback exec of"),
+        "{stderr}"
+    );
+}
+
+/// `cpr-fault --close-exe THIS_VMM -- COMMAND`: the previous VMM's binary fd is closed before
+/// COMMAND runs, so no rollback can execute it.
+fn without_a_way_back(vm: &Vm, command: Vec<String>) -> Vec<String> {
+    let mut wrapped = vec![
+        fault_bin().display().to_string(),
+        "--close-exe".into(),
+        vm.exe().display().to_string(),
+        "--".into(),
+    ];
+    wrapped.extend(command);
+    wrapped
+}
+
+/// Starts an update with `command` that must end the process; returns its exit status and
+/// stderr.
+fn update_that_ends_the_process(
+    vm: &mut Vm,
+    command: &[String],
+) -> (std::process::ExitStatus, String) {
+    set_cpr_exec_command(&mut vm.qmp, command).unwrap();
+    vm.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", vm.state.display())}),
+        )
+        .unwrap();
+    let status = vm.process.wait_exit(LONG).unwrap();
+    (status, vm.process.stderr_text())
 }
