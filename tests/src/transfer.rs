@@ -1005,8 +1005,10 @@ mod tests {
 
     #[test]
     fn peers_of_another_uid_are_seen_as_such() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to switch UIDs");
+        if !crate::prereq::require_root(
+            "transfer::peers_of_another_uid_are_seen_as_such",
+            "switching to another UID",
+        ) {
             return;
         }
         let dir = TempDir::new("xfu").unwrap();

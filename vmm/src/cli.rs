@@ -99,7 +99,8 @@ pub struct Args {
     #[arg(long = "smp", value_name = "N", default_value = "1")]
     pub smp: String,
 
-    /// Built-in guest: heartbeat or memcheck, with options NAME[,hz=N][,exit-after=N][,exit-code=N].
+    /// Built-in guest: heartbeat or memcheck, with options NAME[,hz=N][,exit-after=N][,exit-code=N]
+    /// (memcheck also [,sweep=dense|sampled]: sampled touches one page every 16 MiB of all RAM).
     #[arg(long, value_name = "NAME[,OPTS]")]
     pub guest: Option<String>,
 
@@ -185,7 +186,10 @@ pub enum CliError {
     SmpRange { got: u32, max: u32 },
     #[error("unknown guest '{0}': built-in guests are heartbeat and memcheck")]
     UnknownGuest(String),
-    #[error("invalid guest option '{0}': heartbeat/memcheck take hz=N, exit-after=N, exit-code=N")]
+    #[error(
+        "invalid guest option '{0}': heartbeat/memcheck take hz=N, exit-after=N, exit-code=N; \
+         memcheck also sweep=dense|sampled"
+    )]
     GuestOption(String),
     #[error("invalid -serial '{0}': use stdio, file:PATH, unix:PATH,server[,wait=off] or null")]
     Serial(String),
@@ -493,6 +497,17 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
             }
             "exit-after" => g.exit_after_ticks = v.parse().map_err(|_| bad())?,
             "exit-code" => g.exit_code = v.parse().map_err(|_| bad())?,
+            "sweep" => {
+                g.guest = match (g.guest, v) {
+                    (BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled, "dense") => {
+                        BuiltinGuest::Memcheck
+                    }
+                    (BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled, "sampled") => {
+                        BuiltinGuest::MemcheckSampled
+                    }
+                    _ => return Err(bad()),
+                }
+            }
             _ => return Err(bad()),
         }
     }
@@ -796,6 +811,16 @@ mod tests {
         let g = parse_guest("heartbeat,hz=50,exit-after=3,exit-code=7").unwrap();
         assert_eq!((g.tick_hz, g.exit_after_ticks, g.exit_code), (50, 3, 7));
         assert!(parse_guest("heartbeat,hz=0").is_err());
+        assert_eq!(
+            parse_guest("memcheck,sweep=sampled").unwrap().guest,
+            BuiltinGuest::MemcheckSampled
+        );
+        assert_eq!(
+            parse_guest("memcheck,sweep=dense").unwrap().guest,
+            BuiltinGuest::Memcheck
+        );
+        assert!(parse_guest("heartbeat,sweep=sampled").is_err());
+        assert!(parse_guest("memcheck,sweep=all").is_err());
         assert!(parse_guest("heartbeat,volume=11").is_err());
     }
 

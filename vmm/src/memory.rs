@@ -352,9 +352,26 @@ mod tests {
         assert_eq!(again.memory().num_regions(), 1);
     }
 
+    /// Pages of `[host, host + len)` that are resident (mincore), for a shared memfd mapping:
+    /// the pages the memfd holds.
+    fn resident_pages(host: *mut u8, len: usize) -> usize {
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: [host, host + len) is a live mapping of this process, and `pages` has one
+        // byte for each of its pages, as mincore writes.
+        let rc = unsafe { libc::mincore(host.cast(), len, pages.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        pages.iter().filter(|p| **p & 1 != 0).count()
+    }
+
     #[test]
     fn prealloc_populates() {
         let ram = GuestRam::create(16 << 20, false, true).unwrap();
         assert_eq!(ram.total_size(), 16 << 20);
+        let (host, len) = ram.host_range(0).unwrap();
+        assert_eq!(resident_pages(host, len), len / 4096, "prealloc=on");
+        // Without it, a fresh memfd holds no page: the check above can fail.
+        let lazy = GuestRam::create(16 << 20, false, false).unwrap();
+        let (host, len) = lazy.host_range(0).unwrap();
+        assert_eq!(resident_pages(host, len), 0, "prealloc=off");
     }
 }
