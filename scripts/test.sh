@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# Style and lints first: CI enforces them (the lint set is in the root Cargo.toml).
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --bins
 
 target=${CARGO_TARGET_DIR:-${CARGO_BUILD_TARGET_DIR:-target}}
