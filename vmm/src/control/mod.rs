@@ -308,14 +308,7 @@ impl Vmm {
                     self.config.hugepages,
                     self.config.prealloc,
                 )?;
-                let (machine, rx) = Machine::build(
-                    ram,
-                    self.config.vcpus,
-                    self.config.guest.clone(),
-                    self.console.output(),
-                    Source::Boot,
-                    None,
-                )?;
+                let (machine, rx) = self.build_machine(ram, Source::Boot, None)?;
                 self.install_machine(machine, rx)
                     .map_err(StartError::Setup)?;
                 self.set_running();
@@ -336,6 +329,23 @@ impl Vmm {
             }
         }
         Ok(())
+    }
+
+    /// Builds this command line's machine over `ram`, from `source`; vCPUs start paused.
+    pub(crate) fn build_machine(
+        &self,
+        ram: GuestRam,
+        source: Source<'_>,
+        phases: Option<&mut cpr_common::timing::PhaseLog>,
+    ) -> Result<(Machine, Receiver<VcpuEvent>), MachineError> {
+        Machine::build(
+            ram,
+            self.config.vcpus,
+            self.config.guest.clone(),
+            self.console.output(),
+            source,
+            phases,
+        )
     }
 
     /// The machine this command line describes (checked against a saved one).

@@ -75,11 +75,8 @@ impl Vmm {
         let file = StateFile::open(path)?;
         file.check_machine(&self.described_machine())?;
         let ram = load_ram(&file, self.config.hugepages, self.config.prealloc)?;
-        let (machine, rx) = Machine::build(
+        let (machine, rx) = self.build_machine(
             ram,
-            self.config.vcpus,
-            self.config.guest.clone(),
-            self.console.output(),
             // A new process on the same host: devices open their backends from the command line.
             Source::Restore {
                 state: &file.state,
