@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::format::write_state_file;
 use super::state::MachineState;
 use crate::control::{IncomingError, Vmm};
-use crate::machine::{Machine, MachineError, Source};
+use crate::machine::{MachineError, Source};
 use crate::memory::RamView;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::MigrationError;
