@@ -100,17 +100,18 @@ pub enum Source<'a> {
 /// the bus. A new device is one more line here (and its own file under `devices/`).
 fn device_specs() -> Vec<DeviceSpec> {
     vec![
-        DeviceSpec::port::<SerialDevice>("serial", COM1_PORT, COM1_PORT_COUNT),
-        DeviceSpec::port::<I8042>("i8042", I8042_BASE_PORT, I8042_PORT_COUNT),
-        DeviceSpec::port::<Rtc>("rtc", RTC_BASE_PORT, RTC_PORT_COUNT),
+        DeviceSpec::port::<SerialDevice>("serial", COM1_PORT, COM1_PORT_COUNT, ()),
+        DeviceSpec::port::<I8042>("i8042", I8042_BASE_PORT, I8042_PORT_COUNT, ()),
+        DeviceSpec::port::<Rtc>("rtc", RTC_BASE_PORT, RTC_PORT_COUNT, ()),
         DeviceSpec::port::<PciConfigPorts>(
             "pci-config",
             PCI_CONFIG_BASE_PORT,
             PCI_CONFIG_PORT_COUNT,
+            (),
         ),
-        DeviceSpec::port::<DebugExit>("debug-exit", DEBUG_EXIT_PORT, 1),
-        DeviceSpec::mmio::<PciMmioWindow>("pci-mmio", PCI_MMIO_BASE, PCI_MMIO_SIZE),
-        DeviceSpec::pci::<HostBridge>("pci-host", 0),
+        DeviceSpec::port::<DebugExit>("debug-exit", DEBUG_EXIT_PORT, 1, ()),
+        DeviceSpec::mmio::<PciMmioWindow>("pci-mmio", PCI_MMIO_BASE, PCI_MMIO_SIZE, ()),
+        DeviceSpec::pci::<HostBridge>("pci-host", 0, ()),
     ]
 }
 

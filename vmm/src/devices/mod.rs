@@ -74,14 +74,23 @@ pub trait Persist: Sized {
     /// new format version (or by adding `#[serde(default)]` fields at the end).
     type State: Serialize + DeserializeOwned;
 
+    /// What it is built from besides the machine: its part of the command line (a disk's
+    /// file, a network backend), `()` for the PC's fixed devices. Not saved: the new VMM's
+    /// command line gives it again.
+    type Config: Send + 'static;
+
     /// The device as at power-on.
-    fn power_on(ctx: &mut DeviceContext<'_>) -> Result<Self, DeviceError>;
+    fn power_on(ctx: &mut DeviceContext<'_>, config: &Self::Config) -> Result<Self, DeviceError>;
 
     fn save(&self) -> Self::State;
 
     /// The device as it was saved. Called with the same context as [`Persist::power_on`];
     /// host fds are taken from it by name, never re-opened by path.
-    fn restore(ctx: &mut DeviceContext<'_>, state: &Self::State) -> Result<Self, DeviceError>;
+    fn restore(
+        ctx: &mut DeviceContext<'_>,
+        config: &Self::Config,
+        state: &Self::State,
+    ) -> Result<Self, DeviceError>;
 
     /// The host fds this device owns, each with a name unique in the machine. Every migration
     /// mode carries them to the next VMM, which hands them back through
@@ -266,16 +275,20 @@ pub struct DeviceSpec {
     plug: PlugFn,
 }
 
-fn build<T: Persist>(ctx: &mut DeviceContext<'_>, saved: Option<&[u8]>) -> Result<T, DeviceError> {
+fn build<T: Persist>(
+    ctx: &mut DeviceContext<'_>,
+    config: &T::Config,
+    saved: Option<&[u8]>,
+) -> Result<T, DeviceError> {
     match saved {
-        Some(bytes) => T::restore(ctx, &decode_state(bytes)?),
-        None => T::power_on(ctx),
+        Some(bytes) => T::restore(ctx, config, &decode_state(bytes)?),
+        None => T::power_on(ctx, config),
     }
 }
 
 impl DeviceSpec {
     /// A device on the port-I/O bus.
-    pub fn port<T>(id: &str, base: u16, len: u16) -> Self
+    pub fn port<T>(id: &str, base: u16, len: u16, config: T::Config) -> Self
     where
         T: Persist + PioDevice + Send + 'static,
     {
@@ -283,7 +296,7 @@ impl DeviceSpec {
             id: id.to_string(),
             place: Place::Port { base, len },
             plug: Box::new(move |ctx, saved, bus| {
-                let dev = Arc::new(Mutex::new(build::<T>(ctx, saved)?));
+                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
                 bus.insert_pio(base, len, dev.clone())?;
                 Ok(dev)
             }),
@@ -294,7 +307,7 @@ impl DeviceSpec {
     // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
     // tests below until the first device with a backend fd or an MMIO region is in the list.
     #[cfg_attr(not(test), allow(dead_code))]
-    pub fn mmio<T>(id: &str, base: u64, len: u64) -> Self
+    pub fn mmio<T>(id: &str, base: u64, len: u64, config: T::Config) -> Self
     where
         T: Persist + MmioDevice + Send + 'static,
     {
@@ -302,7 +315,7 @@ impl DeviceSpec {
             id: id.to_string(),
             place: Place::Mmio { base, len },
             plug: Box::new(move |ctx, saved, bus| {
-                let dev = Arc::new(Mutex::new(build::<T>(ctx, saved)?));
+                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
                 bus.insert_mmio(base, len, dev.clone())?;
                 Ok(dev)
             }),
@@ -310,7 +323,7 @@ impl DeviceSpec {
     }
 
     /// A function at `slot` of PCI bus 0.
-    pub fn pci<T>(id: &str, slot: u8) -> Self
+    pub fn pci<T>(id: &str, slot: u8, config: T::Config) -> Self
     where
         T: Persist + pci::PciFunction + Send + 'static,
     {
@@ -318,7 +331,7 @@ impl DeviceSpec {
             id: id.to_string(),
             place: Place::Pci { slot },
             plug: Box::new(move |ctx, saved, _bus| {
-                let dev = Arc::new(Mutex::new(build::<T>(ctx, saved)?));
+                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
                 ctx.pci
                     .attach(slot, dev.clone())
                     .map_err(|e| DeviceError::Setup(e.to_string()))?;
@@ -719,7 +732,8 @@ mod tests {
 
     impl Persist for Backed {
         type State = BackedState;
-        fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        type Config = ();
+        fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
             let file = tempfile().map_err(|e| DeviceError::Setup(e.to_string()))?;
             Ok(Backed { file, writes: 0 })
         }
@@ -728,7 +742,11 @@ mod tests {
                 writes: self.writes,
             }
         }
-        fn restore(ctx: &mut DeviceContext<'_>, s: &BackedState) -> Result<Self, DeviceError> {
+        fn restore(
+            ctx: &mut DeviceContext<'_>,
+            _: &(),
+            s: &BackedState,
+        ) -> Result<Self, DeviceError> {
             let fd = ctx
                 .take_host_fd("backed:disk")
                 .ok_or_else(|| DeviceError::MissingHostFd("backed:disk".into()))?;
@@ -760,13 +778,14 @@ mod tests {
 
     impl Persist for Echo {
         type State = u8;
-        fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        type Config = ();
+        fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
             Ok(Echo(7))
         }
         fn save(&self) -> u8 {
             self.0
         }
-        fn restore(_: &mut DeviceContext<'_>, s: &u8) -> Result<Self, DeviceError> {
+        fn restore(_: &mut DeviceContext<'_>, _: &(), s: &u8) -> Result<Self, DeviceError> {
             Ok(Echo(*s))
         }
     }
@@ -789,8 +808,8 @@ mod tests {
 
     fn specs() -> Vec<DeviceSpec> {
         vec![
-            DeviceSpec::port::<Echo>("echo", 0x100, 4),
-            DeviceSpec::mmio::<Backed>("backed", 0xd000_0000, 0x1000),
+            DeviceSpec::port::<Echo>("echo", 0x100, 4, ()),
+            DeviceSpec::mmio::<Backed>("backed", 0xd000_0000, 0x1000, ()),
         ]
     }
 
@@ -906,16 +925,16 @@ mod tests {
         );
         // Two devices on overlapping ports, or with one id.
         let clash = vec![
-            DeviceSpec::port::<Echo>("a", 0x100, 4),
-            DeviceSpec::port::<Echo>("b", 0x102, 4),
+            DeviceSpec::port::<Echo>("a", 0x100, 4, ()),
+            DeviceSpec::port::<Echo>("b", 0x102, 4, ()),
         ];
         let e = with_ctx(HandedOverFds::default(), |ctx| {
             DeviceSet::build(clash, ctx, None).err().unwrap()
         });
         assert!(e.to_string().contains("overlaps"), "{e}");
         let twice = vec![
-            DeviceSpec::port::<Echo>("a", 0x100, 4),
-            DeviceSpec::port::<Echo>("a", 0x200, 4),
+            DeviceSpec::port::<Echo>("a", 0x100, 4, ()),
+            DeviceSpec::port::<Echo>("a", 0x200, 4, ()),
         ];
         let e = with_ctx(HandedOverFds::default(), |ctx| {
             DeviceSet::build(twice, ctx, None).err().unwrap()

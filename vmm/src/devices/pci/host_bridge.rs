@@ -23,8 +23,9 @@ pub struct HostBridge {
 
 impl Persist for HostBridge {
     type State = ConfigSpaceState;
+    type Config = ();
 
-    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+    fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
         Ok(HostBridge {
             config: ConfigSpace::new(HOST_BRIDGE_ID),
         })
@@ -34,8 +35,12 @@ impl Persist for HostBridge {
         self.config.save()
     }
 
-    fn restore(ctx: &mut DeviceContext<'_>, state: &ConfigSpaceState) -> Result<Self, DeviceError> {
-        let mut bridge = Self::power_on(ctx)?;
+    fn restore(
+        ctx: &mut DeviceContext<'_>,
+        _: &(),
+        state: &ConfigSpaceState,
+    ) -> Result<Self, DeviceError> {
+        let mut bridge = Self::power_on(ctx, &())?;
         bridge
             .config
             .restore_values(state)

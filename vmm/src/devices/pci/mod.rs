@@ -168,8 +168,9 @@ pub struct PciMmioWindow {
 
 impl Persist for PciMmioWindow {
     type State = ();
+    type Config = ();
 
-    fn power_on(ctx: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+    fn power_on(ctx: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
         Ok(PciMmioWindow {
             bus: ctx.pci.clone(),
         })
@@ -177,8 +178,8 @@ impl Persist for PciMmioWindow {
 
     fn save(&self) {}
 
-    fn restore(ctx: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
-        Self::power_on(ctx)
+    fn restore(ctx: &mut DeviceContext<'_>, _: &(), _: &()) -> Result<Self, DeviceError> {
+        Self::power_on(ctx, &())
     }
 }
 
@@ -244,8 +245,9 @@ impl PciConfigPorts {
 
 impl Persist for PciConfigPorts {
     type State = PciConfigSnapshot;
+    type Config = ();
 
-    fn power_on(ctx: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+    fn power_on(ctx: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
         Ok(PciConfigPorts {
             bus: ctx.pci.clone(),
             ..PciConfigPorts::default()
@@ -258,6 +260,7 @@ impl Persist for PciConfigPorts {
 
     fn restore(
         ctx: &mut DeviceContext<'_>,
+        _: &(),
         state: &PciConfigSnapshot,
     ) -> Result<Self, DeviceError> {
         Ok(PciConfigPorts {
