@@ -424,6 +424,7 @@ impl Machine {
             let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
             let devices = attach_devices(
                 &vm,
+                &self.ram,
                 serial_irq,
                 &self.console,
                 &self.wakers,
@@ -518,6 +519,7 @@ impl PreparedMachine {
         }
         let devices = attach_devices(
             &self.vm,
+            &self.ram,
             self.serial_irq,
             &self.console,
             &self.wakers,
@@ -655,6 +657,7 @@ fn create_vcpu_fds(vm: &VmFd, count: u32) -> Result<Vec<VcpuFd>, MachineError> {
 /// Builds the emulated devices, at power-on or from `source`'s saved state.
 fn attach_devices(
     vm: &Arc<VmFd>,
+    ram: &GuestRam,
     serial_irq: EventFd,
     console: &ConsoleOutput,
     wakers: &MachineWakers,
@@ -668,6 +671,7 @@ fn attach_devices(
     };
     let mut ctx = DeviceContext {
         vm,
+        memory: ram.memory().clone(),
         interrupts: GsiRouter::new(vm.clone()),
         pci: PciBus::new(),
         console,

@@ -25,6 +25,7 @@ pub mod interrupts;
 pub mod pci;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 use std::any::Any;
 use std::os::fd::{OwnedFd, RawFd};
@@ -34,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use console::ConsoleOutput;
@@ -231,11 +233,11 @@ impl HandedOverFds {
 /// What building a device may need from the machine.
 pub struct DeviceContext<'a> {
     /// The VM, to register the device's ioeventfds (queue notifications) and irqfds
-    /// (interrupts) with KVM. No device in the list registers any yet (virtio will).
-    #[allow(dead_code)]
-    pub vm: &'a VmFd,
+    /// (interrupts) with KVM.
+    pub vm: &'a Arc<VmFd>,
+    /// Guest RAM, for devices that read and write it (virtqueues).
+    pub memory: Arc<GuestMemoryMmap>,
     /// The VM's GSI routing table, for MSI vectors.
-    #[allow(dead_code)]
     pub interrupts: Arc<interrupts::GsiRouter>,
     /// PCI bus 0, which PCI functions join and the configuration ports and MMIO window use.
     pub pci: Arc<pci::PciBus>,
@@ -821,6 +823,9 @@ mod tests {
         let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
         let mut ctx = DeviceContext {
             vm: &vm,
+            memory: Arc::new(
+                GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap(),
+            ),
             interrupts: interrupts::GsiRouter::new(vm.clone()),
             pci: pci::PciBus::new(),
             console: &console,
