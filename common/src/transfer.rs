@@ -35,7 +35,7 @@ use std::os::unix::net::UnixStream;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cpr::PreservedFd;
+use crate::fds::PreservedFd;
 
 pub const MAGIC: [u8; 4] = *b"CPRX";
 pub const VERSION: u16 = 1;
@@ -87,6 +87,8 @@ pub enum TransferError {
     Malformed(String),
     #[error("the peer (uid {peer}) is not allowed: only uid {ours} or root may take part")]
     PeerNotAllowed { peer: u32, ours: u32 },
+    #[error("cannot encode the HELLO message: {0}")]
+    EncodeHello(#[source] bincode::error::EncodeError),
     #[error("the peer reported an error: {0}")]
     Remote(String),
     #[error("expected {expected:?}, got {got:?}")]
@@ -303,7 +305,7 @@ pub fn check_peer(stream: &UnixStream) -> Result<(), TransferError> {
 }
 
 pub fn encode_hello(hello: &Hello) -> Result<Vec<u8>, TransferError> {
-    crate::container::encode_payload(hello).map_err(TransferError::Malformed)
+    crate::container::encode_payload(hello).map_err(TransferError::EncodeHello)
 }
 
 pub fn decode_hello(payload: &[u8]) -> Result<Hello, TransferError> {
