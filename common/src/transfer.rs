@@ -30,9 +30,10 @@
 //! kind or version, or fails its checksum is an error, never a crash.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use serde::{Deserialize, Serialize};
 
 use crate::fds::PreservedFd;
@@ -186,7 +187,9 @@ pub fn recv(stream: &UnixStream) -> Result<Frame, TransferError> {
         .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
         .collect();
     for fd in &fds {
-        let _ = crate::fds::set_cloexec(fd.as_raw_fd(), true);
+        // FD_CLOEXEC is the only fd flag, so setting the flags to it alone loses nothing. It
+        // cannot fail on an fd we own; if it did, the fd would only leak into a later exec.
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     }
     if got == 0 {
         return Err(TransferError::Closed {
@@ -322,6 +325,7 @@ pub fn decode_hello(payload: &[u8]) -> Result<Hello, TransferError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn frames_round_trip_with_fds() {
