@@ -8,8 +8,11 @@
 
 use std::fs::File;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
+use nix::errno::Errno;
+use nix::sys::mman::{MmapAdvise, madvise};
 use serde::{Deserialize, Serialize};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -289,16 +292,14 @@ fn create_memfd(region: &RegionLayout, hugepages: bool) -> Result<File, MemoryEr
 /// Populates page tables for `[host, host+len)` with MADV_POPULATE_WRITE (Linux 5.14+), falling
 /// back to touching one byte per page.
 fn populate(host: *mut u8, len: usize) -> std::io::Result<()> {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let addr = NonNull::new(host.cast()).ok_or(std::io::ErrorKind::InvalidInput)?;
     // MADV_POPULATE_WRITE only faults pages in; it does not change their content.
     // SAFETY: [host, host+len) is one of our own live guest-RAM mappings.
-    let rc = unsafe { libc::madvise(host.cast(), len, MADV_POPULATE_WRITE) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EINVAL) {
-        return Err(err);
+    match unsafe { madvise(addr, len, MmapAdvise::MADV_POPULATE_WRITE) } {
+        Ok(()) => return Ok(()),
+        // A kernel older than 5.14 does not know the advice: touch the pages instead.
+        Err(Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
     }
     let page = 4096;
     for offset in (0..len).step_by(page) {
