@@ -245,8 +245,10 @@ impl Qmp {
     }
 
     fn wait_event(&mut self, name: &str) -> Result<Value> {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-            return Ok(self.events.remove(i).expect("index in range"));
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name)
+            && let Some(event) = self.events.remove(i)
+        {
+            return Ok(event);
         }
         let deadline = Instant::now() + TIMEOUT;
         loop {
