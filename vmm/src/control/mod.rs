@@ -860,14 +860,12 @@ impl Vmm {
 /// Reaps every exited child: this process starts none itself, but after a live update it is the
 /// parent of the previous version's teardown helper.
 pub(crate) fn reap_children() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid with WNOHANG only collects exited children of this process.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return;
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(status) => log::debug!("reaped child: {status:?}"),
         }
-        log::debug!("reaped child {pid}");
     }
 }
 
