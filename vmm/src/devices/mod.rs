@@ -209,24 +209,38 @@ pub struct DeviceDescription {
 /// Host fds handed over by the previous VMM (cpr-exec, cpr-transfer), by name, for the devices
 /// that own them to take back at restore.
 #[derive(Debug, Default)]
-pub struct HandedOverFds(Vec<(String, OwnedFd)>);
+pub struct HandedOverFds {
+    fds: Vec<(String, OwnedFd)>,
+    /// The restore keeps host fds (a live update): a device whose fd is missing must fail,
+    /// never open its backend by path. False at power-on and for a restore from a file.
+    preserved: bool,
+}
 
 impl HandedOverFds {
+    /// The fds a live update carried (possibly none).
     pub fn new(fds: Vec<(String, OwnedFd)>) -> Self {
-        HandedOverFds(fds)
+        HandedOverFds {
+            fds,
+            preserved: true,
+        }
+    }
+
+    /// Whether backends come with the restore (see [`HandedOverFds::new`]).
+    pub fn preserved(&self) -> bool {
+        self.preserved
     }
 
     // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
     // tests below until the first device with a backend fd or an MMIO region is in the list.
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
-        let i = self.0.iter().position(|(n, _)| n == name)?;
-        Some(self.0.remove(i).1)
+        let i = self.fds.iter().position(|(n, _)| n == name)?;
+        Some(self.fds.remove(i).1)
     }
 
     /// Names nobody took (closed when this is dropped).
     pub fn names(&self) -> Vec<String> {
-        self.0.iter().map(|(n, _)| n.clone()).collect()
+        self.fds.iter().map(|(n, _)| n.clone()).collect()
     }
 }
 

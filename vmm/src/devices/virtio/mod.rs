@@ -13,6 +13,7 @@
 // puts it in the machine's device list.
 #![cfg_attr(not(test), allow(dead_code))]
 
+pub mod block;
 pub mod pci;
 
 use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
