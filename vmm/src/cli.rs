@@ -273,6 +273,8 @@ pub struct Config {
     /// cpr-transfer: where the old VMM hands over guest RAM.
     pub cpr_channel: Option<PathBuf>,
     pub cpr_test_fault: Option<CprTestFault>,
+    /// `-name`: reported by `query-name` and shown in every log line.
+    pub name: Option<String>,
     /// The argv this process was started with (for the rollback fallback).
     pub argv: Vec<String>,
 }
@@ -354,6 +356,7 @@ impl Config {
             incoming,
             cpr_channel,
             cpr_test_fault: args.cpr_test_fault,
+            name: args.name.clone(),
             argv,
         })
     }

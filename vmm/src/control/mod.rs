@@ -28,7 +28,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::cli::{Config, CprTestFault, IncomingSpec};
+use crate::cli::{Config, CprTestFault, IncomingSpec, SerialSpec};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
 use crate::machine::{Machine, MachineError, PreparedMachine, ResetError, Source};
@@ -41,10 +41,11 @@ use crate::migration::state::{GuestKind, MachineDescription};
 use crate::migration::{MigMode, MigrationRecord, MigrationStatus};
 use crate::qmp::protocol::hmp::{self, HmpAction};
 use crate::qmp::protocol::{
-    Command, CprPhase, CprUpdateInfo, CpuInfoFast, CpuInstanceProperties, EventKind, MigrateArgs,
-    MigrateIncomingArgs, MigrationAddress, MigrationInfo, MigrationParameters, MigrationStats,
-    PmemsaveArgs, QmpError, Response, RunState, ShutdownCause, StatusInfo, TARGET_X86_64,
-    VersionInfo, query_commands,
+    ChardevInfo, Command, CprPhase, CprUpdateInfo, CpuInfoFast, CpuInstanceProperties, EventKind,
+    HumanReadableText, KvmInfo, MigrateArgs, MigrateIncomingArgs, MigrationAddress, MigrationInfo,
+    MigrationParameters, MigrationStats, NameInfo, PmemsaveArgs, QmpError, Response, RunState,
+    ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands,
+    query_events, query_qmp_schema, registers,
 };
 use crate::qmp::server::{ClientId, Monitor};
 use crate::vcpu::{VcpuEvent, VcpuEventKind};
@@ -717,7 +718,56 @@ impl Vmm {
                 }
                 Ok(empty())
             }
+            Command::QueryName => to_value(&NameInfo {
+                name: self.config.name.clone(),
+            }),
+            Command::QueryKvm => to_value(&KvmInfo {
+                enabled: true,
+                present: true,
+            }),
+            Command::QueryEvents => to_value(&query_events()),
+            Command::QueryChardev => to_value(&chardevs(&self.config)),
+            Command::QueryMigrateCapabilities => to_value(&migrate_capabilities()),
+            Command::SystemPowerdown => Err(QmpError::generic(
+                "system_powerdown: this machine has no ACPI power button to press; stop the guest from inside it, or use 'quit' or 'system_reset'",
+            )),
+            Command::QueryQmpSchema => to_value(&query_qmp_schema()),
+            Command::QueryRegisters(args) => self.registers(args.cpu_index),
         }
+    }
+
+    /// `x-query-registers` (HMP `info registers`): each vCPU's registers, read while the vCPUs
+    /// are briefly paused.
+    fn registers(&mut self, cpu: Option<i64>) -> Result<Value, QmpError> {
+        if let Some(i) = cpu
+            && (i < 0 || i >= i64::from(self.config.vcpus))
+        {
+            return Err(QmpError::invalid_cpu_index());
+        }
+        self.refuse_if_handed_over()?;
+        let running = self.run_state == RunState::Running;
+        let Some(m) = &mut self.machine else {
+            return Err(QmpError::generic("There are no vCPUs yet"));
+        };
+        let saved = m.pause_and_save();
+        if running {
+            m.resume();
+        }
+        let state = saved.map_err(|e| QmpError::generic(e.to_string()))?;
+        let mut text = String::new();
+        for v in &state.vcpus {
+            if cpu.is_some_and(|c| c != i64::from(v.index)) {
+                continue;
+            }
+            if cpu.is_none() {
+                text.push_str(&format!("\nCPU#{}\n", v.index));
+            }
+            let halted = v.mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED;
+            text.push_str(&registers::dump(&v.regs, &v.sregs, halted));
+        }
+        to_value(&HumanReadableText {
+            human_readable_text: text,
+        })
     }
 
     fn stop(&mut self) -> Result<(), QmpError> {
@@ -866,6 +916,30 @@ fn qmp_version() -> VersionInfo {
         micro,
         format!(" (cpr-vmm {})", crate::version_string()),
     )
+}
+
+/// `query-chardev`: the monitor and the serial console, labelled as QEMU labels them.
+fn chardevs(config: &Config) -> Vec<ChardevInfo> {
+    let mut out = Vec::new();
+    if let Some(q) = &config.qmp {
+        out.push(ChardevInfo {
+            label: "compat_monitor0".into(),
+            filename: format!("unix:{},server=on", q.path.display()),
+            frontend_open: true,
+        });
+    }
+    let filename = match &config.serial {
+        SerialSpec::Stdio => "stdio".to_string(),
+        SerialSpec::File(_) => "file".to_string(),
+        SerialSpec::UnixServer(p) => format!("unix:{},server=on", p.display()),
+        SerialSpec::Null => "null".to_string(),
+    };
+    out.push(ChardevInfo {
+        label: "serial0".into(),
+        filename,
+        frontend_open: true,
+    });
+    out
 }
 
 fn empty() -> Value {

@@ -50,6 +50,12 @@ pub enum HmpRender {
     InfoMigrate { all: bool },
     /// `info migrate_parameters`
     InfoMigrateParameters,
+    /// `info name`
+    InfoName,
+    /// `info kvm`
+    InfoKvm,
+    /// `info registers`: the text of `x-query-registers`.
+    InfoRegisters,
     /// `migrate [-d]`: without `-d` QEMU would wait, which a QMP-driven HMP
     /// monitor cannot, so it says so and continues detached.
     Migrate { detach: bool },
@@ -79,6 +85,18 @@ impl HmpRender {
                 HmpRender::InfoMigrateParameters => {
                     typed(v, |p: MigrationParameters| info_migrate_parameters(&p))
                 }
+                HmpRender::InfoName => typed(v, |n: NameInfo| {
+                    n.name.map(|n| format!("{n}\n")).unwrap_or_default()
+                }),
+                HmpRender::InfoKvm => typed(v, |k: KvmInfo| {
+                    let state = match (k.present, k.enabled) {
+                        (true, true) => "enabled",
+                        (true, false) => "disabled",
+                        (false, _) => "not compiled",
+                    };
+                    format!("kvm support: {state}\n")
+                }),
+                HmpRender::InfoRegisters => typed(v, |t: HumanReadableText| t.human_readable_text),
                 HmpRender::Migrate { detach: true } => String::new(),
                 HmpRender::Migrate { detach: false } => {
                     "terminal does not allow synchronous migration, continuing detached\n".into()
@@ -345,6 +363,10 @@ enum Kind {
     InfoCpus,
     InfoMigrate,
     InfoMigrateParameters,
+    InfoName,
+    InfoKvm,
+    InfoRegisters,
+    Pmemsave,
 }
 
 /// An HMP command: QEMU's name (with `|` aliases), `args_type`, and the
@@ -420,6 +442,13 @@ static HMP_COMMANDS: &[HmpCmd] = &[
         "Set the parameter for migration",
         Kind::MigrateSetParameter,
     ),
+    cmd(
+        "pmemsave",
+        "val:l,size:i,filename:s",
+        "addr size file",
+        "save to disk physical memory dump starting at 'addr' of size 'size'",
+        Kind::Pmemsave,
+    ),
 ];
 
 static INFO_COMMANDS: &[HmpCmd] = &[
@@ -452,6 +481,15 @@ static INFO_COMMANDS: &[HmpCmd] = &[
         "show current migration parameters",
         Kind::InfoMigrateParameters,
     ),
+    cmd("name", "", "", "show the current VM name", Kind::InfoName),
+    cmd("kvm", "", "", "show KVM information", Kind::InfoKvm),
+    cmd(
+        "registers",
+        "cpustate_all:-a,vcpu:i?",
+        "[-a|vcpu]",
+        "show the cpu registers (-a: show register info for all cpus; vcpu: specific vCPU to query; show the current CPU's registers if omitted)",
+        Kind::InfoRegisters,
+    ),
 ];
 
 /// `hmp_compare_cmd`: `name` equals one of the `|`-separated alternatives.
@@ -479,6 +517,7 @@ fn skip_spaces(s: &[u8], mut p: usize) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Arg {
     Str(String),
+    Int(i64),
     Flag,
 }
 
@@ -529,6 +568,12 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
             _ => None,
         })
     };
+    let int = |k: &str| {
+        args.iter().find_map(|(n, a)| match a {
+            Arg::Int(v) if n == k => Some(*v),
+            _ => None,
+        })
+    };
     let run = |command: Command, render: HmpRender| HmpAction::Run { command, render };
 
     match cmd.kind {
@@ -555,6 +600,44 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
             Command::QueryMigrateParameters,
             HmpRender::InfoMigrateParameters,
         ),
+        Kind::InfoName => run(Command::QueryName, HmpRender::InfoName),
+        Kind::InfoKvm => run(Command::QueryKvm, HmpRender::InfoKvm),
+        Kind::InfoRegisters => {
+            // -a: every vCPU; a number: that one; neither: the monitor's current vCPU.
+            let cpu = if flag("cpustate_all") {
+                None
+            } else {
+                Some(int("vcpu").or(cpu_index).unwrap_or(0))
+            };
+            run(
+                Command::QueryRegisters(QueryRegistersArgs { cpu_index: cpu }),
+                HmpRender::InfoRegisters,
+            )
+        }
+        Kind::Pmemsave => {
+            let nonneg = |k: &str| u64::try_from(int(k).unwrap_or(0));
+            match (nonneg("val"), nonneg("size")) {
+                (Ok(val), Ok(size)) => run(
+                    Command::Pmemsave(PmemsaveArgs {
+                        val,
+                        size,
+                        filename: string("filename").unwrap_or_default(),
+                    }),
+                    HmpRender::ErrorsOnly,
+                ),
+                (Err(_), _) => {
+                    reply("Error: Parameter 'val' expects a non-negative value\n".into())
+                }
+                (_, Err(_)) => {
+                    reply("Error: Parameter 'size' expects a non-negative value\n".into())
+                }
+            }
+        }
+        // Postcopy does not exist here, so there is never a paused one to resume: refuse
+        // rather than start an ordinary migration (QEMU's text for the same refusal).
+        Kind::Migrate if flag("resume") => {
+            reply("Error: Cannot resume if there is no paused migration\n".into())
+        }
         Kind::Migrate => {
             let uri = string("uri").unwrap_or_default();
             match parse_migration_uri(&uri) {
@@ -639,6 +722,13 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
                 out.push((key.to_owned(), Arg::Str(line[p..].to_owned())));
                 p = bytes.len();
             }
+            Some(b'i' | b'l') => {
+                p = skip_spaces(bytes, p);
+                if optional && p >= bytes.len() {
+                    continue;
+                }
+                out.push((key.to_owned(), Arg::Int(get_int(line, &mut p)?)));
+            }
             Some(b'-') => {
                 let Some(&opt) = ty.as_bytes().get(1) else {
                     continue;
@@ -677,6 +767,33 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
         ));
     }
     Ok(out)
+}
+
+/// A number where QEMU's HMP takes an expression (`i`, `l`): decimal, `0x` hex or `0` octal,
+/// optionally negative. Errors are QEMU's expression-parser texts.
+fn get_int(line: &str, p: &mut usize) -> Result<i64, String> {
+    let bytes = line.as_bytes();
+    let start = skip_spaces(bytes, *p);
+    if start >= bytes.len() {
+        return Err("unexpected end of expression\n".into());
+    }
+    let mut end = start;
+    while end < bytes.len() && !is_space(bytes[end]) {
+        end += 1;
+    }
+    *p = end;
+    let word = &line[start..end];
+    let (neg, digits) = match word.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, word),
+    };
+    if !digits.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err("invalid char in expression\n".into());
+    }
+    match parse_c_u64(digits).and_then(|v| i64::try_from(v).ok()) {
+        Some(v) => Ok(if neg { -v } else { v }),
+        None => Err("number too large\n".into()),
+    }
 }
 
 /// QEMU's `get_str`: a bare word, or a double-quoted string with the

@@ -74,6 +74,57 @@ pub struct CommandInfo {
     pub name: String,
 }
 
+/// `NameInfo`, the result of `query-name`: the `-name` of the VM, if it has one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `KvmInfo`, the result of `query-kvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvmInfo {
+    pub enabled: bool,
+    pub present: bool,
+}
+
+/// One element of the `query-events` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    pub name: String,
+}
+
+/// One element of the `query-chardev` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChardevInfo {
+    pub label: String,
+    pub filename: String,
+    #[serde(rename = "frontend-open")]
+    pub frontend_open: bool,
+}
+
+/// One element of the `query-migrate-capabilities` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationCapabilityStatus {
+    pub capability: String,
+    pub state: bool,
+}
+
+/// `HumanReadableText`, the result of the `x-query-*` commands (`x-query-registers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HumanReadableText {
+    #[serde(rename = "human-readable-text")]
+    pub human_readable_text: String,
+}
+
+/// Arguments of `x-query-registers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryRegistersArgs {
+    /// One vCPU, or (absent) all of them.
+    #[serde(rename = "cpu-index", default, skip_serializing_if = "Option::is_none")]
+    pub cpu_index: Option<i64>,
+}
+
 // ---------------------------------------------------------------------------
 // Run state
 

@@ -1,0 +1,177 @@
+//! End-to-end tests of what a QEMU operator meets first (issue 17): the QMP commands management
+//! software calls when it finds a QEMU-compatible monitor, the HMP commands people type, the
+//! command-line options QEMU users reach for, and a clear refusal where this VMM differs.
+//!
+//! Every test starts real `vmm` processes on /dev/kvm and waits for output or state with
+//! generous timeouts, never for a fixed time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cpr_tests::*;
+use serde_json::{Value, json};
+
+/// Generous limit for anything the guest or the VMM has to do.
+const LONG: Duration = Duration::from_secs(60);
+const HEARTBEAT: &str = "heartbeat,hz=100";
+
+fn start(dir: &TempDir, extra: &[&str]) -> (VmmProcess, PathBuf) {
+    let socket = dir.join("qmp.sock");
+    let qmp = qmp_socket_arg(&socket);
+    let mut args = vec!["-m", "16M", "--guest", HEARTBEAT, "-qmp", &qmp];
+    args.extend_from_slice(extra);
+    let vmm = VmmProcess::start_vmm(&args);
+    (vmm, socket)
+}
+
+fn connect(socket: &Path) -> QmpClient {
+    QmpClient::connect_and_negotiate(socket, LONG).expect("QMP connection")
+}
+
+fn quit(vmm: &VmmProcess, qmp: &mut QmpClient) {
+    let _ = qmp.execute("quit", Value::Null);
+    assert!(vmm.wait_exit(LONG).expect("vmm exits").success());
+}
+
+#[test]
+fn qmp_answers_what_management_software_asks_first() {
+    let dir = TempDir::new("op-qmp").unwrap();
+    let (vmm, socket) = start(&dir, &["-name", "web1", "-serial", "null"]);
+    let mut qmp = connect(&socket);
+
+    // libvirt's first question: the schema, which lists exactly the commands that exist.
+    let schema = qmp.execute("query-qmp-schema", Value::Null).unwrap();
+    let schema = schema.as_array().expect("a list of SchemaInfo");
+    let commands: Vec<&str> = schema
+        .iter()
+        .filter(|e| e["meta-type"] == "command")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    let implemented: Vec<Value> = qmp
+        .execute("query-commands", Value::Null)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(commands.len(), implemented.len(), "{commands:?}");
+    for c in &implemented {
+        let name = c["name"].as_str().unwrap();
+        assert!(commands.contains(&name), "{name} missing from the schema");
+    }
+    for name in [
+        "query-name",
+        "query-kvm",
+        "query-events",
+        "query-chardev",
+        "query-migrate-capabilities",
+        "system_powerdown",
+        "query-qmp-schema",
+    ] {
+        assert!(commands.contains(&name), "{name}");
+    }
+    let msp = schema
+        .iter()
+        .find(|e| e["name"] == "migrate-set-parameters")
+        .unwrap();
+    let args = schema
+        .iter()
+        .find(|e| e["name"] == msp["arg-type"])
+        .unwrap();
+    assert!(
+        args["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "cpr-exec-command"),
+        "{args}"
+    );
+
+    assert_eq!(
+        qmp.execute("query-name", Value::Null).unwrap(),
+        json!({"name": "web1"})
+    );
+    assert_eq!(
+        qmp.execute("query-kvm", Value::Null).unwrap(),
+        json!({"enabled": true, "present": true})
+    );
+    let events = qmp.execute("query-events", Value::Null).unwrap();
+    for e in ["STOP", "RESUME", "SHUTDOWN", "MIGRATION"] {
+        assert!(
+            events.as_array().unwrap().contains(&json!({ "name": e })),
+            "{events}"
+        );
+    }
+    let chardevs = qmp.execute("query-chardev", Value::Null).unwrap();
+    let qmp_filename = format!("unix:{},server=on", socket.display());
+    assert_eq!(
+        chardevs,
+        json!([
+            {"label": "compat_monitor0", "filename": qmp_filename, "frontend-open": true},
+            {"label": "serial0", "filename": "null", "frontend-open": true},
+        ])
+    );
+    let caps = qmp
+        .execute("query-migrate-capabilities", Value::Null)
+        .unwrap();
+    let caps = caps.as_array().unwrap();
+    assert!(caps.contains(&json!({"capability": "events", "state": true})));
+    assert!(caps.contains(&json!({"capability": "postcopy-ram", "state": false})));
+
+    // No ACPI here: a clear GenericError, and the guest carries on.
+    let e = qmp.execute("system_powerdown", Value::Null).unwrap_err();
+    assert_eq!(e.class(), Some("GenericError"), "{e}");
+    assert!(e.to_string().contains("no ACPI"), "{e}");
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    quit(&vmm, &mut qmp);
+}
+
+#[test]
+fn hmp_info_registers_name_kvm_and_pmemsave() {
+    let dir = TempDir::new("op-hmp").unwrap();
+    let (vmm, socket) = start(&dir, &["-name", "db2", "-smp", "2", "-serial", "null"]);
+    let mut qmp = connect(&socket);
+    assert_eq!(qmp.hmp("info name").unwrap(), "db2\r\n");
+    assert_eq!(qmp.hmp("info kvm").unwrap(), "kvm support: enabled\r\n");
+
+    let regs = qmp.hmp("info registers").unwrap();
+    assert!(regs.starts_with("RAX="), "{regs}");
+    assert!(regs.contains("\r\nRIP="), "{regs}");
+    assert!(regs.contains("\r\nCR0="), "{regs}");
+    assert!(!regs.contains("CPU#"), "{regs}");
+    let all = qmp.hmp("info registers -a").unwrap();
+    assert!(
+        all.contains("CPU#0\r\n") && all.contains("CPU#1\r\n"),
+        "{all}"
+    );
+    // Reading registers does not leave the guest stopped.
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    assert!(
+        qmp.hmp("info registers 5")
+            .unwrap()
+            .starts_with("Error: Parameter 'cpu-index' expects a CPU number"),
+    );
+
+    let dump = dir.join("dump.bin");
+    let line = format!("pmemsave 0x100000 8192 {}", dump.display());
+    assert_eq!(qmp.hmp(&line).unwrap(), "");
+    assert_eq!(std::fs::metadata(&dump).unwrap().len(), 8192);
+
+    // Postcopy resume is refused; no migration starts.
+    let refused = qmp.hmp(&format!("migrate -r file:{}", dir.join("s").display()));
+    assert_eq!(
+        refused.unwrap(),
+        "Error: Cannot resume if there is no paused migration\r\n"
+    );
+    assert_eq!(
+        qmp.execute("query-migrate", Value::Null).unwrap(),
+        json!({})
+    );
+    assert!(!dir.join("s").exists());
+    quit(&vmm, &mut qmp);
+}
