@@ -175,3 +175,167 @@ fn hmp_info_registers_name_kvm_and_pmemsave() {
     assert!(!dir.join("s").exists());
     quit(&vmm, &mut qmp);
 }
+
+#[test]
+fn start_paused_with_s_and_pidfile_like_qemu() {
+    let dir = TempDir::new("op-S").unwrap();
+    let pidfile = dir.join("vm.pid");
+    let pidfile_arg = pidfile.display().to_string();
+    let (vmm, socket) = start(&dir, &["-S", "-pidfile", &pidfile_arg, "-serial", "stdio"]);
+    let mut qmp = connect(&socket);
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap(),
+        format!("{}\n", vmm.pid())
+    );
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap(),
+        json!({"status": "prelaunch", "running": false})
+    );
+    // QMP answered while the guest was held: nothing has ticked yet. cont starts it.
+    assert_eq!(vmm.stdout_text(), "", "the guest ran before cont");
+    qmp.execute("cont", Value::Null).unwrap();
+    qmp.wait_event("RESUME", LONG).unwrap();
+    vmm.wait_for_all_ticks(1, 3, LONG).unwrap();
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    quit(&vmm, &mut qmp);
+    assert!(!pidfile.exists(), "the pidfile outlived the VMM");
+}
+
+#[test]
+fn qemu_options_that_do_not_apply_say_so() {
+    let dir = TempDir::new("op-refuse").unwrap();
+    let socket = dir.join("q.sock");
+    let sock = socket.display().to_string();
+    for (args, needles) in [
+        (
+            vec!["-daemonize"],
+            vec!["not supported: -daemonize", "-pidfile"],
+        ),
+        (
+            vec!["-monitor", "stdio"],
+            vec!["not supported: -monitor", "-qmp"],
+        ),
+        (
+            vec!["-chardev", "socket,id=c0,path=/tmp/c0,server=on"],
+            vec!["not supported: -chardev"],
+        ),
+        (
+            vec!["-qmp", &format!("unix:{sock}")],
+            vec!["client", "server=on,wait=off"],
+        ),
+        (
+            vec!["-qmp", &format!("unix:{sock},server=on")],
+            vec!["wait for a client", "add ,wait=off"],
+        ),
+    ] {
+        let mut full = vec!["-m", "16M", "--guest", HEARTBEAT];
+        full.extend(args);
+        assert_vmm_startup_error(&full, &needles, LONG);
+        assert!(!socket.exists());
+    }
+    // Accepted for compatibility, and --help says so.
+    let help = std::process::Command::new(vmm_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for listed in [
+        "Accepted for QEMU compatibility",
+        "-enable-kvm, -accel kvm",
+        "-nographic, -display none",
+        "-machine q35",
+        "-daemonize, -monitor, -chardev",
+        "-pidfile",
+        "-S",
+        "--log-timestamps",
+    ] {
+        assert!(help.contains(listed), "--help lacks {listed:?}:\n{help}");
+    }
+}
+
+#[test]
+fn migration_parameters_that_do_nothing_are_refused() {
+    let dir = TempDir::new("op-params").unwrap();
+    let (vmm, socket) = start(&dir, &["-serial", "null"]);
+    let mut qmp = connect(&socket);
+    for args in [
+        json!({"max-bandwidth": 1000}),
+        json!({"multifd-channels": 8}),
+        json!({"downtime-limit": 10}),
+    ] {
+        let e = qmp
+            .execute("migrate-set-parameters", args.clone())
+            .unwrap_err();
+        assert_eq!(e.class(), Some("GenericError"), "{args}: {e}");
+        assert!(e.to_string().contains("not supported by this VMM"), "{e}");
+    }
+    let out = qmp.hmp("migrate_set_parameter max-bandwidth 10M").unwrap();
+    assert!(
+        out.starts_with("Error: Parameter 'max-bandwidth' is not supported"),
+        "{out}"
+    );
+    // Nothing changed, and what does work still does.
+    let params = qmp
+        .execute("query-migrate-parameters", Value::Null)
+        .unwrap();
+    assert_eq!(params["max-bandwidth"], 128 << 20);
+    assert_eq!(params["multifd-channels"], 2);
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({"mode": "cpr-exec", "max-bandwidth": 134217728}),
+    )
+    .unwrap();
+    assert_eq!(
+        qmp.execute("query-migrate-parameters", Value::Null)
+            .unwrap()["mode"],
+        "cpr-exec"
+    );
+    quit(&vmm, &mut qmp);
+}
+
+#[test]
+fn start_is_logged_once_with_what_an_operator_needs() {
+    let dir = TempDir::new("op-log").unwrap();
+    let (vmm, socket) = start(
+        &dir,
+        &[
+            "-name",
+            "log1",
+            "-v",
+            "--log-timestamps",
+            "wall",
+            "-serial",
+            "null",
+        ],
+    );
+    let mut qmp = connect(&socket);
+    quit(&vmm, &mut qmp);
+    let stderr = vmm.stderr_text();
+    let started: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" started: "))
+        .collect();
+    assert_eq!(started.len(), 1, "{stderr}");
+    let line = started[0];
+    for needle in [
+        "INFO",
+        &format!("pid {}", vmm.pid()),
+        "name log1",
+        "1 vCPU(s) and 16 MiB RAM (memfd)",
+        "built-in guest heartbeat",
+        &format!("QMP unix:{}", socket.display()),
+        "serial null",
+    ] {
+        assert!(line.contains(needle), "{needle:?} not in {line}");
+    }
+    // Wall-clock UTC timestamp first: 2026-12-06T04:05:06.123456Z
+    let stamp = line.split(' ').next().unwrap();
+    assert_eq!(stamp.len(), 27, "{line}");
+    assert!(
+        stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+        "{line}"
+    );
+}

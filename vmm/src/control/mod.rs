@@ -28,7 +28,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::cli::{Config, CprTestFault, IncomingSpec, SerialSpec};
+use crate::cli::{Config, CprTestFault, IncomingSpec, PidFile, PidFileError, SerialSpec};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
 use crate::machine::{Machine, MachineError, PreparedMachine, ResetError, Source};
@@ -101,6 +101,8 @@ pub enum StartError {
     RollbackFailed(String),
     #[error("the new VMM failed before resuming the guest (--cpr-test-fault exit-before-resume)")]
     TestFault,
+    #[error(transparent)]
+    PidFile(#[from] PidFileError),
 }
 
 /// Why restoring a saved machine failed; nothing of it ever ran.
@@ -126,12 +128,21 @@ pub fn run(
     // A client that disconnects mid-reply must not kill the VMM.
     // SAFETY: setting SIGPIPE to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    crate::logger::set_timestamps(config.log_timestamps);
     let Some(mut incoming) = incoming else {
         let mut vmm = Vmm::new(config, None)?;
         if let Err(e) = vmm.start(transfer) {
             vmm.remove_socket_files();
             return Err(e);
         }
+        let _pidfile = match vmm.config.pidfile.as_deref().map(PidFile::create) {
+            Some(Err(e)) => {
+                vmm.remove_socket_files();
+                return Err(e.into());
+            }
+            other => other.and_then(Result::ok),
+        };
+        log::info!("{}", vmm.config.summary());
         return Ok(vmm.event_loop());
     };
     // A live update: any failure before the guest runs again rolls back to the previous VMM.
@@ -144,6 +155,16 @@ pub fn run(
     match started {
         Ok(mut vmm) => {
             drop(incoming);
+            // Same PID as before the update: rewrite it in case the new command line names
+            // another file.
+            let pidfile = vmm.config.pidfile.as_deref().map(PidFile::create);
+            let _pidfile = match pidfile {
+                Some(Err(e)) => {
+                    log::warn!("{e}");
+                    None
+                }
+                other => other.and_then(Result::ok),
+            };
             Ok(vmm.event_loop())
         }
         Err(e) => Err(StartError::RollbackFailed(
@@ -238,6 +259,8 @@ impl Vmm {
         })?;
         let migration_done =
             Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(StartError::Setup)?);
+        // -S: an incoming migration, too, leaves the guest paused.
+        let autostart = !config.start_paused;
         let vmm = Vmm {
             config,
             epoll,
@@ -249,7 +272,7 @@ impl Vmm {
             machine: None,
             vcpu_events: None,
             run_state: RunState::Prelaunch,
-            autostart: true,
+            autostart,
             params: MigrationParameters::qemu_defaults(),
             migration: MigrationRecord::default(),
             outgoing: None,
@@ -317,7 +340,10 @@ impl Vmm {
                 )?;
                 self.install_machine(machine, rx)
                     .map_err(StartError::Setup)?;
-                self.set_running();
+                // -S: stay in prelaunch until cont.
+                if self.autostart {
+                    self.set_running();
+                }
             }
             Some(IncomingSpec::File(path)) => {
                 self.run_state = RunState::Inmigrate;
@@ -697,6 +723,7 @@ impl Vmm {
                         mode.as_str()
                     )));
                 }
+                self.params.check_effective(&p)?;
                 self.params.apply(&p);
                 Ok(empty())
             }

@@ -1907,3 +1907,39 @@ fn hmp_info_name_kvm_registers_and_pmemsave() {
     assert!(hmp_reply("pmemsave 0 4").contains("pmemsave: string expected"));
     assert!(hmp_reply("help info").contains("info registers [-a|vcpu] -- show the cpu registers"));
 }
+
+#[test]
+fn ineffective_migration_parameters_are_refused_unless_unchanged() {
+    let params = MigrationParameters::qemu_defaults();
+    let set = |text: &str| match command(text) {
+        Command::MigrateSetParameters(p) => params.check_effective(&p),
+        other => panic!("{other:?}"),
+    };
+    for text in [
+        r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1000}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"multifd-channels":8}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"mode":"cpr-exec","downtime-limit":10}}"#,
+    ] {
+        let e = set(text).unwrap_err();
+        assert_eq!(e.class, ErrorClass::GenericError);
+        assert!(
+            e.desc.contains("is not supported by this VMM"),
+            "{}",
+            e.desc
+        );
+    }
+    assert!(
+        set(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1000}}"#)
+            .unwrap_err()
+            .desc
+            .starts_with("Parameter 'max-bandwidth' ")
+    );
+    for text in [
+        r#"{"execute":"migrate-set-parameters","arguments":{"mode":"cpr-exec","cpr-exec-command":["a"]}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":134217728,"multifd-channels":2}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":null}}"#,
+    ] {
+        assert!(set(text).is_ok(), "{text}");
+    }
+}

@@ -556,6 +556,38 @@ impl MigrationParameters {
         }
     }
 
+    /// Members that change what a migration does here; every other member is stored and
+    /// reported only.
+    pub const EFFECTIVE: &'static [&'static str] = &["mode", "cpr-exec-command"];
+
+    /// Refuse a request that would change a member this VMM does not act on (bandwidth
+    /// limits, multifd, TLS, throttling...): accepting it would promise behaviour that does not
+    /// happen. Setting such a member to the value it already has is accepted, so management
+    /// software that always sends the defaults keeps working.
+    pub fn check_effective(&self, p: &MigrateSetParameters) -> Result<(), QmpError> {
+        let mut next = self.clone();
+        next.apply(p);
+        let (Ok(Value::Object(now)), Ok(Value::Object(next))) =
+            (serde_json::to_value(self), serde_json::to_value(&next))
+        else {
+            return Ok(());
+        };
+        match next
+            .iter()
+            .find(|(k, v)| !Self::EFFECTIVE.contains(&k.as_str()) && now.get(k.as_str()) != Some(v))
+        {
+            Some((name, _)) => Err(QmpError::generic(format!(
+                "Parameter '{name}' is not supported by this VMM: it can only keep its current value (see query-migrate-parameters); only {} take effect",
+                Self::EFFECTIVE
+                    .iter()
+                    .map(|n| format!("'{n}'"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Apply a `migrate-set-parameters` request (members it sets replace
     /// ours; a `null` TLS member becomes `""` as in QEMU).
     pub fn apply(&mut self, p: &MigrateSetParameters) {
