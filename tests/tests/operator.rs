@@ -339,3 +339,45 @@ fn start_is_logged_once_with_what_an_operator_needs() {
         "{line}"
     );
 }
+
+/// 2 MiB huge pages the host could hand out right now (free, not reserved, plus overcommit).
+fn available_huge_pages() -> u64 {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    read("free_hugepages").saturating_sub(read("resv_hugepages"))
+        + read("nr_overcommit_hugepages").saturating_sub(read("surplus_hugepages"))
+}
+
+#[test]
+fn hugepages_without_enough_reserved_is_one_clear_error_not_sigbus() {
+    // More pages than the host has free, however many that is.
+    let mib = ((available_huge_pages() + 16) * 2).max(32);
+    let size = format!("{mib}M");
+    let sized = format!("{mib}M,hugepages=on");
+    let pages = (mib / 2).to_string();
+    for args in [
+        vec!["-m", &sized, "--guest", "memcheck", "-serial", "null"],
+        vec![
+            "-m",
+            &size,
+            "--hugepages",
+            "--guest",
+            "memcheck",
+            "-serial",
+            "null",
+        ],
+    ] {
+        assert_vmm_startup_error(
+            &args,
+            &[
+                "/proc/sys/vm/nr_hugepages",
+                &format!("needs {pages} free 2 MiB huge pages"),
+            ],
+            LONG,
+        );
+    }
+}
