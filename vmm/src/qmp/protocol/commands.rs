@@ -105,7 +105,7 @@ impl std::fmt::Debug for CommandSpec {
 impl CommandSpec {
     /// Validate `arguments` and build the command.
     pub fn parse(&self, args: &Map<String, Value>) -> Result<Command, QmpError> {
-        let checked = check_args(self.args, args).map_err(QmpError::generic)?;
+        let checked = check_args(self.args, args).map_err(|e| QmpError::generic(e.to_string()))?;
         (self.build)(checked)
     }
 }

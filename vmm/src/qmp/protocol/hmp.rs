@@ -18,9 +18,55 @@ use serde_json::{Map, Value};
 
 use super::commands::{MIGRATE_SET_PARAMETERS, QEMU_MIGRATION_PARAMETERS, find_command};
 use super::schema::Ty;
-use super::shell::parse_argv;
+use super::shell::{ShellError, parse_argv};
 use super::types::*;
 use super::{Command, QmpError};
+
+/// Why an HMP command line does not parse: QEMU's texts, which it prints before its
+/// `Try "help CMD"` hint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsageError {
+    #[error("{0}: string expected")]
+    StringExpected(&'static str),
+    #[error("{cmd}: unsupported option -{option}")]
+    UnsupportedOption { cmd: &'static str, option: String },
+    #[error("{cmd}: unknown type '{ty}'")]
+    UnknownType { cmd: &'static str, ty: String },
+    #[error("{0}: extraneous characters at the end of line")]
+    Extraneous(&'static str),
+    #[error("unexpected end of expression")]
+    EndOfExpression,
+    #[error("invalid char in expression")]
+    InvalidChar,
+    #[error("number too large")]
+    NumberTooLarge,
+}
+
+/// Why `migrate_set_parameter NAME VALUE` cannot be turned into QMP arguments (QEMU's texts,
+/// printed after `Error: `).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetParameterError {
+    /// Not a parameter QEMU knows.
+    #[error("invalid parameter value: {0}")]
+    Unknown(String),
+    #[error("The block-bitmap-mapping parameter can only be set through QMP")]
+    QmpOnly,
+    /// Known to QEMU, not accepted by this monitor (same as over QMP).
+    #[error("Parameter '{0}' is unexpected")]
+    NotAccepted(String),
+    #[error("Invalid size {0}")]
+    InvalidSize(String),
+    /// The value does not parse as the parameter's type.
+    #[error("Parameter '{0}' expects {1}")]
+    Expects(String, &'static str),
+    #[error(transparent)]
+    Shell(#[from] ShellError),
+    /// The QMP argument check refused the value.
+    #[error(transparent)]
+    Rejected(QmpError),
+    #[error("internal error: migrate-set-parameters missing")]
+    Internal,
+}
 
 /// What to do for one HMP command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -557,7 +603,7 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
         Ok(a) => a,
         Err(msg) => {
             return reply(format!(
-                "{msg}Try \"help {cmd_span}\" for more information\n"
+                "{msg}\nTry \"help {cmd_span}\" for more information\n"
             ));
         }
     };
@@ -691,7 +737,11 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
 
 /// `monitor_parse_arguments` for the argument types our commands use.
 /// Errors are returned as the text QEMU prints before its "Try help" hint.
-fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg)>, String> {
+fn parse_args(
+    cmd: &'static HmpCmd,
+    line: &str,
+    mut p: usize,
+) -> Result<Vec<(String, Arg)>, UsageError> {
     let bytes = line.as_bytes();
     let mut out = Vec::new();
     let specs: Vec<&str> = cmd.args_type.split(',').filter(|s| !s.is_empty()).collect();
@@ -708,7 +758,7 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
                 }
                 match get_str(line, &mut p) {
                     Some(s) => out.push((key.to_owned(), Arg::Str(s))),
-                    None => return Err(format!("{}: string expected\n", cmd.name)),
+                    None => return Err(UsageError::StringExpected(cmd.name)),
                 }
             }
             Some(b'S') => {
@@ -717,7 +767,7 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
                     if optional {
                         continue;
                     }
-                    return Err(format!("{}: string expected\n", cmd.name));
+                    return Err(UsageError::StringExpected(cmd.name));
                 }
                 out.push((key.to_owned(), Arg::Str(line[p..].to_owned())));
                 p = bytes.len();
@@ -750,32 +800,37 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
                         });
                         if !later {
                             let shown = given.map(char::from).map(String::from).unwrap_or_default();
-                            return Err(format!("{}: unsupported option -{shown}\n", cmd.name));
+                            return Err(UsageError::UnsupportedOption {
+                                cmd: cmd.name,
+                                option: shown,
+                            });
                         }
                         p = save;
                     }
                 }
             }
-            _ => return Err(format!("{}: unknown type '{}'\n", cmd.name, ty)),
+            _ => {
+                return Err(UsageError::UnknownType {
+                    cmd: cmd.name,
+                    ty: ty.to_owned(),
+                });
+            }
         }
     }
     p = skip_spaces(bytes, p);
     if p < bytes.len() {
-        return Err(format!(
-            "{}: extraneous characters at the end of line\n",
-            cmd.name
-        ));
+        return Err(UsageError::Extraneous(cmd.name));
     }
     Ok(out)
 }
 
 /// A number where QEMU's HMP takes an expression (`i`, `l`): decimal, `0x` hex or `0` octal,
 /// optionally negative. Errors are QEMU's expression-parser texts.
-fn get_int(line: &str, p: &mut usize) -> Result<i64, String> {
+fn get_int(line: &str, p: &mut usize) -> Result<i64, UsageError> {
     let bytes = line.as_bytes();
     let start = skip_spaces(bytes, *p);
     if start >= bytes.len() {
-        return Err("unexpected end of expression\n".into());
+        return Err(UsageError::EndOfExpression);
     }
     let mut end = start;
     while end < bytes.len() && !is_space(bytes[end]) {
@@ -788,11 +843,11 @@ fn get_int(line: &str, p: &mut usize) -> Result<i64, String> {
         None => (false, word),
     };
     if !digits.starts_with(|c: char| c.is_ascii_digit()) {
-        return Err("invalid char in expression\n".into());
+        return Err(UsageError::InvalidChar);
     }
     match parse_c_u64(digits).and_then(|v| i64::try_from(v).ok()) {
         Some(v) => Ok(if neg { -v } else { v }),
-        None => Err("number too large\n".into()),
+        None => Err(UsageError::NumberTooLarge),
     }
 }
 
@@ -865,16 +920,16 @@ fn help(name: Option<&str>) -> String {
 }
 
 /// `migrate_set_parameter NAME VALUE` → the QMP arguments it stands for.
-fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, String> {
+fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, SetParameterError> {
     if !QEMU_MIGRATION_PARAMETERS.contains(&name) {
-        return Err(format!("invalid parameter value: {name}"));
+        return Err(SetParameterError::Unknown(name.to_owned()));
     }
     if name == "block-bitmap-mapping" {
-        return Err("The block-bitmap-mapping parameter can only be set through QMP".into());
+        return Err(SetParameterError::QmpOnly);
     }
     let Some(member) = MIGRATE_SET_PARAMETERS.iter().find(|m| m.name == name) else {
         // Known to QEMU, not accepted by this monitor (same as over QMP).
-        return Err(format!("Parameter '{name}' is unexpected"));
+        return Err(SetParameterError::NotAccepted(name.to_owned()));
     };
     let json = match (&member.ty, name) {
         (_, "cpr-exec-command") => {
@@ -884,21 +939,21 @@ fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, String
             // HMP takes these in MiB unless a unit is given.
             match parse_size_with_default_unit(value, 1 << 20).filter(|&v| v <= i64::MAX as u64) {
                 Some(v) => Value::from(v),
-                None => return Err(format!("Invalid size {value}")),
+                None => return Err(SetParameterError::InvalidSize(value.to_owned())),
             }
         }
         (Ty::Bool, _) => match value {
             "on" | "yes" | "true" | "y" => Value::Bool(true),
             "off" | "no" | "false" | "n" => Value::Bool(false),
-            _ => return Err(format!("Parameter '{name}' expects 'on' or 'off'")),
+            _ => return Err(SetParameterError::Expects(name.to_owned(), "'on' or 'off'")),
         },
         (Ty::Size, _) => match parse_size(value) {
             Some(v) => Value::from(v),
-            None => return Err(format!("Parameter '{name}' expects size")),
+            None => return Err(SetParameterError::Expects(name.to_owned(), "size")),
         },
         (Ty::Uint64 | Ty::UintN(..), _) => match parse_c_u64(value) {
             Some(v) => Value::from(v),
-            None => return Err(format!("Parameter '{name}' expects uint64")),
+            None => return Err(SetParameterError::Expects(name.to_owned(), "uint64")),
         },
         _ => Value::String(value.to_owned()),
     };
@@ -906,8 +961,8 @@ fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, String
     args.insert(name.to_owned(), json);
     match find_command("migrate-set-parameters").map(|spec| spec.parse(&args)) {
         Some(Ok(Command::MigrateSetParameters(p))) => Ok(*p),
-        Some(Err(e)) => Err(e.desc),
-        _ => Err("internal error: migrate-set-parameters missing".into()),
+        Some(Err(e)) => Err(SetParameterError::Rejected(e)),
+        _ => Err(SetParameterError::Internal),
     }
 }
 

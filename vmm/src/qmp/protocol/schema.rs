@@ -21,6 +21,31 @@
 
 use serde_json::{Map, Value};
 
+/// Why arguments do not fit their schema, worded as QEMU's QObject input visitor words it
+/// (the text goes to the client as a GenericError's `desc`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    /// A mandatory member is absent (full path: `channels[0].addr.transport`).
+    #[error("Parameter '{0}' is missing")]
+    Missing(String),
+    #[error("Invalid parameter type for '{name}', expected: {expected}")]
+    InvalidType {
+        name: String,
+        expected: &'static str,
+    },
+    /// A member the schema does not declare.
+    #[error("Parameter '{0}' is unexpected")]
+    Unexpected(String),
+    /// An integer out of its type's range (`uint8_t`, `uint64`).
+    #[error("Parameter '{name}' expects {expected}")]
+    Expects {
+        name: String,
+        expected: &'static str,
+    },
+    #[error("Parameter '{name}' does not accept value '{value}'")]
+    EnumValue { name: String, value: String },
+}
+
 /// An enumeration type.
 #[derive(Debug)]
 pub struct EnumDef {
@@ -97,7 +122,10 @@ pub enum Body {
 
 /// Check a command's `arguments` object against its member list and return
 /// it normalised (negative `uint64`s wrapped), or QEMU's error message.
-pub fn check_args(members: &'static [Member], args: &Map<String, Value>) -> Result<Value, String> {
+pub fn check_args(
+    members: &'static [Member],
+    args: &Map<String, Value>,
+) -> Result<Value, ArgError> {
     let mut checker = Checker { path: Vec::new() };
     checker.object(&Body::Struct(members), args)
 }
@@ -142,22 +170,19 @@ impl Checker {
         s
     }
 
-    fn type_error(&self, expected: &str) -> String {
-        format!(
-            "Invalid parameter type for '{}', expected: {expected}",
-            self.full_name(None)
-        )
+    fn type_error(&self, expected: &'static str) -> ArgError {
+        ArgError::InvalidType {
+            name: self.full_name(None),
+            expected,
+        }
     }
 
-    fn object(&mut self, body: &Body, map: &Map<String, Value>) -> Result<Value, String> {
+    fn object(&mut self, body: &Body, map: &Map<String, Value>) -> Result<Value, ArgError> {
         let mut out = Map::new();
         self.body(body, map, &mut out)?;
         // check_struct: anything not consumed is unexpected.
         if let Some(extra) = map.keys().find(|k| !out.contains_key(k.as_str())) {
-            return Err(format!(
-                "Parameter '{}' is unexpected",
-                self.full_name(Some(extra))
-            ));
+            return Err(ArgError::Unexpected(self.full_name(Some(extra))));
         }
         Ok(Value::Object(out))
     }
@@ -167,7 +192,7 @@ impl Checker {
         body: &Body,
         map: &Map<String, Value>,
         out: &mut Map<String, Value>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ArgError> {
         match body {
             Body::Struct(members) => self.members(members, map, out),
             Body::Union {
@@ -193,15 +218,12 @@ impl Checker {
         members: &[Member],
         map: &Map<String, Value>,
         out: &mut Map<String, Value>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ArgError> {
         for m in members {
             match map.get(m.name) {
                 None if m.optional => {}
                 None => {
-                    return Err(format!(
-                        "Parameter '{}' is missing",
-                        self.full_name(Some(m.name))
-                    ));
+                    return Err(ArgError::Missing(self.full_name(Some(m.name))));
                 }
                 Some(v) => {
                     self.path.push(Seg::Key(m.name.to_owned()));
@@ -216,7 +238,7 @@ impl Checker {
 
     /// Check one value whose path is already pushed.  `name` is the bare
     /// member name, `None` for list elements.
-    fn value(&mut self, ty: &Ty, v: &Value, name: Option<&str>) -> Result<Value, String> {
+    fn value(&mut self, ty: &Ty, v: &Value, name: Option<&str>) -> Result<Value, ArgError> {
         let short = name.unwrap_or("null");
         match ty {
             Ty::Str => match v {
@@ -233,7 +255,10 @@ impl Checker {
                 if n.as_u64().is_some_and(|n| n <= *max) {
                     Ok(n)
                 } else {
-                    Err(format!("Parameter '{short}' expects {cname}"))
+                    Err(ArgError::Expects {
+                        name: short.to_owned(),
+                        expected: cname,
+                    })
                 }
             }
             Ty::Bool => match v {
@@ -247,13 +272,17 @@ impl Checker {
             Ty::Any => Ok(v.clone()),
             Ty::StrOrNull => match v {
                 Value::String(_) | Value::Null => Ok(v.clone()),
-                _ => Err(format!(
-                    "Invalid parameter type for '{short}', expected: StrOrNull"
-                )),
+                _ => Err(ArgError::InvalidType {
+                    name: short.to_owned(),
+                    expected: "StrOrNull",
+                }),
             },
             Ty::Enum(def) => match v {
                 Value::String(s) if def.values.contains(&s.as_str()) => Ok(v.clone()),
-                Value::String(s) => Err(format!("Parameter '{short}' does not accept value '{s}'")),
+                Value::String(s) => Err(ArgError::EnumValue {
+                    name: short.to_owned(),
+                    value: s.clone(),
+                }),
                 _ => Err(self.type_error("string")),
             },
             Ty::List(elem) => match v {
@@ -279,24 +308,24 @@ impl Checker {
     /// QEMU's uint64 input: unsigned, or negative int64 reinterpreted.
     /// (`size` shares it: QMP's visitor has no size callback, so the message
     /// says "uint64" for both.)
-    fn uint64(&self, v: &Value) -> Result<Value, String> {
+    fn uint64(&self, v: &Value) -> Result<Value, ArgError> {
         if let Some(u) = v.as_u64() {
             return Ok(Value::from(u));
         }
         if let Some(i) = v.as_i64() {
             return Ok(Value::from(i as u64));
         }
-        Err(format!(
-            "Parameter '{}' expects uint64",
-            self.full_name(None)
-        ))
+        Err(ArgError::Expects {
+            name: self.full_name(None),
+            expected: "uint64",
+        })
     }
 }
 
 /// Check any value (a command's result, an event's data) against `ty`, with the same rules as
 /// arguments. Tests use it to prove that what the monitor sends matches what
 /// `query-qmp-schema` says it sends.
-pub fn check_value(ty: &Ty, v: &Value) -> Result<Value, String> {
+pub fn check_value(ty: &Ty, v: &Value) -> Result<Value, ArgError> {
     let mut checker = Checker { path: Vec::new() };
     checker.value(ty, v, None)
 }

@@ -1533,28 +1533,30 @@ fn shell_split_like_glib() {
 
 #[test]
 fn shell_split_errors() {
+    // The typed errors carry GLib's texts.
+    let argv_text = |line: &str| parse_argv(line).map_err(|e| e.to_string());
     assert_eq!(
-        parse_argv(""),
+        argv_text(""),
         Err("Text was empty (or contained only whitespace)".into())
     );
     assert_eq!(
-        parse_argv("  \t "),
+        argv_text("  \t "),
         Err("Text was empty (or contained only whitespace)".into())
     );
     assert_eq!(
-        parse_argv("a 'b"),
+        argv_text("a 'b"),
         Err("Text ended before matching quote was found for '. (The text was “a 'b”)".into())
     );
     assert_eq!(
-        parse_argv("a \"b\\\""),
+        argv_text("a \"b\\\""),
         Err("Text ended before matching quote was found for \". (The text was “a \"b\\\"”)".into())
     );
     assert_eq!(
-        parse_argv("abc\\"),
+        argv_text("abc\\"),
         Err("Text ended just after a “\\” character. (The text was “abc\\”)".into())
     );
     assert_eq!(
-        parse_argv("# only a comment"),
+        argv_text("# only a comment"),
         Err("Text was empty (or contained only whitespace)".into())
     );
 }
@@ -1942,4 +1944,31 @@ fn ineffective_migration_parameters_are_refused_unless_unchanged() {
     ] {
         assert!(set(text).is_ok(), "{text}");
     }
+}
+
+#[test]
+fn protocol_errors_are_typed_and_keep_qemus_texts() {
+    use super::json::ParseError;
+    use super::schema::{ArgError, Ty, check_args, check_value, req};
+    use super::shell::ShellError;
+    static MEMBERS: &[schema::Member] = &[req("filename", Ty::Str)];
+    let args = json!({}).as_object().unwrap().clone();
+    let e = check_args(MEMBERS, &args).unwrap_err();
+    assert_eq!(e, ArgError::Missing("filename".into()));
+    assert_eq!(e.to_string(), "Parameter 'filename' is missing");
+    assert!(matches!(
+        check_value(&Ty::Bool, &json!(1)),
+        Err(ArgError::InvalidType {
+            expected: "boolean",
+            ..
+        })
+    ));
+    assert_eq!(parse_argv(""), Err(ShellError::Empty));
+    assert_eq!(
+        ParseError::Keyword("nul".into()).to_string(),
+        "invalid keyword 'nul'"
+    );
+    let mut s = JsonStreamer::new();
+    let out = s.feed(b"{\"a\": nul}\n");
+    assert_eq!(err_desc(&out[0]), "JSON parse error, invalid keyword 'nul'");
 }
