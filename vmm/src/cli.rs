@@ -11,6 +11,7 @@ use clap::{ArgAction, Parser};
 
 use crate::boot::BuiltinGuest;
 use crate::boot::linux::{LinuxBootConfig, MAX_LINUX_VCPUS};
+use crate::qmp::protocol::ChardevInfo;
 
 /// Single-dash long options QEMU users type, mapped to our `--long` names.
 const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
@@ -450,6 +451,31 @@ impl Config {
 }
 
 impl Config {
+    /// `query-chardev`: the monitor and the serial console, labelled as QEMU labels them.
+    pub fn chardevs(&self) -> Vec<ChardevInfo> {
+        let socket = |p: &std::path::Path| format!("unix:{},server=on", p.display());
+        let mut out = Vec::new();
+        if let Some(q) = &self.qmp {
+            out.push(ChardevInfo {
+                label: "compat_monitor0".into(),
+                filename: socket(&q.path),
+                frontend_open: true,
+            });
+        }
+        let filename = match &self.serial {
+            SerialSpec::Stdio => "stdio".to_string(),
+            SerialSpec::File(_) => "file".to_string(),
+            SerialSpec::UnixServer(p) => socket(p),
+            SerialSpec::Null => "null".to_string(),
+        };
+        out.push(ChardevInfo {
+            label: "serial0".into(),
+            filename,
+            frontend_open: true,
+        });
+        out
+    }
+
     /// The one line logged at start: what runs, on what, reachable where.
     pub fn summary(&self) -> String {
         let guest = match &self.guest {

@@ -28,7 +28,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::cli::{Config, CprTestFault, IncomingSpec, PidFile, PidFileError, SerialSpec};
+use crate::cli::{Config, CprTestFault, IncomingSpec, PidFile, PidFileError};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
 use crate::machine::{Machine, MachineError, PreparedMachine, ResetError, Source};
@@ -41,7 +41,7 @@ use crate::migration::state::{GuestKind, MachineDescription};
 use crate::migration::{MigMode, MigrationRecord, MigrationStatus};
 use crate::qmp::protocol::hmp::{self, HmpAction};
 use crate::qmp::protocol::{
-    ChardevInfo, Command, CprPhase, CprUpdateInfo, CpuInfoFast, CpuInstanceProperties, EventKind,
+    Command, CprPhase, CprUpdateInfo, CpuInfoFast, CpuInstanceProperties, EventKind,
     HumanReadableText, KvmInfo, MigrateArgs, MigrateIncomingArgs, MigrationAddress, MigrationInfo,
     MigrationParameters, MigrationStats, NameInfo, PmemsaveArgs, QmpError, Response, RunState,
     ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands,
@@ -753,7 +753,7 @@ impl Vmm {
                 present: true,
             }),
             Command::QueryEvents => to_value(&query_events()),
-            Command::QueryChardev => to_value(&chardevs(&self.config)),
+            Command::QueryChardev => to_value(&self.config.chardevs()),
             Command::QueryMigrateCapabilities => to_value(&migrate_capabilities()),
             Command::SystemPowerdown => Err(QmpError::generic(
                 "system_powerdown: this machine has no ACPI power button to press; stop the guest from inside it, or use 'quit' or 'system_reset'",
@@ -943,30 +943,6 @@ fn qmp_version() -> VersionInfo {
         micro,
         format!(" (cpr-vmm {})", crate::version_string()),
     )
-}
-
-/// `query-chardev`: the monitor and the serial console, labelled as QEMU labels them.
-fn chardevs(config: &Config) -> Vec<ChardevInfo> {
-    let mut out = Vec::new();
-    if let Some(q) = &config.qmp {
-        out.push(ChardevInfo {
-            label: "compat_monitor0".into(),
-            filename: format!("unix:{},server=on", q.path.display()),
-            frontend_open: true,
-        });
-    }
-    let filename = match &config.serial {
-        SerialSpec::Stdio => "stdio".to_string(),
-        SerialSpec::File(_) => "file".to_string(),
-        SerialSpec::UnixServer(p) => format!("unix:{},server=on", p.display()),
-        SerialSpec::Null => "null".to_string(),
-    };
-    out.push(ChardevInfo {
-        label: "serial0".into(),
-        filename,
-        frontend_open: true,
-    });
-    out
 }
 
 fn empty() -> Value {
