@@ -64,6 +64,9 @@ pub enum FdKind {
     /// Closing it lets the previous VMM's teardown helper free the old address space and KVM
     /// VM: the new VMM closes it once the guest runs, so that work stays out of the blackout.
     TeardownRelease,
+    /// A host fd an emulated device owns (a disk image, a tap, a socket); `name` is the one
+    /// the device declared, and the file type is recorded so the receiver checks it too.
+    DeviceBackend { file_type: u32 },
 }
 
 impl FdKind {
@@ -78,6 +81,7 @@ impl FdKind {
             | FdKind::ConsoleListener
             | FdKind::ConsoleClient => Some(libc::S_IFSOCK),
             FdKind::TeardownRelease => Some(libc::S_IFIFO),
+            FdKind::DeviceBackend { file_type } => Some(file_type),
         }
     }
 }

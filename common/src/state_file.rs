@@ -15,15 +15,17 @@ pub const SECTION_VM: u32 = 4;
 pub const SECTION_DEVICES: u32 = 5;
 pub const SECTION_RAM: u32 = 6;
 
-/// Version 2 added the i8042, RTC and PCI-configuration device states.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+/// Version 2 added the i8042, RTC and PCI-configuration device states; version 3 stores every
+/// device's state as an opaque blob under its id and lists the devices in the description.
+pub const STATE_FORMAT_VERSION: u32 = 3;
 
 pub static STATE_FILE_FORMAT: FormatSpec = FormatSpec {
     what: "state file",
     magic: *b"CPRVMMST",
     current_version: STATE_FORMAT_VERSION,
-    // Version 1 files (no i8042/RTC/PCI state) restore with those devices fresh.
-    readable_versions: &[1, 2],
+    // Version 1 files (no i8042/RTC/PCI state) restore with those devices fresh; version 1 and
+    // 2 files are converted to version 3's shapes when read.
+    readable_versions: &[1, 2, 3],
     sections: &[
         (SECTION_RUN, "run"),
         (SECTION_DESCRIPTION, "description"),

@@ -36,11 +36,12 @@ struct Golden {
     last_printed: [u64; 2],
     /// Devices in its `devices` section (the section starts with their count,
     /// a bincode varint): version 1 has the serial port; version 2 adds the
-    /// i8042, the CMOS/RTC and the PCI configuration ports.
+    /// i8042, the CMOS/RTC and the PCI configuration ports; version 3 stores
+    /// every device by id and adds the stateless debug-exit port.
     devices: u8,
 }
 
-const GOLDEN_FILES: [Golden; 2] = [
+const GOLDEN_FILES: [Golden; 3] = [
     Golden {
         file: "state-v1.bin",
         version: 1,
@@ -52,6 +53,12 @@ const GOLDEN_FILES: [Golden; 2] = [
         version: 2,
         last_printed: [5, 5],
         devices: 4,
+    },
+    Golden {
+        file: "state-v3.bin",
+        version: 3,
+        last_printed: [5, 5],
+        devices: 5,
     },
 ];
 

@@ -5,8 +5,8 @@
 //! from a file, or inherited memfds after an exec). Reset rebuilds the VM over the same RAM, as
 //! Cloud Hypervisor does, so there is no separate reset path to keep in step.
 
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, channel};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
@@ -22,14 +22,12 @@ use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
 use crate::devices::i8042::{I8042, I8042_BASE_PORT, I8042_PORT_COUNT};
 use crate::devices::pci::{PCI_CONFIG_BASE_PORT, PCI_CONFIG_PORT_COUNT, PciConfigPorts};
 use crate::devices::rtc::{RTC_BASE_PORT, RTC_PORT_COUNT, Rtc};
-use crate::devices::serial::{
-    COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, InputDrained, IrqTrigger, SerialDevice,
+use crate::devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, SerialDevice};
+use crate::devices::{
+    DeviceContext, DeviceDescription, DeviceSet, DeviceSetError, DeviceSpec, HandedOverFds, HostFd,
 };
-use crate::devices::{Bus, BusOverlap, lock};
 use crate::memory::GuestRam;
-use crate::migration::state::{
-    self, DeviceState, GuestKind, MachineDescription, MachineState, VcpuState,
-};
+use crate::migration::state::{self, GuestKind, MachineDescription, MachineState, VcpuState};
 use crate::vcpu::{EventSink, VcpuCommand, VcpuEvent, VcpuHandle};
 use cpr_common::timing::PhaseLog;
 
@@ -69,14 +67,9 @@ pub enum MachineError {
     #[error("vCPU {index} did not answer: its thread is gone")]
     VcpuGone { index: u32 },
     #[error("{0}")]
-    Vcpu(String),
-    #[error("restoring device {device}: {detail}")]
-    Device {
-        device: &'static str,
-        detail: String,
-    },
-    #[error("putting the machine's devices on the bus: {0}")]
-    Bus(#[from] BusOverlap),
+    Vcpu(state::StateError),
+    #[error("devices: {0}")]
+    Devices(#[from] DeviceSetError),
     #[error("the saved state has {saved} vCPU states for {described} vCPUs")]
     VcpuCount { saved: usize, described: u32 },
 }
@@ -90,8 +83,33 @@ fn kvm_err(op: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> MachineEr
 pub enum Source<'a> {
     /// Power on: load the built-in guest into RAM and start every vCPU at its entry point.
     Boot,
-    /// Continue a saved machine; RAM already holds the guest.
-    Restore(&'a MachineState),
+    /// Continue a saved machine; RAM already holds the guest. `host_fds` are the devices' host
+    /// fds handed over by the previous VMM (none for a restore from a file).
+    Restore {
+        state: &'a MachineState,
+        host_fds: HandedOverFds,
+    },
+}
+
+/// The machine's devices, one line each: its id in the saved state, its type and its place on
+/// the bus. A new device is one more line here (and its own file under `devices/`).
+fn device_specs() -> Vec<DeviceSpec> {
+    vec![
+        DeviceSpec::port::<SerialDevice>("serial", COM1_PORT, COM1_PORT_COUNT),
+        DeviceSpec::port::<I8042>("i8042", I8042_BASE_PORT, I8042_PORT_COUNT),
+        DeviceSpec::port::<Rtc>("rtc", RTC_BASE_PORT, RTC_PORT_COUNT),
+        DeviceSpec::port::<PciConfigPorts>(
+            "pci-config",
+            PCI_CONFIG_BASE_PORT,
+            PCI_CONFIG_PORT_COUNT,
+        ),
+        DeviceSpec::port::<DebugExit>("debug-exit", DEBUG_EXIT_PORT, 1),
+    ]
+}
+
+/// The devices a machine built from this command line has, as its description lists them.
+pub fn device_descriptions() -> Vec<DeviceDescription> {
+    device_specs().iter().map(DeviceSpec::description).collect()
 }
 
 /// Handles shared with the VMM thread's poll loop.
@@ -107,7 +125,7 @@ pub struct Machine {
     vm: VmFd,
     ram: GuestRam,
     vcpus: Vec<VcpuHandle>,
-    devices: Devices,
+    devices: DeviceSet,
     console: ConsoleOutput,
     guest: GuestBoot,
     vcpu_count: u32,
@@ -245,7 +263,7 @@ impl Machine {
                     None => Vec::new(),
                 });
             }
-            Source::Restore(s) => {
+            Source::Restore { state: s, .. } => {
                 if s.vcpus.len() != self.vcpu_count as usize {
                     return Err(MachineError::VcpuCount {
                         saved: s.vcpus.len(),
@@ -267,7 +285,7 @@ impl Machine {
             }
         }
         self.xsave_words = state::xsave_words(&self.vm);
-        let bus = Arc::new(self.devices.bus()?);
+        let bus = self.devices.bus();
         for (index, vcpu) in fds.into_iter().enumerate() {
             let handle = VcpuHandle::spawn(
                 index as u32,
@@ -302,7 +320,15 @@ impl Machine {
     }
 
     pub fn description(&self) -> MachineDescription {
-        describe(&self.ram, self.vcpu_count, &self.guest)
+        MachineDescription {
+            devices: self.devices.descriptions().to_vec(),
+            ..describe(&self.ram, self.vcpu_count, &self.guest)
+        }
+    }
+
+    /// The host fds the devices own, for a migration mode to carry to the next VMM.
+    pub fn device_host_fds(&self) -> Result<Vec<HostFd>, MachineError> {
+        Ok(self.devices.host_fds()?)
     }
 
     /// Stops every vCPU (all are asked at once, then all answers collected).
@@ -358,7 +384,7 @@ impl Machine {
             vcpus.push(s);
         }
         let vm = state::save_vm(&self.vm)?;
-        let devices = self.devices.snapshot();
+        let devices = self.devices.save()?;
         Ok(MachineState {
             description: self.description(),
             vcpus,
@@ -382,8 +408,13 @@ impl Machine {
         let rebuilt = (|| {
             let (vm, serial_irq) = create_vm(&self.kvm, &self.ram, &mut None)?;
             let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
-            let devices =
-                attach_devices(&vm, serial_irq, &self.console, &self.wakers, &Source::Boot)?;
+            let devices = attach_devices(
+                &vm,
+                serial_irq,
+                &self.console,
+                &self.wakers,
+                &mut Source::Boot,
+            )?;
             let entry = self.load_guest()?;
             Ok((vm, fds, devices, entry))
         })();
@@ -452,7 +483,11 @@ impl Machine {
 
     /// Feeds typed console input to the UART; returns how many bytes it took.
     pub fn console_input(&self, bytes: &[u8]) -> usize {
-        lock(&self.devices.serial).enqueue_input(bytes)
+        self.devices
+            .with("serial", |uart: &mut SerialDevice| {
+                uart.enqueue_input(bytes)
+            })
+            .unwrap_or(0)
     }
 }
 
@@ -460,16 +495,19 @@ impl PreparedMachine {
     /// Applies `source` (boot, or a saved state) and starts the vCPU threads, paused.
     pub fn start(
         self,
-        source: Source<'_>,
+        mut source: Source<'_>,
         phases: Option<&mut PhaseLog>,
     ) -> Result<(Machine, Receiver<VcpuEvent>), MachineError> {
         let mut phases = phases;
+        if let Source::Restore { state, .. } = &source {
+            state::restore_vm_devices(&self.vm, &state.vm)?;
+        }
         let devices = attach_devices(
             &self.vm,
             self.serial_irq,
             &self.console,
             &self.wakers,
-            &source,
+            &mut source,
         )?;
         let mut machine = Machine {
             kvm: self.kvm,
@@ -538,6 +576,7 @@ pub fn describe(ram: &GuestRam, vcpus: u32, guest: &GuestBoot) -> MachineDescrip
         ram_size: ram.total_size(),
         regions: ram.layouts(),
         guest: GuestKind::of(guest),
+        devices: device_descriptions(),
     }
 }
 
@@ -599,82 +638,36 @@ fn create_vcpu_fds(vm: &VmFd, count: u32) -> Result<Vec<VcpuFd>, MachineError> {
         .collect()
 }
 
-/// Sets the in-kernel devices from `source` and creates the UART.
+/// Builds the emulated devices, at power-on or from `source`'s saved state.
 fn attach_devices(
     vm: &VmFd,
-    irq: EventFd,
+    serial_irq: EventFd,
     console: &ConsoleOutput,
     wakers: &MachineWakers,
-    source: &Source<'_>,
-) -> Result<Devices, MachineError> {
-    let mut saved: &[DeviceState] = &[];
-    if let Source::Restore(s) = source {
-        state::restore_vm_devices(vm, &s.vm)?;
-        saved = &s.devices;
-    }
-    let device_err = |device: &'static str| move |detail| MachineError::Device { device, detail };
-    let drained = InputDrained(wakers.input_drained.clone());
-    let mut serial = None;
-    let mut i8042 = None;
-    let mut rtc = None;
-    let mut pci = None;
-    // A device missing from the state (saved by an older VMM that did not have it) starts
-    // fresh, as it would at power-on.
-    for d in saved {
-        match d {
-            DeviceState::Serial(snap) => serial = Some(snap),
-            DeviceState::I8042(snap) => i8042 = Some(I8042::from_snapshot(snap)),
-            DeviceState::Rtc(snap) => {
-                rtc = Some(Rtc::from_snapshot(snap).map_err(device_err("rtc"))?)
-            }
-            DeviceState::PciConfig(snap) => pci = Some(PciConfigPorts::from_snapshot(snap)),
+    source: &mut Source<'_>,
+) -> Result<DeviceSet, MachineError> {
+    let (saved, host_fds) = match source {
+        Source::Boot => (None, HandedOverFds::default()),
+        Source::Restore { state, host_fds } => {
+            (Some(state.devices.as_slice()), std::mem::take(host_fds))
         }
-    }
-    let serial = match serial {
-        Some(snap) => SerialDevice::from_snapshot(snap, IrqTrigger(irq), drained, console.clone())
-            .map_err(device_err("serial"))?,
-        None => SerialDevice::new(IrqTrigger(irq), drained, console.clone()),
     };
-    Ok(Devices {
-        serial: Arc::new(Mutex::new(serial)),
-        i8042: Arc::new(Mutex::new(i8042.unwrap_or_default())),
-        rtc: Arc::new(Mutex::new(rtc.unwrap_or_default())),
-        pci: Arc::new(Mutex::new(pci.unwrap_or_default())),
-    })
-}
-
-/// The emulated devices of a PC: COM1, the i8042 (reset), the CMOS/RTC and the PCI
-/// configuration ports (no devices behind them).
-struct Devices {
-    serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042>>,
-    rtc: Arc<Mutex<Rtc>>,
-    pci: Arc<Mutex<PciConfigPorts>>,
-}
-
-impl Devices {
-    fn snapshot(&self) -> Vec<DeviceState> {
-        vec![
-            DeviceState::Serial(lock(&self.serial).snapshot()),
-            DeviceState::I8042(lock(&self.i8042).snapshot()),
-            DeviceState::Rtc(lock(&self.rtc).snapshot()),
-            DeviceState::PciConfig(lock(&self.pci).snapshot()),
-        ]
+    let mut ctx = DeviceContext {
+        vm,
+        console,
+        input_drained: &wakers.input_drained,
+        serial_irq: Some(serial_irq),
+        host_fds,
+    };
+    let set = DeviceSet::build(device_specs(), &mut ctx, saved)?;
+    let unclaimed = ctx.host_fds.names();
+    if !unclaimed.is_empty() {
+        log::warn!(
+            "host fds handed over for devices this machine does not have: {}",
+            unclaimed.join(", ")
+        );
     }
-
-    fn bus(&self) -> Result<Bus, BusOverlap> {
-        let mut bus = Bus::default();
-        bus.insert_pio(COM1_PORT, COM1_PORT_COUNT, self.serial.clone())?;
-        bus.insert_pio(I8042_BASE_PORT, I8042_PORT_COUNT, self.i8042.clone())?;
-        bus.insert_pio(RTC_BASE_PORT, RTC_PORT_COUNT, self.rtc.clone())?;
-        bus.insert_pio(
-            PCI_CONFIG_BASE_PORT,
-            PCI_CONFIG_PORT_COUNT,
-            self.pci.clone(),
-        )?;
-        bus.insert_pio(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
-        Ok(bus)
-    }
+    Ok(set)
 }
 
 /// What every fresh vCPU gets at power-on: its CPUID (KVM's supported set, with its APIC id

@@ -1,6 +1,6 @@
 //! `vmm`: a small KVM virtual machine monitor whose headline feature is live update by exec.
 //!
-//! Start-up follows the flow in DESIGN.md: parse the command line, then either boot a built-in
+//! Start-up follows the flow in docs/ARCHITECTURE.md: parse the command line, then either boot a built-in
 //! guest, or restore a saved machine (`-incoming`), and hand the machine to the control loop
 //! ([`control`]), which serves the QMP monitor and carries out migrations.
 
@@ -14,6 +14,7 @@ mod machine;
 mod memory;
 mod migration;
 mod qmp;
+mod unix_socket;
 mod vcpu;
 
 use std::process::ExitCode;

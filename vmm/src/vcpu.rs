@@ -21,7 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::{Bus, VmRequest};
-use crate::migration::state::{self, VcpuState};
+use crate::migration::state::{self, StateError, VcpuState};
 
 /// What a vCPU thread reports to the VMM thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,7 +33,28 @@ pub enum VcpuEventKind {
     /// A device asked something of the machine (e.g. the debug exit port).
     Request(VmRequest),
     /// KVM reported an error the vCPU cannot continue from.
-    Failed(String),
+    Failed(VcpuError),
+}
+
+/// Why a vCPU stopped on its own: KVM reported something it cannot continue from.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {index}: guest system event {event}")]
+    SystemEvent { index: u32, event: u32 },
+    #[error(
+        "vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
+    )]
+    FailEntry { index: u32, reason: u64, cpu: u32 },
+    #[error("vCPU {index}: KVM internal error (suberror {suberror})")]
+    InternalError { index: u32, suberror: u32 },
+    #[error("vCPU {index}: unexpected KVM exit {exit}")]
+    UnexpectedExit { index: u32, exit: String },
+    #[error("vCPU {index}: KVM_RUN: {source}")]
+    Run {
+        index: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -67,7 +88,7 @@ pub enum VcpuCommand {
     Resume,
     /// Pause (if running) and save this vCPU's state: one round trip, because on a live
     /// update's path every wake-up of a vCPU thread is blackout.
-    PauseAndSave(Sender<Result<VcpuState, String>>),
+    PauseAndSave(Sender<Result<VcpuState, StateError>>),
     /// End the thread.
     Exit,
 }
@@ -199,9 +220,65 @@ struct VcpuWorker {
     xsave_words: usize,
 }
 
+/// What the vCPU thread does after an exit from KVM_RUN.
+#[derive(Debug, PartialEq, Eq)]
 enum Flow {
+    /// Enter the guest again.
     Continue,
+    /// KVM_RUN was interrupted by a kick (or `immediate_exit`): clear `immediate_exit`, look at
+    /// the commands, then carry on.
+    Kicked,
+    /// Stop running and report this to the VMM thread.
     Stop(VcpuEventKind),
+}
+
+/// Decides what one return from KVM_RUN means for vCPU `index`, routing port I/O and MMIO to
+/// `bus`. `internal_suberror` is asked for only on a KVM internal error (it lives in `kvm_run`).
+/// Pure apart from the devices on the bus, so every exit kind is unit-tested without KVM.
+fn handle_exit(
+    index: u32,
+    exit: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    bus: &Bus,
+    internal_suberror: impl FnOnce() -> u32,
+) -> Flow {
+    let failed = |error| Flow::Stop(VcpuEventKind::Failed(error));
+    let request = |request: Option<VmRequest>| match request {
+        Some(request) => Flow::Stop(VcpuEventKind::Request(request)),
+        None => Flow::Continue,
+    };
+    let exit = match exit {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Flow::Kicked,
+        Err(source) => return failed(VcpuError::Run { index, source }),
+    };
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            bus.pio_read(port, data);
+            Flow::Continue
+        }
+        VcpuExit::IoOut(port, data) => request(bus.pio_write(port, data)),
+        VcpuExit::MmioRead(addr, data) => {
+            bus.mmio_read(addr, data);
+            Flow::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => request(bus.mmio_write(addr, data)),
+        VcpuExit::Shutdown => Flow::Stop(VcpuEventKind::Shutdown),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Flow::Stop(VcpuEventKind::Reset),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Flow::Stop(VcpuEventKind::Shutdown),
+            event => failed(VcpuError::SystemEvent { index, event }),
+        },
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Flow::Continue,
+        VcpuExit::FailEntry(reason, cpu) => failed(VcpuError::FailEntry { index, reason, cpu }),
+        VcpuExit::InternalError => failed(VcpuError::InternalError {
+            index,
+            suberror: internal_suberror(),
+        }),
+        other => failed(VcpuError::UnexpectedExit {
+            index,
+            exit: format!("{other:?}"),
+        }),
+    }
 }
 
 impl VcpuWorker {
@@ -265,8 +342,7 @@ impl VcpuWorker {
                 self.complete_pending_io();
                 *running = false;
                 let r =
-                    state::save_vcpu(&self.vcpu, self.index, &self.msr_indices, self.xsave_words)
-                        .map_err(|e| e.to_string());
+                    state::save_vcpu(&self.vcpu, self.index, &self.msr_indices, self.xsave_words);
                 let _ = reply.send(r);
             }
             VcpuCommand::Exit => return false,
@@ -289,51 +365,287 @@ impl VcpuWorker {
     }
 
     fn run_once(&mut self) -> Flow {
-        let index = self.index;
-        match self.vcpu.run() {
-            Ok(exit) => match exit {
-                VcpuExit::IoIn(port, data) => {
-                    self.bus.pio_read(port, data);
-                    Flow::Continue
-                }
-                VcpuExit::IoOut(port, data) => match self.bus.pio_write(port, data) {
-                    Some(request) => Flow::Stop(VcpuEventKind::Request(request)),
-                    None => Flow::Continue,
-                },
-                VcpuExit::MmioRead(addr, data) => {
-                    self.bus.mmio_read(addr, data);
-                    Flow::Continue
-                }
-                VcpuExit::MmioWrite(addr, data) => match self.bus.mmio_write(addr, data) {
-                    Some(request) => Flow::Stop(VcpuEventKind::Request(request)),
-                    None => Flow::Continue,
-                },
-                VcpuExit::Shutdown => Flow::Stop(VcpuEventKind::Shutdown),
-                VcpuExit::SystemEvent(kind, _) => match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => Flow::Stop(VcpuEventKind::Reset),
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Flow::Stop(VcpuEventKind::Shutdown),
-                    other => Flow::Stop(VcpuEventKind::Failed(format!(
-                        "vCPU {index}: guest system event {other}"
-                    ))),
-                },
-                VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Flow::Continue,
-                VcpuExit::FailEntry(reason, cpu) => Flow::Stop(VcpuEventKind::Failed(format!(
-                    "vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
-                ))),
-                VcpuExit::InternalError => Flow::Stop(VcpuEventKind::Failed(format!(
-                    "vCPU {index}: KVM internal error (suberror {})",
-                    // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` member.
-                    unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror }
-                ))),
-                other => Flow::Stop(VcpuEventKind::Failed(format!(
-                    "vCPU {index}: unexpected KVM exit {other:?}"
-                ))),
-            },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.vcpu.set_kvm_immediate_exit(0);
-                Flow::Continue
-            }
-            Err(e) => Flow::Stop(VcpuEventKind::Failed(format!("vCPU {index}: KVM_RUN: {e}"))),
+        let run: *const kvm_run = self.vcpu.get_kvm_run();
+        let exit = self.vcpu.run();
+        let flow = handle_exit(self.index, exit, &self.bus, || {
+            // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as `self.vcpu`; this is
+            // called only for KVM_EXIT_INTERNAL_ERROR, for which the kernel fills the `internal`
+            // member and the exit holds no reference into the mapping.
+            unsafe { (*run).__bindgen_anon_1.internal.suberror }
+        });
+        if flow == Flow::Kicked {
+            self.vcpu.set_kvm_immediate_exit(0);
+            return Flow::Continue;
         }
+        flow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::devices::{MmioDevice, PioDevice};
+
+    const PORT: u16 = 0x3f8;
+    const MMIO: u64 = 0xd000_0000;
+    /// Writing this byte makes the test device ask for a reset.
+    const RESET_BYTE: u8 = 0xfe;
+
+    /// Records what reaches it and answers reads with `offset + 0x40`.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<(u64, Vec<u8>)>,
+        reads: Vec<u64>,
+    }
+
+    impl Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            self.reads.push(offset);
+            data.fill(offset as u8 + 0x40);
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+            self.writes.push((offset, data.to_vec()));
+            (data == [RESET_BYTE]).then_some(VmRequest::Reset)
+        }
+    }
+
+    impl PioDevice for Recorder {
+        fn read(&mut self, offset: u16, data: &mut [u8]) {
+            Recorder::read(self, u64::from(offset), data)
+        }
+        fn write(&mut self, offset: u16, data: &[u8]) -> Option<VmRequest> {
+            Recorder::write(self, u64::from(offset), data)
+        }
+    }
+
+    impl MmioDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            Recorder::read(self, offset, data)
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+            Recorder::write(self, offset, data)
+        }
+    }
+
+    struct Fixture {
+        bus: Bus,
+        pio: Arc<Mutex<Recorder>>,
+        mmio: Arc<Mutex<Recorder>>,
+    }
+
+    fn fixture() -> Fixture {
+        let pio = Arc::new(Mutex::new(Recorder::default()));
+        let mmio = Arc::new(Mutex::new(Recorder::default()));
+        let mut bus = Bus::default();
+        bus.insert_pio(PORT, 8, pio.clone()).unwrap();
+        bus.insert_mmio(MMIO, 0x1000, mmio.clone()).unwrap();
+        Fixture { bus, pio, mmio }
+    }
+
+    /// Handles `exit` for vCPU 3; the internal-error suberror, if asked for, is 7.
+    fn handle(f: &Fixture, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Flow {
+        handle_exit(3, exit, &f.bus, || 7)
+    }
+
+    fn failed(error: VcpuError) -> Flow {
+        Flow::Stop(VcpuEventKind::Failed(error))
+    }
+
+    #[test]
+    fn port_reads_go_to_the_device_on_the_bus() {
+        let f = fixture();
+        let mut data = [0u8; 2];
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::IoIn(PORT + 5, &mut data))),
+            Flow::Continue
+        );
+        assert_eq!(data, [0x45, 0x45]);
+        assert_eq!(f.pio.lock().unwrap().reads, [5]);
+        assert!(f.mmio.lock().unwrap().reads.is_empty());
+    }
+
+    #[test]
+    fn port_writes_go_to_the_device_and_a_request_stops_the_vcpu() {
+        let f = fixture();
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::IoOut(PORT + 1, &[0x41]))),
+            Flow::Continue
+        );
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::IoOut(PORT + 2, &[RESET_BYTE]))),
+            Flow::Stop(VcpuEventKind::Request(VmRequest::Reset))
+        );
+        assert_eq!(
+            f.pio.lock().unwrap().writes,
+            [(1, vec![0x41]), (2, vec![RESET_BYTE])]
+        );
+    }
+
+    #[test]
+    fn mmio_reads_go_to_the_device_on_the_bus() {
+        let f = fixture();
+        let mut data = [0u8; 4];
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::MmioRead(MMIO + 0x10, &mut data))),
+            Flow::Continue
+        );
+        assert_eq!(data, [0x50; 4]);
+        assert_eq!(f.mmio.lock().unwrap().reads, [0x10]);
+        assert!(f.pio.lock().unwrap().reads.is_empty());
+    }
+
+    #[test]
+    fn mmio_writes_go_to_the_device_and_a_request_stops_the_vcpu() {
+        let f = fixture();
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::MmioWrite(MMIO + 4, &[1, 2, 3, 4]))),
+            Flow::Continue
+        );
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::MmioWrite(MMIO + 8, &[RESET_BYTE]))),
+            Flow::Stop(VcpuEventKind::Request(VmRequest::Reset))
+        );
+        assert_eq!(
+            f.mmio.lock().unwrap().writes,
+            [(4, vec![1, 2, 3, 4]), (8, vec![RESET_BYTE])]
+        );
+    }
+
+    #[test]
+    fn accesses_nothing_claims_read_all_ones_and_carry_on() {
+        let f = fixture();
+        let mut data = [0u8; 2];
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::IoIn(0x80, &mut data))),
+            Flow::Continue
+        );
+        assert_eq!(data, [0xff; 2]);
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::MmioWrite(0x1000, &[RESET_BYTE]))),
+            Flow::Continue
+        );
+        assert!(f.pio.lock().unwrap().writes.is_empty());
+        assert!(f.mmio.lock().unwrap().writes.is_empty());
+    }
+
+    #[test]
+    fn shutdown_stops_the_vcpu() {
+        let f = fixture();
+        assert_eq!(
+            handle(&f, Ok(VcpuExit::Shutdown)),
+            Flow::Stop(VcpuEventKind::Shutdown)
+        );
+    }
+
+    #[test]
+    fn system_events_reset_shut_down_or_fail() {
+        let f = fixture();
+        let data = [0u64; 1];
+        let event = |kind| VcpuExit::SystemEvent(kind, &data);
+        assert_eq!(
+            handle(&f, Ok(event(kvm_bindings::KVM_SYSTEM_EVENT_RESET))),
+            Flow::Stop(VcpuEventKind::Reset)
+        );
+        assert_eq!(
+            handle(&f, Ok(event(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN))),
+            Flow::Stop(VcpuEventKind::Shutdown)
+        );
+        let crash = kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
+        assert_eq!(
+            handle(&f, Ok(event(crash))),
+            failed(VcpuError::SystemEvent {
+                index: 3,
+                event: crash
+            })
+        );
+    }
+
+    #[test]
+    fn hlt_intr_and_irq_window_carry_on() {
+        let f = fixture();
+        for exit in [VcpuExit::Hlt, VcpuExit::Intr, VcpuExit::IrqWindowOpen] {
+            assert_eq!(handle(&f, Ok(exit)), Flow::Continue);
+        }
+    }
+
+    #[test]
+    fn a_kick_is_not_an_error() {
+        let f = fixture();
+        for errno in [libc::EINTR, libc::EAGAIN] {
+            let e = kvm_ioctls::Error::new(errno);
+            assert_eq!(handle(&f, Err(e)), Flow::Kicked);
+        }
+    }
+
+    #[test]
+    fn kvm_run_failing_stops_the_vcpu() {
+        let f = fixture();
+        let source = kvm_ioctls::Error::new(libc::EFAULT);
+        let flow = handle(&f, Err(source));
+        assert_eq!(flow, failed(VcpuError::Run { index: 3, source }));
+        let Flow::Stop(VcpuEventKind::Failed(e)) = flow else {
+            unreachable!()
+        };
+        assert!(e.to_string().starts_with("vCPU 3: KVM_RUN: "), "{e}");
+    }
+
+    #[test]
+    fn failed_entry_says_why_and_where() {
+        let f = fixture();
+        let flow = handle(&f, Ok(VcpuExit::FailEntry(0x21, 1)));
+        let error = VcpuError::FailEntry {
+            index: 3,
+            reason: 0x21,
+            cpu: 1,
+        };
+        assert_eq!(
+            error.to_string(),
+            "vCPU 3: KVM could not enter the guest (hardware reason 0x21, host CPU 1)"
+        );
+        assert_eq!(flow, failed(error));
+    }
+
+    #[test]
+    fn internal_error_carries_the_suberror() {
+        let f = fixture();
+        let flow = handle(&f, Ok(VcpuExit::InternalError));
+        let error = VcpuError::InternalError {
+            index: 3,
+            suberror: 7,
+        };
+        assert_eq!(error.to_string(), "vCPU 3: KVM internal error (suberror 7)");
+        assert_eq!(flow, failed(error));
+    }
+
+    #[test]
+    fn unknown_exits_stop_the_vcpu_and_name_the_exit() {
+        let f = fixture();
+        for (exit, name) in [
+            (VcpuExit::Unknown, "Unknown"),
+            (VcpuExit::Exception, "Exception"),
+            (VcpuExit::IoapicEoi(0x30), "IoapicEoi(48)"),
+        ] {
+            let error = VcpuError::UnexpectedExit {
+                index: 3,
+                exit: name.to_string(),
+            };
+            assert_eq!(
+                error.to_string(),
+                format!("vCPU 3: unexpected KVM exit {name}")
+            );
+            assert_eq!(handle(&f, Ok(exit)), failed(error));
+        }
+    }
+
+    #[test]
+    fn the_suberror_is_read_only_for_internal_errors() {
+        let f = fixture();
+        let flow = handle_exit(0, Ok(VcpuExit::Shutdown), &f.bus, || {
+            panic!("suberror read for a shutdown")
+        });
+        assert_eq!(flow, Flow::Stop(VcpuEventKind::Shutdown));
     }
 }

@@ -5,10 +5,11 @@
 //! an identity map covering the kernel, the zero page and the command line; a flat GDT;
 //! interrupts off; RSI pointing at `boot_params` (the "zero page"), which carries a copy of the
 //! image's setup header, the command line pointer, the initrd, the ACPI RSDP address and an e820
-//! memory map. An MP table and an ACPI MADT both describe the vCPUs and the IOAPIC (kernels
-//! without MP table support, such as Debian's cloud kernels, read only the MADT). Only the
-//! bootstrap processor (vCPU 0) starts at the entry point; the others stay in KVM's
-//! wait-for-INIT/SIPI state until the guest starts them through its local APIC.
+//! memory map. An MP table ([`super::mptable`]) and an ACPI MADT ([`super::acpi`]) both
+//! describe the vCPUs and the IOAPIC (kernels without MP table support, such as Debian's cloud
+//! kernels, read only the MADT). Only the bootstrap processor (vCPU 0) starts at the entry
+//! point; the others stay in KVM's wait-for-INIT/SIPI state until the guest starts them through
+//! its local APIC.
 //!
 //! Guest-physical memory map:
 //!
@@ -37,6 +38,8 @@ use std::io::Cursor;
 type Image<'a> = Cursor<&'a [u8]>;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+use super::{acpi, mptable};
 
 use kvm_bindings::kvm_regs;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -404,8 +407,13 @@ pub fn load_linux_images<M: GuestMemoryBackend>(
         .map_err(LinuxBootError::CmdlineWrite)?;
 
     let e820 = e820_map(ram_layout);
-    write_guest(mem, "MP table", MPTABLE_ADDR, &mptable(vcpus))?;
-    write_guest(mem, "ACPI tables", ACPI_RSDP_ADDR, &acpi_tables(vcpus))?;
+    write_guest(mem, "MP table", MPTABLE_ADDR, &mptable::mptable(vcpus))?;
+    write_guest(
+        mem,
+        "ACPI tables",
+        ACPI_RSDP_ADDR,
+        &acpi::acpi_tables(vcpus),
+    )?;
     write_boot_tables(mem)?;
 
     let params = fill_boot_params(header, &plan, cmdline.text.len(), initrd, &e820);
@@ -833,234 +841,6 @@ fn fill_boot_params(
     params
 }
 
-// ---------------------------------------------------------------------------------------------
-// MP table (Intel MultiProcessor Specification 1.4).
-//
-// At MPTABLE_ADDR, all little-endian:
-//
-//   +0   floating pointer (16 bytes): "_MP_", u32 address of the configuration table, u8 length
-//        in 16-byte units (1), u8 spec revision (4), u8 checksum, 5 feature bytes (0: the
-//        configuration table is present; no IMCR, virtual-wire mode)
-//   +16  configuration table header (44 bytes): "PCMP", u16 base table length, u8 revision (4),
-//        u8 checksum, 8-byte OEM id, 12-byte product id, u32 OEM table (0), u16 OEM table size
-//        (0), u16 entry count, u32 local APIC address, u16 extended length (0), u8 extended
-//        checksum (0), u8 reserved
-//   then the entries, in type order:
-//        processor (20 bytes) per vCPU: type 0, APIC id i, APIC version, flags (enabled; vCPU 0
-//            also bootstrap processor), u32 CPU signature, u32 feature flags, 8 reserved
-//        bus (8): type 1, bus id 0, "ISA   "
-//        I/O APIC (8): type 2, id = vcpus, version, flags (usable), u32 address
-//        I/O interrupt (8) per ISA IRQ 0..=15: type 3, INT, u16 flags (conforms to the bus),
-//            source bus 0, source IRQ n, destination IOAPIC, pin n (KVM's default routing)
-//        local interrupt (8) x2: type 4; ExtINT to LINT0 of APIC 0; NMI to LINT1 of all APICs
-//
-// Both checksums make their structure's bytes sum to 0 (mod 256).
-// ---------------------------------------------------------------------------------------------
-
-const MP_FLOATING_POINTER_SIZE: usize = 16;
-const MP_CONFIG_HEADER_SIZE: usize = 44;
-const MP_PROCESSOR_ENTRY_SIZE: usize = 20;
-const MP_SMALL_ENTRY_SIZE: usize = 8;
-const MP_SPEC_REVISION: u8 = 4;
-const MP_ENTRY_PROCESSOR: u8 = 0;
-const MP_ENTRY_BUS: u8 = 1;
-const MP_ENTRY_IOAPIC: u8 = 2;
-const MP_ENTRY_IO_INTERRUPT: u8 = 3;
-const MP_ENTRY_LOCAL_INTERRUPT: u8 = 4;
-const MP_CPU_ENABLED: u8 = 1 << 0;
-const MP_CPU_BOOTSTRAP: u8 = 1 << 1;
-const MP_IOAPIC_USABLE: u8 = 1 << 0;
-const MP_IRQ_INT: u8 = 0;
-const MP_IRQ_NMI: u8 = 1;
-const MP_IRQ_EXTINT: u8 = 3;
-/// KVM's LAPIC and IOAPIC version registers.
-const LAPIC_VERSION: u8 = 0x14;
-const IOAPIC_VERSION: u8 = 0x11;
-/// Family 6 in the CPU signature; FPU and APIC in the feature flags.
-const MP_CPU_SIGNATURE: u32 = 0x600;
-const MP_CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
-const ISA_IRQS: u8 = 16;
-const ISA_BUS_ID: u8 = 0;
-const ALL_APICS: u8 = 0xff;
-
-/// Size in bytes of the MP table for `vcpus` vCPUs.
-pub fn mptable_size(vcpus: u32) -> usize {
-    MP_FLOATING_POINTER_SIZE + MP_CONFIG_HEADER_SIZE + mptable_entries_size(vcpus)
-}
-
-fn mptable_entries_size(vcpus: u32) -> usize {
-    vcpus as usize * MP_PROCESSOR_ENTRY_SIZE
-        + (1 + 1 + usize::from(ISA_IRQS) + 2) * MP_SMALL_ENTRY_SIZE
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |sum, b| sum.wrapping_add(*b))
-        .wrapping_neg()
-}
-
-/// The MP table for `vcpus` (1..=[`MAX_LINUX_VCPUS`]) vCPUs, to be written at [`MPTABLE_ADDR`].
-fn mptable(vcpus: u32) -> Vec<u8> {
-    let ioapic_id = vcpus as u8;
-    let mut entries = Vec::with_capacity(mptable_entries_size(vcpus));
-    for cpu in 0..vcpus {
-        let flags = MP_CPU_ENABLED | if cpu == 0 { MP_CPU_BOOTSTRAP } else { 0 };
-        entries.extend_from_slice(&[MP_ENTRY_PROCESSOR, cpu as u8, LAPIC_VERSION, flags]);
-        entries.extend_from_slice(&MP_CPU_SIGNATURE.to_le_bytes());
-        entries.extend_from_slice(&MP_CPU_FEATURES.to_le_bytes());
-        entries.extend_from_slice(&[0; 8]);
-    }
-    entries.extend_from_slice(&[MP_ENTRY_BUS, ISA_BUS_ID]);
-    entries.extend_from_slice(b"ISA   ");
-    entries.extend_from_slice(&[MP_ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, MP_IOAPIC_USABLE]);
-    entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
-    for irq in 0..ISA_IRQS {
-        entries.extend_from_slice(&[MP_ENTRY_IO_INTERRUPT, MP_IRQ_INT, 0, 0]);
-        entries.extend_from_slice(&[ISA_BUS_ID, irq, ioapic_id, irq]);
-    }
-    entries.extend_from_slice(&[MP_ENTRY_LOCAL_INTERRUPT, MP_IRQ_EXTINT, 0, 0]);
-    entries.extend_from_slice(&[ISA_BUS_ID, 0, 0, 0]);
-    entries.extend_from_slice(&[MP_ENTRY_LOCAL_INTERRUPT, MP_IRQ_NMI, 0, 0]);
-    entries.extend_from_slice(&[ISA_BUS_ID, 0, ALL_APICS, 1]);
-    let entry_count = vcpus as u16 + 1 + 1 + u16::from(ISA_IRQS) + 2;
-
-    let config_addr = MPTABLE_ADDR as u32 + MP_FLOATING_POINTER_SIZE as u32;
-    let mut config = Vec::with_capacity(MP_CONFIG_HEADER_SIZE + entries.len());
-    config.extend_from_slice(b"PCMP");
-    config.extend_from_slice(&((MP_CONFIG_HEADER_SIZE + entries.len()) as u16).to_le_bytes());
-    config.extend_from_slice(&[MP_SPEC_REVISION, 0]);
-    config.extend_from_slice(b"CPR-VMM ");
-    config.extend_from_slice(b"LINUX-BOOT  ");
-    config.extend_from_slice(&0u32.to_le_bytes());
-    config.extend_from_slice(&0u16.to_le_bytes());
-    config.extend_from_slice(&entry_count.to_le_bytes());
-    config.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
-    config.extend_from_slice(&[0; 4]);
-    config.extend_from_slice(&entries);
-    config[7] = checksum(&config);
-
-    let mut table = Vec::with_capacity(mptable_size(vcpus));
-    table.extend_from_slice(b"_MP_");
-    table.extend_from_slice(&config_addr.to_le_bytes());
-    table.extend_from_slice(&[1, MP_SPEC_REVISION, 0, 0, 0, 0, 0, 0]);
-    table[10] = checksum(&table);
-    table.extend_from_slice(&config);
-    table
-}
-
-// The largest MP table stays inside the reserved EBDA..1 MiB range.
-const _: () = assert!(
-    EBDA_START as usize
-        + MP_FLOATING_POINTER_SIZE
-        + MP_CONFIG_HEADER_SIZE
-        + MAX_LINUX_VCPUS as usize * MP_PROCESSOR_ENTRY_SIZE
-        + 20 * MP_SMALL_ENTRY_SIZE
-        <= HIMEM_START as usize
-);
-
-// ---------------------------------------------------------------------------------------------
-// ACPI: just enough for the CPU and IOAPIC topology (kernels built without MP table support,
-// such as Debian's cloud kernels, take SMP information from the MADT only).
-//
-// At ACPI_RSDP_ADDR, all little-endian:
-//
-//   +0x00  RSDP, revision 2 (36 bytes): "RSD PTR ", checksum of the first 20 bytes, OEM id,
-//          revision 2, u32 RSDT address (0: none), u32 length 36, u64 XSDT address, extended
-//          checksum of all 36 bytes, 3 reserved
-//   +0x40  XSDT (36-byte header "XSDT" + one u64 entry: the MADT)
-//   +0x80  MADT (36-byte header "APIC", u32 local APIC address, u32 flags = PCAT_COMPAT (dual
-//          8259s present)), then: processor local APIC (type 0, 8 bytes) per vCPU with ACPI
-//          processor UID i, APIC id i, enabled; I/O APIC (type 1, 12 bytes) id = vcpus at
-//          0xfec00000, GSI base 0; local APIC NMI (type 4, 6 bytes) on LINT1 of all processors
-//
-// No FADT/DSDT: there is no ACPI hardware (PM timer, SCI, power button). A kernel reads the
-// MADT at boot, then reports that it cannot load the (absent) DSDT and runs without ACPI.
-// ISA IRQs map to the same-numbered IOAPIC pins, as the absence of interrupt source overrides
-// says and KVM routes them.
-// ---------------------------------------------------------------------------------------------
-
-const ACPI_RSDP_SIZE: usize = 36;
-const ACPI_XSDT_OFFSET: usize = 0x40;
-const ACPI_MADT_OFFSET: usize = 0x80;
-const ACPI_HEADER_SIZE: usize = 36;
-const ACPI_OEM_ID: &[u8; 6] = b"CPRVMM";
-const ACPI_OEM_TABLE_ID: &[u8; 8] = b"CPRVMMLX";
-const ACPI_CREATOR_ID: &[u8; 4] = b"CPRV";
-const MADT_PCAT_COMPAT: u32 = 1;
-const MADT_LOCAL_APIC: u8 = 0;
-const MADT_IOAPIC: u8 = 1;
-const MADT_LOCAL_APIC_NMI: u8 = 4;
-const MADT_LAPIC_ENABLED: u32 = 1;
-const ACPI_ALL_PROCESSORS: u8 = 0xff;
-
-/// A table: the standard header (checksum filled in) followed by `body`.
-fn acpi_table(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
-    let len = ACPI_HEADER_SIZE + body.len();
-    let mut t = Vec::with_capacity(len);
-    t.extend_from_slice(signature);
-    t.extend_from_slice(&(len as u32).to_le_bytes());
-    t.extend_from_slice(&[revision, 0]);
-    t.extend_from_slice(ACPI_OEM_ID);
-    t.extend_from_slice(ACPI_OEM_TABLE_ID);
-    t.extend_from_slice(&1u32.to_le_bytes());
-    t.extend_from_slice(ACPI_CREATOR_ID);
-    t.extend_from_slice(&1u32.to_le_bytes());
-    t.extend_from_slice(body);
-    t[9] = checksum(&t);
-    t
-}
-
-/// RSDP, XSDT and MADT for `vcpus` vCPUs, to be written at [`ACPI_RSDP_ADDR`].
-fn acpi_tables(vcpus: u32) -> Vec<u8> {
-    let mut madt = Vec::new();
-    madt.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
-    madt.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
-    for cpu in 0..vcpus {
-        madt.extend_from_slice(&[MADT_LOCAL_APIC, 8, cpu as u8, cpu as u8]);
-        madt.extend_from_slice(&MADT_LAPIC_ENABLED.to_le_bytes());
-    }
-    madt.extend_from_slice(&[MADT_IOAPIC, 12, vcpus as u8, 0]);
-    madt.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
-    madt.extend_from_slice(&0u32.to_le_bytes());
-    madt.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, ACPI_ALL_PROCESSORS, 0, 0, 1]);
-    let madt = acpi_table(b"APIC", 5, &madt);
-
-    let madt_addr = ACPI_RSDP_ADDR + ACPI_MADT_OFFSET as u64;
-    let xsdt = acpi_table(b"XSDT", 1, &madt_addr.to_le_bytes());
-
-    let mut rsdp = Vec::with_capacity(ACPI_RSDP_SIZE);
-    rsdp.extend_from_slice(b"RSD PTR ");
-    rsdp.push(0);
-    rsdp.extend_from_slice(ACPI_OEM_ID);
-    rsdp.push(2);
-    rsdp.extend_from_slice(&0u32.to_le_bytes());
-    rsdp.extend_from_slice(&(ACPI_RSDP_SIZE as u32).to_le_bytes());
-    rsdp.extend_from_slice(&(ACPI_RSDP_ADDR + ACPI_XSDT_OFFSET as u64).to_le_bytes());
-    rsdp.extend_from_slice(&[0; 4]);
-    rsdp[8] = checksum(&rsdp[..20]);
-    rsdp[32] = checksum(&rsdp);
-
-    let mut tables = vec![0u8; ACPI_MADT_OFFSET + madt.len()];
-    tables[..ACPI_RSDP_SIZE].copy_from_slice(&rsdp);
-    tables[ACPI_XSDT_OFFSET..ACPI_XSDT_OFFSET + xsdt.len()].copy_from_slice(&xsdt);
-    tables[ACPI_MADT_OFFSET..].copy_from_slice(&madt);
-    tables
-}
-
-// The largest ACPI tables stay below 1 MiB, in the reserved BIOS area.
-const _: () = assert!(
-    ACPI_RSDP_ADDR as usize
-        + ACPI_MADT_OFFSET
-        + ACPI_HEADER_SIZE
-        + 8
-        + MAX_LINUX_VCPUS as usize * 8
-        + 12
-        + 6
-        <= HIMEM_START as usize
-);
-const _: () = assert!(EBDA_START as usize + 0x1800 <= ACPI_RSDP_ADDR as usize);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1290,110 +1070,6 @@ mod tests {
         for ram in [2 * MIB, GIB, 3 * GIB, 5 * GIB] {
             let map = e820_map(&layout(ram));
             assert_eq!(map.iter().map(|e| e.size).sum::<u64>(), ram);
-        }
-    }
-
-    #[test]
-    fn mptable_is_well_formed() {
-        for vcpus in [1, 2, 8, MAX_LINUX_VCPUS] {
-            let t = mptable(vcpus);
-            assert_eq!(t.len(), mptable_size(vcpus));
-            assert_eq!(&t[..4], b"_MP_");
-            assert_eq!(t[..16].iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0);
-            let config_addr = u32::from_le_bytes(t[4..8].try_into().unwrap());
-            assert_eq!(u64::from(config_addr), MPTABLE_ADDR + 16);
-            let config = &t[16..];
-            assert_eq!(&config[..4], b"PCMP");
-            let len = u16::from_le_bytes([config[4], config[5]]) as usize;
-            assert_eq!(len, config.len());
-            assert_eq!(config.iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0);
-            let count = u16::from_le_bytes([config[34], config[35]]);
-            assert_eq!(count as u32, vcpus + 20);
-            assert_eq!(
-                u32::from_le_bytes(config[36..40].try_into().unwrap()),
-                LAPIC_ADDR
-            );
-            // Walk the entries.
-            let mut at = 44;
-            let mut cpus = Vec::new();
-            let mut ioapic = None;
-            let mut irqs = Vec::new();
-            for _ in 0..count {
-                match config[at] {
-                    MP_ENTRY_PROCESSOR => {
-                        cpus.push((config[at + 1], config[at + 3]));
-                        at += 20;
-                    }
-                    MP_ENTRY_IOAPIC => {
-                        ioapic = Some((
-                            config[at + 1],
-                            u32::from_le_bytes(config[at + 4..at + 8].try_into().unwrap()),
-                        ));
-                        at += 8;
-                    }
-                    MP_ENTRY_IO_INTERRUPT => {
-                        irqs.push((config[at + 5], config[at + 6], config[at + 7]));
-                        at += 8;
-                    }
-                    _ => at += 8,
-                }
-            }
-            assert_eq!(at, config.len());
-            let expected: Vec<(u8, u8)> = (0..vcpus)
-                .map(|i| (i as u8, if i == 0 { 3 } else { 1 }))
-                .collect();
-            assert_eq!(cpus, expected);
-            assert_eq!(ioapic, Some((vcpus as u8, IOAPIC_ADDR)));
-            let expected_irqs: Vec<_> = (0..16).map(|i| (i, vcpus as u8, i)).collect();
-            assert_eq!(irqs, expected_irqs);
-            assert!(MPTABLE_ADDR + t.len() as u64 <= HIMEM_START);
-        }
-    }
-
-    #[test]
-    fn acpi_tables_are_well_formed() {
-        let sum = |b: &[u8]| b.iter().fold(0u8, |s, x| s.wrapping_add(*x));
-        let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        for vcpus in [1, 3, MAX_LINUX_VCPUS] {
-            let t = acpi_tables(vcpus);
-            assert!(ACPI_RSDP_ADDR + t.len() as u64 <= HIMEM_START);
-            let rsdp = &t[..ACPI_RSDP_SIZE];
-            assert_eq!(&rsdp[..8], b"RSD PTR ");
-            assert_eq!(sum(&rsdp[..20]), 0);
-            assert_eq!(sum(rsdp), 0);
-            assert_eq!(rsdp[15], 2, "revision");
-            assert_eq!(u32_at(rsdp, 20), 36);
-            let xsdt_off = (u64_at(rsdp, 24) - ACPI_RSDP_ADDR) as usize;
-            let xsdt = &t[xsdt_off..xsdt_off + u32_at(&t, xsdt_off + 4) as usize];
-            assert_eq!(&xsdt[..4], b"XSDT");
-            assert_eq!(sum(xsdt), 0);
-            assert_eq!(xsdt.len(), 44);
-            let madt_off = (u64_at(xsdt, 36) - ACPI_RSDP_ADDR) as usize;
-            let madt = &t[madt_off..];
-            assert_eq!(&madt[..4], b"APIC");
-            assert_eq!(u32_at(madt, 4) as usize, madt.len());
-            assert_eq!(sum(madt), 0);
-            assert_eq!(u32_at(madt, 36), LAPIC_ADDR);
-            let mut at = 44;
-            let mut lapics = Vec::new();
-            let mut ioapics = Vec::new();
-            let mut nmis = 0;
-            while at < madt.len() {
-                let (kind, len) = (madt[at], madt[at + 1] as usize);
-                match kind {
-                    0 => lapics.push((madt[at + 2], madt[at + 3], u32_at(madt, at + 4))),
-                    1 => ioapics.push((madt[at + 2], u32_at(madt, at + 4), u32_at(madt, at + 8))),
-                    4 => nmis += 1,
-                    other => panic!("unexpected MADT entry {other}"),
-                }
-                at += len;
-            }
-            assert_eq!(at, madt.len());
-            let expected: Vec<_> = (0..vcpus).map(|i| (i as u8, i as u8, 1)).collect();
-            assert_eq!(lapics, expected);
-            assert_eq!(ioapics, vec![(vcpus as u8, IOAPIC_ADDR, 0)]);
-            assert_eq!(nmis, 1);
         }
     }
 

@@ -19,7 +19,9 @@
 //!
 //! Guest-side constants live in `guests/abi.inc`; keep both in sync.
 
+mod acpi;
 pub mod linux;
+mod mptable;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
@@ -395,6 +397,32 @@ fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
         g,
         unusable: 1 - bit(47),
         padding: 0,
+    }
+}
+
+/// The byte that makes `parts` (one table, possibly in pieces) sum to 0 (mod 256), as the MP and
+/// ACPI tables' checksum fields require; the checksum field itself must be 0 in `parts`.
+fn table_checksum(parts: &[&[u8]]) -> u8 {
+    parts
+        .iter()
+        .flat_map(|part| part.iter())
+        .fold(0u8, |sum, b| sum.wrapping_add(*b))
+        .wrapping_neg()
+}
+
+/// Helpers for tests that pin the bytes of tables written into guest RAM.
+#[cfg(test)]
+mod test_golden {
+    /// The bytes in lowercase hex.
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The 64-bit FNV-1a hash of the bytes.
+    pub fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+            (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
     }
 }
 

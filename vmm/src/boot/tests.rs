@@ -1,34 +1,35 @@
 //! Tests of the built-in guest boot code.
 //!
-//! The KVM tests run the real guest images in a minimal VM built directly with
-//! kvm-ioctls (in-kernel irqchip, PIT, one RAM slot, one thread per vCPU) and
-//! are skipped with a message when /dev/kvm cannot be opened. They are
-//! serialized with a lock: the host may have only 2 cores and slow nested KVM.
+//! The KVM tests run the real guest images on the VMM's own [`Machine`] (its VM,
+//! devices, CPUID, vCPU threads and save/restore), with the serial console
+//! captured, and are skipped with a message when /dev/kvm cannot be opened.
+//! They are serialized with a lock: the host may have only 2 cores and slow
+//! nested KVM.
 
 use super::*;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, PoisonError};
-use std::thread::JoinHandle;
+use std::io::{PipeReader, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::mpsc::Receiver;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, kvm_lapic_state, kvm_mp_state,
-    kvm_pit_config, kvm_userspace_memory_region, kvm_vcpu_events,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use kvm_ioctls::Kvm;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use vm_memory::GuestMemoryMmap;
+
+use crate::cli::{GuestBoot, GuestSpec};
+use crate::devices::VmRequest;
+use crate::devices::console::ConsoleOutput;
+use crate::machine::{Machine, Source};
+use crate::memory::GuestRam;
+use crate::vcpu::{VcpuEvent, VcpuEventKind};
 
 const MIB: u64 = 1 << 20;
 const TEST_RAM_SIZE: u64 = 64 * MIB;
-const SERIAL_PORT: u16 = 0x3f8;
 const TEST_TICK_HZ: u32 = 50;
 /// How long to wait for expected guest output. Generous: nested KVM is slow.
 const OUTPUT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Real-time signal offset used to kick vCPU threads out of KVM_RUN; unusual
-/// so that it does not collide with a kick signal of the VMM proper.
-const KICK_SIGNAL_OFFSET: i32 = 7;
 
 /// Serializes the KVM tests.
 static KVM_TESTS: Mutex<()> = Mutex::new(());
@@ -337,16 +338,16 @@ fn check_memcheck_dump(bytes: &[u8]) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------
-// Minimal VM harness.
+// Test harness: the VMM's own machine.
 // ---------------------------------------------------------------------------
 
 #[derive(Default)]
 struct Output {
-    /// Bytes written to the serial THR.
+    /// Bytes the guest wrote to the serial port.
     serial: Vec<u8>,
     /// Byte written to the debug exit port, if any.
     exit_code: Option<u8>,
-    /// Unexpected vCPU exit or KVM error.
+    /// A vCPU that stopped on an error or an unexpected event.
     error: Option<String>,
 }
 
@@ -356,95 +357,37 @@ impl Output {
     }
 }
 
-#[derive(Default)]
-struct Shared {
-    output: Mutex<Output>,
-    changed: Condvar,
-    stop: AtomicBool,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Output> {
-        self.output.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn update(&self, f: impl FnOnce(&mut Output)) {
-        f(&mut self.lock());
-        self.changed.notify_all();
-    }
-}
-
-/// A running test VM. Dropping it stops the vCPU threads.
+/// A running guest on the VMM's [`Machine`] (its VM, devices, CPUID and vCPU threads), with the
+/// serial console captured through a pipe. Dropping it stops the vCPU threads.
 struct TestVm {
-    // Drop order matters: the VM goes before the memory it maps.
-    threads: Vec<JoinHandle<VcpuFd>>,
-    /// The vCPUs, once `stop` has joined their threads.
-    vcpus: Vec<VcpuFd>,
-    shared: Arc<Shared>,
-    _vm: VmFd,
-    _kvm: Kvm,
-    mem: GuestMemoryMmap,
+    machine: Machine,
+    events: Receiver<VcpuEvent>,
+    guest: GuestBoot,
+    vcpus: u32,
+    serial_in: PipeReader,
+    out: Output,
     /// Held while the VM exists: the KVM tests run one at a time.
-    serial: Option<MutexGuard<'static, ()>>,
+    _serialized: MutexGuard<'static, ()>,
 }
 
-/// What a save/restore must carry per vCPU for the built-in guests.
-struct VcpuState {
-    regs: kvm_regs,
-    sregs: kvm_sregs,
-    fpu: kvm_fpu,
-    lapic: kvm_lapic_state,
-    mp_state: kvm_mp_state,
-    events: kvm_vcpu_events,
+fn guest_boot(guest: BuiltinGuest, p: &GuestParams) -> GuestBoot {
+    GuestBoot::Builtin(GuestSpec {
+        guest,
+        tick_hz: p.tick_hz,
+        exit_after_ticks: p.exit_after_ticks,
+        exit_code: p.exit_code,
+    })
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
-}
-
-fn kick_signal() -> i32 {
-    SIGRTMIN() + KICK_SIGNAL_OFFSET
-}
-
-/// The supported CPUID with the APIC id of vCPU `index`.
-fn vcpu_cpuid(supported: &CpuId, index: u32) -> CpuId {
-    let mut cpuid = supported.clone();
-    for entry in cpuid.as_mut_slice() {
-        match entry.function {
-            // Initial APIC id in EBX[31:24].
-            0x1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (index << 24),
-            // x2APIC id of the topology leaves.
-            0xb | 0x1f => entry.edx = index,
-            _ => {}
-        }
-    }
-    cpuid
-}
-
-/// A VM with in-kernel irqchip and PIT, and `ram_size` bytes of RAM at 0.
-fn create_vm(kvm: &Kvm, ram_size: u64) -> (VmFd, GuestMemoryMmap) {
-    let vm = kvm.create_vm().unwrap();
-    vm.set_tss_address(0xfffb_d000).unwrap();
-    vm.create_irq_chip().unwrap();
-    vm.create_pit2(kvm_pit_config::default()).unwrap();
-
-    let mem = test_memory(ram_size);
-    let host_addr = mem.get_host_address(GuestAddress(0)).unwrap();
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram_size,
-        userspace_addr: host_addr as u64,
-    };
-    // `host_addr` is the start of a mapping of `ram_size` bytes owned by `mem`.
-    // SAFETY: the caller keeps `mem` (in a TestVm) until after the VM and vCPU fds are closed.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
-    (vm, mem)
+/// A console whose output can be read back from the returned pipe.
+fn captured_console() -> (ConsoleOutput, PipeReader) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let console = ConsoleOutput::to_file(std::fs::File::from(OwnedFd::from(writer)));
+    (console, reader)
 }
 
 impl TestVm {
-    /// Boots `guest` on a fresh VM; `None` if KVM is not available.
+    /// Boots `guest` on a fresh machine; `None` if KVM is not available.
     fn start(guest: BuiltinGuest, p: &GuestParams) -> Option<TestVm> {
         Self::start_with(guest, p, |_| {})
     }
@@ -455,242 +398,182 @@ impl TestVm {
         p: &GuestParams,
         patch: impl FnOnce(&GuestMemoryMmap),
     ) -> Option<TestVm> {
-        let serial = KVM_TESTS.lock().unwrap_or_else(PoisonError::into_inner);
-        let kvm = match Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping KVM test: cannot open /dev/kvm: {e}");
-                return None;
-            }
+        let serialized = KVM_TESTS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = Kvm::new() {
+            eprintln!("skipping KVM test: cannot open /dev/kvm: {e}");
+            return None;
+        }
+        crate::vcpu::install_kick_handler().unwrap();
+        let ram = GuestRam::create(p.ram_end, false, false).unwrap();
+        let guest = guest_boot(guest, p);
+        let (console, serial_in) = captured_console();
+        let (machine, events) = Machine::build(
+            ram,
+            p.vcpu_count,
+            guest.clone(),
+            console,
+            Source::Boot,
+            None,
+        )
+        .unwrap();
+        // The vCPUs start paused: the guest is loaded but has not run.
+        patch(machine.ram().memory());
+        let mut vm = TestVm {
+            machine,
+            events,
+            guest,
+            vcpus: p.vcpu_count,
+            serial_in,
+            out: Output::default(),
+            _serialized: serialized,
         };
-        let (vm, mem) = create_vm(&kvm, p.ram_end);
-        load_builtin_guest(&mem, guest, p).unwrap();
-        patch(&mem);
-
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
-        let vcpus = (0..p.vcpu_count)
-            .map(|index| {
-                let vcpu = vm.create_vcpu(u64::from(index)).unwrap();
-                vcpu.set_cpuid2(&vcpu_cpuid(&supported, index)).unwrap();
-                let mut sregs = vcpu.get_sregs().unwrap();
-                setup_long_mode_sregs(&mut sregs);
-                vcpu.set_sregs(&sregs).unwrap();
-                vcpu.set_regs(&builtin_boot_regs(index)).unwrap();
-                vcpu.set_fpu(&builtin_boot_fpu()).unwrap();
-                if index > 0 {
-                    // APs start UNINITIALIZED (waiting for INIT/SIPI).
-                    let runnable = kvm_mp_state {
-                        mp_state: KVM_MP_STATE_RUNNABLE,
-                    };
-                    vcpu.set_mp_state(runnable).unwrap();
-                }
-                vcpu
-            })
-            .collect();
-        Some(Self::run(kvm, vm, mem, vcpus, serial))
+        vm.machine.resume();
+        Some(vm)
     }
 
-    /// Starts one thread per vCPU.
-    fn run(
-        kvm: Kvm,
-        vm: VmFd,
-        mem: GuestMemoryMmap,
-        vcpus: Vec<VcpuFd>,
-        serial: MutexGuard<'static, ()>,
-    ) -> TestVm {
-        static KICK_HANDLER: Once = Once::new();
-        KICK_HANDLER.call_once(|| register_signal_handler(kick_signal(), kick_handler).unwrap());
-        let shared = Arc::new(Shared::default());
-        let threads = vcpus
-            .into_iter()
-            .enumerate()
-            .map(|(index, vcpu)| {
-                let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("test-vcpu{index}"))
-                    .spawn(move || run_vcpu(vcpu, index, &shared))
-                    .unwrap()
-            })
-            .collect();
-        TestVm {
-            threads,
-            vcpus: Vec::new(),
-            shared,
-            _vm: vm,
-            _kvm: kvm,
-            mem,
-            serial: Some(serial),
+    fn memory(&self) -> &GuestMemoryMmap {
+        self.machine.ram().memory()
+    }
+
+    /// Waits up to `timeout` for serial output or a vCPU event, and takes in what arrived.
+    fn pump(&mut self, timeout: Duration) {
+        let wake = self.machine.wakers().vcpu_events.clone();
+        // SAFETY: `wake` keeps the eventfd open for as long as this borrow is used (this call).
+        let wake_fd = unsafe { BorrowedFd::borrow_raw(wake.as_raw_fd()) };
+        let mut fds = [
+            PollFd::new(self.serial_in.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake_fd, PollFlags::POLLIN),
+        ];
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => panic!("poll: {e}"),
+        }
+        let serial_ready = fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP));
+        if serial_ready {
+            let mut buf = [0u8; 4096];
+            let n = self.serial_in.read(&mut buf).unwrap();
+            self.out.serial.extend_from_slice(&buf[..n]);
+        }
+        let _ = wake.read();
+        while let Ok(event) = self.events.try_recv() {
+            match event.kind {
+                VcpuEventKind::Request(VmRequest::Exit(code)) => self.out.exit_code = Some(code),
+                other => {
+                    let msg = format!("vCPU {}: {other:?}", event.index);
+                    self.out.error.get_or_insert(msg);
+                }
+            }
         }
     }
 
     /// Waits until `done` holds for the output; panics with the output so
     /// far on timeout, vCPU error or an unexpected guest exit.
-    fn wait_for(&self, what: &str, done: impl Fn(&Output) -> bool) -> String {
+    fn wait_for(&mut self, what: &str, done: impl Fn(&Output) -> bool) -> String {
         let deadline = Instant::now() + OUTPUT_TIMEOUT;
-        let mut out = self.shared.lock();
         loop {
-            if done(&out) {
-                return out.text();
+            if done(&self.out) {
+                return self.out.text();
             }
-            if let Some(err) = &out.error {
+            if let Some(err) = &self.out.error {
                 panic!(
                     "vCPU failed while waiting for {what}: {err}\nserial output:\n{}",
-                    out.text()
+                    self.out.text()
                 );
             }
-            if let Some(code) = out.exit_code {
+            if let Some(code) = self.out.exit_code {
                 panic!(
                     "guest exited with {code:#x} while waiting for {what}\nserial output:\n{}",
-                    out.text()
+                    self.out.text()
                 );
             }
             let now = Instant::now();
             if now >= deadline {
                 panic!(
                     "timed out after {OUTPUT_TIMEOUT:?} waiting for {what}\nserial output:\n{}",
-                    out.text()
+                    self.out.text()
                 );
             }
-            out = self
-                .shared
-                .changed
-                .wait_timeout(out, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            self.pump(deadline - now);
         }
     }
 
-    fn wait_for_text(&self, needle: &str) -> String {
+    fn wait_for_text(&mut self, needle: &str) -> String {
         self.wait_for(&format!("{needle:?}"), |out| out.text().contains(needle))
     }
 
-    /// Stops all vCPU threads: sets the stop flag and kicks each thread out of
-    /// KVM_RUN with a signal until it has exited (a kick that lands just
-    /// before KVM_RUN is entered would be lost, hence the repetition).
-    /// Returns the output collected so far.
+    /// Pauses every vCPU (the machine's own pause) and returns the output collected so far:
+    /// all of it, since the UART writes synchronously before a vCPU acknowledges the pause.
     fn stop(&mut self) -> Output {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.threads.iter().any(|t| !t.is_finished()) {
-            if Instant::now() > deadline {
-                eprintln!("warning: vCPU threads did not stop; leaving them behind");
-                self.threads.clear();
+        self.machine.pause().unwrap();
+        self.pump(Duration::ZERO);
+        loop {
+            let before = self.out.serial.len();
+            self.pump(Duration::ZERO);
+            if self.out.serial.len() == before {
                 break;
             }
-            for thread in self.threads.iter().filter(|t| !t.is_finished()) {
-                let _ = thread.kill(kick_signal());
-            }
-            std::thread::sleep(Duration::from_millis(2));
         }
-        for thread in self.threads.drain(..) {
-            self.vcpus.push(thread.join().unwrap());
-        }
-        std::mem::take(&mut *self.shared.lock())
+        std::mem::take(&mut self.out)
     }
 
     /// Per-vCPU area of vCPU `index`: (tick counter, last tick printed).
     fn percpu(&self, index: u64) -> (u64, u64) {
         let base = PERCPU_AREA_ADDR + index * PERCPU_AREA_SIZE;
-        (read_u64(&self.mem, base), read_u64(&self.mem, base + 8))
+        (
+            read_u64(self.memory(), base),
+            read_u64(self.memory(), base + 8),
+        )
     }
 
-    /// Stops this VM, saves RAM and vCPU state, and resumes it in a new VM.
-    /// Returns the output of this VM and the new VM.
+    /// Saves this machine as a live update would (every vCPU paused and saved, with devices and
+    /// the VM clock), copies RAM, and resumes it on a new machine. Returns the output of this
+    /// machine and the new one.
     fn save_and_restore(mut self) -> (Output, TestVm) {
+        let state = self.machine.pause_and_save().unwrap();
         let out = self.stop();
-        let states: Vec<VcpuState> = self
-            .vcpus
-            .iter_mut()
-            .map(|vcpu| {
-                // A KVM_RUN with immediate_exit completes an I/O exit that is
-                // still pending (e.g. advances RIP past an OUT) without
-                // entering the guest, so the state below is consistent.
-                vcpu.set_kvm_immediate_exit(1);
-                let err = vcpu.run().map(|_| ()).unwrap_err();
-                assert_eq!(err.errno(), libc::EINTR);
-                vcpu.set_kvm_immediate_exit(0);
-                VcpuState {
-                    regs: vcpu.get_regs().unwrap(),
-                    sregs: vcpu.get_sregs().unwrap(),
-                    fpu: vcpu.get_fpu().unwrap(),
-                    lapic: vcpu.get_lapic().unwrap(),
-                    mp_state: vcpu.get_mp_state().unwrap(),
-                    events: vcpu.get_vcpu_events().unwrap(),
-                }
-            })
-            .collect();
-        let ram_size = self.mem.last_addr().0 + 1;
-        let mut ram = vec![0u8; ram_size as usize];
-        self.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
-
-        let kvm = Kvm::new().unwrap();
-        let (vm, mem) = create_vm(&kvm, ram_size);
-        mem.write_slice(&ram, GuestAddress(0)).unwrap();
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
-        let vcpus = states
-            .iter()
-            .enumerate()
-            .map(|(index, state)| {
-                let vcpu = vm.create_vcpu(index as u64).unwrap();
-                vcpu.set_cpuid2(&vcpu_cpuid(&supported, index as u32))
-                    .unwrap();
-                vcpu.set_mp_state(state.mp_state).unwrap();
-                vcpu.set_regs(&state.regs).unwrap();
-                vcpu.set_sregs(&state.sregs).unwrap();
-                vcpu.set_fpu(&state.fpu).unwrap();
-                vcpu.set_lapic(&state.lapic).unwrap();
-                vcpu.set_vcpu_events(&state.events).unwrap();
-                vcpu
-            })
-            .collect();
-        let serial = self.serial.take().unwrap();
-        drop(self);
-        (out, Self::run(kvm, vm, mem, vcpus, serial))
+        let ram_size = self.machine.ram().total_size();
+        let ram = GuestRam::create(ram_size, false, false).unwrap();
+        let mut bytes = vec![0u8; ram_size as usize];
+        self.memory()
+            .read_slice(&mut bytes, GuestAddress(0))
+            .unwrap();
+        ram.memory().write_slice(&bytes, GuestAddress(0)).unwrap();
+        let TestVm {
+            machine,
+            guest,
+            vcpus,
+            _serialized,
+            ..
+        } = self;
+        drop(machine);
+        let (console, serial_in) = captured_console();
+        let (machine, events) = Machine::build(
+            ram,
+            vcpus,
+            guest.clone(),
+            console,
+            Source::Restore {
+                state: &state,
+                host_fds: Default::default(),
+            },
+            None,
+        )
+        .unwrap();
+        let mut vm = TestVm {
+            machine,
+            events,
+            guest,
+            vcpus,
+            serial_in,
+            out: Output::default(),
+            _serialized,
+        };
+        vm.machine.resume();
+        (out, vm)
     }
-}
-
-impl Drop for TestVm {
-    fn drop(&mut self) {
-        self.stop();
-        // Close the vCPU fds, then (by field order) the VM, then the memory.
-        self.vcpus.clear();
-    }
-}
-
-/// One vCPU thread: runs until the stop flag, a debug-port exit or an error,
-/// then hands the vCPU back.
-fn run_vcpu(mut vcpu: VcpuFd, index: usize, shared: &Shared) -> VcpuFd {
-    while !shared.stop.load(Ordering::SeqCst) {
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(SERIAL_PORT, data)) => {
-                let data = data.to_vec();
-                shared.update(|out| out.serial.extend_from_slice(&data));
-            }
-            Ok(VcpuExit::IoOut(DEBUG_EXIT_PORT, data)) => {
-                let code = data.first().copied().unwrap_or(0);
-                shared.stop.store(true, Ordering::SeqCst);
-                shared.update(|out| out.exit_code = Some(code));
-            }
-            Ok(VcpuExit::IoOut(..)) => {}
-            Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
-            Ok(exit) => {
-                let msg = format!("vCPU {index}: unexpected exit {exit:?}");
-                shared.update(|out| {
-                    out.error.get_or_insert(msg);
-                });
-                break;
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => {
-                let msg = format!("vCPU {index}: KVM_RUN failed: {e}");
-                shared.update(|out| {
-                    out.error.get_or_insert(msg);
-                });
-                break;
-            }
-        }
-    }
-    vcpu
 }
 
 // ---------------------------------------------------------------------------
@@ -848,7 +731,7 @@ fn memcheck_sweeps_and_memory_stays_consistent() {
     let end = p.ram_end.min(MEMCHECK_LIMIT);
     let dump: Vec<u8> = (MEMCHECK_START..end)
         .step_by(0x1000)
-        .map(|addr| vm.mem.read_obj::<u8>(GuestAddress(addr)).unwrap())
+        .map(|addr| vm.memory().read_obj::<u8>(GuestAddress(addr)).unwrap())
         .collect();
     check_memcheck_dump(&dump).unwrap();
     // Page 0 was incremented once per printed sweep, plus possibly once for a
@@ -861,21 +744,26 @@ fn memcheck_sweeps_and_memory_stays_consistent() {
     );
     // Only the first byte of each page is touched.
     assert_eq!(
-        vm.mem
+        vm.memory()
             .read_obj::<u8>(GuestAddress(MEMCHECK_START + 1))
             .unwrap(),
         0
     );
-    assert_eq!(vm.mem.read_obj::<u8>(GuestAddress(end - 1)).unwrap(), 0);
+    assert_eq!(
+        vm.memory().read_obj::<u8>(GuestAddress(end - 1)).unwrap(),
+        0
+    );
     // The sweep stops at MEMCHECK_LIMIT even if there is more RAM.
     assert_ne!(
-        vm.mem
+        vm.memory()
             .read_obj::<u8>(GuestAddress(MEMCHECK_LIMIT - 0x1000))
             .unwrap(),
         0
     );
     assert_eq!(
-        vm.mem.read_obj::<u8>(GuestAddress(MEMCHECK_LIMIT)).unwrap(),
+        vm.memory()
+            .read_obj::<u8>(GuestAddress(MEMCHECK_LIMIT))
+            .unwrap(),
         0
     );
 }
@@ -899,21 +787,20 @@ fn guest_reports_bad_parameter_block() {
 
 #[test]
 fn heartbeat_numbering_continues_after_save_and_restore() {
-    let Some(vm) = TestVm::start(BuiltinGuest::Heartbeat, &params(2)) else {
+    let Some(mut vm) = TestVm::start(BuiltinGuest::Heartbeat, &params(2)) else {
         return;
     };
     vm.wait_for("tick 3 of both vCPUs", |out| {
         let text = out.text();
         text.contains(&tick_line(0, 3)) && text.contains(&tick_line(1, 3))
     });
-    let (before, vm) = vm.save_and_restore();
+    let (before, mut vm) = vm.save_and_restore();
     let saved = check_heartbeat_output(&before.text(), 2);
     let target: Vec<u64> = saved.iter().map(|t| t + 3).collect();
     vm.wait_for("3 more ticks of both vCPUs after the restore", |out| {
         let text = out.text();
         text.contains(&tick_line(0, target[0])) && text.contains(&tick_line(1, target[1]))
     });
-    let mut vm = vm;
     let after = vm.stop();
     assert_eq!(after.error, None);
     // The restored VM continues exactly where the old one stopped, even

@@ -3,49 +3,48 @@
 //! quit). Everything that changes the machine happens on this thread, so the machine needs no
 //! locking beyond its devices.
 //!
-//! Migration (every mode's orchestration on this thread) is in [`migrate`].
+//! What `migrate` does in each mode is in [`crate::migration`], one module per mode; this loop
+//! only dispatches to it.
 
-mod migrate;
+pub(crate) mod run_state;
 
-use migrate::{OutgoingSave, PendingExec, TransferIn, TransferOut};
+use crate::migration::cpr_exec::PendingExec;
+use crate::migration::cpr_transfer::{TransferIn, TransferOut};
+use crate::migration::file::OutgoingSave;
 
 use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use cpr_common::cpr::{Attempt, FdKind};
-use cpr_common::exec::TeardownHelper;
-use cpr_common::timing::{PhaseLog, monotonic_ns};
+use cpr_common::cpr::FdKind;
 
 use serde_json::Value;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::cli::{Config, CprTestFault, IncomingSpec, PidFile, PidFileError};
+use crate::cli::{Config, IncomingSpec, PidFile, PidFileError};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
 use crate::machine::{Machine, MachineError, PreparedMachine, ResetError, Source};
 use crate::memory::{self, GuestRam, MemoryError};
-use crate::migration::cpr_exec::{self, CprExecError, ExecInputs, Incoming, PreparedExec};
+use crate::migration::cpr_exec::{CprExecError, Incoming};
 use crate::migration::cpr_transfer::IncomingTransfer;
-use crate::migration::format::{RamContents, RamProgress, SavedRun, StateFile, StateFileError};
-use crate::migration::normal::{self, IncomingRamError};
+use crate::migration::file::IncomingRamError;
+use crate::migration::format::StateFileError;
 use crate::migration::state::{GuestKind, MachineDescription};
-use crate::migration::{MigMode, MigrationRecord, MigrationStatus};
+use crate::migration::{MigMode, MigrationRecord};
 use crate::qmp::protocol::hmp::{self, HmpAction};
 use crate::qmp::protocol::{
-    Command, CprPhase, CprUpdateInfo, CpuInfoFast, CpuInstanceProperties, EventKind,
-    HumanReadableText, KvmInfo, MigrateArgs, MigrateIncomingArgs, MigrationAddress, MigrationInfo,
-    MigrationParameters, MigrationStats, NameInfo, PmemsaveArgs, QmpError, Response, RunState,
-    ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands,
-    query_events, query_qmp_schema, registers,
+    Command, CpuInfoFast, CpuInstanceProperties, EventKind, HumanReadableText, KvmInfo,
+    MigrationParameters, NameInfo, PmemsaveArgs, QmpError, Response, RunState, ShutdownCause,
+    StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands, query_events,
+    query_qmp_schema, registers,
 };
 use crate::qmp::server::{ClientId, Monitor};
 use crate::vcpu::{VcpuEvent, VcpuEventKind};
@@ -53,24 +52,24 @@ use crate::vcpu::{VcpuEvent, VcpuEventKind};
 /// The QEMU release whose QMP this monitor speaks (cpr-exec arrived in 10.2).
 const QEMU_COMPAT_VERSION: (i64, i64, i64) = (10, 2, 0);
 /// How long replies and events may take to reach slow clients before exit or exec.
-const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Console input kept while the guest's receive FIFO is full.
 const MAX_PENDING_INPUT: usize = 64 << 10;
 
-const T_SIGNAL: u64 = 1;
-const T_VCPU_EVENTS: u64 = 2;
-const T_INPUT_DRAINED: u64 = 3;
-const T_QMP_LISTENER: u64 = 4;
-const T_CONSOLE_LISTENER: u64 = 5;
-const T_CONSOLE_INPUT: u64 = 6;
-const T_MIGRATION_DONE: u64 = 7;
-const T_CHILD: u64 = 8;
-const T_TRANSFER_LISTEN: u64 = 9;
-const T_TRANSFER: u64 = 10;
+pub(crate) const T_SIGNAL: u64 = 1;
+pub(crate) const T_VCPU_EVENTS: u64 = 2;
+pub(crate) const T_INPUT_DRAINED: u64 = 3;
+pub(crate) const T_QMP_LISTENER: u64 = 4;
+pub(crate) const T_CONSOLE_LISTENER: u64 = 5;
+pub(crate) const T_CONSOLE_INPUT: u64 = 6;
+pub(crate) const T_MIGRATION_DONE: u64 = 7;
+pub(crate) const T_CHILD: u64 = 8;
+pub(crate) const T_TRANSFER_LISTEN: u64 = 9;
+pub(crate) const T_TRANSFER: u64 = 10;
 /// Client tokens are this plus the client id.
-const T_QMP_CLIENT: u64 = 1 << 32;
+pub(crate) const T_QMP_CLIENT: u64 = 1 << 32;
 /// Clients are edge-triggered: read until EAGAIN, write until EAGAIN.
-const QMP_CLIENT_EVENTS: EventSet = EventSet::IN
+pub(crate) const QMP_CLIENT_EVENTS: EventSet = EventSet::IN
     .union(EventSet::OUT)
     .union(EventSet::EDGE_TRIGGERED)
     .union(EventSet::READ_HANG_UP);
@@ -173,44 +172,47 @@ pub fn run(
     }
 }
 
-struct Vmm {
-    config: Config,
-    epoll: Epoll,
-    signals: UnixStream,
+pub(crate) struct Vmm {
+    pub(crate) config: Config,
+    pub(crate) epoll: Epoll,
+    pub(crate) signals: UnixStream,
     /// SIGCHLD: children this process did not start itself (a previous version's teardown
     /// helper) are reaped as they exit.
-    children: UnixStream,
-    monitor: Option<Monitor>,
-    console: Console,
-    registered_console_input: Option<RawFd>,
-    machine: Option<Machine>,
-    vcpu_events: Option<Receiver<VcpuEvent>>,
-    run_state: RunState,
+    pub(crate) children: UnixStream,
+    pub(crate) monitor: Option<Monitor>,
+    pub(crate) console: Console,
+    pub(crate) registered_console_input: Option<RawFd>,
+    pub(crate) machine: Option<Machine>,
+    pub(crate) vcpu_events: Option<Receiver<VcpuEvent>>,
+    pub(crate) run_state: RunState,
     /// Whether the guest should run once an incoming migration completes (`stop` while in
     /// `inmigrate` clears it, as in QEMU).
-    autostart: bool,
-    params: MigrationParameters,
-    migration: MigrationRecord,
-    outgoing: Option<OutgoingSave>,
-    pending_exec: Option<PendingExec>,
+    pub(crate) autostart: bool,
+    pub(crate) params: MigrationParameters,
+    pub(crate) migration: MigrationRecord,
+    pub(crate) outgoing: Option<OutgoingSave>,
+    pub(crate) pending_exec: Option<PendingExec>,
     /// cpr-transfer, new side: the VM built over the received RAM, waiting for its state.
-    prepared: Option<PreparedMachine>,
-    transfer_in: Option<TransferIn>,
+    pub(crate) prepared: Option<PreparedMachine>,
+    pub(crate) transfer_in: Option<TransferIn>,
     /// cpr-transfer, old side: where the hand-over is.
-    transfer_out: Option<TransferOut>,
+    pub(crate) transfer_out: Option<TransferOut>,
     /// cpr-transfer, old side: the new VMM runs the guest on this RAM now; nothing here may
     /// run it or change it again.
-    handed_over: bool,
+    pub(crate) handed_over: bool,
     /// cpr-transfer, new side: what came over the cpr channel (its connection is closed to say
     /// the main channel is listening).
-    incoming_transfer: Option<IncomingTransfer>,
-    migration_done: Arc<EventFd>,
-    pending_input: VecDeque<u8>,
-    exit_code: Option<u8>,
+    pub(crate) incoming_transfer: Option<IncomingTransfer>,
+    pub(crate) migration_done: Arc<EventFd>,
+    pub(crate) pending_input: VecDeque<u8>,
+    pub(crate) exit_code: Option<u8>,
 }
 
 impl Vmm {
-    fn new(config: Config, mut incoming: Option<&mut Incoming>) -> Result<Self, StartError> {
+    pub(crate) fn new(
+        config: Config,
+        mut incoming: Option<&mut Incoming>,
+    ) -> Result<Self, StartError> {
         let epoll = Epoll::new().map_err(StartError::Setup)?;
         let (signals, signal_writer) = UnixStream::pair().map_err(StartError::Setup)?;
         signals.set_nonblocking(true).map_err(StartError::Setup)?;
@@ -307,18 +309,18 @@ impl Vmm {
         Ok(vmm)
     }
 
-    fn watch(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+    pub(crate) fn watch(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
         self.epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
-    fn unwatch(&self, fd: RawFd) {
+    pub(crate) fn unwatch(&self, fd: RawFd) {
         let _ = self
             .epoll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
-    fn start(&mut self, transfer: Option<IncomingTransfer>) -> Result<(), StartError> {
+    pub(crate) fn start(&mut self, transfer: Option<IncomingTransfer>) -> Result<(), StartError> {
         self.sync_console_fds();
         if let Some(t) = transfer {
             return self.start_transfer_incoming(t);
@@ -346,11 +348,11 @@ impl Vmm {
                 }
             }
             Some(IncomingSpec::File(path)) => {
-                self.run_state = RunState::Inmigrate;
+                let _ = self.set_run_state(RunState::Inmigrate);
                 self.incoming_from_file(&path)?;
             }
             Some(IncomingSpec::Defer) => {
-                self.run_state = RunState::Inmigrate;
+                let _ = self.set_run_state(RunState::Inmigrate);
                 log::info!("waiting for migrate-incoming");
             }
             Some(IncomingSpec::Unix(path)) => {
@@ -364,16 +366,17 @@ impl Vmm {
     }
 
     /// The machine this command line describes (checked against a saved one).
-    fn described_machine(&self) -> MachineDescription {
+    pub(crate) fn described_machine(&self) -> MachineDescription {
         MachineDescription {
             vcpus: self.config.vcpus,
             ram_size: self.config.ram_size,
             regions: memory::layout(self.config.ram_size),
             guest: GuestKind::of(&self.config.guest),
+            devices: crate::machine::device_descriptions(),
         }
     }
 
-    fn install_machine(
+    pub(crate) fn install_machine(
         &mut self,
         machine: Machine,
         rx: Receiver<VcpuEvent>,
@@ -394,21 +397,21 @@ impl Vmm {
         Ok(())
     }
 
-    fn set_running(&mut self) {
+    pub(crate) fn set_running(&mut self) {
         if let Some(m) = &mut self.machine {
             m.resume();
         }
-        self.run_state = RunState::Running;
+        let _ = self.set_run_state(RunState::Running);
         self.emit(&EventKind::Resume);
     }
 
-    fn emit(&mut self, kind: &EventKind) {
+    pub(crate) fn emit(&mut self, kind: &EventKind) {
         if let Some(m) = &mut self.monitor {
             m.broadcast(kind);
         }
     }
 
-    fn event_loop(&mut self) -> u8 {
+    pub(crate) fn event_loop(&mut self) -> u8 {
         let mut events = vec![EpollEvent::default(); 64];
         while self.exit_code.is_none() {
             let timeout_ms = self.transfer_timeout_ms();
@@ -438,16 +441,16 @@ impl Vmm {
     }
 
     /// The sockets this VMM listens on go away with it.
-    fn remove_socket_files(&self) {
+    pub(crate) fn remove_socket_files(&self) {
         if let Some(spec) = &self.config.qmp {
-            crate::qmp::remove_socket_file(&spec.path);
+            crate::unix_socket::remove_socket_file(&spec.path);
         }
         if let crate::cli::SerialSpec::UnixServer(path) = &self.config.serial {
-            crate::qmp::remove_socket_file(path);
+            crate::unix_socket::remove_socket_file(path);
         }
     }
 
-    fn dispatch(&mut self, token: u64, events: EventSet) {
+    pub(crate) fn dispatch(&mut self, token: u64, events: EventSet) {
         match token {
             T_SIGNAL => {
                 let mut buf = [0u8; 64];
@@ -484,13 +487,13 @@ impl Vmm {
         }
     }
 
-    fn shutdown(&mut self, cause: ShutdownCause, code: u8) {
+    pub(crate) fn shutdown(&mut self, cause: ShutdownCause, code: u8) {
         self.emit(&EventKind::shutdown(cause));
-        self.run_state = RunState::Shutdown;
+        let _ = self.set_run_state(RunState::Shutdown);
         self.exit_code = Some(code);
     }
 
-    fn handle_vcpu_events(&mut self) {
+    pub(crate) fn handle_vcpu_events(&mut self) {
         if let Some(m) = &self.machine {
             let _ = m.wakers().vcpu_events.read();
         }
@@ -518,10 +521,10 @@ impl Vmm {
                     if let Some(m) = &mut self.machine {
                         let _ = m.pause();
                     }
-                    if self.run_state == RunState::Running {
+                    if self.run_state() == RunState::Running {
                         self.emit(&EventKind::Stop);
                     }
-                    self.run_state = RunState::InternalError;
+                    let _ = self.set_run_state(RunState::InternalError);
                 }
             }
             if self.exit_code.is_some() {
@@ -532,16 +535,16 @@ impl Vmm {
 
     /// Resets the machine. If that fails and the guest could not be kept either, the VM stops
     /// in `internal-error` (a defined state, with a STOP event) rather than looking alive.
-    fn reset_machine(&mut self, cause: ShutdownCause) -> Result<(), ResetError> {
+    pub(crate) fn reset_machine(&mut self, cause: ShutdownCause) -> Result<(), ResetError> {
         if let Some(m) = &mut self.machine
             && let Err(e) = m.reset()
         {
             if !e.guest_intact {
                 log::error!("reset failed and left the guest unusable: {}", e.error);
-                if self.run_state == RunState::Running {
+                if self.run_state() == RunState::Running {
                     self.emit(&EventKind::Stop);
                 }
-                self.run_state = RunState::InternalError;
+                let _ = self.set_run_state(RunState::InternalError);
             }
             return Err(e);
         }
@@ -551,7 +554,7 @@ impl Vmm {
 
     // ---- serial console ----
 
-    fn sync_console_fds(&mut self) {
+    pub(crate) fn sync_console_fds(&mut self) {
         let mut input = None;
         for fd in self.console.poll_fds() {
             match fd {
@@ -576,7 +579,7 @@ impl Vmm {
         }
     }
 
-    fn read_console_input(&mut self) {
+    pub(crate) fn read_console_input(&mut self) {
         let mut buf = [0u8; 4096];
         match self.console.read_input(&mut buf) {
             Ok(0) => self.sync_console_fds(),
@@ -599,7 +602,7 @@ impl Vmm {
         }
     }
 
-    fn push_console_input(&mut self) {
+    pub(crate) fn push_console_input(&mut self) {
         let Some(m) = &self.machine else { return };
         while !self.pending_input.is_empty() {
             let (front, _) = self.pending_input.as_slices();
@@ -613,7 +616,7 @@ impl Vmm {
 
     // ---- QMP ----
 
-    fn accept_qmp_clients(&mut self) {
+    pub(crate) fn accept_qmp_clients(&mut self) {
         let Some(m) = &mut self.monitor else { return };
         for (id, fd) in m.accept() {
             let events =
@@ -624,7 +627,7 @@ impl Vmm {
         }
     }
 
-    fn serve_qmp_client(&mut self, id: ClientId, events: EventSet) {
+    pub(crate) fn serve_qmp_client(&mut self, id: ClientId, events: EventSet) {
         let Some(m) = &mut self.monitor else { return };
         if events.contains(EventSet::OUT) {
             m.writable(id);
@@ -660,12 +663,12 @@ impl Vmm {
     }
 
     /// Executes one command. Results are JSON values (QMP clients do not depend on key order).
-    fn execute(&mut self, command: Command) -> Result<Value, QmpError> {
+    pub(crate) fn execute(&mut self, command: Command) -> Result<Value, QmpError> {
         match command {
             Command::QmpCapabilities(_) => Err(QmpError::command_not_found(
                 "Capabilities negotiation is already complete, command ignored",
             )),
-            Command::QueryStatus => to_value(&StatusInfo::from_state(self.run_state)),
+            Command::QueryStatus => to_value(&StatusInfo::from_state(self.run_state())),
             Command::Stop => {
                 self.stop()?;
                 Ok(empty())
@@ -772,7 +775,7 @@ impl Vmm {
             return Err(QmpError::invalid_cpu_index());
         }
         self.refuse_if_handed_over()?;
-        let running = self.run_state == RunState::Running;
+        let running = self.run_state() == RunState::Running;
         let Some(m) = &mut self.machine else {
             return Err(QmpError::generic("There are no vCPUs yet"));
         };
@@ -797,8 +800,8 @@ impl Vmm {
         })
     }
 
-    fn stop(&mut self) -> Result<(), QmpError> {
-        match self.run_state {
+    pub(crate) fn stop(&mut self) -> Result<(), QmpError> {
+        match self.run_state() {
             RunState::Inmigrate => {
                 self.autostart = false;
                 Ok(())
@@ -807,7 +810,7 @@ impl Vmm {
                 if let Some(m) = &mut self.machine {
                     m.pause().map_err(|e| QmpError::generic(e.to_string()))?;
                 }
-                self.run_state = RunState::Paused;
+                let _ = self.set_run_state(RunState::Paused);
                 self.emit(&EventKind::Stop);
                 Ok(())
             }
@@ -815,7 +818,7 @@ impl Vmm {
         }
     }
 
-    fn cont(&mut self) -> Result<(), QmpError> {
+    pub(crate) fn cont(&mut self) -> Result<(), QmpError> {
         self.refuse_if_handed_over()?;
         if matches!(self.transfer_out, Some(TransferOut::StateSent { .. })) {
             return Err(QmpError::generic(
@@ -827,7 +830,7 @@ impl Vmm {
                 "A migration is in progress; the guest resumes when it ends if it was running",
             ));
         }
-        match self.run_state {
+        match self.run_state() {
             RunState::Running => Ok(()),
             RunState::Inmigrate => {
                 self.autostart = true;
@@ -843,7 +846,7 @@ impl Vmm {
         }
     }
 
-    fn query_cpus(&self) -> Vec<CpuInfoFast> {
+    pub(crate) fn query_cpus(&self) -> Vec<CpuInfoFast> {
         let Some(m) = &self.machine else {
             return Vec::new();
         };
@@ -869,7 +872,7 @@ impl Vmm {
             .collect()
     }
 
-    fn pmemsave(&self, args: &PmemsaveArgs) -> Result<(), QmpError> {
+    pub(crate) fn pmemsave(&self, args: &PmemsaveArgs) -> Result<(), QmpError> {
         let Some(m) = &self.machine else {
             return Err(QmpError::generic("There is no guest memory yet"));
         };
@@ -923,7 +926,7 @@ impl Vmm {
 
 /// Reaps every exited child: this process starts none itself, but after a live update it is the
 /// parent of the previous version's teardown helper.
-fn reap_children() {
+pub(crate) fn reap_children() {
     loop {
         let mut status = 0;
         // SAFETY: waitpid with WNOHANG only collects exited children of this process.
@@ -935,7 +938,7 @@ fn reap_children() {
     }
 }
 
-fn qmp_version() -> VersionInfo {
+pub(crate) fn qmp_version() -> VersionInfo {
     let (major, minor, micro) = QEMU_COMPAT_VERSION;
     VersionInfo::new(
         major,
@@ -945,16 +948,16 @@ fn qmp_version() -> VersionInfo {
     )
 }
 
-fn empty() -> Value {
+pub(crate) fn empty() -> Value {
     Value::Object(serde_json::Map::new())
 }
 
-fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, QmpError> {
+pub(crate) fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, QmpError> {
     serde_json::to_value(v).map_err(|e| QmpError::generic(format!("internal error: {e}")))
 }
 
 /// strerror-style text without Rust's " (os error N)" suffix, as QEMU prints it.
-fn os_error_text(e: &std::io::Error) -> String {
+pub(crate) fn os_error_text(e: &std::io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),

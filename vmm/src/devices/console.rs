@@ -60,6 +60,16 @@ pub struct ConsoleOutput {
     sink: Arc<Mutex<Sink>>,
 }
 
+#[cfg(test)]
+impl ConsoleOutput {
+    /// Output written to `file` (a pipe, in tests that read the guest's output back).
+    pub fn to_file(file: File) -> Self {
+        ConsoleOutput {
+            sink: Arc::new(Mutex::new(Sink::File(file))),
+        }
+    }
+}
+
 /// Output that has nowhere to go (stdout closed, disk full) is dropped like a UART with nothing
 /// attached, and said once: the guest must not stall or flood the log over it.
 fn drop_output(result: io::Result<usize>, len: usize, what: &str) -> io::Result<usize> {
@@ -151,14 +161,15 @@ impl Console {
             SerialSpec::UnixServer(path) => {
                 let l = match inherited(FdKind::ConsoleListener, &name) {
                     Some(fd) => UnixListener::from(fd),
-                    None => crate::qmp::bind_unix_listener(path).map_err(|source| {
+                    None => crate::unix_socket::bind_listener(path).map_err(|source| {
                         ConsoleError::Bind {
                             path: path.clone(),
                             source,
                         }
                     })?,
                 };
-                set_nonblocking(l.as_raw_fd());
+                // Non-blocking: the VMM thread accepts when poll says a client waits.
+                let _ = l.set_nonblocking(true);
                 listener = Some(l);
                 let client =
                     inherited(FdKind::ConsoleClient, &client_name(&name)).map(UnixStream::from);
@@ -205,7 +216,13 @@ impl Console {
     /// Accepts a waiting client. Returns the new client's fd if it became the console client.
     pub fn accept(&mut self) -> Option<RawFd> {
         let listener = self.listener.as_ref()?;
-        let (stream, _) = listener.accept().ok()?;
+        let stream = match crate::unix_socket::accept(listener) {
+            Ok(stream) => stream?,
+            Err(e) => {
+                log::warn!("serial console: accept failed: {e}");
+                return None;
+            }
+        };
         let mut sink = lock(&self.sink);
         if let Sink::Socket(client) = &mut *sink {
             if client.is_some() {
@@ -224,33 +241,12 @@ impl Console {
     pub fn read_input(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut sink = lock(&self.sink);
         let result = match &mut *sink {
+            // Unbuffered, straight from fd 0: only what poll said is there.
             Sink::Stdout if self.stdin_open => {
-                // SAFETY: `buf` is a valid writable slice for its length.
-                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
+                nix::unistd::read(io::stdin().as_fd(), buf).map_err(io::Error::from)
             }
-            Sink::Socket(Some(c)) => {
-                // MSG_DONTWAIT keeps the read from blocking the VMM thread while the socket
-                // itself stays blocking for writes.
-                // SAFETY: `buf` is a valid writable slice for its length.
-                let n = unsafe {
-                    libc::recv(
-                        c.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }
+            // The socket stays blocking for writes; this read must not block the VMM thread.
+            Sink::Socket(Some(c)) => crate::unix_socket::recv_nonblocking(c, buf),
             _ => Ok(0),
         };
         match result {
@@ -330,14 +326,4 @@ fn prepare_client(stream: &UnixStream) {
     // the guest forever; reads are non-blocking, driven by the VMM thread's poll loop.
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
-}
-
-fn set_nonblocking(fd: RawFd) {
-    // SAFETY: F_GETFL/F_SETFL only change the file status flags of an fd we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
-    }
 }

@@ -1,11 +1,26 @@
 //! The debug exit port: a guest (a test payload) writes one byte to end the VMM with that exit
 //! status. Like QEMU's isa-debug-exit, but the status is the byte itself.
 
-use super::{PioDevice, VmRequest};
+use super::{DeviceContext, DeviceError, Persist, PioDevice, VmRequest};
 
 pub const DEBUG_EXIT_PORT: u16 = crate::boot::DEBUG_EXIT_PORT;
 
 pub struct DebugExit;
+
+/// Stateless: nothing to save.
+impl Persist for DebugExit {
+    type State = ();
+
+    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        Ok(DebugExit)
+    }
+
+    fn save(&self) {}
+
+    fn restore(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
+        Ok(DebugExit)
+    }
+}
 
 impl PioDevice for DebugExit {
     fn read(&mut self, _offset: u16, data: &mut [u8]) {

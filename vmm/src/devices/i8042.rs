@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::{PioDevice, VmRequest};
+use super::{DeviceContext, DeviceError, Persist, PioDevice, VmRequest};
 
 /// First port of the controller (data register).
 pub const I8042_BASE_PORT: u16 = 0x60;
@@ -115,7 +115,7 @@ impl I8042 {
         }
     }
 
-    pub fn snapshot(&self) -> I8042Snapshot {
+    fn snapshot(&self) -> I8042Snapshot {
         I8042Snapshot {
             command_byte: self.command_byte,
             output_port: self.output_port,
@@ -126,7 +126,7 @@ impl I8042 {
     }
 
     /// Rebuilds the controller from a snapshot (an oversized output queue is cut to the limit).
-    pub fn from_snapshot(snap: &I8042Snapshot) -> Self {
+    fn from_snapshot(snap: &I8042Snapshot) -> Self {
         I8042 {
             command_byte: snap.command_byte,
             output_port: snap.output_port,
@@ -200,6 +200,22 @@ impl I8042 {
             _ => {}
         }
         None
+    }
+}
+
+impl Persist for I8042 {
+    type State = I8042Snapshot;
+
+    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        Ok(I8042::new())
+    }
+
+    fn save(&self) -> I8042Snapshot {
+        self.snapshot()
+    }
+
+    fn restore(_: &mut DeviceContext<'_>, state: &I8042Snapshot) -> Result<Self, DeviceError> {
+        Ok(I8042::from_snapshot(state))
     }
 }
 

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{PioDevice, VmRequest};
+use super::{DeviceContext, DeviceError, Persist, PioDevice, VmRequest};
 
 /// The configuration address port.
 pub const PCI_CONFIG_BASE_PORT: u16 = 0xcf8;
@@ -44,18 +44,34 @@ pub struct PciConfigPorts {
 }
 
 impl PciConfigPorts {
-    pub fn snapshot(&self) -> PciConfigSnapshot {
+    fn snapshot(&self) -> PciConfigSnapshot {
         PciConfigSnapshot {
             address: self.address,
             reset_control: self.reset_control,
         }
     }
 
-    pub fn from_snapshot(snap: &PciConfigSnapshot) -> Self {
+    fn from_snapshot(snap: &PciConfigSnapshot) -> Self {
         PciConfigPorts {
             address: snap.address,
             reset_control: snap.reset_control,
         }
+    }
+}
+
+impl Persist for PciConfigPorts {
+    type State = PciConfigSnapshot;
+
+    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        Ok(PciConfigPorts::default())
+    }
+
+    fn save(&self) -> PciConfigSnapshot {
+        self.snapshot()
+    }
+
+    fn restore(_: &mut DeviceContext<'_>, state: &PciConfigSnapshot) -> Result<Self, DeviceError> {
+        Ok(PciConfigPorts::from_snapshot(state))
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{PioDevice, VmRequest};
+use super::{DeviceContext, DeviceError, Persist, PioDevice, VmRequest};
 
 /// The index port; the data port follows it.
 pub const RTC_BASE_PORT: u16 = 0x70;
@@ -121,7 +121,7 @@ impl Rtc {
         }
     }
 
-    pub fn snapshot(&self) -> RtcSnapshot {
+    fn snapshot(&self) -> RtcSnapshot {
         RtcSnapshot {
             index: self.index,
             cmos: self.cmos.to_vec(),
@@ -130,17 +130,17 @@ impl Rtc {
     }
 
     /// Rebuilds the RTC from a snapshot; fails if the CMOS image is not [`CMOS_SIZE`] bytes.
-    pub fn from_snapshot(snap: &RtcSnapshot) -> Result<Self, String> {
+    fn from_snapshot(snap: &RtcSnapshot) -> Result<Self, DeviceError> {
         Self::from_snapshot_with_clock(snap, host_clock)
     }
 
     /// [`from_snapshot`](Self::from_snapshot) over another clock (for tests).
-    pub fn from_snapshot_with_clock(snap: &RtcSnapshot, clock: Clock) -> Result<Self, String> {
+    fn from_snapshot_with_clock(snap: &RtcSnapshot, clock: Clock) -> Result<Self, DeviceError> {
         let cmos: [u8; CMOS_SIZE] = snap.cmos.as_slice().try_into().map_err(|_| {
-            format!(
+            DeviceError::InvalidState(format!(
                 "RTC state has {} CMOS bytes, expected {CMOS_SIZE}",
                 snap.cmos.len()
-            )
+            ))
         })?;
         Ok(Rtc {
             index: snap.index & INDEX_MASK,
@@ -243,6 +243,22 @@ impl Rtc {
             _ => return,
         }
         self.offset_secs = t.to_unix().saturating_sub((self.clock)());
+    }
+}
+
+impl Persist for Rtc {
+    type State = RtcSnapshot;
+
+    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        Ok(Rtc::new())
+    }
+
+    fn save(&self) -> RtcSnapshot {
+        self.snapshot()
+    }
+
+    fn restore(_: &mut DeviceContext<'_>, state: &RtcSnapshot) -> Result<Self, DeviceError> {
+        Rtc::from_snapshot(state)
     }
 }
 
@@ -499,7 +515,7 @@ mod tests {
             cmos: vec![0; 64],
             ..snap
         };
-        let err = Rtc::from_snapshot(&short).unwrap_err();
+        let err = Rtc::from_snapshot(&short).unwrap_err().to_string();
         assert!(err.contains("64 CMOS bytes"), "{err}");
     }
 

@@ -13,7 +13,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::console::ConsoleOutput;
-use super::{PioDevice, VmRequest};
+use super::{DeviceContext, DeviceError, Persist, PioDevice, VmRequest};
 
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_PORT_COUNT: u16 = 8;
@@ -68,36 +68,37 @@ pub struct SerialSnapshot {
 }
 
 impl SerialDevice {
-    pub fn new(irq: IrqTrigger, drained: InputDrained, out: ConsoleOutput) -> Self {
-        SerialDevice {
+    /// The UART's wiring: its interrupt line, the drained-FIFO event and the console.
+    fn wiring(
+        ctx: &mut DeviceContext<'_>,
+    ) -> Result<(IrqTrigger, InputDrained, ConsoleOutput), DeviceError> {
+        let irq = ctx.serial_irq.take().ok_or_else(|| {
+            DeviceError::Setup("the UART's interrupt line is missing (a second UART?)".into())
+        })?;
+        Ok((
+            IrqTrigger(irq),
+            InputDrained(ctx.input_drained.clone()),
+            ctx.console.clone(),
+        ))
+    }
+
+    /// Queues typed input; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl Persist for SerialDevice {
+    type State = SerialSnapshot;
+
+    fn power_on(ctx: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        let (irq, drained, out) = Self::wiring(ctx)?;
+        Ok(SerialDevice {
             uart: Serial::with_events(irq, drained, out),
-        }
+        })
     }
 
-    pub fn from_snapshot(
-        snap: &SerialSnapshot,
-        irq: IrqTrigger,
-        drained: InputDrained,
-        out: ConsoleOutput,
-    ) -> Result<Self, String> {
-        let state = SerialState {
-            baud_divisor_low: snap.baud_divisor_low,
-            baud_divisor_high: snap.baud_divisor_high,
-            interrupt_enable: snap.interrupt_enable,
-            interrupt_identification: snap.interrupt_identification,
-            line_control: snap.line_control,
-            line_status: snap.line_status,
-            modem_control: snap.modem_control,
-            modem_status: snap.modem_status,
-            scratch: snap.scratch,
-            in_buffer: snap.in_buffer.clone(),
-        };
-        Serial::from_state(&state, irq, drained, out)
-            .map(|uart| SerialDevice { uart })
-            .map_err(|e| format!("serial state rejected: {e:?}"))
-    }
-
-    pub fn snapshot(&self) -> SerialSnapshot {
+    fn save(&self) -> SerialSnapshot {
         let s = self.uart.state();
         SerialSnapshot {
             baud_divisor_low: s.baud_divisor_low,
@@ -113,9 +114,23 @@ impl SerialDevice {
         }
     }
 
-    /// Queues typed input; returns how many bytes fit in the receive FIFO.
-    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    fn restore(ctx: &mut DeviceContext<'_>, snap: &SerialSnapshot) -> Result<Self, DeviceError> {
+        let (irq, drained, out) = Self::wiring(ctx)?;
+        let state = SerialState {
+            baud_divisor_low: snap.baud_divisor_low,
+            baud_divisor_high: snap.baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        Serial::from_state(&state, irq, drained, out)
+            .map(|uart| SerialDevice { uart })
+            .map_err(|e| DeviceError::InvalidState(format!("serial state rejected: {e:?}")))
     }
 }
 

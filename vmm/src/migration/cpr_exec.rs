@@ -15,17 +15,31 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use cpr_common::compat::CompatNote;
 use cpr_common::cpr::{
-    self, Attempt, CPR_STATE_ENV, CprState, FALLBACK_ENV, Fallback, FdKind, Inherited, PreservedFd,
+    self, CPR_STATE_ENV, CprState, FALLBACK_ENV, Fallback, Inherited, PreservedFd,
 };
+use cpr_common::cpr::{Attempt, FdKind};
+use cpr_common::exec::TeardownHelper;
 use cpr_common::exec::{ExecPlan, ExecTarget};
 use cpr_common::fds;
-use cpr_common::timing::PhaseLog;
+use cpr_common::timing::{PhaseLog, monotonic_ns};
 
-use crate::memory::{GuestRam, MemoryError, RegionLayout};
+use crate::cli::CprTestFault;
+use crate::control::{IncomingError, StartError, Vmm};
+use crate::devices::{HandedOverFds, HostFd};
+use crate::machine::{Machine, Source};
+use crate::memory::RegionLayout;
+use crate::memory::{GuestRam, MemoryError};
+use crate::migration::MigrationError;
+use crate::migration::format::{RamContents, SavedRun, StateFile, StateFileError};
+use crate::migration::format::{encode_state, write_state_bytes};
+use crate::migration::{MigrationRecord, MigrationStatus};
+use crate::qmp::protocol::{CprPhase, CprUpdateInfo, EventKind, QmpError, RunState};
 
 /// The ELF note that tells `cpr-shim` which formats this binary reads (see
 /// [`cpr_common::compat`]); it costs the shim a few small reads, not a run of the binary.
@@ -151,6 +165,8 @@ pub struct ExecInputs<'a> {
     pub ram: &'a GuestRam,
     /// (kind, name, fd) of the monitor's and console's fds.
     pub other_fds: Vec<(FdKind, String, RawFd)>,
+    /// The host fds the machine's devices own.
+    pub device_fds: Vec<HostFd>,
 }
 
 /// Builds the CPR state and the exec plan. Nothing is changed yet: the fds stay close-on-exec
@@ -171,6 +187,14 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
     }
     for (kind, name, fd) in &inputs.other_fds {
         preserved.push(describe(*fd, name, *kind)?);
+    }
+    for host in &inputs.device_fds {
+        preserved.push(super::describe_device_fd(host).map_err(|source| {
+            CprExecError::Describe {
+                name: host.name.clone(),
+                source,
+            }
+        })?);
     }
     preserved.push(describe(
         own_exe.as_raw_fd(),
@@ -595,6 +619,286 @@ pub fn clear_channel_env() {
     unsafe {
         std::env::remove_var(CPR_STATE_ENV);
         std::env::remove_var(FALLBACK_ENV);
+    }
+}
+
+/// A cpr-exec update ready to exec once the `migrate` reply is out.
+pub(crate) struct PendingExec {
+    prepared: PreparedExec,
+    /// Keeps the old address space and KVM VM alive past the exec, so tearing them down is not
+    /// part of the blackout.
+    _teardown: Option<TeardownHelper>,
+    state_file: PathBuf,
+    guest_was_running: bool,
+}
+
+/// Replies and events still queued for a QMP client when the update execs are written for at
+/// most this long (the connection itself survives; only a client that stopped reading loses
+/// them).
+const EXEC_DRAIN_TIMEOUT: Duration = Duration::from_millis(20);
+
+impl Vmm {
+    /// cpr-exec, old side: stop, save state without RAM, prepare the exec. The exec itself
+    /// happens once the reply to `migrate` is out ([`Vmm::exec_update`]).
+    pub(crate) fn migrate_cpr_exec(&mut self, state_file: PathBuf) -> Result<(), QmpError> {
+        let command = self.params.cpr_exec_command.clone().unwrap_or_default();
+        if command.is_empty() {
+            return Err(QmpError::generic(
+                "cpr-exec mode requires the migration parameter cpr-exec-command (the program to execute, then its arguments)",
+            ));
+        }
+        let Some(machine) = &mut self.machine else {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
+        };
+        check_ram_shareable(machine.ram()).map_err(|e| QmpError::generic(e.to_string()))?;
+        // Before the guest stops: the helper costs nothing to the blackout when made here.
+        let teardown = TeardownHelper::spawn()
+            .map_err(|e| {
+                log::warn!("no teardown helper ({e}); the exec will tear down RAM mappings itself")
+            })
+            .ok();
+        let guest_was_running = self.run_state == RunState::Running;
+        let stop_wall = SystemTime::now();
+        let stopped_at = monotonic_ns();
+        let mut phases = PhaseLog::starting_at(stopped_at);
+        self.migration = MigrationRecord {
+            status: MigrationStatus::Setup,
+            started: Some(Instant::now()),
+            ..MigrationRecord::default()
+        };
+        let saved = machine.pause_and_save();
+        phases.mark("stop vCPUs and save vCPU state");
+        let prepared = saved.map_err(MigrationError::from).and_then(|state| {
+            let run = SavedRun {
+                guest_was_running,
+                saved_by_version: crate::version_string(),
+                saved_at_unix_ns: cpr_common::timing::realtime_ns(),
+            };
+            let label = state_file.display().to_string();
+            let bytes = encode_state(Vec::new(), &state, &run, RamContents::Preserved, &label)?;
+            write_state_bytes(&state_file, &bytes)?;
+            phases.mark("write state file");
+            let device_fds = machine.device_host_fds()?;
+            let mut other_fds = self
+                .monitor
+                .as_ref()
+                .map(|m| m.preserved_fds())
+                .unwrap_or_default();
+            other_fds.extend(self.console.preserved_fds());
+            if let Some(t) = &teardown {
+                other_fds.push((
+                    FdKind::TeardownRelease,
+                    "teardown-release".to_string(),
+                    t.release_fd(),
+                ));
+            }
+            prepare_exec(ExecInputs {
+                command: &command,
+                state_file: &state_file,
+                state_bytes: &bytes,
+                guest_was_running,
+                stopped_at_ns: stopped_at,
+                phases,
+                own_argv: &self.config.argv,
+                ram: machine.ram(),
+                other_fds,
+                device_fds,
+            })
+            .map_err(MigrationError::from)
+        });
+        if guest_was_running {
+            let _ = self.set_run_state(RunState::FinishMigrate);
+            if let Some(m) = &mut self.monitor {
+                m.broadcast_at(&EventKind::Stop, stop_wall);
+            }
+        }
+        match prepared {
+            Ok(prepared) => {
+                self.emit(&EventKind::Migration {
+                    status: MigrationStatus::Active,
+                });
+                self.pending_exec = Some(PendingExec {
+                    prepared,
+                    _teardown: teardown,
+                    state_file,
+                    guest_was_running,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&state_file);
+                let reason = format!("cpr-exec: {e}");
+                self.fail_migration(&reason, guest_was_running);
+                Err(QmpError::generic(reason))
+            }
+        }
+    }
+
+    /// Executes the cpr-exec-command. Returns only if the exec failed; then everything is put
+    /// back and the guest resumes.
+    pub(crate) fn exec_update(&mut self, pending: PendingExec) {
+        if let Some(m) = &mut self.monitor {
+            // The guest is stopped: a client that does not read gets a short grace only.
+            m.drain_output(EXEC_DRAIN_TIMEOUT);
+        }
+        log::info!("live update: executing {}", pending.prepared.program());
+        let (err, prepared) = pending.prepared.exec();
+        let reason = format!("exec of {} failed: {err}", prepared.program());
+        log::error!("live update failed: {reason}; resuming the guest");
+        prepared.undo();
+        let _ = std::fs::remove_file(&pending.state_file);
+        self.fail_migration(&reason, pending.guest_was_running);
+    }
+
+    /// cpr-exec, new side: restore over the inherited RAM and resume the guest.
+    pub(crate) fn start_cpr_incoming(&mut self, incoming: &mut Incoming) -> Result<(), StartError> {
+        self.sync_console_fds();
+        let _ = self.set_run_state(RunState::Inmigrate);
+        let path = PathBuf::from(&incoming.state.state_file);
+        let label = path.display().to_string();
+        let loaded = std::fs::read(&path)
+            .map_err(|source| StateFileError::Open {
+                path: label.clone(),
+                source,
+            })
+            .and_then(|bytes| StateFile::from_bytes(bytes, &label));
+        let file = match loaded {
+            Ok(f) => f,
+            // A rollback is the last chance for the guest: if the file went bad, use the copy
+            // the old VMM kept in a sealed memfd.
+            Err(e) if matches!(incoming.state.attempt, Attempt::Rollback { .. }) => {
+                log::warn!("{e}; restoring from the copy kept across the exec");
+                let bytes = incoming.state_copy().ok_or(IncomingError::File(e))?;
+                StateFile::from_bytes(bytes, "the kept copy of the state file")
+                    .map_err(IncomingError::from)?
+            }
+            Err(e) => return Err(IncomingError::from(e).into()),
+        };
+        file.check_machine(&self.described_machine())
+            .map_err(IncomingError::from)?;
+        incoming.phases.mark("read state file");
+        let ram = incoming.take_ram(&file.state.description.regions)?;
+        incoming.phases.mark("map memory");
+        let host_fds = HandedOverFds::new(
+            incoming
+                .take_all(|k| matches!(k, FdKind::DeviceBackend { .. }))
+                .into_iter()
+                .map(|(rec, fd)| (rec.name, fd))
+                .collect(),
+        );
+        let (machine, rx) = Machine::build(
+            ram,
+            self.config.vcpus,
+            self.config.guest.clone(),
+            self.console.output(),
+            Source::Restore {
+                state: &file.state,
+                host_fds,
+            },
+            Some(&mut incoming.phases),
+        )?;
+        self.install_machine(machine, rx)
+            .map_err(StartError::Setup)?;
+        match self.config.cpr_test_fault {
+            Some(CprTestFault::ExitBeforeResume) => return Err(StartError::TestFault),
+            Some(CprTestFault::CrashBeforeResume) => {
+                log::error!("test fault injected: crashing before resume");
+                std::process::abort();
+            }
+            None => {}
+        }
+        let state = &incoming.state;
+        let guest_was_running = state.guest_was_running;
+        if guest_was_running && let Some(m) = &mut self.machine {
+            m.resume();
+        }
+        let resumed_at = monotonic_ns();
+        let resumed_wall = SystemTime::now();
+        incoming.disarm();
+        incoming.phases.mark_at("resume vCPUs", resumed_at);
+        let blackout_ns = resumed_at.saturating_sub(state.stopped_at_ns);
+        let rolled_back = match &incoming.state.attempt {
+            Attempt::Rollback { reason } => Some(reason.clone()),
+            Attempt::Update => None,
+        };
+        self.finish_incoming_update(
+            blackout_ns,
+            resumed_wall,
+            &incoming.phases,
+            incoming.state.fallback.version.clone(),
+            rolled_back.clone(),
+            guest_was_running,
+        );
+        // Last, after the events: this also lets the previous process's teardown start on the
+        // other CPU.
+        incoming.finish();
+        match &rolled_back {
+            None => log::info!(
+                "live update from {} to {} complete: blackout {:.3} ms",
+                incoming.state.fallback.version,
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+            Some(reason) => log::warn!(
+                "live update failed ({reason}); this VMM ({}) took the guest back after {:.3} ms",
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+        }
+        Ok(())
+    }
+
+    /// The new side of a live update (either cpr mode) has resumed the guest (or left it paused
+    /// as it was): record what query-migrate reports and tell the QMP clients. `rolled_back` is
+    /// the failed update's reason when this process is the previous version taking the guest back.
+    pub(crate) fn finish_incoming_update(
+        &mut self,
+        blackout_ns: u64,
+        resumed_wall: SystemTime,
+        phases: &PhaseLog,
+        from_version: String,
+        rolled_back: Option<String>,
+        running: bool,
+    ) {
+        let status = if rolled_back.is_some() {
+            MigrationStatus::Failed
+        } else {
+            MigrationStatus::Completed
+        };
+        self.migration = MigrationRecord {
+            status,
+            total_time_ms: Some(blackout_ns / 1_000_000),
+            downtime_ms: Some(blackout_ns / 1_000_000),
+            cpr: Some(CprUpdateInfo {
+                blackout_ns,
+                phases: phases
+                    .phases
+                    .iter()
+                    .map(|p| CprPhase {
+                        name: p.name.clone(),
+                        ns: p.ns,
+                    })
+                    .collect(),
+                from_version,
+                to_version: crate::version_string(),
+                rolled_back: rolled_back.is_some(),
+            }),
+            error: rolled_back,
+            ..MigrationRecord::default()
+        };
+        if running {
+            let _ = self.set_run_state(RunState::Running);
+            // Stamped with the moment the vCPUs were resumed, so that STOP to RESUME is the
+            // blackout the VMM reports.
+            if let Some(m) = &mut self.monitor {
+                m.broadcast_at(&EventKind::Resume, resumed_wall);
+            }
+        } else {
+            let _ = self.set_run_state(RunState::Paused);
+        }
+        self.emit(&EventKind::Migration { status });
     }
 }
 

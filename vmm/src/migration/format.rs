@@ -6,10 +6,10 @@
 //! ```text
 //! id  name         payload
 //! 1   run          SavedRun: was the guest running, which VMM version saved it, when
-//! 2   description  MachineDescription: vCPU count, RAM size and regions, guest kind
+//! 2   description  MachineDescription: vCPU count, RAM size and regions, guest kind, devices
 //! 3   vcpus        Vec<VcpuState>
 //! 4   vm           VmState: PIC master/slave, IOAPIC, PIT, kvmclock
-//! 5   devices      Vec<DeviceState>
+//! 5   devices      Vec<SavedDevice>: each device's id and its own state, bincode-encoded
 //! 6   ram          only in "normal" mode; absent when RAM stays in preserved memfds
 //! ```
 //!
@@ -22,10 +22,13 @@
 //! +-------------+-------------+------------------------+------------------+----------------+
 //! ```
 //!
-//! Compatibility policy: this VMM reads the current format version and the previous one, and
-//! always writes the current one. A change to any payload's layout bumps the version; new device
-//! kinds are added as new `DeviceState` variants at the end, which keeps older files decodable.
-//! `vmm/tests/golden/` holds a state file from each supported version, with a test that loads it.
+//! Compatibility policy: this VMM reads the current format version and the previous one (here
+//! also version 1, which decodes like version 2), and always writes the current one. A change to
+//! any payload's layout bumps the version. A new device needs no new version: its state is a new
+//! entry under its own id (see [`crate::devices`]); a change to an existing device's state does.
+//! Versions 1 and 2 stored devices as one enum and had no device list in the description; they
+//! are converted when read ([`legacy`]). `vmm/tests/golden/` holds a state file from each
+//! supported version, with a test that loads it.
 
 use std::fs::File;
 use std::io::Write;
@@ -79,8 +82,12 @@ pub enum StateFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("state file {path}: RAM {detail}")]
-    Ram { path: String, detail: String },
+    #[error("state file {path}: RAM {source}")]
+    Ram {
+        path: String,
+        #[source]
+        source: RamRecordError,
+    },
     #[error("state file {path} describes another machine: {}", differences.join("; "))]
     Mismatch {
         path: String,
@@ -301,11 +308,29 @@ impl<R: ReadAt> StateFile<R> {
         };
         let reader = ContainerReader::open(src, &STATE_FILE_FORMAT).map_err(fmt_err)?;
         let run: SavedRun = reader.read_section(SECTION_RUN).map_err(fmt_err)?;
+        let (description, devices) = if reader.version() >= 3 {
+            (
+                reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?,
+                reader.read_section(SECTION_DEVICES).map_err(fmt_err)?,
+            )
+        } else {
+            let description: legacy::MachineDescriptionV2 =
+                reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?;
+            let devices: Vec<legacy::DeviceStateV2> =
+                reader.read_section(SECTION_DEVICES).map_err(fmt_err)?;
+            legacy::convert(description, devices).map_err(|detail| StateFileError::Format {
+                path: p.clone(),
+                source: ContainerError::Malformed {
+                    what: "state file",
+                    detail,
+                },
+            })?
+        };
         let state = MachineState {
-            description: reader.read_section(SECTION_DESCRIPTION).map_err(fmt_err)?,
+            description,
             vcpus: reader.read_section(SECTION_VCPUS).map_err(fmt_err)?,
             vm: reader.read_section(SECTION_VM).map_err(fmt_err)?,
-            devices: reader.read_section(SECTION_DEVICES).map_err(fmt_err)?,
+            devices,
         };
         if state.vcpus.len() != state.description.vcpus as usize {
             return Err(StateFileError::Format {
@@ -363,11 +388,33 @@ impl<R: ReadAt> StateFile<R> {
             })?;
         outcome
             .and_then(|()| parser.finish())
-            .map_err(|detail| StateFileError::Ram {
+            .map_err(|source| StateFileError::Ram {
                 path: self.path.clone(),
-                detail,
+                source,
             })
     }
+}
+
+/// A `ram` section whose records do not fit this machine's RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum RamRecordError {
+    #[error("writing guest RAM at {addr:#x}: {detail}")]
+    Write { addr: u64, detail: String },
+    #[error("record names region {0}, which does not exist")]
+    NoRegion(usize),
+    #[error("record has an invalid page count {0}")]
+    PageCount(u64),
+    #[error("record {offset:#x}+{len:#x} lies outside region '{region}' ({size:#x} bytes)")]
+    OutsideRegion {
+        offset: u64,
+        len: u64,
+        region: String,
+        size: u64,
+    },
+    #[error("section ends in the middle of a record")]
+    Truncated,
+    #[error("the migration thread panicked")]
+    WriterPanicked,
 }
 
 /// Parses run records from arbitrary chunk boundaries and writes the pages into RAM.
@@ -387,7 +434,7 @@ impl<'a> RunParser<'a> {
         }
     }
 
-    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), RamRecordError> {
         while !bytes.is_empty() {
             match &mut self.current {
                 Some((addr, left)) => {
@@ -395,7 +442,10 @@ impl<'a> RunParser<'a> {
                     self.ram
                         .memory
                         .write_slice(&bytes[..n], GuestAddress(*addr))
-                        .map_err(|e| format!("writing guest RAM at {:#x}: {e}", *addr))?;
+                        .map_err(|e| RamRecordError::Write {
+                            addr: *addr,
+                            detail: e.to_string(),
+                        })?;
                     *addr += n as u64;
                     *left -= n as u64;
                     if *left == 0 {
@@ -418,7 +468,7 @@ impl<'a> RunParser<'a> {
         Ok(())
     }
 
-    fn start_run(&self) -> Result<(u64, u64), String> {
+    fn start_run(&self) -> Result<(u64, u64), RamRecordError> {
         let h = &self.header;
         let region = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let offset = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
@@ -427,23 +477,25 @@ impl<'a> RunParser<'a> {
             .ram
             .regions
             .get(region)
-            .ok_or_else(|| format!("record names region {region}, which does not exist"))?;
+            .ok_or(RamRecordError::NoRegion(region))?;
         let len = pages
             .checked_mul(PAGE_SIZE)
             .filter(|&len| len > 0)
-            .ok_or_else(|| format!("record has an invalid page count {pages}"))?;
+            .ok_or(RamRecordError::PageCount(pages))?;
         if offset % PAGE_SIZE != 0 || offset.checked_add(len).is_none_or(|end| end > layout.size) {
-            return Err(format!(
-                "record {offset:#x}+{len:#x} lies outside region '{}' ({:#x} bytes)",
-                layout.name, layout.size
-            ));
+            return Err(RamRecordError::OutsideRegion {
+                offset,
+                len,
+                region: layout.name.clone(),
+                size: layout.size,
+            });
         }
         Ok((layout.guest_addr + offset, len))
     }
 
-    fn finish(&self) -> Result<(), String> {
+    fn finish(&self) -> Result<(), RamRecordError> {
         if self.current.is_some() || !self.header.is_empty() {
-            return Err("section ends in the middle of a record".to_string());
+            return Err(RamRecordError::Truncated);
         }
         Ok(())
     }
@@ -495,5 +547,67 @@ mod tests {
         let mut parser = RunParser::new(&fresh);
         parser.feed(&out[..out.len() - 1]).unwrap();
         assert!(parser.finish().is_err());
+    }
+}
+
+/// State-file versions 1 and 2: devices as one enum, no device list in the description. Read
+/// and converted to version 3's shapes; never written.
+pub mod legacy {
+    use serde::{Deserialize, Serialize};
+
+    use crate::devices::i8042::I8042Snapshot;
+    use crate::devices::pci::PciConfigSnapshot;
+    use crate::devices::rtc::RtcSnapshot;
+    use crate::devices::serial::SerialSnapshot;
+    use crate::devices::{SavedDevice, encode_state};
+    use crate::memory::RegionLayout;
+    use crate::migration::state::{GuestKind, MachineDescription};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct MachineDescriptionV2 {
+        pub vcpus: u32,
+        pub ram_size: u64,
+        pub regions: Vec<RegionLayout>,
+        pub guest: GuestKind,
+    }
+
+    /// Version 1 had only `Serial`; version 2 added the others at the end.
+    #[derive(Serialize, Deserialize)]
+    pub enum DeviceStateV2 {
+        Serial(SerialSnapshot),
+        I8042(I8042Snapshot),
+        Rtc(RtcSnapshot),
+        PciConfig(PciConfigSnapshot),
+    }
+
+    /// Every device a version 1 or 2 VMM had is in today's machine under these ids, at the same
+    /// places; a device the file lacks starts as at power-on.
+    pub fn convert(
+        d: MachineDescriptionV2,
+        devices: Vec<DeviceStateV2>,
+    ) -> Result<(MachineDescription, Vec<SavedDevice>), String> {
+        let saved = devices
+            .into_iter()
+            .map(|dev| {
+                let (id, state) = match &dev {
+                    DeviceStateV2::Serial(s) => ("serial", encode_state(s)),
+                    DeviceStateV2::I8042(s) => ("i8042", encode_state(s)),
+                    DeviceStateV2::Rtc(s) => ("rtc", encode_state(s)),
+                    DeviceStateV2::PciConfig(s) => ("pci-config", encode_state(s)),
+                };
+                Ok(SavedDevice {
+                    id: id.to_string(),
+                    state: state.map_err(|e| format!("device {id}: {e}"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let description = MachineDescription {
+            vcpus: d.vcpus,
+            ram_size: d.ram_size,
+            regions: d.regions,
+            guest: d.guest,
+            devices: crate::machine::device_descriptions(),
+        };
+        Ok((description, saved))
     }
 }

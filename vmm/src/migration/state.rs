@@ -22,10 +22,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use crate::devices::i8042::I8042Snapshot;
-use crate::devices::pci::PciConfigSnapshot;
-use crate::devices::rtc::RtcSnapshot;
-use crate::devices::serial::SerialSnapshot;
+use crate::devices::{DeviceDescription, SavedDevice};
 use crate::memory::RegionLayout;
 
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -80,16 +77,6 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-/// Emulated devices. New devices are added as new variants at the end, so files written by the
-/// previous version still decode.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceState {
-    Serial(SerialSnapshot),
-    I8042(I8042Snapshot),
-    Rtc(RtcSnapshot),
-    PciConfig(PciConfigSnapshot),
-}
-
 /// What the guest is, beyond its RAM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestKind {
@@ -114,6 +101,8 @@ pub struct MachineDescription {
     pub ram_size: u64,
     pub regions: Vec<RegionLayout>,
     pub guest: GuestKind,
+    /// Every emulated device with its place on the bus, in the order the machine builds them.
+    pub devices: Vec<DeviceDescription>,
 }
 
 impl MachineDescription {
@@ -138,6 +127,27 @@ impl MachineDescription {
                 "memory regions: the state has {:?}, this VMM lays out {:?}",
                 saved.regions, ours.regions
             ));
+        }
+        for d in &saved.devices {
+            match ours.devices.iter().find(|o| o.id == d.id) {
+                None => out.push(format!(
+                    "devices: the state has '{}' ({}), this machine has no such device",
+                    d.id, d.place
+                )),
+                Some(o) if o.place != d.place => out.push(format!(
+                    "device '{}': the state has it at {}, this machine at {}",
+                    d.id, d.place, o.place
+                )),
+                Some(_) => {}
+            }
+        }
+        for o in &ours.devices {
+            if !saved.devices.iter().any(|d| d.id == o.id) {
+                out.push(format!(
+                    "devices: this machine has '{}' ({}), the state has no such device",
+                    o.id, o.place
+                ));
+            }
         }
         if saved.guest != ours.guest {
             out.push(format!(
@@ -165,7 +175,8 @@ pub struct MachineState {
     pub description: MachineDescription,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
-    pub devices: Vec<DeviceState>,
+    /// Each emulated device's own state, under its id.
+    pub devices: Vec<SavedDevice>,
 }
 
 fn vcpu_err(index: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -451,6 +462,7 @@ mod tests {
             ram_size: ram,
             regions: crate::memory::layout(ram),
             guest: GuestKind::Builtin(guest.into()),
+            devices: crate::machine::device_descriptions(),
         }
     }
 
@@ -463,5 +475,37 @@ mod tests {
         assert!(d[0].contains("-smp"));
         assert!(d[1].contains("1024 MiB") && d[1].contains("512 MiB"));
         assert!(d[2].contains("memcheck") && d[2].contains("heartbeat"));
+    }
+
+    #[test]
+    fn differences_name_each_device_that_is_missing_extra_or_moved() {
+        use crate::devices::{DeviceDescription, Place};
+        let saved = desc(1, 64 << 20, "heartbeat");
+        let mut ours = saved.clone();
+        ours.devices.retain(|d| d.id != "rtc");
+        ours.devices.push(DeviceDescription {
+            id: "virtio-blk:disk0".into(),
+            place: Place::Mmio {
+                base: 0xe000_0000,
+                len: 0x4000,
+            },
+        });
+        if let Some(serial) = ours.devices.iter_mut().find(|d| d.id == "serial") {
+            serial.place = Place::Port {
+                base: 0x2f8,
+                len: 8,
+            };
+        }
+        let d = MachineDescription::differences(&saved, &ours);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d.iter()
+                .any(|l| l.contains("'serial'") && l.contains("0x2f8"))
+        );
+        assert!(
+            d.iter()
+                .any(|l| l.contains("'rtc'") && l.contains("no such device"))
+        );
+        assert!(d.iter().any(|l| l.contains("'virtio-blk:disk0'")));
     }
 }

@@ -92,7 +92,7 @@ pub struct Monitor {
 impl Monitor {
     /// Binds `path` (mode 0600); fails if another process is listening there.
     pub fn bind(path: &Path, version: VersionInfo) -> io::Result<Self> {
-        let listener = super::bind_unix_listener(path)?;
+        let listener = crate::unix_socket::bind_listener(path)?;
         Ok(Self::with_listener(listener, version))
     }
 
@@ -144,26 +144,23 @@ impl Monitor {
     pub fn accept(&mut self) -> Vec<(ClientId, RawFd)> {
         let mut new = Vec::new();
         loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(true);
-                    let mut client = Client::new(stream, Session::new());
-                    if !client.send(&self.greeting) {
-                        continue;
-                    }
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    new.push((id, client.stream.as_raw_fd()));
-                    self.clients.insert(id, client);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            let stream = match crate::unix_socket::accept(&self.listener) {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return new,
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("QMP: accept failed: {e}");
-                    }
+                    log::warn!("QMP: accept failed: {e}");
                     return new;
                 }
+            };
+            let _ = stream.set_nonblocking(true);
+            let mut client = Client::new(stream, Session::new());
+            if !client.send(&self.greeting) {
+                continue;
             }
+            let id = self.next_id;
+            self.next_id += 1;
+            new.push((id, client.stream.as_raw_fd()));
+            self.clients.insert(id, client);
         }
     }
 
