@@ -560,7 +560,7 @@ impl Incoming {
         self.disarm();
         for (name, (rec, original, taken)) in self.fds.drain() {
             if !taken {
-                log::info!(
+                log::debug!(
                     "closing inherited fd {} ({name}): not used by this VMM",
                     rec.fd
                 );
