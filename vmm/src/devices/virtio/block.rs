@@ -512,7 +512,7 @@ impl RequestQueue {
     /// The byte offset of a request of `len` bytes at `sector`, if it lies within the disk and
     /// within the request size limit.
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
-        if len > MAX_REQUEST_BYTES || len as u64 % SECTOR_SIZE != 0 {
+        if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end = sector.checked_add(len as u64 / SECTOR_SIZE)?;
