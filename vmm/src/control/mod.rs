@@ -368,11 +368,19 @@ impl Vmm {
         Machine::build(
             ram,
             self.config.vcpus,
-            self.config.guest.clone(),
+            self.hardware(),
             self.console.output(),
             source,
             phases,
         )
+    }
+
+    /// The guest and devices this command line asks for.
+    pub(crate) fn hardware(&self) -> crate::machine::Hardware {
+        crate::machine::Hardware {
+            guest: self.config.guest.clone(),
+            disks: self.config.disks.clone(),
+        }
     }
 
     /// The machine this command line describes (checked against a saved one).
@@ -382,7 +390,7 @@ impl Vmm {
             ram_size: self.config.ram_size,
             regions: memory::layout(self.config.ram_size),
             guest: GuestKind::of(&self.config.guest),
-            devices: crate::machine::device_descriptions(),
+            devices: crate::machine::device_descriptions(&self.config.disks),
         }
     }
 

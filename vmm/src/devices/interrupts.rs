@@ -7,10 +7,6 @@
 //! registered as that GSI's irqfd, so raising it is one eventfd write from any thread, without
 //! a VM exit.
 
-// Used by the virtio-pci transport (issue 12); unit-tested here until a device in the list
-// raises interrupts.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -165,6 +161,7 @@ pub struct MsiVector {
 }
 
 impl MsiVector {
+    #[cfg(test)]
     pub fn gsi(&self) -> u32 {
         self.gsi
     }

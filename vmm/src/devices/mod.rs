@@ -61,7 +61,6 @@ pub enum DeviceError {
     #[error("its saved state is not valid: {0}")]
     InvalidState(String),
     #[error("its host fd '{0}' was not handed over by the previous VMM")]
-    #[cfg_attr(not(test), allow(dead_code))]
     MissingHostFd(String),
     #[error("{0}")]
     Setup(String),
@@ -230,9 +229,6 @@ impl HandedOverFds {
         self.preserved
     }
 
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
         let i = self.fds.iter().position(|(n, _)| n == name)?;
         Some(self.fds.remove(i).1)
@@ -265,11 +261,6 @@ pub struct DeviceContext<'a> {
 }
 
 impl DeviceContext<'_> {
-    /// The handed-over host fd `name`, or None when this is not an fd-preserving restore (power
-    /// on, or a restore from a file in a new process, where the device opens its backend).
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn take_host_fd(&mut self, name: &str) -> Option<OwnedFd> {
         self.host_fds.take(name)
     }
@@ -319,10 +310,6 @@ impl DeviceSpec {
         }
     }
 
-    /// A device in guest-physical address space.
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn mmio<T>(id: &str, base: u64, len: u64, config: T::Config) -> Self
     where
         T: Persist + MmioDevice + Send + 'static,
@@ -477,6 +464,24 @@ impl DeviceSet {
         }
     }
 
+    /// Duplicates of every host fd the devices own, for a rebuilt device list (a reset) to take
+    /// over the same backends.
+    pub fn duplicate_host_fds(&self) -> Result<HandedOverFds, DeviceSetError> {
+        let mut out = Vec::new();
+        for h in self.host_fds()? {
+            // The device keeps its fd open while this runs (the machine is paused).
+            // SAFETY: `h.fd` is open for the duration of this borrow.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(h.fd) }
+                .try_clone_to_owned()
+                .map_err(|e| DeviceSetError::Device {
+                    id: h.name.clone(),
+                    source: DeviceError::Setup(format!("duplicating its host fd: {e}")),
+                })?;
+            out.push((h.name, fd));
+        }
+        Ok(HandedOverFds::new(out))
+    }
+
     /// Every host fd the devices own (names are unique across the machine).
     pub fn host_fds(&self) -> Result<Vec<HostFd>, DeviceSetError> {
         let mut out: Vec<HostFd> = Vec::new();
@@ -566,9 +571,6 @@ impl Bus {
         Ok(())
     }
 
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn insert_mmio(
         &mut self,
         base: u64,

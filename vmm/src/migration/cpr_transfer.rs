@@ -619,7 +619,7 @@ impl Vmm {
                 Machine::prepare(
                     ram,
                     self.config.vcpus,
-                    self.config.guest.clone(),
+                    self.hardware(),
                     self.console.output(),
                 )
                 .map_err(StartError::from)

@@ -60,7 +60,6 @@ pub enum PciError {
     #[error("PCI slot {0} does not exist (bus 0 has slots 0-31)")]
     NoSuchSlot(u8),
     #[error("the PCI MMIO window has no room for a {0:#x}-byte BAR")]
-    #[cfg_attr(not(test), allow(dead_code))]
     WindowFull(u64),
 }
 
@@ -73,8 +72,6 @@ pub struct PciBus {
 #[derive(Default)]
 struct BusState {
     slots: Vec<(u8, SharedFunction)>,
-    /// Offset in the window of the next free byte for a BAR.
-    #[cfg_attr(not(test), allow(dead_code))]
     next_bar: u64,
 }
 
@@ -95,10 +92,6 @@ impl PciBus {
         Ok(())
     }
 
-    /// A guest address for a memory BAR of `size` (a power of two): the next free, naturally
-    /// aligned place in the window. Functions are built in the device list's order, so the
-    /// same machine gets the same addresses. (The first function with BARs is virtio, issue 12.)
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn allocate_bar(&self, size: u64) -> Result<u64, PciError> {
         let mut s = lock(&self.state);
         let size = size.max(0x1000).next_power_of_two();

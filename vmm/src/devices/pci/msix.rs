@@ -12,10 +12,6 @@
 //! bit instead and is delivered when unmasked, as the PCI spec requires. The table, the PBA and
 //! the control bits are the device's state; routes are programmed again from them at restore.
 
-// Used by the virtio-pci transport (issue 12); unit-tested here until a device in the list
-// raises interrupts.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};

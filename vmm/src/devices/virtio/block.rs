@@ -21,7 +21,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -59,13 +59,30 @@ const S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
 const S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
 const S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
+/// Where a disk image comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    Path(PathBuf),
+    /// An fd the management layer opened and passed (`-add-fd fd=N` + `file=/dev/fdset/S`).
+    Fd(RawFd),
+}
+
+impl std::fmt::Display for DiskSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskSource::Path(p) => write!(f, "{}", p.display()),
+            DiskSource::Fd(fd) => write!(f, "fd {fd}"),
+        }
+    }
+}
+
 /// A disk as the command line describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
     /// The drive's id (`-drive id=`, `-blockdev node-name=`): names its host fd.
     pub id: String,
     /// Where the image is, for a power-on or a restore from a file in a new process.
-    pub path: PathBuf,
+    pub source: DiskSource,
     pub read_only: bool,
     /// What GET_ID answers (at most 20 bytes).
     pub serial: String,
@@ -76,14 +93,26 @@ impl BlockConfig {
         format!("drive:{}", self.id)
     }
 
+    /// Opens the image (a path with the access the disk needs; a passed fd as a duplicate,
+    /// close-on-exec, so the fd set keeps its own).
+    pub fn open_for_check(&self) -> std::io::Result<File> {
+        match &self.source {
+            DiskSource::Path(p) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(!self.read_only)
+                .open(p),
+            DiskSource::Fd(fd) => {
+                // The -add-fd check found it open, and nothing in this process closes it.
+                // SAFETY: the fd is open for the duration of this borrow (see above).
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+                borrowed.try_clone_to_owned().map(File::from)
+            }
+        }
+    }
+
     fn open(&self) -> Result<File, DeviceError> {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(!self.read_only)
-            .open(&self.path)
-            .map_err(|e| {
-                DeviceError::Setup(format!("drive '{}': {}: {e}", self.id, self.path.display()))
-            })
+        self.open_for_check()
+            .map_err(|e| DeviceError::Setup(format!("drive '{}': {}: {e}", self.id, self.source)))
     }
 }
 
@@ -166,8 +195,12 @@ impl Persist for Block {
     type State = BlockState;
     type Config = BlockConfig;
 
-    fn power_on(_: &mut DeviceContext<'_>, config: &BlockConfig) -> Result<Self, DeviceError> {
-        let disk = config.open()?;
+    /// Opens the image, or takes over the one the device had before a reset.
+    fn power_on(ctx: &mut DeviceContext<'_>, config: &BlockConfig) -> Result<Self, DeviceError> {
+        let disk = match ctx.take_host_fd(&config.host_fd_name()) {
+            Some(fd) => File::from(fd),
+            None => config.open()?,
+        };
         Block::with_disk(config.clone(), disk)
     }
 
@@ -251,6 +284,11 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError> {
         self.stop_worker();
+        log::debug!(
+            "virtio-blk {}: the driver started it, features {:#x}",
+            self.config.id,
+            activation.features
+        );
         let Some((queue, notify)) = activation.queues.into_iter().next() else {
             return Err(VirtioError::Device(
                 "the driver enabled no request queue".into(),
@@ -586,7 +624,7 @@ mod tests {
         fn config(&self, read_only: bool) -> BlockConfig {
             BlockConfig {
                 id: "d0".into(),
-                path: self.disk.path.clone(),
+                source: DiskSource::Path(self.disk.path.clone()),
                 read_only,
                 serial: "cpr-serial-0".into(),
             }

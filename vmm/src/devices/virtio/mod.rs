@@ -9,10 +9,6 @@
 //! status, every queue's addresses and ring positions, MSI-X vectors) in the one state walk, so a
 //! device gets back the same queues after any migration mode.
 
-// The transport is complete and unit-tested; the first device on it (virtio-blk, issue 12)
-// puts it in the machine's device list.
-#![cfg_attr(not(test), allow(dead_code))]
-
 pub mod block;
 pub mod pci;
 

@@ -183,6 +183,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             .add_capability(VENDOR_CAPABILITY_ID, &body, &vec![0; body.len()])
             .map_err(|e| setup(&e))?;
         let msix = Msix::new(max_sizes.len() as u16 + 1, &ctx.interrupts).map_err(|e| setup(&e))?;
+        if msix.table_size() > MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET
+            || msix.pba_size() > BAR_SIZE - MSIX_PBA_OFFSET
+        {
+            return Err(DeviceError::Setup(format!(
+                "{} MSI-X vectors do not fit in the BAR",
+                msix.count()
+            )));
+        }
         let (body, writable) =
             msix.capability(0, MSIX_TABLE_OFFSET as u32, 0, MSIX_PBA_OFFSET as u32);
         config
@@ -215,6 +223,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         })
     }
 
+    #[cfg(test)]
     pub fn device(&self) -> &D {
         &self.device
     }

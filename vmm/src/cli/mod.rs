@@ -5,6 +5,8 @@
 //! to their `--long` form first ([`normalize_qemu_spellings`]); the values keep QEMU's syntax and
 //! are parsed into typed settings here, so every later stage works with checked values.
 
+pub mod drives;
+
 use std::path::PathBuf;
 
 use clap::{ArgAction, Parser};
@@ -35,6 +37,10 @@ const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
     ("daemonize", "daemonize"),
     ("monitor", "monitor"),
     ("chardev", "chardev"),
+    ("drive", "drive"),
+    ("blockdev", "blockdev"),
+    ("device", "device"),
+    ("add-fd", "add-fd"),
 ];
 
 /// Rewrites `-smp 2` to `--smp 2` etc. Arguments after `--` are left alone.
@@ -209,6 +215,24 @@ pub struct Args {
     #[arg(long, hide = true, value_name = "SPEC", action = ArgAction::Append)]
     pub monitor: Vec<String>,
 
+    /// A disk: file=PATH,format=raw,if=virtio|none[,id=ID][,readonly=on][,serial=S]
+    /// (file=/dev/fdset/N for a disk opened by the caller, see -add-fd).
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub drive: Vec<String>,
+
+    /// A disk as a block node: driver=file,node-name=ID,filename=PATH (or QEMU's JSON form).
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub blockdev: Vec<String>,
+
+    /// A device: virtio-blk-pci,drive=ID[,serial=S].
+    #[arg(long, value_name = "DEVICE,OPTS", action = ArgAction::Append)]
+    pub device: Vec<String>,
+
+    /// Put an fd inherited from the caller into an fd set: fd=N,set=S (used as
+    /// file=/dev/fdset/S).
+    #[arg(long = "add-fd", value_name = "fd=N,set=S", action = ArgAction::Append)]
+    pub add_fd: Vec<String>,
+
     /// Refused: QEMU's -chardev.
     #[arg(long, hide = true, value_name = "SPEC", action = ArgAction::Append)]
     pub chardev: Vec<String>,
@@ -264,6 +288,8 @@ pub enum CliError {
     Incoming(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Drive(#[from] drives::DriveError),
 }
 
 /// Faults a test can inject into the new side of a live update.
@@ -344,6 +370,8 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
     /// `--log-timestamps`.
     pub log_timestamps: crate::logger::Timestamps,
+    /// Disks, each behind a virtio-blk-pci device, in PCI slot order.
+    pub disks: Vec<crate::devices::virtio::block::BlockConfig>,
     /// The argv this process was started with (for the rollback fallback).
     pub argv: Vec<String>,
 }
@@ -434,6 +462,7 @@ impl Config {
             parse_machine(opts)?;
         }
         let (incoming, cpr_channel) = parse_incoming_channels(&args.incoming)?;
+        let disks = drives::parse_disks(&args.drive, &args.blockdev, &args.device, &args.add_fd)?;
         Ok(Config {
             ram_size,
             prealloc: args.prealloc || memory.prealloc == Some(true),
@@ -449,6 +478,7 @@ impl Config {
             start_paused: args.start_paused,
             pidfile: args.pidfile.clone(),
             log_timestamps: args.log_timestamps,
+            disks,
             argv,
         })
     }
