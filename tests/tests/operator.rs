@@ -381,3 +381,71 @@ fn hugepages_without_enough_reserved_is_one_clear_error_not_sigbus() {
         );
     }
 }
+
+/// Runs a cpr-exec `migrate` with `command` and returns the QMP answer to it (an error when it
+/// is refused before anything stops) and, when it started, the update's end.
+fn try_update(qmp: &mut QmpClient, command: &[String], state: &Path) -> Result<String, String> {
+    cpr_tests::cpr::set_cpr_exec_command(qmp, command).map_err(|e| e.to_string())?;
+    qmp.execute(
+        "migrate",
+        json!({"uri": format!("file:{}", state.display())}),
+    )
+    .map_err(|e| e.to_string())?;
+    let update = cpr_tests::cpr::wait_update_end(qmp, true, LONG).map_err(|e| e.to_string())?;
+    Ok(format!("{}: {}", update.status(), update.error_desc()))
+}
+
+/// The monitor is never lost silently: a new command line without -qmp is refused before the
+/// guest stops; one that serves it elsewhere is refused by the new VMM and rolled back; an
+/// -incoming that contradicts the update's state file is refused too.
+#[test]
+fn an_update_never_loses_the_monitor_or_reads_the_wrong_state() {
+    let dir = TempDir::new("op-monitor").unwrap();
+    let (vmm, socket) = start(&dir, &["-serial", "null"]);
+    let pid = vmm.pid();
+    let mut qmp = connect(&socket);
+    let state = dir.join("vm.state");
+    let machine: Vec<String> = ["-m", "16M", "--guest", HEARTBEAT, "-serial", "null"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let vmm_path = vmm_bin().display().to_string();
+
+    // No -qmp: refused before anything stops (no STOP event, still running).
+    let mut no_qmp = vec![vmm_path.clone()];
+    no_qmp.extend(machine.clone());
+    let e = try_update(&mut qmp, &no_qmp, &state).unwrap_err();
+    assert!(e.contains("has no -qmp"), "{e}");
+    let v = qmp.execute("query-status", Value::Null).unwrap();
+    assert_eq!(v["status"], "running");
+
+    // -incoming naming another file: refused before anything stops.
+    let mut wrong = no_qmp.clone();
+    wrong.extend(["-qmp".to_string(), qmp_socket_arg(&socket)]);
+    wrong.extend([
+        "-incoming".to_string(),
+        "file:/tmp/elsewhere.state".to_string(),
+    ]);
+    let e = try_update(&mut qmp, &wrong, &state).unwrap_err();
+    assert!(e.contains("-incoming file:/tmp/elsewhere.state"), "{e}");
+
+    // -qmp on another path: only the new VMM can tell; it refuses and the guest rolls back.
+    let mut elsewhere = no_qmp.clone();
+    elsewhere.extend(["-qmp".to_string(), qmp_socket_arg(&dir.join("other.sock"))]);
+    let outcome = try_update(&mut qmp, &elsewhere, &state).unwrap();
+    assert!(
+        outcome.starts_with("failed") && outcome.contains("listens on"),
+        "{outcome}"
+    );
+    let v = qmp.execute("query-status", Value::Null).unwrap();
+    assert_eq!(v["status"], "running");
+    assert!(!dir.join("other.sock").exists());
+
+    // And the right command line still works, without -incoming at all.
+    let mut good = no_qmp.clone();
+    good.extend(["-qmp".to_string(), qmp_socket_arg(&socket)]);
+    let outcome = try_update(&mut qmp, &good, &state).unwrap();
+    assert!(outcome.starts_with("completed"), "{outcome}");
+    assert_eq!(qmp.server_pid().unwrap(), pid);
+    quit(&vmm, &mut qmp);
+}

@@ -147,10 +147,13 @@ pub fn run(
     // A live update: any failure before the guest runs again rolls back to the previous VMM.
     // The new VMM works on duplicates of the inherited fds, so whatever it built and dropped,
     // the originals are intact for the rollback.
-    let started = Vmm::new(config, Some(&mut incoming)).and_then(|mut vmm| {
-        vmm.start_cpr_incoming(&mut incoming)?;
-        Ok(vmm)
-    });
+    let started = crate::migration::cpr_exec::check_command_line(&incoming.state, &config)
+        .map_err(StartError::from)
+        .and_then(|()| Vmm::new(config, Some(&mut incoming)))
+        .and_then(|mut vmm| {
+            vmm.start_cpr_incoming(&mut incoming)?;
+            Ok(vmm)
+        });
     match started {
         Ok(mut vmm) => {
             drop(incoming);

@@ -101,6 +101,121 @@ pub enum CprExecError {
     DuplicateName(String),
     #[error("keeping a copy of the state for rollback: {0}")]
     StateCopy(String),
+    #[error("the new VMM's command line {0}")]
+    CommandLine(String),
+}
+
+/// What the new command line must keep of what the running VMM hands over, checked by the new
+/// VMM before it builds anything (a mismatch rolls back): every inherited monitor or console
+/// socket is served on at its path, and the state comes from where the CPR state says.
+pub fn check_command_line(
+    state: &CprState,
+    config: &crate::cli::Config,
+) -> Result<(), CprExecError> {
+    use crate::cli::{IncomingSpec, SerialSpec};
+    let refuse = |why: String| Err(CprExecError::CommandLine(why));
+    for rec in &state.fds {
+        let bound = || bound_path(rec.fd);
+        match rec.kind {
+            FdKind::QmpListener => match &config.qmp {
+                None => {
+                    return refuse(format!(
+                        "has no -qmp, but the running VMM's QMP monitor{} is handed over: repeat its -qmp option, or the VM could no longer be managed",
+                        bound().map(|p| format!(" on {p}")).unwrap_or_default()
+                    ));
+                }
+                Some(q) => {
+                    if let Some(p) = bound()
+                        && std::path::Path::new(&p) != q.path
+                    {
+                        return refuse(format!(
+                            "gives -qmp {}, but the monitor handed over listens on {p}",
+                            q.path.display()
+                        ));
+                    }
+                }
+            },
+            FdKind::ConsoleListener => {
+                let ours = match &config.serial {
+                    SerialSpec::UnixServer(p) => Some(p.clone()),
+                    _ => None,
+                };
+                let theirs = bound();
+                if ours.as_deref() != theirs.as_deref().map(std::path::Path::new) {
+                    return refuse(format!(
+                        "does not serve the serial console socket{} handed over: repeat -serial unix:PATH,server",
+                        theirs.map(|p| format!(" {p}")).unwrap_or_default()
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    match &config.incoming {
+        None => Ok(()),
+        Some(IncomingSpec::File(p)) if same_file_path(p, &state.state_file) => Ok(()),
+        Some(IncomingSpec::File(p)) => refuse(format!(
+            "says -incoming file:{}, but the state of this update is in {} (leave -incoming out, or name that file)",
+            p.display(),
+            state.state_file
+        )),
+        Some(_) => refuse(
+            "asks for another incoming migration; a live update's state comes with the exec (-incoming file:STATE or none)"
+                .into(),
+        ),
+    }
+}
+
+/// Where a listening UNIX socket is bound.
+fn bound_path(fd: RawFd) -> Option<String> {
+    use nix::sys::socket::{UnixAddr, getsockname};
+    let addr: UnixAddr = getsockname(fd).ok()?;
+    addr.path().map(|p| p.display().to_string())
+}
+
+fn same_file_path(a: &Path, b: &str) -> bool {
+    let b = Path::new(b);
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The old side's check of a cpr-exec command before it stops anything: an `-incoming
+/// file:PATH` in it must be the update's state file, and a VMM with a monitor must hand it to a
+/// command line that has one (the new VMM checks again, exactly, and rolls back).
+pub fn check_exec_command(
+    command: &[String],
+    state_file: &Path,
+    has_monitor: bool,
+) -> Result<(), CprExecError> {
+    let mut has_qmp = false;
+    let mut args = command.iter().peekable();
+    while let Some(a) = args.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) if n.starts_with('-') => (n, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        match name {
+            "-qmp" | "--qmp" => has_qmp = true,
+            "-incoming" | "--incoming" => {
+                let value = inline.or_else(|| args.peek().map(|v| v.to_string()));
+                if let Some(path) = value.as_deref().and_then(|v| v.strip_prefix("file:"))
+                    && !same_file_path(Path::new(path), &state_file.display().to_string())
+                {
+                    return Err(CprExecError::CommandLine(format!(
+                        "says -incoming file:{path}, but migrate writes the state to {} (leave -incoming out, or name that file)",
+                        state_file.display()
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    if has_monitor && !has_qmp {
+        return Err(CprExecError::CommandLine(
+            "has no -qmp: the QMP monitor would be lost and the VM could no longer be managed (repeat this VMM's -qmp option)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses cpr-exec when any RAM region is not a sealed memfd that can be inherited.
@@ -653,6 +768,8 @@ impl Vmm {
             ));
         };
         check_ram_shareable(machine.ram()).map_err(|e| QmpError::generic(e.to_string()))?;
+        check_exec_command(&command, &state_file, self.monitor.is_some())
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         // Before the guest stops: the helper costs nothing to the blackout when made here.
         let teardown = TeardownHelper::spawn()
             .map_err(|e| {
