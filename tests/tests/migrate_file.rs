@@ -1141,3 +1141,35 @@ fn unknown_modes_and_non_file_uris_are_rejected() {
     let last = vmm.last_tick(0).unwrap();
     vmm.wait_for_tick(0, last + 10, LONG).unwrap();
 }
+
+/// `migrate_cancel` during a save ends the migration as `cancelled` (QEMU's cancelling, then
+/// cancelled), leaves no file, and the guest runs on.
+#[test]
+fn migrate_cancel_ends_a_save_as_cancelled_and_the_guest_runs_on() {
+    let dir = TempDir::new("migcancel").unwrap();
+    let machine = Machine::memcheck("128M");
+    let (vmm, socket) = machine.start(&dir, "old", &[]);
+    // A full sweep has touched 100 MiB: the save has that much to write, chunk by chunk.
+    vmm.wait_for_output(|text| sweeps(text) >= 1, LONG).unwrap();
+    let mut qmp = connect(&socket);
+    let state = dir.join("state");
+    qmp.execute("migrate", json!({ "uri": file_uri(&state) }))
+        .unwrap();
+    qmp.execute("migrate_cancel", Value::Null).unwrap();
+    let statuses = wait_migration_end(&mut qmp);
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("cancelled"),
+        "{statuses:?}"
+    );
+    assert!(statuses.iter().any(|s| s == "cancelling"), "{statuses:?}");
+    let info = qmp.execute("query-migrate", Value::Null).unwrap();
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert!(info.get("error-desc").is_none(), "{info}");
+    assert_eq!(status(&mut qmp), "running");
+    assert!(!state.exists(), "no partial state file is left");
+    let before = sweeps(&vmm.stdout_text());
+    vmm.wait_for_output(|text| sweeps(text) > before, LONG)
+        .unwrap();
+    quit(&vmm, &mut qmp);
+}

@@ -449,3 +449,118 @@ fn an_update_never_loses_the_monitor_or_reads_the_wrong_state() {
     assert_eq!(qmp.server_pid().unwrap(), pid);
     quit(&vmm, &mut qmp);
 }
+
+/// A malformed `--sha256` is refused by `migrate-set-parameters`, before any update starts.
+#[test]
+fn a_malformed_sha256_is_refused_when_the_command_is_set() {
+    let dir = TempDir::new("op-sha").unwrap();
+    let (vmm, socket) = start(&dir, &["-serial", "null"]);
+    let mut qmp = connect(&socket);
+    let shim = shim_bin().display().to_string();
+    let e = qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"mode": "cpr-exec", "cpr-exec-command": [shim, "--sha256", "not-a-digest", "--", "vmm"]}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("64 hex digits"), "{e}");
+    let params = qmp
+        .execute("query-migrate-parameters", Value::Null)
+        .unwrap();
+    assert_eq!(params["cpr-exec-command"], json!([]), "{params}");
+    quit(&vmm, &mut qmp);
+}
+
+/// `pmemsave` writes a private file (0600, also over an existing one) and never follows a
+/// symlink at the path (which could point at any file the VMM may write).
+#[test]
+fn pmemsave_writes_a_private_dump_and_refuses_symlinks() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("op-pmem").unwrap();
+    let (vmm, socket) = start(&dir, &["-serial", "null"]);
+    let mut qmp = connect(&socket);
+    let dump = dir.join("dump");
+    std::fs::write(&dump, b"old").unwrap();
+    std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o644)).unwrap();
+    qmp.execute(
+        "pmemsave",
+        json!({"val": 0x100000, "size": 4096, "filename": dump}),
+    )
+    .unwrap();
+    let meta = std::fs::metadata(&dump).unwrap();
+    assert_eq!(meta.len(), 4096);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let e = qmp
+        .execute(
+            "pmemsave",
+            json!({"val": 0x100000, "size": 4096, "filename": link}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Could not open"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    quit(&vmm, &mut qmp);
+}
+
+/// Two clients send `migrate` (cpr-exec) at the same moment: one update happens, the other
+/// `migrate` is refused as a migration in progress (before the exec, or by the new VMM, which
+/// keeps the parameters), and the VM runs on, not left in postmigrate by a stray migration.
+#[test]
+fn two_clients_migrating_at_once_make_one_update() {
+    use std::io::Write;
+    let dir = TempDir::new("op-race").unwrap();
+    let (vmm, socket) = start(&dir, &["-serial", "null"]);
+    let mut a = connect(&socket);
+    let mut b = connect(&socket);
+    let state = dir.join("vm.state");
+    let mut command = vec![vmm_bin().display().to_string()];
+    command.extend(
+        ["-m", "16M", "--guest", HEARTBEAT, "-serial", "null", "-qmp"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    command.push(qmp_socket_arg(&socket));
+    cpr_tests::cpr::set_cpr_exec_command(&mut a, &command).unwrap();
+    let migrate = json!({"execute": "migrate", "arguments": {"uri": format!("file:{}", state.display())}, "id": "b"});
+    b.socket()
+        .write_all(format!("{migrate}\n").as_bytes())
+        .unwrap();
+    let a_reply = a.execute(
+        "migrate",
+        json!({"uri": format!("file:{}", state.display())}),
+    );
+    let b_reply = b.execute_raw(b"").unwrap();
+    let a_ok = a_reply.is_ok();
+    let b_ok = b_reply.get("return").is_some();
+    assert!(
+        a_ok != b_ok,
+        "exactly one migrate is accepted: a {a_reply:?}, b {b_reply}"
+    );
+    let refused = if a_ok {
+        b_reply["error"]["desc"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        a_reply.unwrap_err().to_string()
+    };
+    assert!(
+        refused.contains("migration process in progress"),
+        "{refused}"
+    );
+    let update = cpr_tests::cpr::wait_update_end(&mut a, true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.error_desc());
+    let v = a.execute("query-status", Value::Null).unwrap();
+    assert_eq!(v["status"], "running");
+    let params = a.execute("query-migrate-parameters", Value::Null).unwrap();
+    assert_eq!(
+        params["mode"], "cpr-exec",
+        "the parameters cross the update: {params}"
+    );
+    quit(&vmm, &mut a);
+}

@@ -658,6 +658,30 @@ impl Vmm {
         {
             return;
         }
+        self.answer_client(id);
+        if self.pending_exec.is_some() {
+            // A live update execs once the reply to `migrate` is out. Every command already
+            // sent, by this client or another, is answered first (a second `migrate` is
+            // refused), so none is lost or carried into the new VMM to run there.
+            let others: Vec<ClientId> = self
+                .monitor
+                .as_ref()
+                .map(|m| m.client_fds().into_iter().map(|(c, _)| c).collect())
+                .unwrap_or_default();
+            for other in others {
+                self.answer_client(other);
+            }
+            if self.exit_code.is_none()
+                && let Some(pending) = self.pending_exec.take()
+            {
+                self.exec_update(pending);
+            }
+        }
+    }
+
+    /// Reads what client `id` has sent and answers each command, in order.
+    fn answer_client(&mut self, id: ClientId) {
+        let Some(m) = &mut self.monitor else { return };
         let outcome = m.read(id);
         for request in outcome.requests {
             let quit = matches!(request.command, Command::Quit);
@@ -668,9 +692,6 @@ impl Vmm {
             }
             if quit {
                 self.shutdown(ShutdownCause::HostQmpQuit, 0);
-            }
-            if let Some(pending) = self.pending_exec.take() {
-                self.exec_update(pending);
             }
             if self.exit_code.is_some() {
                 return;
@@ -748,6 +769,10 @@ impl Vmm {
                     )));
                 }
                 self.params.check_effective(&p)?;
+                if let Some(command) = &p.cpr_exec_command {
+                    crate::migration::cpr_exec::check_command_syntax(command)
+                        .map_err(|e| QmpError::generic(format!("cpr-exec-command: {e}")))?;
+                }
                 self.params.apply(&p);
                 Ok(empty())
             }
@@ -762,11 +787,7 @@ impl Vmm {
                 Ok(empty())
             }
             Command::MigrateCancel => {
-                if let Some(m) = &self.migration.ram
-                    && self.outgoing.is_some()
-                {
-                    m.cancel();
-                }
+                self.cancel_migration();
                 Ok(empty())
             }
             Command::QueryName => to_value(&NameInfo {
@@ -846,7 +867,7 @@ impl Vmm {
                 "The new VMM may be resuming the guest: wait for the cpr-transfer to end",
             ));
         }
-        if self.outgoing.is_some() {
+        if self.outgoing.is_some() || self.pending_exec.is_some() {
             return Err(QmpError::generic(
                 "A migration is in progress; the guest resumes when it ends if it was running",
             ));
@@ -904,13 +925,30 @@ impl Vmm {
                 addr >= r.layout.guest_addr && addr + len <= r.layout.guest_addr + r.layout.size
             })
         };
-        let mut file = std::fs::File::create(&args.filename).map_err(|e| {
+        // A guest memory dump is as sensitive as a state file: 0600, and a symlink at the path is
+        // refused rather than followed (it could point at any file this process may write).
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&args.filename)
+        }
+        .map_err(|e| {
             QmpError::generic(format!(
                 "Could not open '{}': {}",
                 args.filename,
                 os_error_text(&e)
             ))
         })?;
+        // An existing file keeps its mode on open: make it private too.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+        }
         let mut buf = vec![0u8; 1 << 20];
         let mut addr = args.val;
         let end = end.ok_or_else(|| QmpError::generic("Invalid addr/size: the range overflows"))?;

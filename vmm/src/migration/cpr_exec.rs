@@ -178,6 +178,31 @@ fn same_file_path(a: &Path, b: &str) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
+/// `migrate-set-parameters`' check of a cpr-exec command: a malformed `--sha256` for the shim is
+/// refused now, not after the guest has stopped.
+pub fn check_command_syntax(command: &[String]) -> Result<(), CprExecError> {
+    let shim_part = command
+        .iter()
+        .position(|a| a == "--")
+        .map_or(command, |i| &command[..i]);
+    let mut args = shim_part.iter();
+    while let Some(a) = args.next() {
+        let value = match a.strip_prefix("--sha256") {
+            Some("") => args.next().map(String::as_str),
+            Some(rest) => rest.strip_prefix('='),
+            None => continue,
+        };
+        let ok = value.is_some_and(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !ok {
+            return Err(CprExecError::CommandLine(format!(
+                "gives cpr-shim --sha256 {}: it takes the target binary's SHA-256 as 64 hex digits",
+                value.unwrap_or("(nothing)")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The old side's check of a cpr-exec command before it stops anything: an `-incoming
 /// file:PATH` in it must be the update's state file, and a VMM with a monitor must hand it to a
 /// command line that has one (the new VMM checks again, exactly, and rolls back).
@@ -794,7 +819,16 @@ impl Vmm {
                 saved_at_unix_ns: cpr_common::timing::realtime_ns(),
             };
             let label = state_file.display().to_string();
-            let bytes = encode_state(Vec::new(), &state, &run, RamContents::Preserved, &label)?;
+            // The parameters go along, so that a `migrate` still unread at the exec does what
+            // its client meant in the new VMM.
+            let params = serde_json::to_vec(&self.params).unwrap_or_default();
+            let bytes = encode_state(
+                Vec::new(),
+                &state,
+                &run,
+                RamContents::PreservedWithParameters(&params),
+                &label,
+            )?;
             write_state_bytes(&state_file, &bytes)?;
             phases.mark("write state file");
             let device_fds = machine.device_host_fds()?;
@@ -895,6 +929,12 @@ impl Vmm {
         };
         file.check_machine(&self.described_machine())
             .map_err(IncomingError::from)?;
+        if let Some(params) = file
+            .migration_parameters()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        {
+            self.params = params;
+        }
         incoming.phases.mark("read state file");
         let ram = incoming.take_ram(&file.state.description.regions)?;
         incoming.phases.mark("map memory");
@@ -981,6 +1021,19 @@ impl Vmm {
         } else {
             MigrationStatus::Completed
         };
+        // One line per update, for operators: outcome, versions, blackout.
+        match &rolled_back {
+            None => log::info!(
+                "live update completed: vmm {from_version} -> {}, blackout {:.3} ms",
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+            Some(reason) => log::warn!(
+                "live update failed and rolled back to vmm {}: {reason}; guest paused {:.3} ms",
+                crate::version_string(),
+                blackout_ns as f64 / 1e6
+            ),
+        }
         self.migration = MigrationRecord {
             status,
             total_time_ms: Some(blackout_ns / 1_000_000),
@@ -1057,5 +1110,49 @@ mod tests {
         assert!(c.reads_state(super::super::format::STATE_FORMAT_VERSION));
         assert!(c.reads_cpr(cpr::CPR_STATE_FORMAT.current_version));
         assert_eq!(c.version, crate::VERSION);
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+
+    fn v(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sha256_must_be_64_hex_digits() {
+        let good = "ab".repeat(32);
+        assert!(check_command_syntax(&v(&["cpr-shim", "--sha256", &good, "--", "vmm"])).is_ok());
+        assert!(
+            check_command_syntax(&v(&["cpr-shim", &format!("--sha256={good}"), "--", "vmm"]))
+                .is_ok()
+        );
+        for bad in ["abc", &"zz".repeat(32), ""] {
+            let e = check_command_syntax(&v(&["cpr-shim", "--sha256", bad, "--", "vmm"]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("64 hex digits"), "{e}");
+        }
+        assert!(check_command_syntax(&v(&["cpr-shim", "--sha256"])).is_err());
+        // After `--` it is the VMM's argument list, not the shim's.
+        assert!(check_command_syntax(&v(&["cpr-shim", "--", "vmm", "--sha256", "x"])).is_ok());
+    }
+
+    #[test]
+    fn the_exec_command_keeps_the_monitor_and_the_state_file() {
+        let state = Path::new("/run/vm.state");
+        let with_qmp = v(&["vmm", "-qmp", "unix:/run/q,server=on,wait=off"]);
+        assert!(check_exec_command(&with_qmp, state, true).is_ok());
+        let e = check_exec_command(&v(&["vmm", "-m", "1G"]), state, true).unwrap_err();
+        assert!(e.to_string().contains("has no -qmp"), "{e}");
+        assert!(check_exec_command(&v(&["vmm", "-m", "1G"]), state, false).is_ok());
+        let mut wrong = with_qmp.clone();
+        wrong.extend(v(&["-incoming", "file:/run/other.state"]));
+        assert!(check_exec_command(&wrong, state, true).is_err());
+        let mut right = with_qmp.clone();
+        right.extend(v(&["--incoming=file:/run/vm.state"]));
+        assert!(check_exec_command(&right, state, true).is_ok());
     }
 }

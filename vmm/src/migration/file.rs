@@ -198,10 +198,30 @@ impl Vmm {
                     status: MigrationStatus::Completed,
                 });
             }
+            Err(_) if self.migration.status == MigrationStatus::Cancelling => {
+                log::info!("migration to file cancelled; the partial file is removed");
+                self.end_migration(MigrationStatus::Cancelled, None, out.guest_was_running);
+            }
             Err(e) => {
                 log::error!("migration failed: {e}");
                 self.fail_migration(&e.to_string(), out.guest_was_running);
             }
+        }
+    }
+
+    /// `migrate_cancel`: a save to a file in flight stops at its next chunk (`cancelling`,
+    /// then `cancelled` when the writer has stopped and the guest runs again). A live update
+    /// has no window to cancel in: its exec follows the reply to `migrate` at once.
+    pub(crate) fn cancel_migration(&mut self) {
+        if let Some(progress) = &self.migration.ram
+            && self.outgoing.is_some()
+            && self.migration.status != MigrationStatus::Cancelling
+        {
+            progress.cancel();
+            self.migration.status = MigrationStatus::Cancelling;
+            self.emit(&EventKind::Migration {
+                status: MigrationStatus::Cancelling,
+            });
         }
     }
 }

@@ -141,7 +141,7 @@ impl Vmm {
     pub(crate) fn migrate(&mut self, args: &MigrateArgs) -> Result<(), QmpError> {
         let targets = args.targets()?;
         self.refuse_if_handed_over()?;
-        if self.outgoing.is_some() || self.transfer_out.is_some() {
+        if self.outgoing.is_some() || self.transfer_out.is_some() || self.pending_exec.is_some() {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
         if self.machine.is_none() || self.run_state() == RunState::Inmigrate {
@@ -183,12 +183,21 @@ impl Vmm {
 
     /// Records a failed migration and resumes the guest if it was running before.
     pub(crate) fn fail_migration(&mut self, reason: &str, guest_was_running: bool) {
-        self.migration.status = MigrationStatus::Failed;
-        self.migration.error = Some(reason.to_string());
+        self.end_migration(MigrationStatus::Failed, Some(reason), guest_was_running);
+    }
+
+    /// Ends a migration that did not complete (`failed`, or `cancelled` by `migrate_cancel`)
+    /// and resumes the guest if it was running before.
+    pub(crate) fn end_migration(
+        &mut self,
+        status: MigrationStatus,
+        reason: Option<&str>,
+        guest_was_running: bool,
+    ) {
+        self.migration.status = status;
+        self.migration.error = reason.map(str::to_string);
         self.migration.total_time_ms = Some(self.migration.elapsed_ms());
-        self.emit(&EventKind::Migration {
-            status: MigrationStatus::Failed,
-        });
+        self.emit(&EventKind::Migration { status });
         if guest_was_running {
             self.set_running();
         } else if self.machine.is_some() {
