@@ -708,6 +708,27 @@ fn sigint_shuts_down_cleanly_with_a_shutdown_event() {
     shuts_down_on(Signal::SIGINT);
 }
 
+/// QEMU treats SIGHUP like SIGTERM; it used to kill the VMM without a clean shutdown.
+#[test]
+fn sighup_shuts_down_cleanly_with_a_shutdown_event() {
+    shuts_down_on(Signal::SIGHUP);
+}
+
+/// An argument that is not valid UTF-8 is one clear error (it used to panic with exit 101).
+#[test]
+fn an_argument_that_is_not_text_is_one_clear_error() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = OsStr::from_bytes(b"x\xffy");
+    for args in [
+        vec![OsStr::new("-m"), bad],
+        vec![OsStr::new("-smp"), bad],
+        vec![OsStr::new("--guest"), bad],
+    ] {
+        assert_vmm_startup_error(&args, &["is not valid UTF-8"], LONG);
+    }
+}
+
 #[test]
 fn quit_ends_the_process_with_status_0() {
     let dir = TempDir::new("quit").unwrap();

@@ -647,7 +647,7 @@ fn create_vm(
     ram: &GuestRam,
     phases: &mut Option<&mut PhaseLog>,
 ) -> Result<(Arc<VmFd>, EventFd), MachineError> {
-    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    let vm = Arc::new(create_vm_retrying(kvm)?);
     mark(phases, "create VM");
     // RAM first: a memory slot added after the irqchip and PIT exist waits for an SRCU grace
     // period (milliseconds on this kind of host, measured), one added before does not. This
@@ -688,6 +688,23 @@ fn create_vm(
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
     Ok((vm, irq))
+}
+
+/// KVM_CREATE_VM, again when a signal interrupted it (seen once in 200 updates on this host;
+/// QEMU retries the same way). A rollback's VM creation must not fail over a stray signal.
+fn create_vm_retrying(kvm: &Kvm) -> Result<VmFd, MachineError> {
+    const ATTEMPTS: usize = 10;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        match kvm.create_vm() {
+            Ok(vm) => return Ok(vm),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => last = Some(e),
+            Err(e) => return Err(kvm_err("KVM_CREATE_VM")(e)),
+        }
+    }
+    Err(kvm_err("KVM_CREATE_VM")(
+        last.unwrap_or_else(|| kvm_ioctls::Error::new(libc::EINTR)),
+    ))
 }
 
 fn create_vcpu_fds(vm: &VmFd, count: u32) -> Result<Vec<VcpuFd>, MachineError> {

@@ -35,10 +35,29 @@ fn main() -> ExitCode {
     // channel variables while this process is still single-threaded.
     let inherited = cpr_common::cpr::inherited_from_env();
     migration::cpr_exec::clear_channel_env();
+    // Every argument must be text: a lossy conversion could turn a path into another one.
     let argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let parsed = cli::Args::try_parse_from(cli::normalize_qemu_spellings(argv.clone()));
+    let not_text = std::env::args_os()
+        .enumerate()
+        .find(|(_, a)| a.to_str().is_none())
+        .map(|(i, a)| {
+            let after = argv
+                .get(i.wrapping_sub(1))
+                .filter(|_| i > 0)
+                .map(|p| format!(" (after {p})"))
+                .unwrap_or_default();
+            format!(
+                "argument {i}{after} is not valid UTF-8: {}",
+                a.to_string_lossy()
+            )
+        });
+    let parsed = match &not_text {
+        Some(why) => Err(why.clone()),
+        None => cli::Args::try_parse_from(cli::normalize_qemu_spellings(argv.clone()))
+            .map_err(|e| e.to_string()),
+    };
     match &parsed {
         Ok(args) => logger::init(args.verbose, args.name.as_deref()),
         Err(_) => logger::init(0, None),
@@ -61,8 +80,7 @@ fn main() -> ExitCode {
     }
 
     let config = parsed
-        .map_err(|e| e.to_string())
-        .and_then(|args| cli::Config::from_args(args, argv).map_err(|e| e.to_string()));
+        .and_then(|args| cli::Config::from_args(args, argv.clone()).map_err(|e| e.to_string()));
     let config = match (config, &incoming) {
         (Ok(c), _) => c,
         (Err(e), Some(incoming)) => {
@@ -73,8 +91,9 @@ fn main() -> ExitCode {
         }
         (Err(e), None) => {
             // clap's own messages (usage, --help, --version) print as clap formats them.
-            if let Err(clap_err) =
-                cli::Args::try_parse_from(cli::normalize_qemu_spellings(std::env::args()))
+            if not_text.is_none()
+                && let Err(clap_err) =
+                    cli::Args::try_parse_from(cli::normalize_qemu_spellings(argv.clone()))
             {
                 clap_err.exit();
             }

@@ -219,7 +219,12 @@ impl Vmm {
         let epoll = Epoll::new().map_err(StartError::Setup)?;
         let (signals, signal_writer) = UnixStream::pair().map_err(StartError::Setup)?;
         signals.set_nonblocking(true).map_err(StartError::Setup)?;
-        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // SIGHUP as QEMU treats it: a clean shutdown like SIGTERM.
+        for sig in [
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGHUP,
+        ] {
             let writer = signal_writer.try_clone().map_err(StartError::Setup)?;
             signal_hook::low_level::pipe::register(sig, writer).map_err(StartError::Setup)?;
         }
