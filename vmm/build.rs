@@ -4,6 +4,11 @@
 //! -> `objcopy -O binary`, written to `$OUT_DIR/<name>.bin`, which
 //! src/boot.rs pulls in with `include_bytes!`. The tools come from GNU
 //! binutils (Debian package `binutils`).
+//!
+//! The guests in [`BZIMAGE_GUESTS`] are also assembled with `--defsym BZIMAGE=1`
+//! and linked by their own script into `$OUT_DIR/<name>.bzImage`, a bzImage
+//! that QEMU boots with `-kernel` (the same driver, compared against QEMU's
+//! devices); tests and scripts/blkcheck-qemu.sh build the same file.
 
 use std::env;
 use std::ffi::OsStr;
@@ -13,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Guest sources, assembled to `<name>.bin`.
-const GUESTS: &[&str] = &["heartbeat", "memcheck"];
+const GUESTS: &[&str] = &["heartbeat", "memcheck", "blkcheck"];
+/// Guests also built as a bzImage: (name, linker script).
+const BZIMAGE_GUESTS: &[(&str, &str)] = &[("blkcheck", "blkcheck-bz.ld")];
 /// Files the guests include or are linked with.
 const SHARED_INPUTS: &[&str] = &[
     "abi.inc",
@@ -65,6 +72,12 @@ fn run() -> Result<(), String> {
         println!(
             "cargo:rerun-if-changed={}",
             guest_dir.join(format!("{name}.S")).display()
+        );
+    }
+    for (_, script) in BZIMAGE_GUESTS {
+        println!(
+            "cargo:rerun-if-changed={}",
+            guest_dir.join(script).display()
         );
     }
 
@@ -124,6 +137,51 @@ fn run() -> Result<(), String> {
                 LOAD_ADDR + MAX_IMAGE_SIZE
             ));
         }
+    }
+    for (name, script) in BZIMAGE_GUESTS {
+        build_bzimage(&guest_dir, &out_dir, name, script)?;
+    }
+    Ok(())
+}
+
+/// Assembles `guests/<name>.S` with `--defsym BZIMAGE=1`, links it with
+/// `guests/<script>` and writes `out_dir/<name>.bzImage`.
+fn build_bzimage(guest_dir: &Path, out_dir: &Path, name: &str, script: &str) -> Result<(), String> {
+    let object = out_dir.join(format!("{name}-bz.o"));
+    let elf = out_dir.join(format!("{name}-bz.elf"));
+    let image = out_dir.join(format!("{name}.bzImage"));
+    run_tool(
+        Command::new("as")
+            .args(["--64", "--defsym", "BZIMAGE=1", "-I"])
+            .arg(guest_dir)
+            .arg("-o")
+            .arg(&object)
+            .arg(guest_dir.join(format!("{name}.S"))),
+    )?;
+    run_tool(
+        Command::new("ld")
+            .args([
+                "-m",
+                "elf_x86_64",
+                "-nostdlib",
+                "-static",
+                "--build-id=none",
+            ])
+            .arg("-T")
+            .arg(guest_dir.join(script))
+            .arg("-o")
+            .arg(&elf)
+            .arg(&object),
+    )?;
+    run_tool(
+        Command::new("objcopy")
+            .args(["-O", "binary"])
+            .arg(&elf)
+            .arg(&image),
+    )?;
+    let header = fs::read(&image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+    if header.get(0x202..0x206) != Some(b"HdrS".as_slice()) {
+        return Err(format!("{} has no bzImage setup header", image.display()));
     }
     Ok(())
 }
