@@ -1242,7 +1242,10 @@ process_used:
     mov     %ebp, %eax
     ret
 
-/* next_phase - after all writes: reads; after all reads: FLUSH (or the pass is done). */
+/*
+ * next_phase - after all writes: reads; after all reads: FLUSH (or the pass is done, without
+ * BLK_F_FLUSH or on a read-only device, which has nothing to flush).
+ */
 next_phase:
     cmpl    $PHASE_WRITE, S_PHASE
     jne     1f
@@ -1250,6 +1253,8 @@ next_phase:
     jmp     start_phase
 1:  cmpl    $0, S_FLUSH
     je      pass_done
+    cmpl    $0, S_RO
+    jne     pass_done
     movl    $PHASE_FLUSH, S_PHASE
     jmp     start_phase
 
