@@ -55,7 +55,13 @@ fn qemu_installed() -> bool {
 
 /// Boots the blkcheck bzImage in QEMU on `disk` (KVM, else TCG) until the guest exits through
 /// isa-debug-exit; returns QEMU's exit code and the guest's console.
-fn run_in_qemu(dir: &TempDir, disk: &Path, drive_opts: &str, append: &str) -> (i32, String) {
+fn run_in_qemu(
+    dir: &TempDir,
+    disk: &Path,
+    drive_opts: &str,
+    append: &str,
+    device_opts: &str,
+) -> (i32, String) {
     let kernel: PathBuf = build_blkcheck_bzimage(dir.path()).unwrap();
     let drive = format!(
         "file={},format=raw,if=none,id=d0{drive_opts}",
@@ -79,7 +85,7 @@ fn run_in_qemu(dir: &TempDir, disk: &Path, drive_opts: &str, append: &str) -> (i
         "-drive",
         &drive,
         "-device",
-        "virtio-blk-pci,drive=d0,disable-legacy=on",
+        &format!("virtio-blk-pci,drive=d0,disable-legacy=on{device_opts}"),
         "-device",
         "isa-debug-exit,iobase=0x501,iosize=1",
     ]
@@ -117,6 +123,7 @@ fn qemu_virtio_blk_passes_and_the_image_checks_out() {
         &disk,
         "",
         "blkcheck.passes=2 blkcheck.depth=16 blkcheck.exit_code=0",
+        "",
     );
     assert_eq!(code, guest_exit(0), "console: {console}");
     assert!(
@@ -175,6 +182,7 @@ fn qemu_read_only_disk_is_not_written() {
         &disk,
         ",readonly=on",
         "blkcheck.passes=1 blkcheck.exit_code=0",
+        "",
     );
     assert_eq!(code, guest_exit(0), "console: {console}");
     assert!(console.contains(" ro 1\n"), "{console}");
@@ -191,4 +199,31 @@ fn qemu_read_only_disk_is_not_written() {
         "{console}"
     );
     assert_eq!(std::fs::read(&disk).unwrap(), original);
+}
+
+#[test]
+fn qemu_without_msix_the_driver_polls() {
+    if !qemu_installed() {
+        return;
+    }
+    let dir = TempDir::new("blkcheck-qemu-poll").unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    // vectors=0: the function has no MSI-X capability.
+    let (code, console) = run_in_qemu(
+        &dir,
+        &disk,
+        "",
+        "blkcheck.passes=1 blkcheck.exit_code=0",
+        ",vectors=0",
+    );
+    assert_eq!(code, guest_exit(0), "console: {console}");
+    assert!(
+        console.contains("blkcheck: msix unavailable, polling\n"),
+        "{console}"
+    );
+    let passes = parse_pass_lines(&console);
+    assert_eq!(passes.len(), 1, "{console}");
+    assert_eq!((passes[0].requests, passes[0].irqs), (513, 0), "{console}");
+    check_image(&disk, 1).unwrap();
 }
