@@ -227,3 +227,43 @@ fn qemu_without_msix_the_driver_polls() {
     assert_eq!((passes[0].requests, passes[0].irqs), (513, 0), "{console}");
     check_image(&disk, 1).unwrap();
 }
+
+/// The guest's own verification, against an image the host wrote: the host's pattern is the
+/// guest's, and a stale or corrupted sector is reported by number.
+#[test]
+fn qemu_guest_verifies_an_image_the_host_wrote() {
+    if !qemu_installed() {
+        return;
+    }
+    let dir = TempDir::new("blkcheck-qemu-verify").unwrap();
+    let disk = dir.join("disk.img");
+    let mut image: Vec<u8> = (0..2048u64).flat_map(|s| sector_pattern(s, 41)).collect();
+    image[700 * SECTOR_SIZE..701 * SECTOR_SIZE].copy_from_slice(&sector_pattern(700, 40));
+    image[1500 * SECTOR_SIZE + 100] ^= 1;
+    std::fs::write(&disk, &image).unwrap();
+    let (code, console) = run_in_qemu(
+        &dir,
+        &disk,
+        "",
+        "blkcheck.verify=41 blkcheck.passes=41 blkcheck.exit_code=0",
+        "",
+    );
+    assert!(
+        console.contains("blkcheck: first pass verifies the disk's generation 41\n"),
+        "{console}"
+    );
+    assert_eq!(
+        mismatch_lines(&console),
+        [
+            "blkcheck: MISMATCH sector 700 expected gen 41 found sector 700 gen 40",
+            "blkcheck: MISMATCH sector 1500 expected gen 41 found sector 1500 gen 41 word 12",
+        ],
+        "{console}"
+    );
+    let passes = parse_pass_lines(&console);
+    assert_eq!(passes.len(), 1, "{console}");
+    // 256 reads and a FLUSH; then the guest ends with its data-error status.
+    assert_eq!((passes[0].generation, passes[0].requests), (41, 257));
+    assert_eq!(passes[0].mismatches, 2);
+    assert_eq!(code, guest_exit(EXIT_DATA_ERROR), "console: {console}");
+}

@@ -10,7 +10,9 @@
  *                     entry (setup code -> 32-bit startup_32 -> own page tables -> long mode),
  *                     or a 64-bit boot-protocol loader through startup_64 (payload + 0x200).
  *                     Options on the kernel command line: blkcheck.depth=N,
- *                     blkcheck.passes=N (exit after N passes), blkcheck.exit_code=N.
+ *                     blkcheck.passes=N (exit after N passes), blkcheck.exit_code=N,
+ *                     blkcheck.verify=G (the first pass only reads and verifies generation G,
+ *                     left on the disk by an earlier run; the next pass writes G + 1).
  *                     The LAPIC timer runs at 100 Hz (1 GHz APIC bus).
  *
  * The driver (vCPU 0 only; other vCPUs halt):
@@ -71,6 +73,7 @@
     .include "abi.inc"
 
     .set PB_BLK_DEPTH,      0x24        /* u32 requests in flight, 0 = default (the VMM) */
+    .set PB_BLK_VERIFY,     0x28        /* u32 generation the first pass verifies, 0 = none */
     .set DEFAULT_DEPTH,     8
     .set MAX_DEPTH,         64
     .set MAX_QUEUE,         256
@@ -397,7 +400,11 @@ bz_common:
     call    option_value
     jc      3f
     mov     %eax, BZ_PARAMS + PB_EXIT_CODE
-3:  xor     %edi, %edi
+3:  lea     key_verify(%rip), %rsi
+    call    option_value
+    jc      4f
+    mov     %eax, BZ_PARAMS + PB_BLK_VERIFY
+4:  xor     %edi, %edi
     mov     $BZ_PARAMS, %esi
     jmp     blk_start
 
@@ -446,6 +453,7 @@ option_value:
 key_depth:      .asciz  "blkcheck.depth="
 key_passes:     .asciz  "blkcheck.passes="
 key_exit_code:  .asciz  "blkcheck.exit_code="
+key_verify:     .asciz  "blkcheck.verify="
 
 .else
     .text
@@ -508,10 +516,19 @@ blk_start:
     movq    $1, C_GEN
     mov     C_TICKS, %rax
     mov     %rax, S_PASS_TICKS
-    cmpl    $0, S_RO
-    je      4f
+    mov     PB_BLK_VERIFY(%r13), %eax
+    test    %eax, %eax
+    jz      4f
+    mov     %rax, C_GEN                 /* first pass: verify what an earlier run left */
+    movl    $PHASE_READ, S_PHASE
+    SAY     msg_verify_first
+    mov     C_GEN, %rax
+    call    put_dec
+    call    newline
+4:  cmpl    $0, S_RO
+    je      5f
     movl    $PHASE_READ, S_PHASE        /* read-only device: read passes only */
-4:  call    start_phase
+5:  call    start_phase
 
 /*
  * The main loop: take completions, move the workload on, sleep until the next interrupt (the
@@ -1349,12 +1366,12 @@ fill_buffer:
     call    pattern_seed
     lea     (%r10,%r10,2), %rcx
     add     %rcx, %rax                  /* word 3 */
-    mov     $3, %ecx
-2:  mov     %rax, (%rdi,%rcx,8)
+    .set    w, 3                        /* unrolled: guest code is slow on nested hosts */
+    .rept   61
+    mov     %rax, w * 8(%rdi)
     add     %r10, %rax
-    inc     %ecx
-    cmp     $64, %ecx
-    jb      2b
+    .set    w, w + 1
+    .endr
     add     $512, %rdi
     inc     %rdx
     dec     %r9d
@@ -1387,16 +1404,24 @@ verify_slot:
     call    pattern_seed
     movabs  $PAT_K3, %r10
     lea     (%r10,%r10,2), %rcx
-    add     %rcx, %rax
+    add     %rcx, %rax                  /* word 3 */
+    mov     %rax, %r8
+    .set    w, 3                        /* unrolled fast path */
+    .rept   61
+    cmp     %rax, w * 8(%rdi)
+    jne     2f
+    add     %r10, %rax
+    .set    w, w + 1
+    .endr
+    jmp     5f
+2:  mov     %r8, %rax                   /* slow path: which word? */
     mov     $3, %ecx
-2:  cmp     %rax, (%rdi,%rcx,8)
-    jne     4f
+4:  cmp     %rax, (%rdi,%rcx,8)
+    jne     6f
     add     %r10, %rax
     inc     %ecx
-    cmp     $64, %ecx
-    jb      2b
-    jmp     5f
-4:  mov     %ecx, %r11d
+    jmp     4b                          /* a word differs: the loop ends there */
+6:  mov     %ecx, %r11d
 3:  call    report_mismatch
 5:  add     $512, %rdi
     inc     %rdx
@@ -1529,6 +1554,7 @@ msg_qsize:          .asciz  " queue-size "
 msg_depth:          .asciz  " depth "
 msg_region:         .asciz  " region "
 msg_sectors:        .asciz  " sectors\n"
+msg_verify_first:   .asciz  "blkcheck: first pass verifies the disk's generation "
 msg_read_only:      .asciz  "blkcheck: device is read-only: read passes only, no writes\n"
 msg_pass:           .asciz  "blkcheck: pass "
 msg_requests:       .asciz  " done requests "
