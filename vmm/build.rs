@@ -31,6 +31,14 @@ const SHARED_INPUTS: &[&str] = &[
 ];
 /// Where the images are linked and loaded (see guests/abi.inc, src/boot.rs).
 const LOAD_ADDR: u64 = 0x10000;
+/// `ld` flags for every guest: a static x86-64 ELF without build id (no note in the image).
+const LD_FLAGS: &[&str] = &[
+    "-m",
+    "elf_x86_64",
+    "-nostdlib",
+    "-static",
+    "--build-id=none",
+];
 /// The image must fit in 0x10000..0x1ffff.
 const MAX_IMAGE_SIZE: u64 = 0x10000;
 
@@ -87,42 +95,13 @@ fn run() -> Result<(), String> {
 
     let linker_script = guest_dir.join("guest.ld");
     for name in GUESTS {
-        let source = guest_dir.join(format!("{name}.S"));
         let object = out_dir.join(format!("{name}.o"));
         let elf = out_dir.join(format!("{name}.elf"));
         let image = out_dir.join(format!("{name}.bin"));
 
-        run_tool(
-            Command::new("as")
-                .arg("--64")
-                .arg("-I")
-                .arg(&guest_dir)
-                .arg("-o")
-                .arg(&object)
-                .arg(&source),
-        )?;
-        run_tool(
-            Command::new("ld")
-                .args([
-                    "-m",
-                    "elf_x86_64",
-                    "-nostdlib",
-                    "-static",
-                    "--build-id=none",
-                ])
-                .arg("-T")
-                .arg(&linker_script)
-                .arg("-o")
-                .arg(&elf)
-                .arg(&object),
-        )?;
+        assemble_and_link(&guest_dir, name, &[], &linker_script, &object, &elf)?;
         check_entry_point(&elf)?;
-        run_tool(
-            Command::new("objcopy")
-                .args(["-O", "binary"])
-                .arg(&elf)
-                .arg(&image),
-        )?;
+        objcopy_binary(&elf, &image)?;
 
         let size = fs::metadata(&image)
             .map_err(|e| format!("cannot stat {}: {e}", image.display()))?
@@ -144,41 +123,56 @@ fn run() -> Result<(), String> {
     Ok(())
 }
 
+/// `as --64 [as_args] guests/<name>.S -o object`, then `ld -T script object -o elf`.
+fn assemble_and_link(
+    guest_dir: &Path,
+    name: &str,
+    as_args: &[&str],
+    script: &Path,
+    object: &Path,
+    elf: &Path,
+) -> Result<(), String> {
+    run_tool(
+        Command::new("as")
+            .arg("--64")
+            .args(as_args)
+            .arg("-I")
+            .arg(guest_dir)
+            .arg("-o")
+            .arg(object)
+            .arg(guest_dir.join(format!("{name}.S"))),
+    )?;
+    run_tool(
+        Command::new("ld")
+            .args(LD_FLAGS)
+            .arg("-T")
+            .arg(script)
+            .arg("-o")
+            .arg(elf)
+            .arg(object),
+    )
+}
+
+/// `objcopy -O binary elf image`.
+fn objcopy_binary(elf: &Path, image: &Path) -> Result<(), String> {
+    run_tool(
+        Command::new("objcopy")
+            .args(["-O", "binary"])
+            .arg(elf)
+            .arg(image),
+    )
+}
+
 /// Assembles `guests/<name>.S` with `--defsym BZIMAGE=1`, links it with
 /// `guests/<script>` and writes `out_dir/<name>.bzImage`.
 fn build_bzimage(guest_dir: &Path, out_dir: &Path, name: &str, script: &str) -> Result<(), String> {
     let object = out_dir.join(format!("{name}-bz.o"));
     let elf = out_dir.join(format!("{name}-bz.elf"));
     let image = out_dir.join(format!("{name}.bzImage"));
-    run_tool(
-        Command::new("as")
-            .args(["--64", "--defsym", "BZIMAGE=1", "-I"])
-            .arg(guest_dir)
-            .arg("-o")
-            .arg(&object)
-            .arg(guest_dir.join(format!("{name}.S"))),
-    )?;
-    run_tool(
-        Command::new("ld")
-            .args([
-                "-m",
-                "elf_x86_64",
-                "-nostdlib",
-                "-static",
-                "--build-id=none",
-            ])
-            .arg("-T")
-            .arg(guest_dir.join(script))
-            .arg("-o")
-            .arg(&elf)
-            .arg(&object),
-    )?;
-    run_tool(
-        Command::new("objcopy")
-            .args(["-O", "binary"])
-            .arg(&elf)
-            .arg(&image),
-    )?;
+    let script = guest_dir.join(script);
+    let as_args = ["--defsym", "BZIMAGE=1"];
+    assemble_and_link(guest_dir, name, &as_args, &script, &object, &elf)?;
+    objcopy_binary(&elf, &image)?;
     let header = fs::read(&image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
     if header.get(0x202..0x206) != Some(b"HdrS".as_slice()) {
         return Err(format!("{} has no bzImage setup header", image.display()));

@@ -105,6 +105,25 @@ fn run_in_qemu(
     (code, console)
 }
 
+/// Writes `image` as the disk, runs blkcheck on it in QEMU with `[-drive options appended,
+/// kernel command line, -device virtio-blk-pci options appended]` and hands `check` the disk,
+/// QEMU's exit code and the console; says so and does nothing when QEMU is not installed.
+fn qemu_run(
+    name: &str,
+    image: &[u8],
+    [drive_opts, append, device_opts]: [&str; 3],
+    check: impl FnOnce(&Path, i32, &str),
+) {
+    if !qemu_installed() {
+        return;
+    }
+    let dir = TempDir::new(name).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, image).unwrap();
+    let (code, console) = run_in_qemu(&dir, &disk, drive_opts, append, device_opts);
+    check(&disk, code, &console);
+}
+
 /// isa-debug-exit makes QEMU exit with `(value << 1) | 1`.
 fn guest_exit(code: u8) -> i32 {
     (i32::from(code) << 1) | 1
@@ -112,158 +131,148 @@ fn guest_exit(code: u8) -> i32 {
 
 #[test]
 fn qemu_virtio_blk_passes_and_the_image_checks_out() {
-    if !qemu_installed() {
-        return;
-    }
-    let dir = TempDir::new("blkcheck-qemu").unwrap();
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 2 << 20]).unwrap();
-    let (code, console) = run_in_qemu(
-        &dir,
-        &disk,
-        "",
-        "blkcheck.passes=2 blkcheck.depth=16 blkcheck.exit_code=0",
-        "",
-    );
-    assert_eq!(code, guest_exit(0), "console: {console}");
-    assert!(
-        console.contains("blkcheck: msix table ") && console.contains(" vector 0x41 apic "),
-        "the driver should use MSI-X on QEMU: {console}"
-    );
-    assert!(
-        console.contains("event-idx 1 flush 1 ro 0"),
-        "features: {console}"
-    );
-    assert!(
-        console.contains("capacity 4096 sectors ") && console.contains(" depth 16 region 4096 "),
-        "{console}"
-    );
-    assert_eq!(mismatch_lines(&console), Vec::<&str>::new());
-    let passes = parse_pass_lines(&console);
-    assert_eq!(
-        passes.iter().map(|p| p.generation).collect::<Vec<_>>(),
-        [1, 2],
-        "{console}"
-    );
-    // A pass is 512 writes, 512 reads and a FLUSH of 4 KiB requests over 2 MiB.
-    assert!(passes.iter().all(|p| p.requests == 1025 && p.errors == 0));
-    assert!(
-        passes[1].irqs > passes[0].irqs,
-        "no queue interrupts: {console}"
-    );
-    eprintln!("blkcheck in QEMU: {passes:?}");
+    qemu_run(
+        "blkcheck-qemu",
+        &vec![0u8; 2 << 20],
+        [
+            "",
+            "blkcheck.passes=2 blkcheck.depth=16 blkcheck.exit_code=0",
+            "",
+        ],
+        |disk, code, console| {
+            assert_eq!(code, guest_exit(0), "console: {console}");
+            assert!(
+                console.contains("blkcheck: msix table ") && console.contains(" vector 0x41 apic "),
+                "the driver should use MSI-X on QEMU: {console}"
+            );
+            assert!(
+                console.contains("event-idx 1 flush 1 ro 0"),
+                "features: {console}"
+            );
+            assert!(
+                console.contains("capacity 4096 sectors ")
+                    && console.contains(" depth 16 region 4096 "),
+                "{console}"
+            );
+            assert_eq!(mismatch_lines(console), Vec::<&str>::new());
+            let passes = parse_pass_lines(console);
+            assert_eq!(
+                passes.iter().map(|p| p.generation).collect::<Vec<_>>(),
+                [1, 2],
+                "{console}"
+            );
+            // A pass is 512 writes, 512 reads and a FLUSH of 4 KiB requests over 2 MiB.
+            assert!(passes.iter().all(|p| p.requests == 1025 && p.errors == 0));
+            assert!(
+                passes[1].irqs > passes[0].irqs,
+                "no queue interrupts: {console}"
+            );
+            eprintln!("blkcheck in QEMU: {passes:?}");
 
-    let summary = check_image(&disk, 2).unwrap();
-    assert_eq!(
-        (summary.region, summary.last, summary.next),
-        (4096, 4096, 0)
+            let summary = check_image(disk, 2).unwrap();
+            assert_eq!(
+                (summary.region, summary.last, summary.next),
+                (4096, 4096, 0)
+            );
+            // The checker is not fooled by an image the run did not leave: a stale generation...
+            assert!(check_image(disk, 3).is_err());
+            // ... or one corrupted sector.
+            let mut bytes = std::fs::read(disk).unwrap();
+            bytes[1000 * SECTOR_SIZE + 77] ^= 0x40;
+            std::fs::write(disk, &bytes).unwrap();
+            let err = check_image(disk, 2).unwrap_err().to_string();
+            assert!(err.contains("(1000, Corrupt"), "{err}");
+        },
     );
-    // The checker is not fooled by an image the run did not leave: a stale generation...
-    assert!(check_image(&disk, 3).is_err());
-    // ... or one corrupted sector.
-    let mut bytes = std::fs::read(&disk).unwrap();
-    bytes[1000 * SECTOR_SIZE + 77] ^= 0x40;
-    std::fs::write(&disk, &bytes).unwrap();
-    let err = check_image(&disk, 2).unwrap_err().to_string();
-    assert!(err.contains("(1000, Corrupt"), "{err}");
 }
 
 #[test]
 fn qemu_read_only_disk_is_not_written() {
-    if !qemu_installed() {
-        return;
-    }
-    let dir = TempDir::new("blkcheck-qemu-ro").unwrap();
-    let disk = dir.join("disk.img");
     let original: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&disk, &original).unwrap();
-    let (code, console) = run_in_qemu(
-        &dir,
-        &disk,
-        ",readonly=on",
-        "blkcheck.passes=1 blkcheck.exit_code=0",
-        "",
+    qemu_run(
+        "blkcheck-qemu-ro",
+        &original,
+        [",readonly=on", "blkcheck.passes=1 blkcheck.exit_code=0", ""],
+        |disk, code, console| {
+            assert_eq!(code, guest_exit(0), "console: {console}");
+            assert!(console.contains(" ro 1\n"), "{console}");
+            assert!(
+                console.contains("blkcheck: device is read-only: read passes only, no writes"),
+                "{console}"
+            );
+            let passes = parse_pass_lines(console);
+            assert_eq!(passes.len(), 1, "{console}");
+            // 256 reads of 4 KiB, no FLUSH: nothing was written.
+            assert_eq!(
+                (passes[0].requests, passes[0].errors),
+                (256, 0),
+                "{console}"
+            );
+            assert_eq!(std::fs::read(disk).unwrap(), original);
+        },
     );
-    assert_eq!(code, guest_exit(0), "console: {console}");
-    assert!(console.contains(" ro 1\n"), "{console}");
-    assert!(
-        console.contains("blkcheck: device is read-only: read passes only, no writes"),
-        "{console}"
-    );
-    let passes = parse_pass_lines(&console);
-    assert_eq!(passes.len(), 1, "{console}");
-    // 256 reads of 4 KiB, no FLUSH: nothing was written.
-    assert_eq!(
-        (passes[0].requests, passes[0].errors),
-        (256, 0),
-        "{console}"
-    );
-    assert_eq!(std::fs::read(&disk).unwrap(), original);
 }
 
 #[test]
 fn qemu_without_msix_the_driver_polls() {
-    if !qemu_installed() {
-        return;
-    }
-    let dir = TempDir::new("blkcheck-qemu-poll").unwrap();
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     // vectors=0: the function has no MSI-X capability.
-    let (code, console) = run_in_qemu(
-        &dir,
-        &disk,
-        "",
-        "blkcheck.passes=1 blkcheck.exit_code=0",
-        ",vectors=0",
+    qemu_run(
+        "blkcheck-qemu-poll",
+        &vec![0u8; 1 << 20],
+        ["", "blkcheck.passes=1 blkcheck.exit_code=0", ",vectors=0"],
+        |disk, code, console| {
+            assert_eq!(code, guest_exit(0), "console: {console}");
+            assert!(
+                console.contains("blkcheck: msix unavailable, polling\n"),
+                "{console}"
+            );
+            let passes = parse_pass_lines(console);
+            assert_eq!(passes.len(), 1, "{console}");
+            assert_eq!((passes[0].requests, passes[0].irqs), (513, 0), "{console}");
+            check_image(disk, 1).unwrap();
+        },
     );
-    assert_eq!(code, guest_exit(0), "console: {console}");
-    assert!(
-        console.contains("blkcheck: msix unavailable, polling\n"),
-        "{console}"
-    );
-    let passes = parse_pass_lines(&console);
-    assert_eq!(passes.len(), 1, "{console}");
-    assert_eq!((passes[0].requests, passes[0].irqs), (513, 0), "{console}");
-    check_image(&disk, 1).unwrap();
 }
 
 /// The guest's own verification, against an image the host wrote: the host's pattern is the
 /// guest's, and a stale or corrupted sector is reported by number.
 #[test]
 fn qemu_guest_verifies_an_image_the_host_wrote() {
-    if !qemu_installed() {
-        return;
-    }
-    let dir = TempDir::new("blkcheck-qemu-verify").unwrap();
-    let disk = dir.join("disk.img");
     let mut image: Vec<u8> = (0..2048u64).flat_map(|s| sector_pattern(s, 41)).collect();
     image[700 * SECTOR_SIZE..701 * SECTOR_SIZE].copy_from_slice(&sector_pattern(700, 40));
     image[1500 * SECTOR_SIZE + 100] ^= 1;
-    std::fs::write(&disk, &image).unwrap();
-    let (code, console) = run_in_qemu(
-        &dir,
-        &disk,
-        "",
-        "blkcheck.verify=41 blkcheck.passes=41 blkcheck.exit_code=0",
-        "",
-    );
-    assert!(
-        console.contains("blkcheck: first pass verifies the disk's generation 41\n"),
-        "{console}"
-    );
-    assert_eq!(
-        mismatch_lines(&console),
+    qemu_run(
+        "blkcheck-qemu-verify",
+        &image,
         [
-            "blkcheck: MISMATCH sector 700 expected gen 41 found sector 700 gen 40",
-            "blkcheck: MISMATCH sector 1500 expected gen 41 found sector 1500 gen 41 word 12",
+            "",
+            "blkcheck.verify=41 blkcheck.passes=41 blkcheck.exit_code=0",
+            "",
         ],
-        "{console}"
+        |disk, code, console| {
+            assert!(
+                console.contains("blkcheck: first pass verifies the disk's generation 41\n"),
+                "{console}"
+            );
+            assert_eq!(
+                mismatch_lines(console),
+                [
+                    "blkcheck: MISMATCH sector 700 expected gen 41 found sector 700 gen 40",
+                    "blkcheck: MISMATCH sector 1500 expected gen 41 found sector 1500 gen 41 word 12",
+                ],
+                "{console}"
+            );
+            let passes = parse_pass_lines(console);
+            assert_eq!(passes.len(), 1, "{console}");
+            // 256 reads and a FLUSH; then the guest ends with its data-error status.
+            assert_eq!((passes[0].generation, passes[0].requests), (41, 257));
+            assert_eq!(passes[0].mismatches, 2);
+            assert_eq!(code, guest_exit(EXIT_DATA_ERROR), "console: {console}");
+            // A verifying pass only reads.
+            assert!(
+                std::fs::read(disk).unwrap() == image,
+                "the verify pass wrote"
+            );
+        },
     );
-    let passes = parse_pass_lines(&console);
-    assert_eq!(passes.len(), 1, "{console}");
-    // 256 reads and a FLUSH; then the guest ends with its data-error status.
-    assert_eq!((passes[0].generation, passes[0].requests), (41, 257));
-    assert_eq!(passes[0].mismatches, 2);
-    assert_eq!(code, guest_exit(EXIT_DATA_ERROR), "console: {console}");
 }

@@ -438,12 +438,12 @@ option_value:
 5:  lea     (%rdi,%rcx), %r8
     xor     %eax, %eax
 6:  movzbl  (%r8), %edx
-    sub     $'0', %edx
-    cmp     $9, %edx
-    ja      7f
-    imul    $10, %eax, %eax
-    add     %edx, %eax
     inc     %r8
+    lea     -'0'(%rdx), %ecx
+    cmp     $10, %ecx
+    jae     7f                          /* not a digit: the number ends */
+    lea     (%rax,%rax,4), %eax
+    lea     (%rcx,%rax,2), %eax         /* eax = eax * 10 + digit */
     jmp     6b
 7:  clc
     ret
@@ -472,17 +472,15 @@ blk_start:
     jnz     halt_forever                /* one driver: vCPU 0 */
 
     /* The queue interrupt's gate (guest_init routes only the timer and spurious vectors). */
-    lea     blk_isr(%rip), %rax
+    lea     blk_isr(%rip), %rax         /* field by field: interrupts are still off */
     mov     $(IDT_BASE + BLK_VECTOR * 16), %edi
-    mov     %rax, %rdx
-    and     $0xffff, %eax
-    shr     $16, %rdx
-    shl     $48, %rdx
-    or      %rdx, %rax
-    movabs  $((0x8e << 40) | (KERNEL_CS << 16)), %rdx
-    or      %rdx, %rax
-    mov     %rax, (%rdi)
-    movq    $0, 8(%rdi)
+    mov     %ax, 0(%rdi)                /* offset 15:0 */
+    movw    $KERNEL_CS, 2(%rdi)         /* selector */
+    movw    $0x8e00, 4(%rdi)            /* present, DPL 0, 64-bit interrupt gate */
+    shr     $16, %rax
+    mov     %ax, 6(%rdi)                /* offset 31:16 */
+    shr     $16, %rax
+    mov     %rax, 8(%rdi)               /* offset 63:32, reserved 0 */
 
     /* Counters and state start at zero. */
     mov     $BK_COUNTERS, %edi
@@ -1468,13 +1466,12 @@ report_mismatch:
 /* ------------------------------------------------------------------------------------------
  * Output helpers (puts, put_dec, put_hex_digits come from lib.inc / console.inc).
  * ------------------------------------------------------------------------------------------ */
+/* newline / putc - "\n" / the byte in al to COM1. clobbers: rdx (and rax for newline) */
 newline:
     mov     $'\n', %al
 putc:
-    push    %rdx
-    mov     $SERIAL_PORT, %edx
+    mov     $SERIAL_PORT, %dx
     out     %al, %dx
-    pop     %rdx
     ret
 
 /* put_hx - "0x" and the hex digits of rax without leading zeros. clobbers: rax, rcx, rdx, r8 */
@@ -1484,16 +1481,12 @@ put_hx:
     call    putc
     mov     $'x', %al
     call    putc
-    mov     $60, %ecx
-1:  test    %ecx, %ecx
-    jz      2f
-    mov     %r8, %rax
-    shr     %cl, %rax
-    test    $0xf, %al
-    jnz     2f
-    sub     $4, %ecx
-    jmp     1b
-2:  jmp     put_hex_digits
+    xor     %ecx, %ecx                  /* 0: one digit */
+    test    %r8, %r8
+    jz      1f
+    bsr     %r8, %rcx                   /* highest set bit -> its digit's position */
+    and     $~3, %ecx
+1:  jmp     put_hex_digits
 
 /* put_devfn - "00:DD.F" of S_BDF. clobbers: rax, rcx, rdx, r8 */
 put_devfn:
