@@ -6,8 +6,8 @@
 //! (modern only), the bzImage flavour of the same driver must complete its passes with no
 //! mismatch and leave a disk image that the host-side checker accepts; a read-only disk gets
 //! read passes and is not written; without MSI-X the driver polls; and the guest finds the
-//! stale and corrupted sectors of an image the host wrote. The QEMU tests are skipped, with a message, when
-//! `qemu-system-x86_64` is not installed.
+//! stale and corrupted sectors of an image the host wrote. The QEMU tests are skipped, with a
+//! message, when `qemu-system-x86_64` is not installed.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
