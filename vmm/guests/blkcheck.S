@@ -4,7 +4,9 @@
  *
  * Built twice from this one source (vmm/build.rs):
  *   blkcheck.bin      flat built-in guest, loaded at 0x10000 by the VMM (`--guest blkcheck`);
- *                     parameters from the parameter block (abi.inc; PB_BLK_DEPTH below).
+ *                     parameters from the parameter block (abi.inc; PB_BLK_DEPTH below;
+ *                     exit-after counts passes; PB_BLK_VERIFY, which the VMM leaves 0, is
+ *                     blkcheck.verify below).
  *   blkcheck.bzImage  the same driver as a bzImage (assembled with --defsym BZIMAGE=1, linked
  *                     by blkcheck-bz.ld) that QEMU boots with -kernel through its real-mode
  *                     entry (setup code -> 32-bit startup_32 -> own page tables -> long mode),
@@ -14,6 +16,12 @@
  *                     blkcheck.verify=G (the first pass only reads and verifies generation G,
  *                     left on the disk by an earlier run; the next pass writes G + 1).
  *                     The LAPIC timer runs at 100 Hz (1 GHz APIC bus).
+ *
+ * The timer only wakes the driver and counts ticks (counters +0x28, "ticks" per pass): on a slow
+ * nested host a periodic LAPIC timer coalesces ticks, so they are not a clock to measure with.
+ *
+ * All driver state lives in RAM (below) or is re-read from the device, and the main loop takes
+ * completions idempotently, so a save/restore of RAM, vCPU and device state continues the run.
  *
  * The driver (vCPU 0 only; other vCPUs halt):
  *   1. scans PCI bus 0 through configuration mechanism #1 (0xcf8/0xcfc) for vendor 0x1af4,
@@ -66,6 +74,10 @@
  * 0x30000..0x34fff counters, driver state, virtqueue, request headers and status bytes,
  * 0x40000..0x7ffff data buffers (4 KiB per slot, at most 64 slots), and for the bzImage only
  * 0x80000..0x85fff page tables and a stack below 0x90000.
+ *
+ * Device accesses: PCI configuration space with 32-bit reads and 16-bit writes (command, MSI-X
+ * message control); common configuration with its fields' own widths (8, 16, 32 bits; 64-bit
+ * fields as two 32-bit halves); notification by a 16-bit write of the queue index.
  *
  * Uses only instructions KVM's x86 emulator knows (no mfence: `lock orl` is the full barrier).
  */
