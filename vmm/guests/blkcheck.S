@@ -84,8 +84,8 @@
 
     .include "abi.inc"
 
-    .set PB_BLK_DEPTH,      0x24        /* u32 requests in flight, 0 = default (the VMM) */
-    .set PB_BLK_VERIFY,     0x28        /* u32 generation the first pass verifies, 0 = none */
+    .set PB_BLK_DEPTH,      0x30        /* u32 requests in flight, 0 = default (the VMM) */
+    .set PB_BLK_VERIFY,     0x34        /* u32 generation the first pass verifies, 0 = none */
     .set DEFAULT_DEPTH,     8
     .set MAX_DEPTH,         64
     .set MAX_QUEUE,         256

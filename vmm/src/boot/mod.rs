@@ -74,7 +74,7 @@ const PB_TIMER_COUNT: usize = 0x18;
 const PB_EXIT_AFTER: usize = 0x1c;
 const PB_EXIT_CODE: usize = 0x20;
 /// blkcheck: u32 requests kept in flight (0 = its default, [`BLKCHECK_DEFAULT_DEPTH`]).
-const PB_BLK_DEPTH: usize = 0x24;
+const PB_BLK_DEPTH: usize = 0x30;
 
 /// blkcheck's requests in flight when `depth=` is not given.
 #[allow(dead_code)] // guest ABI: the guest applies it to depth 0
@@ -261,7 +261,7 @@ pub enum BootError {
 /// Parameter block at [`PARAMS_ADDR`] (little-endian): `+0x00` u64 magic
 /// "CPRGUEST", `+0x08` u32 version 1, `+0x0c` u32 vcpu_count, `+0x10` u64
 /// ram_end, `+0x18` u32 LAPIC timer initial count, `+0x1c` u32
-/// exit_after_ticks, `+0x20` u32 exit_code, `+0x24` u32 blkcheck depth, `+0x40` u32 print spinlock,
+/// exit_after_ticks, `+0x20` u32 exit_code, `+0x30` u32 blkcheck depth, `+0x40` u32 print spinlock,
 /// `+0x100 + 64*i` per-vCPU areas; everything not listed is zeroed.
 ///
 /// memcheck expects the pages it checks to start out equal, as they are in
