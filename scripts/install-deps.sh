@@ -17,6 +17,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The test script runs rustfmt and clippy; a toolchain installed without them gets them here.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+        echo "installing: rustfmt and clippy (rustup components)" >&2
+        rustup component add rustfmt clippy
+    else
+        echo "warning: cargo fmt / cargo clippy are missing and there is no rustup to add them" >&2
+    fi
+fi
+
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "warning: /dev/kvm is not accessible to $(id -un); the VMM needs it" >&2
 fi

@@ -138,11 +138,12 @@ pub enum ContainerError {
         section: String,
         message: String,
     },
-    #[error("{what} section {section} could not be encoded: {message}")]
+    #[error("{what} section {section} could not be encoded: {source}")]
     Encode {
         what: &'static str,
         section: String,
-        message: String,
+        #[source]
+        source: bincode::error::EncodeError,
     },
 }
 
@@ -153,8 +154,8 @@ fn bincode_config() -> impl bincode::config::Config {
 
 /// Encodes a payload the way [`ContainerWriter::write_section`] does (exposed for callers that
 /// need the bytes first, e.g. to hand them to another thread).
-pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
-    bincode::serde::encode_to_vec(value, bincode_config()).map_err(|e| e.to_string())
+pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    bincode::serde::encode_to_vec(value, bincode_config())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,10 +233,10 @@ impl<W: Write> ContainerWriter<W> {
         id: u32,
         value: &T,
     ) -> Result<(), ContainerError> {
-        let bytes = encode_payload(value).map_err(|message| ContainerError::Encode {
+        let bytes = encode_payload(value).map_err(|source| ContainerError::Encode {
             what: self.spec.what,
             section: self.spec.section_name(id),
-            message,
+            source,
         })?;
         self.write_raw_section(id, &bytes)
             .map_err(|source| ContainerError::Io {

@@ -11,14 +11,17 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 
+use nix::sys::memfd::MFdFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::container::{ContainerError, ContainerReader, ContainerWriter, FormatSpec};
 use crate::exec::{ExecError, ExecPlan, ExecTarget};
 use crate::fds::{self, FdError};
+// The fd records live in `fds` (which checks them); they are part of the CPR state.
+pub use crate::fds::{FdKind, PreservedFd};
 use crate::timing::PhaseLog;
 
 /// Names the fd of the memfd holding the CPR state (mirrors QEMU's `QEMU_CPR_EXEC_STATE`).
@@ -40,63 +43,6 @@ pub static CPR_STATE_FORMAT: FormatSpec = FormatSpec {
     readable_versions: &[1],
     sections: &[(SECTION_CPR, "cpr")],
 };
-
-/// What a preserved fd is, so its receiver knows what to check and what to do with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FdKind {
-    /// A guest RAM region (a sealed memfd); `name` is the region's memfd name.
-    GuestRam,
-    /// The QMP monitor's listening socket.
-    QmpListener,
-    /// A connected QMP client; `negotiated` says whether it has sent `qmp_capabilities`.
-    QmpClient { negotiated: bool },
-    /// The serial console's listening socket (`-serial unix:...,server`).
-    ConsoleListener,
-    /// The serial console's connected client.
-    ConsoleClient,
-    /// The serial console's output file (`-serial file:...`).
-    ConsoleFile,
-    /// The previous VMM's executable, for rollback.
-    FallbackExe,
-    /// A sealed memfd with a copy of the machine state file, for a rollback that finds the file
-    /// damaged.
-    StateCopy,
-    /// Closing it lets the previous VMM's teardown helper free the old address space and KVM
-    /// VM: the new VMM closes it once the guest runs, so that work stays out of the blackout.
-    TeardownRelease,
-    /// A host fd an emulated device owns (a disk image, a tap, a socket); `name` is the one
-    /// the device declared, and the file type is recorded so the receiver checks it too.
-    DeviceBackend { file_type: u32 },
-}
-
-impl FdKind {
-    /// The file type an fd of this kind must have (None: any).
-    pub fn file_type(self) -> Option<u32> {
-        match self {
-            FdKind::GuestRam | FdKind::FallbackExe | FdKind::ConsoleFile | FdKind::StateCopy => {
-                Some(libc::S_IFREG)
-            }
-            FdKind::QmpListener
-            | FdKind::QmpClient { .. }
-            | FdKind::ConsoleListener
-            | FdKind::ConsoleClient => Some(libc::S_IFSOCK),
-            FdKind::TeardownRelease => Some(libc::S_IFIFO),
-            FdKind::DeviceBackend { file_type } => Some(file_type),
-        }
-    }
-}
-
-/// One fd that crosses the exec, with everything needed to recognise it on the other side.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PreservedFd {
-    pub name: String,
-    pub kind: FdKind,
-    pub fd: RawFd,
-    pub size: u64,
-    pub seals: u32,
-    pub dev: u64,
-    pub ino: u64,
-}
 
 /// How to get back to the previous version if the update fails.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +120,10 @@ pub enum CprError {
     Format(#[from] ContainerError),
     #[error("{FALLBACK_ENV} is not a valid copy of the CPR state")]
     BadEnvCopy,
+    #[error(
+        "no usable CPR state: the channel is unreadable ({problem}) and {FALLBACK_ENV} holds no valid copy"
+    )]
+    NoUsableState { problem: String },
     #[error("preparing the exec: {0}")]
     Exec(#[from] ExecError),
     #[error(
@@ -200,17 +150,8 @@ pub fn decode(bytes: Vec<u8>) -> Result<CprState, CprError> {
 /// Creates the channel memfd (close-on-exec; the caller clears that just before its exec).
 pub fn create_channel(state: &CprState) -> Result<OwnedFd, CprError> {
     let bytes = encode(state)?;
-    let name = std::ffi::CString::new(CPR_CHANNEL_NAME).map_err(|_| CprError::Io {
-        context: "naming the channel",
-        source: std::io::ErrorKind::InvalidInput.into(),
-    })?;
-    // SAFETY: memfd_create with a valid NUL-terminated name; on success we own the new fd.
-    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(io_err("memfd_create")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = nix::sys::memfd::memfd_create(CPR_CHANNEL_NAME, MFdFlags::MFD_CLOEXEC)
+        .map_err(|errno| io_err("memfd_create")(errno.into()))?;
     let mut file = File::from(fd);
     file.write_all(&bytes).map_err(io_err("writing"))?;
     Ok(OwnedFd::from(file))
@@ -219,7 +160,7 @@ pub fn create_channel(state: &CprState) -> Result<OwnedFd, CprError> {
 /// Replaces the channel's content with `state` (the shim records its timings this way).
 pub fn rewrite_channel(fd: &OwnedFd, state: &CprState) -> Result<(), CprError> {
     let bytes = encode(state)?;
-    let file = borrow_file(fd);
+    let file = channel_file(fd)?;
     file.set_len(0).map_err(io_err("truncating"))?;
     file.write_all_at(&bytes, 0).map_err(io_err("writing"))?;
     Ok(())
@@ -247,15 +188,17 @@ pub fn open_channel_from_env() -> Result<Option<(OwnedFd, CprState)>, CprError> 
             found: link,
         });
     }
-    // The fd is open (readlink succeeded) and is the channel memfd this process inherited.
-    // SAFETY: it was inherited for exactly this purpose; from here on this is its only owner.
+    // Raw by necessity: the number comes from the environment, so it is checked through /proc
+    // (open, and the channel memfd) before anything owns it.
+    // SAFETY: it is open and was inherited for exactly this purpose; from here on this is its
+    // only owner.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let state = read_channel(&fd)?;
     Ok(Some((fd, state)))
 }
 
 pub fn read_channel(fd: &OwnedFd) -> Result<CprState, CprError> {
-    let file = borrow_file(fd);
+    let file = channel_file(fd)?;
     let len = file.metadata().map_err(io_err("fstat"))?.len();
     if len > MAX_CPR_STATE_LEN {
         return Err(CprError::TooLarge { len });
@@ -320,12 +263,7 @@ pub fn inherited_from_env() -> Result<Option<Inherited>, CprError> {
             channel,
             channel_problem: Some(problem),
         })),
-        Err(_) => Err(CprError::Io {
-            context: "no usable CPR state",
-            source: std::io::Error::other(format!(
-                "the channel is unreadable ({problem}) and {FALLBACK_ENV} holds no valid copy"
-            )),
-        }),
+        Err(_) => Err(CprError::NoUsableState { problem }),
     }
 }
 
@@ -385,16 +323,17 @@ pub fn rollback_plan(
     Ok(plan.with_channel_content(channel_fd, bytes))
 }
 
-/// A `File` view of a borrowed fd that does not close it.
-fn borrow_file(fd: &OwnedFd) -> std::mem::ManuallyDrop<File> {
-    // The File is used only within the caller's borrow of `fd`.
-    // SAFETY: ManuallyDrop keeps it from closing the fd it does not own.
-    std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) })
+/// A `File` on a duplicate of the channel fd (closed when dropped; the original stays open).
+fn channel_file(fd: &OwnedFd) -> Result<File, CprError> {
+    fd.try_clone()
+        .map(File::from)
+        .map_err(io_err("duplicating the channel fd"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     pub(crate) fn sample() -> CprState {
         CprState {

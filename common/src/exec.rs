@@ -7,8 +7,13 @@
 //! from its preserved fd.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
 
 use crate::fds;
 
@@ -124,7 +129,9 @@ impl ExecPlan {
     /// and the exec syscall on memory prepared in advance.
     pub fn exec(&self) -> std::io::Error {
         if let Some((fd, content)) = &self.channel {
-            // Failures surface when the receiver validates the channel.
+            // Failures surface when the receiver validates the channel. Raw libc on purpose, like
+            // the exec below: this may run in a signal handler, so only plain syscalls on data
+            // prepared in advance (nix's wrappers want a `BorrowedFd` and may allocate).
             // SAFETY: plain syscalls on an fd number with a buffer owned by the plan.
             unsafe {
                 libc::ftruncate(*fd, 0);
@@ -136,7 +143,9 @@ impl ExecPlan {
         }
         match &self.target {
             ExecTarget::Path(path) => {
-                // path, argv and envp are NUL-terminated strings in NULL-terminated arrays.
+                // path, argv and envp are NUL-terminated strings in NULL-terminated arrays. Raw
+                // libc on purpose: nix's execve builds its pointer arrays (allocates) at call
+                // time, which a signal handler may not do.
                 // SAFETY: they are owned by the plan and exec only reads them.
                 unsafe {
                     if path.as_bytes().contains(&b'/') {
@@ -195,8 +204,8 @@ impl ExecPlan {
 /// child of this process; the program after the exec reaps it.
 pub struct TeardownHelper {
     pid: libc::pid_t,
-    /// Write end of the release pipe (close-on-exec).
-    release: RawFd,
+    /// Write end of the release pipe (close-on-exec); taken (closed) only in Drop.
+    release: Option<OwnedFd>,
     /// The helper's stack, and the pipe's read end number at its start, in our memory.
     stack: *mut libc::c_void,
 }
@@ -205,12 +214,8 @@ const HELPER_STACK: usize = 64 << 10;
 
 impl TeardownHelper {
     pub fn spawn() -> std::io::Result<Self> {
-        let mut pipe = [0 as libc::c_int; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let [read_end, write_end] = pipe;
+        let (read_fd, write_fd) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (read_end, write_end) = (read_fd.as_raw_fd(), write_fd.as_raw_fd());
         // The helper's stack: unmapped in Drop, or freed with the old address space after an exec.
         // SAFETY: a new anonymous private mapping aliases nothing.
         let stack = unsafe {
@@ -224,13 +229,8 @@ impl TeardownHelper {
             )
         };
         if stack == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: closing the two fds created above.
-            unsafe {
-                libc::close(read_end);
-                libc::close(write_end);
-            }
-            return Err(e);
+            // The pipe's two ends are closed as they go out of scope.
+            return Err(std::io::Error::last_os_error());
         }
         // The helper's two arguments live at the bottom of its stack mapping.
         // SAFETY: the mapping is at least 8 bytes and writable; nothing else uses it yet.
@@ -247,20 +247,17 @@ impl TeardownHelper {
                 stack,
             )
         };
-        // SAFETY: the parent does not need the read end.
-        unsafe { libc::close(read_end) };
+        let clone_error = std::io::Error::last_os_error();
+        // The parent does not need the read end (the helper has its own copy of the fd table).
+        drop(read_fd);
         if pid < 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: releasing what was created above; no helper exists.
-            unsafe {
-                libc::close(write_end);
-                libc::munmap(stack, HELPER_STACK);
-            }
-            return Err(e);
+            // SAFETY: unmapping the stack created above; no helper exists to use it.
+            unsafe { libc::munmap(stack, HELPER_STACK) };
+            return Err(clone_error);
         }
         Ok(TeardownHelper {
             pid,
-            release: write_end,
+            release: Some(write_fd),
             stack,
         })
     }
@@ -271,7 +268,7 @@ impl TeardownHelper {
 
     /// The pipe end whose closing releases the helper (close-on-exec unless made inheritable).
     pub fn release_fd(&self) -> RawFd {
-        self.release
+        self.release.as_ref().map_or(-1, AsRawFd::as_raw_fd)
     }
 }
 
@@ -279,13 +276,11 @@ impl Drop for TeardownHelper {
     /// The exec did not happen: release the helper and reap it.
     fn drop(&mut self) {
         // Closing our write end makes the helper exit; waitpid reaps exactly that child.
-        // SAFETY: after that its stack is no longer used and can be unmapped.
-        unsafe {
-            libc::close(self.release);
-            let mut status = 0;
-            libc::waitpid(self.pid, &mut status, 0);
-            libc::munmap(self.stack, HELPER_STACK);
-        }
+        drop(self.release.take());
+        let pid = Pid::from_raw(self.pid);
+        while waitpid(pid, None) == Err(Errno::EINTR) {}
+        // SAFETY: the helper has exited, so its stack is no longer used and can be unmapped.
+        unsafe { libc::munmap(self.stack, HELPER_STACK) };
     }
 }
 
@@ -367,11 +362,11 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::wait::{WaitPidFlag, WaitStatus};
 
     #[test]
     fn failed_exec_reports_and_restores() {
         let (r, w) = nix::unistd::pipe().unwrap();
-        use std::os::fd::AsRawFd;
         let fd = w.as_raw_fd();
         let plan = ExecPlan::new(
             ExecTarget::Path(c"/nonexistent/program".into()),
@@ -393,10 +388,11 @@ mod tests {
     fn teardown_helper_lives_until_released() {
         let helper = TeardownHelper::spawn().unwrap();
         let pid = helper.pid();
-        let mut status = 0;
-        // SAFETY: polling our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert_eq!(r, 0, "the helper must wait for the exec");
+        assert_eq!(
+            waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)),
+            Ok(WaitStatus::StillAlive),
+            "the helper must wait for the exec"
+        );
         // It lowers itself to idle priority on its own, soon after it starts.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         // SAFETY: querying the policy of our own live (unreaped) child.
@@ -408,9 +404,11 @@ mod tests {
             std::thread::yield_now();
         }
         drop(helper); // releases and reaps
-        // SAFETY: the pid is reaped, so it is no longer our child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert_eq!(r, -1);
+        // The pid is reaped, so it is no longer our child.
+        assert_eq!(
+            waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)),
+            Err(Errno::ECHILD)
+        );
     }
 
     #[test]

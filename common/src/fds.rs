@@ -4,11 +4,73 @@
 //! never leak into unrelated children. When an fd does cross an exec, its receiver checks it
 //! against its record (name, type, size, seals, device and inode) before trusting it: a closed,
 //! reused or swapped fd number is detected here, by the same code in the shim, the new VMM and
-//! the cpr-transfer receiver.
+//! the cpr-transfer receiver. The records themselves ([`PreservedFd`], [`FdKind`]) are defined
+//! here too, so this module depends on nothing else in the crate.
+//!
+//! The checks take fd numbers, not `BorrowedFd`s, on purpose: a number read from a record may be
+//! closed or reused by now, and finding that out is their job. That is why they call `fcntl` and
+//! `fstat` through `libc` rather than through nix's `AsFd`-based wrappers.
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
-use crate::cpr::{FdKind, PreservedFd};
+use serde::{Deserialize, Serialize};
+
+/// What a preserved fd is, so its receiver knows what to check and what to do with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// A guest RAM region (a sealed memfd); `name` is the region's memfd name.
+    GuestRam,
+    /// The QMP monitor's listening socket.
+    QmpListener,
+    /// A connected QMP client; `negotiated` says whether it has sent `qmp_capabilities`.
+    QmpClient { negotiated: bool },
+    /// The serial console's listening socket (`-serial unix:...,server`).
+    ConsoleListener,
+    /// The serial console's connected client.
+    ConsoleClient,
+    /// The serial console's output file (`-serial file:...`).
+    ConsoleFile,
+    /// The previous VMM's executable, for rollback.
+    FallbackExe,
+    /// A sealed memfd with a copy of the machine state file, for a rollback that finds the file
+    /// damaged.
+    StateCopy,
+    /// Closing it lets the previous VMM's teardown helper free the old address space and KVM
+    /// VM: the new VMM closes it once the guest runs, so that work stays out of the blackout.
+    TeardownRelease,
+    /// A host fd an emulated device owns (a disk image, a tap, a socket); `name` is the one
+    /// the device declared, and the file type is recorded so the receiver checks it too.
+    DeviceBackend { file_type: u32 },
+}
+
+impl FdKind {
+    /// The file type an fd of this kind must have (None: any).
+    pub fn file_type(self) -> Option<u32> {
+        match self {
+            FdKind::GuestRam | FdKind::FallbackExe | FdKind::ConsoleFile | FdKind::StateCopy => {
+                Some(libc::S_IFREG)
+            }
+            FdKind::QmpListener
+            | FdKind::QmpClient { .. }
+            | FdKind::ConsoleListener
+            | FdKind::ConsoleClient => Some(libc::S_IFSOCK),
+            FdKind::TeardownRelease => Some(libc::S_IFIFO),
+            FdKind::DeviceBackend { file_type } => Some(file_type),
+        }
+    }
+}
+
+/// One fd that crosses the exec, with everything needed to recognise it on the other side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreservedFd {
+    pub name: String,
+    pub kind: FdKind,
+    pub fd: RawFd,
+    pub size: u64,
+    pub seals: u32,
+    pub dev: u64,
+    pub ino: u64,
+}
 
 /// Seals every guest-RAM memfd carries: its size can be trusted.
 pub const RAM_SEALS: u32 = (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) as u32;
@@ -103,6 +165,8 @@ fn sys_err(fd: RawFd, name: &str, op: &'static str, errno: nix::errno::Errno) ->
 /// Sets or clears FD_CLOEXEC on `fd`.
 pub fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), FdError> {
     let name = "fd";
+    // Raw, not nix: `fd` may not be open (EBADF is reported), and this runs in the signal-safe
+    // exec path (see `exec`), where only plain syscalls on prepared data are allowed.
     // SAFETY: F_GETFD/F_SETFD only read and write the fd's flags; an invalid fd yields EBADF.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags < 0 {
@@ -124,6 +188,7 @@ pub fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), FdError> {
 
 /// Whether `fd` is open and close-on-exec.
 pub fn is_cloexec(fd: RawFd) -> Result<bool, FdError> {
+    // Raw, not nix: `fd` may not be open; that is reported, not assumed away.
     // SAFETY: F_GETFD only reads the fd's flags; an invalid fd yields EBADF.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags < 0 {
@@ -134,6 +199,8 @@ pub fn is_cloexec(fd: RawFd) -> Result<bool, FdError> {
 
 pub fn identity(fd: RawFd, name: &str) -> Result<FdIdentity, FdError> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // Raw, not nix: `fd` is a recorded number that may be closed or reused by now (nix's fstat
+    // would need a `BorrowedFd`, i.e. the promise that it is open).
     // SAFETY: fstat writes a full `struct stat` into the buffer on success; we only read it then.
     let rc = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
     if rc < 0 {
@@ -151,6 +218,7 @@ pub fn identity(fd: RawFd, name: &str) -> Result<FdIdentity, FdError> {
 
 /// The seals of a memfd (F_GET_SEALS).
 pub fn seals(fd: RawFd, name: &str) -> Result<u32, FdError> {
+    // Raw, not nix: as in `identity`, `fd` is a number that may no longer be open.
     // SAFETY: F_GET_SEALS only reads the file's seals; it fails with EINVAL on non-shmem files.
     let rc = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
     if rc < 0 {
@@ -287,29 +355,16 @@ pub fn check_preserved(expected: &PreservedFd) -> Result<FdIdentity, FdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
 
     fn memfd(name: &str, size: u64, seal: bool) -> OwnedFd {
-        let cname = std::ffi::CString::new(name).unwrap();
-        // SAFETY: memfd_create with a valid C string; the returned fd is owned by us.
-        let fd = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        assert!(fd >= 0);
-        // SAFETY: fd was just created and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our own memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&fd, size as i64).unwrap();
         if seal {
-            // SAFETY: adding seals to our own memfd.
-            let rc = unsafe {
-                libc::fcntl(
-                    fd.as_raw_fd(),
-                    libc::F_ADD_SEALS,
-                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-                )
-            };
-            assert_eq!(rc, 0);
+            let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW;
+            fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
         }
         fd
     }

@@ -9,11 +9,15 @@
 //! - [`cpr`]: the CPR state (which fds are preserved and what they must be, the fallback binary,
 //!   timings) and the hidden channel that carries it (a memfd named by `VMM_CPR_EXEC_STATE`);
 //! - [`exec`]: execs prepared in advance (signal-safe), for the update and its rollback;
-//! - [`fds`]: fd hygiene (close-on-exec) and the checks that an inherited fd is the memfd it
-//!   claims to be;
+//! - [`fds`]: the records of preserved fds ([`fds::PreservedFd`]), fd hygiene (close-on-exec)
+//!   and the checks that an inherited fd is the file its record describes;
 //! - [`state_file`]: the machine state file's magic, versions and section ids;
 //! - [`transfer`]: the cpr-transfer wire protocol between two running VMMs;
 //! - [`timing`]: the clock every process uses for blackout accounting.
+//!
+//! Dependencies between the modules go one way: `fds`, `timing` and `compat` depend on nothing
+//! here; `container` uses `timing` and `exec` uses `fds`; `state_file`, `cpr` and `transfer`
+//! build on those.
 //!
 //! This crate knows nothing about KVM.
 

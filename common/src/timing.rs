@@ -3,18 +3,16 @@
 //! `CLOCK_MONOTONIC` is system-wide and keeps running across `exec`, so a timestamp taken by the
 //! old VMM can be subtracted from one taken by the shim or the new VMM.
 
+use nix::time::{ClockId, clock_gettime};
 use serde::{Deserialize, Serialize};
 
 /// Nanoseconds on `CLOCK_MONOTONIC`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // CLOCK_MONOTONIC always exists on Linux.
-    // SAFETY: `ts` is a valid, writable timespec, and clock_gettime only writes into it.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    // clock_gettime fails only for a clock that does not exist or a bad buffer, and
+    // CLOCK_MONOTONIC always exists on Linux: the 0 is never used.
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 /// Nanoseconds since the Unix epoch on `CLOCK_REALTIME` (for event timestamps and logs).

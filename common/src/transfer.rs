@@ -30,12 +30,13 @@
 //! kind or version, or fails its checksum is an error, never a crash.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use serde::{Deserialize, Serialize};
 
-use crate::cpr::PreservedFd;
+use crate::fds::PreservedFd;
 
 pub const MAGIC: [u8; 4] = *b"CPRX";
 pub const VERSION: u16 = 1;
@@ -87,6 +88,8 @@ pub enum TransferError {
     Malformed(String),
     #[error("the peer (uid {peer}) is not allowed: only uid {ours} or root may take part")]
     PeerNotAllowed { peer: u32, ours: u32 },
+    #[error("cannot encode the HELLO message: {0}")]
+    EncodeHello(#[source] bincode::error::EncodeError),
     #[error("the peer reported an error: {0}")]
     Remote(String),
     #[error("expected {expected:?}, got {got:?}")]
@@ -184,7 +187,9 @@ pub fn recv(stream: &UnixStream) -> Result<Frame, TransferError> {
         .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
         .collect();
     for fd in &fds {
-        let _ = crate::fds::set_cloexec(fd.as_raw_fd(), true);
+        // FD_CLOEXEC is the only fd flag, so setting the flags to it alone loses nothing. It
+        // cannot fail on an fd we own; if it did, the fd would only leak into a later exec.
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     }
     if got == 0 {
         return Err(TransferError::Closed {
@@ -303,7 +308,7 @@ pub fn check_peer(stream: &UnixStream) -> Result<(), TransferError> {
 }
 
 pub fn encode_hello(hello: &Hello) -> Result<Vec<u8>, TransferError> {
-    crate::container::encode_payload(hello).map_err(TransferError::Malformed)
+    crate::container::encode_payload(hello).map_err(TransferError::EncodeHello)
 }
 
 pub fn decode_hello(payload: &[u8]) -> Result<Hello, TransferError> {
@@ -320,6 +325,7 @@ pub fn decode_hello(payload: &[u8]) -> Result<Hello, TransferError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn frames_round_trip_with_fds() {

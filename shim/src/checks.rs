@@ -1,60 +1,85 @@
 //! Checks of what the old VMM handed over: every fd, and guest RAM's usability.
 
-use std::os::fd::RawFd;
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
-use cpr_common::container::peek_version;
+use cpr_common::container::{ContainerError, peek_version};
 use cpr_common::cpr::{CPR_STATE_FORMAT, CprState, FdKind};
-use cpr_common::fds;
+use cpr_common::fds::{self, FdError};
+use nix::errno::Errno;
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// An inherited fd is not what the CPR state says (closed, swapped, resized...).
+    #[error(transparent)]
+    Fd(#[from] FdError),
+    #[error("guest RAM memfd {fd} ({name}) is not usable: {op} failed: {errno}")]
+    RamUnusable {
+        fd: RawFd,
+        name: String,
+        op: &'static str,
+        errno: Errno,
+    },
+    #[error("guest RAM memfd {fd} ({name}) is {size} bytes, more than this process can map")]
+    RamTooLarge { fd: RawFd, name: String, size: u64 },
+    #[error("the CPR state channel: duplicating its fd: {0}")]
+    ChannelDup(#[source] std::io::Error),
+    #[error("the CPR state channel's format version: {0}")]
+    ChannelVersion(#[source] ContainerError),
+}
 
 /// Every listed fd must be the very file recorded (same code as the new VMM's and the
 /// cpr-transfer receiver's check); RAM memfds must map and be touchable.
-pub fn check_fds(state: &CprState, prefault: bool) -> Result<(), String> {
+pub fn check_fds(state: &CprState, prefault: bool) -> Result<(), CheckError> {
     for rec in &state.fds {
-        fds::check_preserved(rec).map_err(|e| e.to_string())?;
+        fds::check_preserved(rec)?;
         if rec.kind == FdKind::GuestRam {
-            touch_ram(rec.fd, rec.size, prefault).map_err(|e| {
-                format!(
-                    "guest RAM memfd {} ({}) is not usable: {e}",
-                    rec.fd, rec.name
-                )
+            // `check_preserved` just found it open, and nothing in the shim closes it.
+            // SAFETY: the fd stays open for the borrow, which ends with this iteration.
+            let fd = unsafe { BorrowedFd::borrow_raw(rec.fd) };
+            let size = usize::try_from(rec.size).map_err(|_| CheckError::RamTooLarge {
+                fd: rec.fd,
+                name: rec.name.clone(),
+                size: rec.size,
+            })?;
+            touch_ram(fd, size, prefault).map_err(|(op, errno)| CheckError::RamUnusable {
+                fd: rec.fd,
+                name: rec.name.clone(),
+                op,
+                errno,
             })?;
         }
     }
     Ok(())
 }
 
-/// Maps `size` bytes of the memfd shared and reads its first and last page (or, with
-/// `prefault`, faults in every page).
-fn touch_ram(fd: RawFd, size: u64, prefault: bool) -> std::io::Result<()> {
-    if size == 0 {
+/// Maps `len` bytes of the memfd shared and reads its first and last page (or, with
+/// `prefault`, faults in every page). On failure, says which call failed.
+fn touch_ram(fd: BorrowedFd<'_>, len: usize, prefault: bool) -> Result<(), (&'static str, Errno)> {
+    let Some(nonzero_len) = NonZeroUsize::new(len) else {
         return Ok(());
-    }
-    let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    // The fd was checked to be a memfd of exactly `size` bytes.
+    };
+    // The fd was checked to be a memfd of exactly `len` bytes.
     // SAFETY: a fresh shared mapping of it, unmapped below and never handed out.
     let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
+        mmap(
+            None,
+            nonzero_len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
             fd,
             0,
         )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
     }
+    .map_err(|e| ("mmap", e))?;
     let result = if prefault {
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
         // SAFETY: the range is the mapping created above; populating does not change contents.
-        if unsafe { libc::madvise(addr, len, MADV_POPULATE_WRITE) } == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        unsafe { madvise(addr, len, MmapAdvise::MADV_POPULATE_WRITE) }
+            .map_err(|e| ("madvise(MADV_POPULATE_WRITE)", e))
     } else {
-        let base = addr.cast::<u8>();
+        let base = addr.cast::<u8>().as_ptr();
         // Volatile reads keep the compiler from eliding the touch.
         // SAFETY: both offsets are inside the mapping (len > 0).
         unsafe {
@@ -63,36 +88,39 @@ fn touch_ram(fd: RawFd, size: u64, prefault: bool) -> std::io::Result<()> {
         }
         Ok(())
     };
-    // SAFETY: unmapping exactly the mapping created above.
-    unsafe { libc::munmap(addr, len) };
+    // SAFETY: unmapping exactly the mapping created above, which nothing refers to any more.
+    let _ = unsafe { munmap(addr, len) };
     result
 }
 
 /// The format version the old VMM wrote the CPR state in (from the channel's header).
-pub fn channel_version(fd: RawFd) -> Result<u32, String> {
-    // SAFETY: the File is wrapped in ManuallyDrop, so the borrowed fd is never closed here.
-    let file = std::mem::ManuallyDrop::new(unsafe {
-        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    });
-    peek_version(&*file, &CPR_STATE_FORMAT).map_err(|e| e.to_string())
+pub fn channel_version(channel: &OwnedFd) -> Result<u32, CheckError> {
+    let file = File::from(channel.try_clone().map_err(CheckError::ChannelDup)?);
+    peek_version(&file, &CPR_STATE_FORMAT).map_err(CheckError::ChannelVersion)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    use std::os::fd::AsFd;
 
     #[test]
     fn touching_a_memfd_works_and_a_pipe_fails() {
-        // SAFETY: memfd_create with a valid name; the fd is owned below.
-        let raw = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
-        // SAFETY: fresh fd, owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: resizing our own memfd.
-        unsafe { libc::ftruncate(fd.as_raw_fd(), 1 << 20) };
-        touch_ram(fd.as_raw_fd(), 1 << 20, false).unwrap();
-        touch_ram(fd.as_raw_fd(), 1 << 20, true).unwrap();
+        let fd = memfd_create("t", MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&fd, 1 << 20).unwrap();
+        touch_ram(fd.as_fd(), 1 << 20, false).unwrap();
+        touch_ram(fd.as_fd(), 1 << 20, true).unwrap();
         let (r, _w) = std::io::pipe().unwrap();
-        assert!(touch_ram(r.as_raw_fd(), 4096, false).is_err());
+        assert!(touch_ram(r.as_fd(), 4096, false).is_err());
+    }
+
+    #[test]
+    fn the_channel_version_is_read_from_its_header() {
+        let fd = memfd_create("cpr-state", MFdFlags::MFD_CLOEXEC).unwrap();
+        assert!(matches!(
+            channel_version(&fd),
+            Err(CheckError::ChannelVersion(_))
+        ));
     }
 }

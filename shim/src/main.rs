@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cpr_common::cpr::{self, CprState, Inherited};
-use cpr_common::exec::{ExecPlan, ExecTarget};
+use cpr_common::exec::{ExecError, ExecPlan, ExecTarget};
 use cpr_common::timing::{monotonic_ns, realtime_ns};
 
 const USAGE: &str = "usage: cpr-shim [--sha256 HEX] [--log FILE] [--prefault] -- NEW_VMM [ARGS...]
@@ -43,6 +43,50 @@ on any failure, executes the previous VMM, which takes the guest back.
   --log FILE     append one JSON line per update to FILE
   --prefault     fault in every page of guest RAM while checking it";
 
+/// A command line the shim cannot run with.
+#[derive(Clone, Debug, thiserror::Error)]
+enum ArgsError {
+    #[error("{option} needs a value")]
+    MissingValue { option: String },
+    #[error("--sha256 {value}: expected 64 hex digits")]
+    BadSha256 { value: String },
+    #[error("unknown option {option}")]
+    Unknown { option: String },
+    #[error("no target: put the new VMM and its arguments after --")]
+    NoTarget,
+}
+
+/// Why the shim refuses an update (and rolls back); the message becomes the rollback's reason.
+#[derive(Debug, thiserror::Error)]
+enum ShimError {
+    #[error("cpr-shim: bad arguments: {0}")]
+    Args(#[source] ArgsError),
+    #[error("the CPR state channel is damaged: {problem}")]
+    DamagedChannel { problem: String },
+    #[error("cpr-shim was started for a rollback ({reason}); it only runs forward updates")]
+    StartedForRollback { reason: String },
+    #[error(transparent)]
+    Check(#[from] checks::CheckError),
+    #[error(transparent)]
+    Target(#[from] target::TargetError),
+    #[error("the CPR state channel is missing")]
+    ChannelMissing,
+    #[error("recording timings in the CPR state: {0}")]
+    RecordTimings(#[source] cpr::CprError),
+    #[error("preparing to execute {}: {source}", target.display())]
+    PrepareExec {
+        target: PathBuf,
+        #[source]
+        source: ExecError,
+    },
+    #[error("executing {} failed: {source}", target.display())]
+    Exec {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 #[derive(Debug, Default)]
 struct Options {
     sha256: Option<String>,
@@ -51,17 +95,19 @@ struct Options {
     target: Vec<String>,
 }
 
-fn parse_args(args: &[String]) -> Result<Options, String> {
+fn parse_args(args: &[String]) -> Result<Options, ArgsError> {
     let mut o = Options::default();
     let mut i = 0;
     while i < args.len() {
         let a = &args[i];
-        let value = |i: &mut usize| -> Result<String, String> {
+        let value = |i: &mut usize| -> Result<String, ArgsError> {
             if let Some((_, v)) = a.split_once('=') {
                 return Ok(v.to_string());
             }
             *i += 1;
-            args.get(*i).cloned().ok_or(format!("{a} needs a value"))
+            args.get(*i)
+                .cloned()
+                .ok_or_else(|| ArgsError::MissingValue { option: a.clone() })
         };
         match a.split_once('=').map_or(a.as_str(), |(k, _)| k) {
             "--" => {
@@ -71,18 +117,22 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "--sha256" => {
                 let v = value(&mut i)?;
                 if v.len() != 64 || !v.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(format!("--sha256 {v}: expected 64 hex digits"));
+                    return Err(ArgsError::BadSha256 { value: v });
                 }
                 o.sha256 = Some(v.to_ascii_lowercase());
             }
             "--log" => o.log = Some(PathBuf::from(value(&mut i)?)),
             "--prefault" => o.prefault = true,
-            other => return Err(format!("unknown option {other}")),
+            other => {
+                return Err(ArgsError::Unknown {
+                    option: other.to_string(),
+                });
+            }
         }
         i += 1;
     }
     if o.target.is_empty() {
-        return Err("no target: put the new VMM and its arguments after --".into());
+        return Err(ArgsError::NoTarget);
     }
     Ok(o)
 }
@@ -117,16 +167,16 @@ fn main() -> ExitCode {
     let options = parse_args(&args);
     let outcome = options
         .as_ref()
-        .map_err(|e| format!("cpr-shim: bad arguments: {e}"))
+        .map_err(|e| ShimError::Args(e.clone()))
         .and_then(|o| check_everything(o, &inherited, &mut state));
     state.phases.mark("shim checks");
     let log = options.as_ref().ok().and_then(|o| o.log.clone());
     match outcome {
         Ok(checked) => {
             let failure = hand_over(&inherited, &mut state, &checked, log.as_deref());
-            roll_back(&inherited, &state, &failure, log.as_deref())
+            roll_back(&inherited, &state, &failure.to_string(), log.as_deref())
         }
-        Err(reason) => roll_back(&inherited, &state, &reason, log.as_deref()),
+        Err(reason) => roll_back(&inherited, &state, &reason.to_string(), log.as_deref()),
     }
 }
 
@@ -135,20 +185,22 @@ fn check_everything(
     options: &Options,
     inherited: &Inherited,
     state: &mut CprState,
-) -> Result<target::Checked, String> {
+) -> Result<target::Checked, ShimError> {
     if let Some(problem) = &inherited.channel_problem {
-        return Err(format!("the CPR state channel is damaged: {problem}"));
+        return Err(ShimError::DamagedChannel {
+            problem: problem.clone(),
+        });
     }
     if let cpr::Attempt::Rollback { reason } = &state.attempt {
-        return Err(format!(
-            "cpr-shim was started for a rollback ({reason}); it only runs forward updates"
-        ));
+        return Err(ShimError::StartedForRollback {
+            reason: reason.clone(),
+        });
     }
     checks::check_fds(state, options.prefault)?;
     let channel_version = inherited
         .channel
         .as_ref()
-        .map(|fd| checks::channel_version(fd.as_raw_fd()))
+        .map(checks::channel_version)
         .transpose()?
         .unwrap_or(cpr::CPR_STATE_FORMAT.current_version);
     let checked = target::check(
@@ -161,18 +213,18 @@ fn check_everything(
     Ok(checked)
 }
 
-/// Records the timings and executes the target. Returns only if the exec failed.
+/// Records the timings and executes the target. Returns only if that failed, with why.
 fn hand_over(
     inherited: &Inherited,
     state: &mut CprState,
     checked: &target::Checked,
     log: Option<&std::path::Path>,
-) -> String {
+) -> ShimError {
     let Some(channel) = &inherited.channel else {
-        return "the CPR state channel is missing".into();
+        return ShimError::ChannelMissing;
     };
     if let Err(e) = cpr::rewrite_channel(channel, state) {
-        return format!("recording timings in the CPR state: {e}");
+        return ShimError::RecordTimings(e);
     }
     append_log(log, state, Some(checked), "exec", None);
     let mut inherit: Vec<i32> = state.fds.iter().map(|f| f.fd).collect();
@@ -185,12 +237,14 @@ fn hand_over(
         inherit,
     );
     match plan {
-        Ok(plan) => format!(
-            "executing {} failed: {}",
-            checked.resolved.display(),
-            plan.exec()
-        ),
-        Err(e) => format!("preparing to execute {}: {e}", checked.resolved.display()),
+        Ok(plan) => ShimError::Exec {
+            target: checked.resolved.clone(),
+            source: plan.exec(),
+        },
+        Err(source) => ShimError::PrepareExec {
+            target: checked.resolved.clone(),
+            source,
+        },
     }
 }
 
@@ -288,25 +342,10 @@ mod tests {
 
     #[test]
     fn bad_arguments_say_what_is_wrong() {
-        assert!(
-            parse_args(&args(&["--",]))
-                .unwrap_err()
-                .contains("no target")
-        );
-        assert!(
-            parse_args(&args(&["--sha256", "xyz", "--", "v"]))
-                .unwrap_err()
-                .contains("64 hex")
-        );
-        assert!(
-            parse_args(&args(&["--bogus", "--", "v"]))
-                .unwrap_err()
-                .contains("--bogus")
-        );
-        assert!(
-            parse_args(&args(&["--log"]))
-                .unwrap_err()
-                .contains("needs a value")
-        );
+        let message = |v: &[&str]| parse_args(&args(v)).unwrap_err().to_string();
+        assert!(message(&["--"]).contains("no target"));
+        assert!(message(&["--sha256", "xyz", "--", "v"]).contains("64 hex"));
+        assert!(message(&["--bogus", "--", "v"]).contains("--bogus"));
+        assert!(message(&["--log"]).contains("needs a value"));
     }
 }

@@ -406,6 +406,65 @@ pub fn min_median_max(values: &[f64]) -> (f64, f64, f64) {
     (sorted[0], median, sorted[n - 1])
 }
 
+/// A copy of `vmm` at `dest` (mode 0755) whose compatibility note claims other formats: it
+/// reads state files `state` and CPR states `cpr` (oldest, newest), where `None` keeps what
+/// the note says. The program itself is unchanged; only the claim the shim reads differs, as
+/// in a build of a future version that dropped today's formats.
+///
+/// # Panics
+/// If `vmm` cannot be read or written, or does not hold exactly one note.
+pub fn vmm_claiming_formats(
+    vmm: &Path,
+    dest: &Path,
+    state: Option<(u32, u32)>,
+    cpr: Option<(u32, u32)>,
+) -> PathBuf {
+    use cpr_common::compat::{NOTE_NAME, NOTE_TYPE, read_note};
+    use std::os::unix::fs::PermissionsExt;
+    let mut image = std::fs::read(vmm).unwrap_or_else(|e| panic!("reading {}: {e}", vmm.display()));
+    let mut header = Vec::new();
+    header.extend_from_slice(&(NOTE_NAME.len() as u32).to_le_bytes());
+    header.extend_from_slice(&(cpr_common::compat::DESC_LEN as u32).to_le_bytes());
+    header.extend_from_slice(&NOTE_TYPE.to_le_bytes());
+    header.extend_from_slice(&NOTE_NAME);
+    let found: Vec<usize> = image
+        .windows(header.len())
+        .enumerate()
+        .filter(|(_, w)| *w == header.as_slice())
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{}: CPR-VMM notes at {found:?}",
+        vmm.display()
+    );
+    let desc = found[0] + header.len();
+    let mut put = |at: usize, (oldest, newest): (u32, u32)| {
+        image[at..at + 4].copy_from_slice(&oldest.to_le_bytes());
+        image[at + 4..at + 8].copy_from_slice(&newest.to_le_bytes());
+    };
+    if let Some(versions) = state {
+        put(desc, versions);
+    }
+    if let Some(versions) = cpr {
+        put(desc + 8, versions);
+    }
+    std::fs::write(dest, &image).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let note = std::fs::File::open(dest)
+        .map_err(|e| e.to_string())
+        .and_then(|f| read_note(&f).map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| panic!("{}: {e}", dest.display()));
+    if let Some(versions) = state {
+        assert_eq!(note.state_versions, versions);
+    }
+    if let Some(versions) = cpr {
+        assert_eq!(note.cpr_versions, versions);
+    }
+    dest.to_path_buf()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

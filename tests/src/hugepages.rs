@@ -59,6 +59,17 @@ fn pool() -> Option<(u64, u64)> {
 /// The kernel page size (KiB) of `pid`'s first mapping whose path contains `name`, from
 /// /proc/PID/smaps: 2048 for a hugetlb mapping, 4 for normal memory.
 pub fn mapping_page_size_kib(pid: u32, name: &str) -> Option<u64> {
+    mapping_field_kib(pid, name, "KernelPageSize:")
+}
+
+/// How much of `pid`'s first mapping whose path contains `name` is resident (KiB, `Rss:` in
+/// /proc/PID/smaps): the pages that process has faulted in.
+pub fn mapping_rss_kib(pid: u32, name: &str) -> Option<u64> {
+    mapping_field_kib(pid, name, "Rss:")
+}
+
+/// The `field` (e.g. `Rss:`, a value in kB) of `pid`'s first mapping whose path contains `name`.
+fn mapping_field_kib(pid: u32, name: &str, field: &str) -> Option<u64> {
     let smaps =
         std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps")).ok()?;
     let mut in_mapping = false;
@@ -70,7 +81,7 @@ pub fn mapping_page_size_kib(pid: u32, name: &str) -> Option<u64> {
             .is_some_and(|range| range.contains('-') && !range.ends_with(':'));
         if is_header {
             in_mapping = line.contains(name);
-        } else if in_mapping && let Some(rest) = line.strip_prefix("KernelPageSize:") {
+        } else if in_mapping && let Some(rest) = line.strip_prefix(field) {
             return rest.trim().trim_end_matches("kB").trim().parse().ok();
         }
     }
@@ -91,5 +102,6 @@ mod tests {
             mapping_page_size_kib(std::process::id(), "no such mapping"),
             None
         );
+        assert!(mapping_rss_kib(std::process::id(), "[stack]").is_some_and(|kib| kib > 0));
     }
 }

@@ -37,6 +37,7 @@ pub mod heartbeat;
 pub mod hugepages;
 pub mod linux_probe;
 pub mod memcheck;
+pub mod prereq;
 pub mod process;
 pub mod procfs;
 pub mod qemu_bench;
@@ -53,8 +54,11 @@ pub use heartbeat::{
     parse_heartbeats, read_tick_counters,
 };
 pub use memcheck::{MEMCHECK_BASE, MEMCHECK_LIMIT, check_memcheck_dump, dump_memcheck_range};
+pub use prereq::{in_ci, prerequisite_missing, require_root};
 pub use process::{Stream, TimeoutError, VmmProcess, assert_vmm_startup_error, wait_for_path};
-pub use procfs::{O_CLOEXEC_FLAG, OpenFd, list_fds, read_proc_fd_flags, wait_until};
+pub use procfs::{
+    Holdings, O_CLOEXEC_FLAG, OpenFd, holdings, list_fds, read_proc_fd_flags, wait_until,
+};
 pub use qmp::{QmpClient, QmpError, event_timestamp, qmp_socket_arg};
 pub use tempdir::TempDir;
 

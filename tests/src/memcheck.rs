@@ -39,7 +39,13 @@ fn page_address(index: usize) -> u64 {
 /// exactly 1 (mod 256) at one single place. The error names the offending
 /// page, its address and the values around it.
 pub fn check_memcheck_dump(dump: &[u8]) -> Result<(), String> {
-    let samples = memcheck_samples(dump);
+    check_in_sweep_order(&memcheck_samples(dump), page_address)
+}
+
+/// The rule of [`check_memcheck_dump`] for `samples` taken in sweep order, sample `i` from
+/// guest-physical `address(i)`.
+fn check_in_sweep_order(samples: &[u8], address: impl Fn(usize) -> u64) -> Result<(), String> {
+    let page_address = address;
     if samples.is_empty() {
         return Err("memcheck dump is empty".into());
     }
@@ -92,6 +98,95 @@ pub fn dump_memcheck_range(
     qmp.pmemsave(MEMCHECK_BASE, memcheck_dump_size(ram_bytes), path)
 }
 
+/// `memcheck,sweep=sampled` touches one page every this many bytes (the VMM's
+/// `boot::MEMCHECK_SAMPLE_STRIDE`).
+pub const SAMPLE_STRIDE: u64 = 16 << 20;
+/// RAM above `LOW_RAM_LIMIT` goes to a second region from here (the VMM's memory layout).
+pub const HIGH_RAM_START: u64 = 4 << 30;
+/// The first region holds at most this much RAM.
+pub const LOW_RAM_LIMIT: u64 = 3 << 30;
+
+/// Guest-physical addresses the sampled sweep touches, in sweep order, for a VM with
+/// `ram_bytes` of RAM: every [`SAMPLE_STRIDE`] from [`MEMCHECK_BASE`] below the low region's
+/// end, then every stride from [`HIGH_RAM_START`] below the end of the high region.
+pub fn sampled_addresses(ram_bytes: u64) -> Vec<u64> {
+    let low_end = ram_bytes.min(LOW_RAM_LIMIT);
+    let high_end = HIGH_RAM_START + ram_bytes.saturating_sub(LOW_RAM_LIMIT);
+    let low = (MEMCHECK_BASE..low_end).step_by(SAMPLE_STRIDE as usize);
+    let high = (HIGH_RAM_START..high_end).step_by(SAMPLE_STRIDE as usize);
+    low.chain(high).collect()
+}
+
+/// The sampled bytes of a stopped `memcheck,sweep=sampled` guest with `ram_bytes` of RAM, in
+/// sweep order, read from the RAM memfds that process `pid` holds (`guest-ram-low` from
+/// guest-physical 0, `guest-ram-high` from [`HIGH_RAM_START`]) through `/proc/PID/fd`.
+pub fn read_sampled_bytes(pid: u32, ram_bytes: u64) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let fds = crate::procfs::list_fds(pid).map_err(|e| format!("fds of {pid}: {e}"))?;
+    let open = |name: &str| -> Result<std::fs::File, String> {
+        let target = format!("/memfd:{name} (deleted)");
+        let fd = fds
+            .iter()
+            .find(|fd| fd.target == target)
+            .ok_or_else(|| format!("process {pid} holds no memfd {name}: {fds:?}"))?;
+        let path = format!("/proc/{pid}/fd/{}", fd.fd);
+        std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))
+    };
+    let low = open("guest-ram-low")?;
+    let high = if ram_bytes > LOW_RAM_LIMIT {
+        Some(open("guest-ram-high")?)
+    } else {
+        None
+    };
+    let mut samples = Vec::new();
+    for address in sampled_addresses(ram_bytes) {
+        let (file, offset) = match &high {
+            Some(high) if address >= HIGH_RAM_START => (high, address - HIGH_RAM_START),
+            _ => (&low, address),
+        };
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, offset)
+            .map_err(|e| format!("reading guest-physical {address:#x}: {e}"))?;
+        samples.push(byte[0]);
+    }
+    Ok(samples)
+}
+
+/// Checks the sampled bytes of [`read_sampled_bytes`] by the rule of [`check_memcheck_dump`],
+/// and that the sweep reached RAM above 4 GiB (the last sample is not 0) when there is some.
+pub fn check_sampled_bytes(samples: &[u8], ram_bytes: u64) -> Result<(), String> {
+    let addresses = sampled_addresses(ram_bytes);
+    if samples.len() != addresses.len() {
+        return Err(format!(
+            "{} samples for {} sampled addresses",
+            samples.len(),
+            addresses.len()
+        ));
+    }
+    check_in_sweep_order(samples, |i| addresses[i])?;
+    if samples.last() == Some(&0) {
+        return Err(format!(
+            "the last sampled page (guest-physical {:#x}) was never incremented",
+            addresses[addresses.len() - 1]
+        ));
+    }
+    Ok(())
+}
+
+/// Stops a `memcheck,sweep=sampled` guest (QMP `stop`) served by process `pid`, reads its
+/// sampled bytes from RAM and checks them ([`check_sampled_bytes`]). Returns the bytes.
+pub fn stop_and_check_sampled(
+    qmp: &mut QmpClient,
+    pid: u32,
+    ram_bytes: u64,
+) -> Result<Vec<u8>, String> {
+    qmp.execute("stop", serde_json::Value::Null)
+        .map_err(|e| format!("stop: {e}"))?;
+    let samples = read_sampled_bytes(pid, ram_bytes)?;
+    check_sampled_bytes(&samples, ram_bytes)?;
+    Ok(samples)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +203,24 @@ mod tests {
             dump[page * PAGE_SIZE] = value;
         }
         dump
+    }
+
+    #[test]
+    fn sampled_addresses_cover_both_regions() {
+        let small = sampled_addresses(64 << 20);
+        assert_eq!(small, [1 << 20, 17 << 20, 33 << 20, 49 << 20]);
+        let big = sampled_addresses(5 << 30);
+        assert_eq!(big.len(), 192 + 128);
+        assert_eq!(big[191], (1 << 20) + 191 * SAMPLE_STRIDE);
+        assert_eq!(big[192], HIGH_RAM_START);
+        assert_eq!(*big.last().unwrap(), (6 << 30) - SAMPLE_STRIDE);
+        let mut samples = vec![3u8; big.len()];
+        assert_eq!(check_sampled_bytes(&samples, 5 << 30), Ok(()));
+        samples[250] = 4;
+        let error = check_sampled_bytes(&samples, 5 << 30).unwrap_err();
+        assert!(error.contains("0x13a000000"), "{error}");
+        let zeros = vec![0u8; big.len()];
+        assert!(check_sampled_bytes(&zeros, 5 << 30).is_err());
     }
 
     #[test]

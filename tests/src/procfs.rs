@@ -80,6 +80,55 @@ pub fn list_fds(pid: u32) -> io::Result<Vec<OpenFd>> {
     Ok(fds)
 }
 
+/// What a process holds that a leak across updates would make grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holdings {
+    /// Processes whose parent it is, zombies (not reaped yet) included.
+    pub children: usize,
+    /// Its threads (`/proc/PID/task`).
+    pub threads: usize,
+    /// KVM VMs it holds: fds on `anon_inode:kvm-vm`.
+    pub kvm_vms: usize,
+}
+
+/// Counts `pid`'s children, threads and KVM VM fds.
+pub fn holdings(pid: u32) -> io::Result<Holdings> {
+    let mut children = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        // A process may exit while the directory is read: it is no longer anyone's child.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses, so split after
+        // the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children += 1;
+        }
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))?.count();
+    let kvm_vms = list_fds(pid)?
+        .iter()
+        .filter(|fd| fd.target == "anon_inode:kvm-vm")
+        .count();
+    Ok(Holdings {
+        children,
+        threads,
+        kvm_vms,
+    })
+}
+
 /// Polls `condition` until it holds (returns true) or `timeout` passes
 /// (returns false); starts at 1 ms between polls and backs off to 20 ms, so
 /// fast conditions are seen quickly without burning a core on slow ones.
@@ -138,6 +187,21 @@ mod tests {
             "{leaky_entry:?}"
         );
         assert!(fds.windows(2).all(|pair| pair[0].fd < pair[1].fd));
+    }
+
+    #[test]
+    fn holdings_count_children_and_threads() {
+        let before = holdings(our_pid()).unwrap();
+        assert!(before.threads >= 1);
+        assert_eq!(before.kvm_vms, 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let with_child = holdings(our_pid()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(with_child.children >= 1, "{with_child:?}");
     }
 
     #[test]

@@ -161,6 +161,20 @@ impl QmpClient {
         &self.stream
     }
 
+    /// The PID of the process serving this connection, from the socket's peer credentials
+    /// (SO_PEERCRED: for the connecting side, the process that called `listen` on the server's
+    /// socket, so a live update that kept the listener in the same process shows the same PID).
+    pub fn server_pid(&self) -> Result<u32, QmpError> {
+        let creds =
+            nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| QmpError::Io {
+                    context: "reading the QMP socket's peer credentials (SO_PEERCRED)".into(),
+                    source: e.into(),
+                })?;
+        u32::try_from(creds.pid())
+            .map_err(|_| QmpError::Protocol(format!("SO_PEERCRED gave PID {}", creds.pid())))
+    }
+
     /// Leaves capabilities negotiation mode (`qmp_capabilities`).
     pub fn negotiate(&mut self) -> Result<(), QmpError> {
         self.execute("qmp_capabilities", Value::Null).map(drop)
@@ -296,6 +310,20 @@ impl QmpClient {
                 self.events.push_back(message);
             }
             // Anything else is a late reply to an abandoned command: drop it.
+        }
+    }
+
+    /// Returns the oldest event not yet taken, reading until one arrives.
+    pub fn wait_any_event(&mut self, timeout: Duration) -> Result<Value, QmpError> {
+        if let Some(event) = self.events.pop_front() {
+            return Ok(event);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let message = self.read_message(deadline, "any event")?;
+            if is_event(&message) {
+                return Ok(message);
+            }
         }
     }
 

@@ -759,17 +759,18 @@ pub fn connect_as(path: &Path, uid: u32, gid: u32, timeout: Duration) -> io::Res
         ForkResult::Child => {
             close_all_but(&mut [sock_fd, wr_fd]);
             let mut code = become_user(uid, gid);
-            // SAFETY: connect with the sockaddr_un prepared above and its length.
-            if code == 0
-                && unsafe {
+            if code == 0 {
+                // SAFETY: connect with the sockaddr_un prepared above and its length.
+                let rc = unsafe {
                     libc::connect(
                         sock_fd,
                         (&addr as *const libc::sockaddr_un).cast(),
                         addr_len,
                     )
-                } != 0
-            {
-                code = 5;
+                };
+                if rc != 0 {
+                    code = 5;
+                }
             }
             if code == 0 {
                 let mut buf = [0u8; 4096];
@@ -1005,8 +1006,10 @@ mod tests {
 
     #[test]
     fn peers_of_another_uid_are_seen_as_such() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to switch UIDs");
+        if !crate::prereq::require_root(
+            "transfer::peers_of_another_uid_are_seen_as_such",
+            "switching to another UID",
+        ) {
             return;
         }
         let dir = TempDir::new("xfu").unwrap();

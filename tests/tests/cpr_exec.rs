@@ -29,10 +29,12 @@ use std::time::{Duration, Instant};
 use cpr_tests::cpr::{
     Update, alt_vmm_bin, check_heartbeat_from_boot, command_without_inherited_fds, cpr_update,
     direct_command, fault_bin, fd_identity, fd_kind, fd_kinds, listener_fd, memfd_name,
-    min_median_max, ram_fd, ram_memfds, shim_command, wait_update_end,
+    min_median_max, ram_fd, ram_memfds, set_cpr_exec_command, shim_command, vmm_claiming_formats,
+    wait_update_end,
 };
 use cpr_tests::heartbeat::parse_heartbeats;
-use cpr_tests::hugepages::{HugePageReservation, mapping_page_size_kib};
+use cpr_tests::hugepages::{HugePageReservation, mapping_page_size_kib, mapping_rss_kib};
+use cpr_tests::memcheck::stop_and_check_sampled;
 use cpr_tests::*;
 use serde_json::{Value, json};
 
@@ -122,6 +124,19 @@ impl Vm {
         self.process.pid()
     }
 
+    /// A new QMP connection is answered (`query-status`) by process `pid`: the PID of the
+    /// process serving the socket, from its peer credentials, not the one saved at spawn.
+    fn assert_qmp_answered_by(&self, pid: u32) {
+        let mut client = QmpClient::connect_and_negotiate(&self.socket, LONG).unwrap();
+        client.execute("query-status", Value::Null).unwrap();
+        let server = client.server_pid().unwrap();
+        assert_eq!(server, pid, "QMP is answered by PID {server}, not by {pid}");
+        assert!(
+            self.process.try_wait().is_none(),
+            "the VMM process {pid} exited"
+        );
+    }
+
     /// `cpr-shim [shim_args] -- VMM ARGS -incoming file:STATE`.
     fn via_shim(&self, shim_args: &[String], vmm: &Path) -> Vec<String> {
         shim_command(&shim_bin(), shim_args, vmm, &self.args, &self.state)
@@ -188,6 +203,36 @@ impl Vm {
         if let Err(e) = check_heartbeat_from_boot(&self.process.stdout_text(), cpus) {
             panic!("heartbeat continuity: {e}");
         }
+    }
+
+    /// For a memcheck guest with `ram` bytes: waits for two more sweeps, stops the guest, checks
+    /// the dump of its range (`what` says when, in the failure), lets it run again and waits for
+    /// one more sweep. The guest must never have restarted (one `A`).
+    fn assert_memcheck_consistent(&mut self, ram: u64, what: &str) {
+        let sweeps = |vm: &Vm| vm.process.stdout_text().matches('B').count();
+        let done = sweeps(self);
+        self.process
+            .wait_for_output(|text| text.matches('B').count() >= done + 2, LONG)
+            .unwrap();
+        self.qmp.execute("stop", Value::Null).unwrap();
+        self.qmp.wait_event("STOP", LONG).unwrap();
+        let name = format!("dump-{}", what.replace(' ', "-"));
+        let dump = dump_memcheck_range(&mut self.qmp, ram, &self.dir.join(name)).unwrap();
+        if let Err(e) = check_memcheck_dump(&dump) {
+            panic!("{what}: {e}");
+        }
+        assert_ne!(dump[0], 0, "{what}: the guest never swept its memory");
+        self.qmp.execute("cont", Value::Null).unwrap();
+        self.qmp.wait_event("RESUME", LONG).unwrap();
+        let done = sweeps(self);
+        self.process
+            .wait_for_output(|text| text.matches('B').count() > done, LONG)
+            .unwrap();
+        assert_eq!(
+            self.process.stdout_text().matches('A').count(),
+            1,
+            "{what}: the guest restarted"
+        );
     }
 
     /// Quits through QMP; the process must exit with status 0.
@@ -263,12 +308,35 @@ fn assert_failed(update: &Update, causes: &[&str], rolled_back: bool) {
     assert!(update.stop.is_some() && update.resume.is_some());
 }
 
+/// What `pid` holds once the teardown helper of the last update was reaped and its KVM VM
+/// released: no child, one KVM VM (waits for that, failing with `when` if it never comes).
+fn settled_holdings(pid: u32, when: &str) -> Holdings {
+    let mut last = None;
+    let settled = wait_until(LONG, || {
+        last = holdings(pid).ok();
+        last.is_some_and(|h| h.children == 0 && h.kvm_vms == 1)
+    });
+    assert!(
+        settled,
+        "{when}: the VMM still holds {last:?} (want no child and one KVM VM)"
+    );
+    last.unwrap()
+}
+
 fn shim_log_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
         .collect()
+}
+
+/// Now, in seconds since the epoch (the clock of QMP event timestamps).
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 fn ms(ns: u64) -> f64 {
@@ -298,7 +366,7 @@ fn update_through_the_shim_keeps_the_pid_and_both_vcpus_ticking() {
     let update = vm.update(&command);
     assert_completed(&update);
     assert_eq!(update.from_version(), update.to_version());
-    assert_eq!(vm.pid(), pid);
+    vm.assert_qmp_answered_by(pid);
     vm.assert_same_process_runs(&vmm_bin());
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(
@@ -383,10 +451,30 @@ fn update_directly_without_the_shim() {
 fn memcheck_memory_is_consistent_after_an_update() {
     const RAM: u64 = 64 << 20;
     let mut vm = Vm::start("memchk", &["-m", "64M", "-smp", "2", "--guest", "memcheck"]);
-    let sweeps = |vm: &Vm| vm.process.stdout_text().matches('B').count();
     vm.process
         .wait_for_output(
             |text| text.starts_with('A') && text.matches('B').count() >= 2,
+            LONG,
+        )
+        .unwrap();
+    assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
+    vm.assert_memcheck_consistent(RAM, "after the update");
+    vm.quit();
+}
+
+/// RAM above 4 GiB: a 5 GiB memcheck guest sweeping one page every 16 MiB of all RAM (both
+/// regions) is consistent after a live update, read from the RAM memfds of the process.
+#[test]
+fn memcheck_sampled_across_5_gib_is_consistent_after_an_update() {
+    const RAM: u64 = 5 << 30;
+    let mut vm = Vm::start(
+        "mem5g",
+        &["-m", "5G", "-smp", "1", "--guest", "memcheck,sweep=sampled"],
+    );
+    let sweeps = |vm: &Vm| vm.process.stdout_text().matches('B').count();
+    vm.process
+        .wait_for_output(
+            |text| text.starts_with('A') && text.matches('B').count() >= 3,
             LONG,
         )
         .unwrap();
@@ -395,24 +483,41 @@ fn memcheck_memory_is_consistent_after_an_update() {
     vm.process
         .wait_for_output(|text| text.matches('B').count() >= done + 2, LONG)
         .unwrap();
-
-    vm.qmp.execute("stop", Value::Null).unwrap();
-    vm.qmp.wait_event("STOP", LONG).unwrap();
-    let dump = dump_memcheck_range(&mut vm.qmp, RAM, &vm.dir.join("dump")).unwrap();
-    if let Err(e) = check_memcheck_dump(&dump) {
+    let pid = vm.pid();
+    if let Err(e) = stop_and_check_sampled(&mut vm.qmp, pid, RAM) {
         panic!("after the update: {e}");
     }
-    assert_ne!(dump[0], 0, "the guest never swept its memory");
     vm.qmp.execute("cont", Value::Null).unwrap();
-    let done = sweeps(&vm);
+    assert_eq!(vm.process.stdout_text().matches('A').count(), 1);
+    vm.quit();
+}
+
+/// The memcheck guest's memory is intact after a rollback, whether the shim refused the target
+/// (the previous VMM restores from the state file) or the new VMM had already mapped RAM and
+/// restored the machine when it crashed.
+#[test]
+fn memcheck_memory_is_consistent_after_rollbacks() {
+    const RAM: u64 = 64 << 20;
+    let mut vm = Vm::start("memrb", &["-m", "64M", "-smp", "2", "--guest", "memcheck"]);
     vm.process
-        .wait_for_output(|text| text.matches('B').count() > done, LONG)
+        .wait_for_output(
+            |text| text.starts_with('A') && text.matches('B').count() >= 2,
+            LONG,
+        )
         .unwrap();
-    assert_eq!(
-        vm.process.stdout_text().matches('A').count(),
-        1,
-        "the guest restarted"
+    let wrong = "0".repeat(64);
+    let refused = vm.via_shim(&strings(&["--sha256", &wrong]), &vmm_bin());
+    assert_failed(&vm.update(&refused), &["sha256"], true);
+    vm.assert_memcheck_consistent(RAM, "after the shim refused the target");
+
+    let mut crashing = vm.via_shim(&[], &vmm_bin());
+    let at = crashing.len() - 2;
+    crashing.splice(
+        at..at,
+        strings(&["--cpr-test-fault", "crash-before-resume"]),
     );
+    assert_failed(&vm.update(&crashing), &["crashed before resuming"], true);
+    vm.assert_memcheck_consistent(RAM, "after the new VMM crashed before resuming");
     vm.quit();
 }
 
@@ -457,15 +562,15 @@ fn a_paused_guest_stays_paused_and_its_memory_is_untouched() {
 }
 
 /// `-m SIZE,hugepages=on` backs guest RAM with 2 MiB hugetlb pages, and a live update keeps
-/// them (the new VMM maps the same hugetlb memfd). Skipped, saying why, on a machine that cannot
-/// reserve 2 MiB pages.
+/// them (the new VMM maps the same hugetlb memfd). On a machine that cannot reserve 2 MiB pages it
+/// fails under CI and is recorded as skipped elsewhere (`prerequisite_missing`).
 #[test]
 fn hugepage_backed_guest_updates() {
     const RAM_MIB: u64 = 16;
     let _reservation = match HugePageReservation::reserve(RAM_MIB + 4) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("hugepage_backed_guest_updates skipped: {e}");
+            prerequisite_missing("hugepage_backed_guest_updates", &e);
             return;
         }
     };
@@ -483,6 +588,32 @@ fn hugepage_backed_guest_updates() {
 
 /// The deployment build (scripts/build-dist.sh) is statically linked, and live-updates to and
 /// from the `cargo build --release` binaries in both directions, each through its own shim.
+/// `-m SIZE,prealloc=on` faults all of guest RAM into the VMM's page tables at boot (resident
+/// in /proc/PID/smaps); without it, the heartbeat guest leaves most of its RAM untouched. (An
+/// update does not pre-fault again in the new VMM, as QEMU's cpr modes do not: the pages are
+/// already allocated in the memfd; `cpr-shim --prefault` is the tool for that, tested below.)
+#[test]
+fn prealloc_populates_guest_ram() {
+    const RAM_KIB: u64 = 32 << 10;
+    let rss = |vm: &Vm| mapping_rss_kib(vm.pid(), "guest-ram-low").unwrap();
+    let lazy = Vm::start("nopre", &["-m", "32M", "-smp", "1", "--guest", HEARTBEAT]);
+    lazy.wait_ticks_advance(1, 2);
+    let lazy_rss = rss(&lazy);
+    assert!(
+        lazy_rss < RAM_KIB / 2,
+        "without prealloc {lazy_rss} KiB of {RAM_KIB} are resident: the check below means nothing"
+    );
+    lazy.quit();
+
+    let vm = Vm::start(
+        "prealloc",
+        &["-m", "32M,prealloc=on", "-smp", "1", "--guest", HEARTBEAT],
+    );
+    assert_eq!(rss(&vm), RAM_KIB, "at boot");
+    vm.wait_ticks_advance(1, 2);
+    vm.quit();
+}
+
 #[test]
 fn deployment_build_updates_to_and_from_the_release_build() {
     const CPUS: u32 = 2;
@@ -504,7 +635,7 @@ fn deployment_build_updates_to_and_from_the_release_build() {
     vm.wait_ticks_advance(CPUS, 2);
     vm.update_ok(&vmm_bin());
     vm.assert_same_process_runs(&vmm_bin());
-    assert_eq!(vm.pid(), pid);
+    vm.assert_qmp_answered_by(pid);
     vm.wait_ticks_advance(CPUS, 3);
     vm.assert_heartbeat_continuous(CPUS);
     vm.quit();
@@ -530,6 +661,9 @@ fn fifty_updates_alternating_between_two_builds() {
     let mut blackouts = Vec::new();
     let mut gaps = Vec::new();
     let mut versions: Vec<String> = Vec::new();
+    // What the process holds once the previous version's teardown helper is done: recorded
+    // after the first update, and the same after the last one.
+    let mut after_first: Option<Holdings> = None;
     let started = Instant::now();
     for i in 0..UPDATES {
         let (target, is_alt) = if i % 2 == 0 {
@@ -550,14 +684,30 @@ fn fifty_updates_alternating_between_two_builds() {
             package(&mut vm).contains(&to),
             "update {i}: query-version does not show {to}"
         );
-        assert_eq!(vm.pid(), pid);
+        vm.assert_qmp_answered_by(pid);
         vm.assert_same_process_runs(target);
         versions.push(to);
         blackouts.push(ms(update.blackout_ns().unwrap()));
         gaps.push(update.event_gap_s().unwrap() * 1e3);
         // Each version runs the guest before the next update.
         vm.wait_ticks_advance(CPUS, 1);
+        if i == 0 {
+            let settled = settled_holdings(pid, "after the first update");
+            eprintln!("after the first update the VMM holds {settled:?}");
+            after_first = Some(settled);
+        }
     }
+    let after_first = after_first.unwrap();
+    let mut last = None;
+    let same = wait_until(LONG, || {
+        last = holdings(pid).ok();
+        last == Some(after_first)
+    });
+    assert!(
+        same,
+        "after {UPDATES} updates the VMM holds {last:?}, after the first {after_first:?}: \
+         the teardown helpers or KVM VMs were not released"
+    );
     let elapsed = started.elapsed();
     vm.wait_ticks_advance(CPUS, 5);
     vm.assert_heartbeat_continuous(CPUS);
@@ -631,7 +781,7 @@ fn hmp_update_exactly_as_in_the_usage() {
         assert_eq!(out, "", "migrate -d prints nothing");
         let update = wait_update_end(&mut vm.qmp, true, LONG).unwrap();
         assert_completed(&update);
-        assert_eq!(vm.pid(), pid);
+        vm.assert_qmp_answered_by(pid);
         vm.assert_same_process_runs(&vmm_bin());
         let status = vm.qmp.hmp("info status").unwrap();
         assert!(status.contains("running"), "round {round}: {status:?}");
@@ -660,7 +810,8 @@ fn qmp_clients_survive_and_the_socket_never_refuses() {
     vm.wait_ticks_advance(1, 3);
 
     // Clients connecting all through the update: each one is accepted and
-    // greeted, by whichever process is there.
+    // greeted, by whichever process is there. Each records when it started to
+    // connect and when its greeting came (wall clock, as QMP timestamps are).
     let stop = Arc::new(AtomicBool::new(false));
     let greeted = Arc::new(AtomicU32::new(0));
     let hammer = {
@@ -669,7 +820,9 @@ fn qmp_clients_survive_and_the_socket_never_refuses() {
         let socket = vm.socket.clone();
         thread::spawn(move || {
             let mut failures = Vec::new();
+            let mut spans = Vec::new();
             while !stop.load(Ordering::Relaxed) {
+                let started = unix_seconds();
                 let attempt = UnixStream::connect(&socket).and_then(|stream| {
                     stream.set_read_timeout(Some(LONG))?;
                     let mut line = String::new();
@@ -678,30 +831,66 @@ fn qmp_clients_survive_and_the_socket_never_refuses() {
                 });
                 match attempt {
                     Ok(line) if line.contains("\"QMP\"") => {
+                        spans.push((started, unix_seconds()));
                         greeted.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(line) => failures.push(format!("no greeting: {line:?}")),
                     Err(e) => failures.push(e.to_string()),
                 }
             }
-            failures
+            (failures, spans)
         })
     };
     assert!(wait_until(LONG, || greeted.load(Ordering::SeqCst) > 0));
-    let before = greeted.load(Ordering::SeqCst);
     let command = vm.via_shim(&[], &vmm_bin());
     let update = vm.update(&command);
-    let during = greeted.load(Ordering::SeqCst) - before;
     stop.store(true, Ordering::Relaxed);
-    let failures = hammer.join().unwrap();
+    let (failures, spans) = hammer.join().unwrap();
     assert_completed(&update);
     assert!(failures.is_empty(), "connections failed: {failures:?}");
-    eprintln!("{during} connections were greeted while the update ran");
+    // Connections that were open while the guest was stopped for the update
+    // (connect started before RESUME, greeting after STOP): the old process
+    // was gone or going for part of that time, and they were still greeted.
+    let (stopped, resumed) = (
+        event_timestamp(update.stop.as_ref().unwrap()),
+        event_timestamp(update.resume.as_ref().unwrap()),
+    );
+    let during = spans
+        .iter()
+        .filter(|(started, greeted)| *started <= resumed && *greeted >= stopped)
+        .count();
+    eprintln!(
+        "{during} of {} connections overlapped the blackout ({:.2} ms)",
+        spans.len(),
+        (resumed - stopped) * 1e3
+    );
+    assert!(
+        during >= 1,
+        "no connection overlapped the update's blackout [{stopped:.6}, {resumed:.6}]: \
+         the test proved nothing about the socket during the update"
+    );
 
-    // The passive negotiated client saw the whole update on its connection.
-    for name in ["STOP", "RESUME", "MIGRATION"] {
-        watcher.wait_event(name, LONG).unwrap();
+    // The passive negotiated client saw the whole update on its connection, in
+    // order: STOP, RESUME, then MIGRATION completed.
+    let mut seen = Vec::new();
+    while !seen.iter().any(|s: &String| s == "MIGRATION completed") {
+        let event = watcher.wait_any_event(LONG).unwrap();
+        let name = event["event"].as_str().unwrap_or("<no name>").to_string();
+        seen.push(match event["data"]["status"].as_str() {
+            Some(status) if name == "MIGRATION" => format!("{name} {status}"),
+            _ => name,
+        });
     }
+    let order: Vec<&str> = seen
+        .iter()
+        .map(String::as_str)
+        .filter(|s| matches!(*s, "STOP" | "RESUME" | "MIGRATION completed"))
+        .collect();
+    assert_eq!(
+        order,
+        ["STOP", "RESUME", "MIGRATION completed"],
+        "the watcher's events: {seen:?}"
+    );
     let status = watcher.execute("query-status", Value::Null).unwrap();
     assert_eq!(status["status"], "running");
     // The client that had not negotiated yet still can, with no second greeting,
@@ -752,7 +941,7 @@ fn staged_layout_is_resolved_once_and_rollback_survives_a_replaced_binary() {
     command.splice(at..at, strings(&["--cpr-test-fault", "exit-before-resume"]));
     let update = vm.update(&command);
     assert_failed(&update, &["exit-before-resume"], true);
-    assert_eq!(vm.pid(), pid);
+    vm.assert_qmp_answered_by(pid);
     let exe = vm.exe().display().to_string();
     assert!(
         exe.starts_with(&staged.canonicalize().unwrap().display().to_string())
@@ -1059,7 +1248,7 @@ fn fault_case_with(
         update.error_desc()
     );
     assert_failed(&update, causes, rolled_back);
-    assert_eq!(vm.pid(), pid);
+    vm.assert_qmp_answered_by(pid);
     vm.assert_same_process_runs(&exe);
     assert_eq!(vm.status(), "running");
     if check_fds {
@@ -1249,4 +1438,176 @@ fn fault_corrupted_state_file_keeps_the_guest() {
     let command = with_fault(&vm, &strings(&["--corrupt-file", &state]));
     fault_case(&mut vm, &command, &[&state], true);
     vm.quit();
+}
+
+// ---------------------------------------------------------------------------
+// refusals and last resorts
+
+/// Far beyond any format this project has written.
+const FUTURE_FORMAT: (u32, u32) = (1000, 1000);
+
+/// The shim's `--log` holds one line for a refused update: this process, outcome `rollback`,
+/// the reason.
+fn assert_refusal_logged(log: &Path, pid: u32, cause: &str) {
+    let lines = shim_log_lines(log);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["pid"], json!(pid), "{line}");
+    assert_eq!(line["outcome"], "rollback", "{line}");
+    let reason = line["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(cause), "{cause:?} not in {line}");
+}
+
+/// A refused target, through the shim with `--log`: a fault case, and the refusal is logged.
+fn refused_target_case(vm: &mut Vm, target: &Path, cause: &str) {
+    let log = vm.dir.join("refused.log");
+    let command = vm.via_shim(&strings(&["--log", log.to_str().unwrap()]), target);
+    let pid = vm.pid();
+    fault_case(vm, &command, &[cause], true);
+    assert_refusal_logged(&log, pid, cause);
+}
+
+#[test]
+fn fault_target_that_cannot_read_this_state_file_format_is_refused_and_logged() {
+    let mut vm = Vm::heartbeat("futstate", 1);
+    let future = vm.dir.join("vmm-future-state");
+    vmm_claiming_formats(&vmm_bin(), &future, Some(FUTURE_FORMAT), None);
+    refused_target_case(&mut vm, &future, "reads state-file formats 1000..=1000");
+    vm.quit();
+}
+
+#[test]
+fn fault_target_that_cannot_read_this_cpr_state_format_is_refused_and_logged() {
+    let mut vm = Vm::heartbeat("futcpr", 1);
+    let future = vm.dir.join("vmm-future-cpr");
+    vmm_claiming_formats(&vmm_bin(), &future, None, Some(FUTURE_FORMAT));
+    refused_target_case(&mut vm, &future, "reads CPR-state formats 1000..=1000");
+    vm.quit();
+}
+
+#[test]
+fn fault_target_that_is_not_executable_is_refused_and_logged() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut vm = Vm::heartbeat("noexec", 1);
+    let target = vm.dir.join("vmm-not-executable");
+    std::fs::copy(vmm_bin(), &target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused_target_case(&mut vm, &target, "is not executable");
+    vm.quit();
+}
+
+#[test]
+fn fault_missing_target_through_the_shim_is_refused_and_logged() {
+    let mut vm = Vm::heartbeat("notarget", 1);
+    let target = vm.dir.join("no-such-dir/vmm-2.0");
+    let cause = format!("target {}: No such file or directory", target.display());
+    refused_target_case(&mut vm, &target, &cause);
+    vm.quit();
+}
+
+/// `cpr-shim --prefault` allocates every page of guest RAM (the memfd's allocated size) while
+/// checking it, where the guest had touched few of them.
+#[test]
+fn shim_prefault_allocates_every_page_of_guest_ram() {
+    use std::os::unix::fs::MetadataExt;
+    const RAM: u64 = 64 << 20;
+    let allocated = |vm: &Vm| {
+        let fd = ram_fd(vm.pid(), "guest-ram-low").unwrap().unwrap();
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", vm.pid())).unwrap();
+        meta.blocks() * 512
+    };
+    let mut vm = Vm::start(
+        "prefault",
+        &["-m", "64M", "-smp", "1", "--guest", HEARTBEAT],
+    );
+    vm.wait_ticks_advance(1, 2);
+    let before = allocated(&vm);
+    assert!(
+        before < RAM / 2,
+        "{before} bytes allocated before the update: the check below means nothing"
+    );
+    // Without --prefault, an update leaves the memfd as it was.
+    vm.update_ok(&vmm_bin());
+    assert!(allocated(&vm) < RAM / 2, "an update without --prefault");
+    let command = vm.via_shim(&strings(&["--prefault"]), &vmm_bin());
+    assert_completed(&vm.update(&command));
+    assert_eq!(allocated(&vm), RAM, "after an update with --prefault");
+    vm.wait_ticks_advance(1, 3);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+/// The last resort: the previous VMM's binary fd is gone, so the shim refuses the update and the
+/// rollback itself cannot run. The process ends with exit status 1 and the documented message,
+/// and the refusal is in the shim's log.
+#[test]
+fn a_rollback_that_fails_ends_the_process_with_the_documented_message() {
+    let mut vm = Vm::heartbeat("rbfail", 1);
+    vm.wait_ticks_advance(1, 3);
+    let log = vm.dir.join("shim.log");
+    let command = without_a_way_back(
+        &vm,
+        vm.via_shim(&strings(&["--log", log.to_str().unwrap()]), &vmm_bin()),
+    );
+    let (status, stderr) = update_that_ends_the_process(&mut vm, &command);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cpr-shim: live update refused:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cpr-shim: rollback failed, the guest is lost:"),
+        "{stderr}"
+    );
+    assert_refusal_logged(&log, vm.pid(), "(fallback-exe) is not open");
+}
+
+/// The same last resort in the new VMM: it fails before resuming the guest (no shim), and its
+/// rollback cannot execute the previous binary. It ends with the documented message.
+#[test]
+fn a_failing_rollback_from_the_new_vmm_ends_the_process_with_the_documented_message() {
+    let mut vm = Vm::heartbeat("rbfail2", 1);
+    vm.wait_ticks_advance(1, 3);
+    let mut direct = vm.direct(&vmm_bin());
+    let at = direct.len() - 2;
+    direct.splice(at..at, strings(&["--cpr-test-fault", "exit-before-resume"]));
+    let command = without_a_way_back(&vm, direct);
+    let (status, stderr) = update_that_ends_the_process(&mut vm, &command);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("live update failed and the guest could not be recovered")
+            && stderr.contains("exit-before-resume")
+            && stderr.contains("rollback exec of"),
+        "{stderr}"
+    );
+}
+
+/// `cpr-fault --close-exe THIS_VMM -- COMMAND`: the previous VMM's binary fd is closed before
+/// COMMAND runs, so no rollback can execute it.
+fn without_a_way_back(vm: &Vm, command: Vec<String>) -> Vec<String> {
+    let mut wrapped = vec![
+        fault_bin().display().to_string(),
+        "--close-exe".into(),
+        vm.exe().display().to_string(),
+        "--".into(),
+    ];
+    wrapped.extend(command);
+    wrapped
+}
+
+/// Starts an update with `command` that must end the process; returns its exit status and
+/// stderr.
+fn update_that_ends_the_process(
+    vm: &mut Vm,
+    command: &[String],
+) -> (std::process::ExitStatus, String) {
+    set_cpr_exec_command(&mut vm.qmp, command).unwrap();
+    vm.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", vm.state.display())}),
+        )
+        .unwrap();
+    let status = vm.process.wait_exit(LONG).unwrap();
+    (status, vm.process.stderr_text())
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use cpr_common::cpr::{FdKind, PreservedFd};
 use cpr_common::transfer::Kind;
-use cpr_tests::memcheck::PAGE_SIZE;
+use cpr_tests::memcheck::{PAGE_SIZE, stop_and_check_sampled};
 use cpr_tests::transfer::*;
 use cpr_tests::*;
 use serde_json::{Value, json};
@@ -511,6 +511,32 @@ fn memcheck_memory_is_consistent_on_the_new_side() {
         "memcheck restarted on the new VMM"
     );
     // And it goes on.
+    cont_if_paused(&mut new);
+    new.wait_sweeps(1);
+}
+
+/// RAM above 4 GiB: a 5 GiB memcheck guest sweeping one page every 16 MiB of all RAM (both
+/// regions) is consistent on the new side, read from the new VMM's RAM memfds.
+#[test]
+fn memcheck_sampled_across_5_gib_is_consistent_on_the_new_side() {
+    const RAM: u64 = 5 << 30;
+    let dir = TempDir::new("xmc5g").unwrap();
+    let args = strings(&["-m", "5G", "-smp", "1", "--guest", "memcheck,sweep=sampled"]);
+    let mut old = Vm::boot(&dir, "old", &args);
+    old.wait_sweeps(3);
+    let t = transfer(&dir, &mut old, "n1", Incoming::Unix, CprSpelling::KeyValue);
+    let old_out = old.quit();
+    assert!(old_out.starts_with('A'), "{old_out}");
+    let mut new = t.new;
+    new.wait_sweeps(2);
+    let pid = new.vmm.pid();
+    if let Err(e) = stop_and_check_sampled(&mut new.qmp, pid, RAM) {
+        panic!("on the new side: {e}");
+    }
+    assert!(
+        !new.vmm.stdout_text().contains('A'),
+        "memcheck restarted on the new VMM"
+    );
     cont_if_paused(&mut new);
     new.wait_sweeps(1);
 }
@@ -1474,16 +1500,14 @@ fn the_new_side_exits_when_the_old_side_sends_a_bad_state_or_vanishes() {
 // ---------------------------------------------------------------------------
 // peers of another UID
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// A process of another UID connecting to the CPR channel is turned away with an ERROR; the
 /// new VMM goes on waiting (no monitor yet) and then takes the real old VMM's guest.
 #[test]
 fn a_peer_with_another_uid_is_refused_and_the_new_side_keeps_waiting() {
-    if !is_root() {
-        eprintln!("skipped: switching to another UID needs root");
+    if !require_root(
+        "a_peer_with_another_uid_is_refused_and_the_new_side_keeps_waiting",
+        "switching to another UID",
+    ) {
         return;
     }
     let dir = TempDir::new("xuid").unwrap();
@@ -1529,8 +1553,10 @@ fn a_peer_with_another_uid_is_refused_and_the_new_side_keeps_waiting() {
 /// The old VMM does not hand its RAM to a new side listening as another UID.
 #[test]
 fn the_old_side_refuses_a_new_side_of_another_uid() {
-    if !is_root() {
-        eprintln!("skipped: switching to another UID needs root");
+    if !require_root(
+        "the_old_side_refuses_a_new_side_of_another_uid",
+        "switching to another UID",
+    ) {
         return;
     }
     let dir = TempDir::new("xuid2").unwrap();

@@ -37,7 +37,8 @@ struct Golden {
     /// Devices in its `devices` section (the section starts with their count,
     /// a bincode varint): version 1 has the serial port; version 2 adds the
     /// i8042, the CMOS/RTC and the PCI configuration ports; version 3 stores
-    /// every device by id and adds the stateless debug-exit port.
+    /// every device by id and adds the debug-exit port, the PCI MMIO window and
+    /// the PCI host bridge.
     devices: u8,
 }
 
@@ -58,7 +59,7 @@ const GOLDEN_FILES: [Golden; 3] = [
         file: "state-v3.bin",
         version: 3,
         last_printed: [5, 5],
-        devices: 5,
+        devices: 7,
     },
 ];
 

@@ -16,6 +16,18 @@
  * The sweep position lives only in registers (rax) and the counters only in
  * RAM, so a save/restore of RAM plus vCPU state keeps the rule intact.
  * Expects the pages to start out equal (fresh, zeroed RAM).
+ *
+ * Sampled mode (`--guest memcheck,sweep=sampled`, parameter block
+ * PB_MEMCHECK_SAMPLED = 1): each sweep increments the first byte of one page
+ * every SAMPLE_STRIDE bytes of all RAM instead, in this order: MEM_START,
+ * MEM_START + stride, ... below ram_end, then 4 GiB, 4 GiB + stride, ...
+ * below PB_HIGH_RAM_END (0: no RAM above 4 GiB). The same rule holds for the
+ * sampled bytes taken in that order. RAM above 4 GiB is reached through a
+ * 1 GiB window: PDPT entry 4 (virtual [4 GiB, 5 GiB)) points at a page
+ * directory this guest owns (WINDOW_PD), whose 2 MiB entries it points at one
+ * GiB of RAM after the other, reloading CR3 to flush the old translations.
+ * The window's state (the page directory in RAM, the position in rbx/rsi)
+ * survives a save/restore like the rest.
  */
 
     .include "abi.inc"
@@ -23,6 +35,14 @@
     .set    MEM_START,  0x100000        /* 1 MiB */
     .set    MEM_LIMIT,  100 << 20       /* 100 MiB */
     .set    PAGE_SIZE,  0x1000
+
+/* Sampled mode. The parameter block fields are written by vmm/src/boot/mod.rs. */
+    .set    PB_MEMCHECK_SAMPLED, 0x24   /* u32: 1 = sampled sweep of all RAM */
+    .set    PB_HIGH_RAM_END,    0x28    /* u64: end of RAM from 4 GiB, 0 = none */
+    .set    SAMPLE_STRIDE,      16 << 20
+    .set    GIB,                1 << 30
+    .set    WINDOW_PD,          0x3000  /* guest-owned (abi.inc), after the IDT */
+    .set    PDE_2M,             0x83    /* present, writable, 2 MiB page */
 
     .text
     .code64
@@ -39,6 +59,9 @@ _start:
     mov     $'A', %al
     out     %al, %dx
 
+    cmpl    $1, PB_MEMCHECK_SAMPLED(%r13)
+    je      sampled
+
     /* rcx = end of the checked range = min(ram_end, MEM_LIMIT) */
     mov     PB_RAM_END(%r13), %rcx
     mov     $MEM_LIMIT, %eax
@@ -54,6 +77,53 @@ sweep:
     mov     $'B', %al                   /* edx is still SERIAL_PORT */
     out     %al, %dx
     jmp     sweep
+
+sampled:
+    /* PDPT[4] = WINDOW_PD: the window at virtual [4 GiB, 5 GiB). */
+    mov     %cr3, %rax
+    and     $~0xfff, %rax               /* PML4 */
+    mov     (%rax), %rax
+    and     $~0xfff, %rax               /* PDPT (from PML4[0]) */
+    movq    $(WINDOW_PD | 3), 32(%rax)
+    mov     PB_RAM_END(%r13), %r8       /* r8 = end of the low RAM */
+    mov     PB_HIGH_RAM_END(%r13), %r9  /* r9 = end of the RAM from 4 GiB, or 0 */
+
+sweep_sampled:
+    mov     $MEM_START, %eax            /* rax = low page being incremented */
+1:  cmp     %r8, %rax
+    jae     2f
+    incb    (%rax)
+    add     $SAMPLE_STRIDE, %rax
+    jmp     1b
+2:  movabs  $(4 << 30), %rbx            /* rbx = physical GiB under the window */
+3:  cmp     %r9, %rbx
+    jae     6f
+    mov     $WINDOW_PD, %edi            /* map [rbx, rbx + 1 GiB) in the window */
+    mov     %rbx, %rax
+    or      $PDE_2M, %rax
+    mov     $512, %ecx
+4:  mov     %rax, (%rdi)
+    add     $8, %rdi
+    add     $0x200000, %rax
+    dec     %ecx
+    jnz     4b
+    mov     %cr3, %rax                  /* flush the window's old translations */
+    mov     %rax, %cr3
+    xor     %esi, %esi                  /* rsi = offset in this GiB */
+5:  lea     (%rbx,%rsi), %rax
+    cmp     %r9, %rax
+    jae     6f
+    movabs  $(4 << 30), %rax            /* the window's virtual base */
+    incb    (%rax,%rsi)
+    add     $SAMPLE_STRIDE, %rsi
+    cmp     $GIB, %rsi
+    jb      5b
+    add     $GIB, %rbx
+    jmp     3b
+6:  mov     $SERIAL_PORT, %edx
+    mov     $'B', %al
+    out     %al, %dx
+    jmp     sweep_sampled
 
 /* Secondary vCPUs: nothing to do; with interrupts off hlt never returns. */
 idle:

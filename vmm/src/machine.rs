@@ -20,9 +20,16 @@ use crate::cpuid;
 use crate::devices::console::ConsoleOutput;
 use crate::devices::debug_exit::{DEBUG_EXIT_PORT, DebugExit};
 use crate::devices::i8042::{I8042, I8042_BASE_PORT, I8042_PORT_COUNT};
-use crate::devices::pci::{PCI_CONFIG_BASE_PORT, PCI_CONFIG_PORT_COUNT, PciConfigPorts};
+use crate::devices::interrupts::GsiRouter;
+use crate::devices::pci::host_bridge::HostBridge;
+use crate::devices::pci::{
+    PCI_CONFIG_BASE_PORT, PCI_CONFIG_PORT_COUNT, PCI_MMIO_BASE, PCI_MMIO_SIZE, PciBus,
+    PciConfigPorts, PciMmioWindow,
+};
 use crate::devices::rtc::{RTC_BASE_PORT, RTC_PORT_COUNT, Rtc};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, SerialDevice};
+use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::pci::VirtioPciDevice;
 use crate::devices::{
     DeviceContext, DeviceDescription, DeviceSet, DeviceSetError, DeviceSpec, HandedOverFds, HostFd,
 };
@@ -91,25 +98,48 @@ pub enum Source<'a> {
     },
 }
 
+/// What the command line says the machine has besides RAM and vCPUs.
+#[derive(Clone, Debug)]
+pub struct Hardware {
+    pub guest: GuestBoot,
+    /// Disks, each behind a virtio-blk-pci function, from PCI slot 1 on.
+    pub disks: Vec<BlockConfig>,
+}
+
 /// The machine's devices, one line each: its id in the saved state, its type and its place on
 /// the bus. A new device is one more line here (and its own file under `devices/`).
-fn device_specs() -> Vec<DeviceSpec> {
-    vec![
-        DeviceSpec::port::<SerialDevice>("serial", COM1_PORT, COM1_PORT_COUNT),
-        DeviceSpec::port::<I8042>("i8042", I8042_BASE_PORT, I8042_PORT_COUNT),
-        DeviceSpec::port::<Rtc>("rtc", RTC_BASE_PORT, RTC_PORT_COUNT),
+fn device_specs(disks: &[BlockConfig]) -> Vec<DeviceSpec> {
+    let mut specs = vec![
+        DeviceSpec::port::<SerialDevice>("serial", COM1_PORT, COM1_PORT_COUNT, ()),
+        DeviceSpec::port::<I8042>("i8042", I8042_BASE_PORT, I8042_PORT_COUNT, ()),
+        DeviceSpec::port::<Rtc>("rtc", RTC_BASE_PORT, RTC_PORT_COUNT, ()),
         DeviceSpec::port::<PciConfigPorts>(
             "pci-config",
             PCI_CONFIG_BASE_PORT,
             PCI_CONFIG_PORT_COUNT,
+            (),
         ),
-        DeviceSpec::port::<DebugExit>("debug-exit", DEBUG_EXIT_PORT, 1),
-    ]
+        DeviceSpec::port::<DebugExit>("debug-exit", DEBUG_EXIT_PORT, 1, ()),
+        DeviceSpec::mmio::<PciMmioWindow>("pci-mmio", PCI_MMIO_BASE, PCI_MMIO_SIZE, ()),
+        DeviceSpec::pci::<HostBridge>("pci-host", 0, ()),
+    ];
+    for (slot, disk) in (1u8..).zip(disks) {
+        let id = format!("virtio-blk:{}", disk.id);
+        specs.push(DeviceSpec::pci::<VirtioPciDevice<Block>>(
+            &id,
+            slot,
+            disk.clone(),
+        ));
+    }
+    specs
 }
 
 /// The devices a machine built from this command line has, as its description lists them.
-pub fn device_descriptions() -> Vec<DeviceDescription> {
-    device_specs().iter().map(DeviceSpec::description).collect()
+pub fn device_descriptions(disks: &[BlockConfig]) -> Vec<DeviceDescription> {
+    device_specs(disks)
+        .iter()
+        .map(DeviceSpec::description)
+        .collect()
 }
 
 /// Handles shared with the VMM thread's poll loop.
@@ -122,12 +152,13 @@ pub struct MachineWakers {
 
 pub struct Machine {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     ram: GuestRam,
     vcpus: Vec<VcpuHandle>,
     devices: DeviceSet,
     console: ConsoleOutput,
     guest: GuestBoot,
+    disks: Vec<BlockConfig>,
     vcpu_count: u32,
     events: EventSink,
     wakers: MachineWakers,
@@ -143,12 +174,13 @@ pub struct Machine {
 /// [`PreparedMachine::start`] falls inside the blackout.
 pub struct PreparedMachine {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     serial_irq: EventFd,
     vcpu_fds: Vec<VcpuFd>,
     ram: GuestRam,
     vcpu_count: u32,
     guest: GuestBoot,
+    disks: Vec<BlockConfig>,
     console: ConsoleOutput,
     events: EventSink,
     rx: Receiver<VcpuEvent>,
@@ -160,13 +192,13 @@ impl Machine {
     pub fn build(
         ram: GuestRam,
         vcpu_count: u32,
-        guest: GuestBoot,
+        hardware: Hardware,
         console: ConsoleOutput,
         source: Source<'_>,
         phases: Option<&mut PhaseLog>,
     ) -> Result<(Self, Receiver<VcpuEvent>), MachineError> {
         let mut phases = phases;
-        let prepared = Machine::prepare_timed(ram, vcpu_count, guest, console, &mut phases)?;
+        let prepared = Machine::prepare_timed(ram, vcpu_count, hardware, console, &mut phases)?;
         prepared.start(source, phases)
     }
 
@@ -174,19 +206,20 @@ impl Machine {
     pub fn prepare(
         ram: GuestRam,
         vcpu_count: u32,
-        guest: GuestBoot,
+        hardware: Hardware,
         console: ConsoleOutput,
     ) -> Result<PreparedMachine, MachineError> {
-        Self::prepare_timed(ram, vcpu_count, guest, console, &mut None)
+        Self::prepare_timed(ram, vcpu_count, hardware, console, &mut None)
     }
 
     fn prepare_timed(
         ram: GuestRam,
         vcpu_count: u32,
-        guest: GuestBoot,
+        hardware: Hardware,
         console: ConsoleOutput,
         phases: &mut Option<&mut PhaseLog>,
     ) -> Result<PreparedMachine, MachineError> {
+        let Hardware { guest, disks } = hardware;
         let kvm = Kvm::new().map_err(MachineError::KvmOpen)?;
         let vcpu_events = Arc::new(
             EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MachineError::EventFd)?,
@@ -206,6 +239,7 @@ impl Machine {
             ram,
             vcpu_count,
             guest,
+            disks,
             console,
             events,
             rx,
@@ -322,7 +356,7 @@ impl Machine {
     pub fn description(&self) -> MachineDescription {
         MachineDescription {
             devices: self.devices.descriptions().to_vec(),
-            ..describe(&self.ram, self.vcpu_count, &self.guest)
+            ..describe(&self.ram, self.vcpu_count, &self.guest, &self.disks)
         }
     }
 
@@ -331,7 +365,8 @@ impl Machine {
         Ok(self.devices.host_fds()?)
     }
 
-    /// Stops every vCPU (all are asked at once, then all answers collected).
+    /// Stops every vCPU (all are asked at once, then all answers collected), then the devices'
+    /// own activity.
     pub fn pause(&mut self) -> Result<(), MachineError> {
         if self.paused {
             return Ok(());
@@ -351,14 +386,17 @@ impl Machine {
                 Err(_) => return Err(MachineError::VcpuGone { index: 0 }),
             }
         }
+        self.devices.pause();
         self.paused = true;
         Ok(())
     }
 
+    /// Starts the devices, then every vCPU.
     pub fn resume(&mut self) {
         if !self.paused {
             return;
         }
+        self.devices.resume();
         for v in &self.vcpus {
             v.send(VcpuCommand::Resume);
         }
@@ -383,6 +421,8 @@ impl Machine {
                 .map_err(MachineError::Vcpu)?;
             vcpus.push(s);
         }
+        // Requests in flight complete before the devices' state is taken.
+        self.devices.pause();
         let vm = state::save_vm(&self.vm)?;
         let devices = self.devices.save()?;
         Ok(MachineState {
@@ -408,12 +448,18 @@ impl Machine {
         let rebuilt = (|| {
             let (vm, serial_irq) = create_vm(&self.kvm, &self.ram, &mut None)?;
             let fds = create_vcpu_fds(&vm, self.vcpu_count)?;
+            // A reset powers the devices on again over the same backends: a disk renamed or
+            // replaced since start stays the guest's disk.
+            let backends = self.devices.duplicate_host_fds()?;
             let devices = attach_devices(
                 &vm,
+                &self.ram,
+                &self.disks,
                 serial_irq,
                 &self.console,
                 &self.wakers,
-                &mut Source::Boot,
+                None,
+                backends,
             )?;
             let entry = self.load_guest()?;
             Ok((vm, fds, devices, entry))
@@ -502,12 +548,21 @@ impl PreparedMachine {
         if let Source::Restore { state, .. } = &source {
             state::restore_vm_devices(&self.vm, &state.vm)?;
         }
+        let (saved, host_fds) = match &mut source {
+            Source::Boot => (None, HandedOverFds::default()),
+            Source::Restore { state, host_fds } => {
+                (Some(state.devices.as_slice()), std::mem::take(host_fds))
+            }
+        };
         let devices = attach_devices(
             &self.vm,
+            &self.ram,
+            &self.disks,
             self.serial_irq,
             &self.console,
             &self.wakers,
-            &mut source,
+            saved,
+            host_fds,
         )?;
         let mut machine = Machine {
             kvm: self.kvm,
@@ -517,6 +572,7 @@ impl PreparedMachine {
             devices,
             console: self.console,
             guest: self.guest,
+            disks: self.disks,
             vcpu_count: self.vcpu_count,
             events: self.events,
             wakers: self.wakers,
@@ -570,13 +626,18 @@ fn mark(phases: &mut Option<&mut PhaseLog>, name: &str) {
     }
 }
 
-pub fn describe(ram: &GuestRam, vcpus: u32, guest: &GuestBoot) -> MachineDescription {
+pub fn describe(
+    ram: &GuestRam,
+    vcpus: u32,
+    guest: &GuestBoot,
+    disks: &[BlockConfig],
+) -> MachineDescription {
     MachineDescription {
         vcpus,
         ram_size: ram.total_size(),
         regions: ram.layouts(),
         guest: GuestKind::of(guest),
-        devices: device_descriptions(),
+        devices: device_descriptions(disks),
     }
 }
 
@@ -585,8 +646,8 @@ fn create_vm(
     kvm: &Kvm,
     ram: &GuestRam,
     phases: &mut Option<&mut PhaseLog>,
-) -> Result<(VmFd, EventFd), MachineError> {
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+) -> Result<(Arc<VmFd>, EventFd), MachineError> {
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     mark(phases, "create VM");
     // RAM first: a memory slot added after the irqchip and PIT exist waits for an SRCU grace
     // period (milliseconds on this kind of host, measured), one added before does not. This
@@ -639,27 +700,28 @@ fn create_vcpu_fds(vm: &VmFd, count: u32) -> Result<Vec<VcpuFd>, MachineError> {
 }
 
 /// Builds the emulated devices, at power-on or from `source`'s saved state.
+#[allow(clippy::too_many_arguments)]
 fn attach_devices(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
+    ram: &GuestRam,
+    disks: &[BlockConfig],
     serial_irq: EventFd,
     console: &ConsoleOutput,
     wakers: &MachineWakers,
-    source: &mut Source<'_>,
+    saved: Option<&[crate::devices::SavedDevice]>,
+    host_fds: HandedOverFds,
 ) -> Result<DeviceSet, MachineError> {
-    let (saved, host_fds) = match source {
-        Source::Boot => (None, HandedOverFds::default()),
-        Source::Restore { state, host_fds } => {
-            (Some(state.devices.as_slice()), std::mem::take(host_fds))
-        }
-    };
     let mut ctx = DeviceContext {
         vm,
+        memory: ram.memory().clone(),
+        interrupts: GsiRouter::new(vm.clone()),
+        pci: PciBus::new(),
         console,
         input_drained: &wakers.input_drained,
         serial_irq: Some(serial_irq),
         host_fds,
     };
-    let set = DeviceSet::build(device_specs(), &mut ctx, saved)?;
+    let set = DeviceSet::build(device_specs(disks), &mut ctx, saved)?;
     let unclaimed = ctx.host_fds.names();
     if !unclaimed.is_empty() {
         log::warn!(

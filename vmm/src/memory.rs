@@ -8,8 +8,11 @@
 
 use std::fs::File;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
+use nix::errno::Errno;
+use nix::sys::mman::{MmapAdvise, madvise};
 use serde::{Deserialize, Serialize};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -93,6 +96,8 @@ pub enum MemoryError {
     HugePageAlignment { name: String, size: u64 },
     #[error("no inherited memfd for RAM region '{0}'")]
     MissingRegion(String),
+    #[error(transparent)]
+    HugePages(#[from] HugePagesError),
 }
 
 /// A cheap, shareable view of guest RAM for threads that copy it (no fds, no ownership).
@@ -133,6 +138,9 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates fresh, zeroed RAM (new memfds), optionally pre-faulted.
     pub fn create(ram_size: u64, hugepages: bool, prealloc: bool) -> Result<Self, MemoryError> {
+        if hugepages {
+            check_huge_pages(std::path::Path::new(HUGE_PAGES_2M), ram_size)?;
+        }
         let mut files = Vec::new();
         for region in layout(ram_size) {
             let file = create_memfd(&region, hugepages)?;
@@ -289,16 +297,14 @@ fn create_memfd(region: &RegionLayout, hugepages: bool) -> Result<File, MemoryEr
 /// Populates page tables for `[host, host+len)` with MADV_POPULATE_WRITE (Linux 5.14+), falling
 /// back to touching one byte per page.
 fn populate(host: *mut u8, len: usize) -> std::io::Result<()> {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let addr = NonNull::new(host.cast()).ok_or(std::io::ErrorKind::InvalidInput)?;
     // MADV_POPULATE_WRITE only faults pages in; it does not change their content.
     // SAFETY: [host, host+len) is one of our own live guest-RAM mappings.
-    let rc = unsafe { libc::madvise(host.cast(), len, MADV_POPULATE_WRITE) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EINVAL) {
-        return Err(err);
+    match unsafe { madvise(addr, len, MmapAdvise::MADV_POPULATE_WRITE) } {
+        Ok(()) => return Ok(()),
+        // A kernel older than 5.14 does not know the advice: touch the pages instead.
+        Err(Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
     }
     let page = 4096;
     for offset in (0..len).step_by(page) {
@@ -352,9 +358,151 @@ mod tests {
         assert_eq!(again.memory().num_regions(), 1);
     }
 
+    /// Pages of `[host, host + len)` that are resident (mincore), for a shared memfd mapping:
+    /// the pages the memfd holds.
+    fn resident_pages(host: *mut u8, len: usize) -> usize {
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: [host, host + len) is a live mapping of this process, and `pages` has one
+        // byte for each of its pages, as mincore writes.
+        let rc = unsafe { libc::mincore(host.cast(), len, pages.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        pages.iter().filter(|p| **p & 1 != 0).count()
+    }
+
     #[test]
     fn prealloc_populates() {
         let ram = GuestRam::create(16 << 20, false, true).unwrap();
         assert_eq!(ram.total_size(), 16 << 20);
+        let (host, len) = ram.host_range(0).unwrap();
+        assert_eq!(resident_pages(host, len), len / 4096, "prealloc=on");
+        // Without it, a fresh memfd holds no page: the check above can fail.
+        let lazy = GuestRam::create(16 << 20, false, false).unwrap();
+        let (host, len) = lazy.host_range(0).unwrap();
+        assert_eq!(resident_pages(host, len), 0, "prealloc=off");
+    }
+}
+
+// --- huge pages: enough of them before any is mapped ---------------------------------------
+
+/// The kernel's pool of 2 MiB huge pages.
+const HUGE_PAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+/// Guest RAM on huge pages needs them reserved up front: a hugetlb mapping with too few pages
+/// behind it does not fail when it is made, it kills the process with SIGBUS when the guest
+/// first touches a page that is not there.
+#[derive(Debug, thiserror::Error)]
+pub enum HugePagesError {
+    #[error(
+        "huge pages: guest RAM needs {needed} free 2 MiB huge pages but only {available} are available; reserve them first (as root): echo {suggested} > /proc/sys/vm/nr_hugepages"
+    )]
+    TooFew {
+        needed: u64,
+        available: u64,
+        suggested: u64,
+    },
+    #[error(
+        "huge pages: cannot read the 2 MiB huge page pool ({path}): {source}; this kernel may not offer 2 MiB huge pages (see /proc/sys/vm/nr_hugepages)"
+    )]
+    Pool {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks that `pool` (a `/sys/kernel/mm/hugepages/hugepages-2048kB` directory) can give
+/// `ram_size` bytes of pages now: free and not promised to another mapping, plus what
+/// overcommit may still add.
+fn check_huge_pages(pool: &std::path::Path, ram_size: u64) -> Result<(), HugePagesError> {
+    let read = |name: &str| {
+        let path = pool.join(name);
+        std::fs::read_to_string(&path)
+            .and_then(|t| {
+                t.trim()
+                    .parse::<u64>()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|source| HugePagesError::Pool {
+                path: path.display().to_string(),
+                source,
+            })
+    };
+    let needed = ram_size.div_ceil(HUGE_PAGE_SIZE);
+    let free = read("free_hugepages")?.saturating_sub(read("resv_hugepages")?);
+    let overcommit = read("nr_overcommit_hugepages")?.saturating_sub(read("surplus_hugepages")?);
+    let available = free + overcommit;
+    if available >= needed {
+        return Ok(());
+    }
+    Err(HugePagesError::TooFew {
+        needed,
+        available,
+        suggested: read("nr_hugepages")? + (needed - available),
+    })
+}
+
+#[cfg(test)]
+mod huge_page_tests {
+    use super::*;
+
+    fn pool(values: &[(&str, u64)]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "vmm-hugepool-{}-{}",
+            std::process::id(),
+            values
+                .iter()
+                .map(|(_, v)| v.to_string())
+                .collect::<Vec<_>>()
+                .join("-")
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, v) in values {
+            std::fs::write(dir.join(name), format!("{v}\n")).unwrap();
+        }
+        dir
+    }
+
+    fn with(free: u64, resv: u64, nr: u64, over: u64, surplus: u64) -> std::path::PathBuf {
+        pool(&[
+            ("free_hugepages", free),
+            ("resv_hugepages", resv),
+            ("nr_hugepages", nr),
+            ("nr_overcommit_hugepages", over),
+            ("surplus_hugepages", surplus),
+        ])
+    }
+
+    #[test]
+    fn too_few_pages_names_the_sysctl_and_the_count() {
+        let e = check_huge_pages(&with(0, 0, 0, 0, 0), 64 << 20).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("needs 32 free 2 MiB huge pages but only 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("echo 32 > /proc/sys/vm/nr_hugepages"),
+            "{text}"
+        );
+        // Reserved pages belong to someone else; the suggestion adds to the pool.
+        let e = check_huge_pages(&with(10, 4, 20, 0, 0), 32 << 20).unwrap_err();
+        assert!(e.to_string().contains("only 6 are available"), "{e}");
+        assert!(e.to_string().contains("echo 30 >"), "{e}");
+    }
+
+    #[test]
+    fn enough_pages_or_overcommit_pass() {
+        assert!(check_huge_pages(&with(32, 0, 32, 0, 0), 64 << 20).is_ok());
+        assert!(check_huge_pages(&with(0, 0, 0, 40, 8), 64 << 20).is_ok());
+    }
+
+    #[test]
+    fn no_pool_is_an_error_not_a_crash() {
+        let e = check_huge_pages(std::path::Path::new("/nonexistent/hugepages"), 2 << 20);
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("/proc/sys/vm/nr_hugepages")
+        );
     }
 }

@@ -100,7 +100,7 @@ thread_local! {
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN() + 1
+    vmm_sys_util::signal::SIGRTMIN() + 1
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -152,8 +152,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                tid_for_thread.store(unsafe { libc::gettid() }, Ordering::Release);
+                tid_for_thread.store(nix::unistd::gettid().as_raw(), Ordering::Release);
                 let mut worker = VcpuWorker {
                     index,
                     vcpu,
@@ -192,11 +191,11 @@ impl VcpuHandle {
     }
 
     fn kick(&self) {
-        use std::os::unix::thread::JoinHandleExt;
+        use vmm_sys_util::signal::Killable;
+        // The thread is alive until joined (only in Drop); the handler only sets a flag. A
+        // failure means the thread has ended, which the caller sees as a missing reply.
         if let Some(t) = &self.thread {
-            // The signal's handler only sets a flag.
-            // SAFETY: the pthread is alive until joined, which happens only in Drop.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            let _ = t.kill(kick_signal());
         }
     }
 }

@@ -45,11 +45,13 @@ const SWEEP_START: u64 = 1 << 20;
 const SWEEP_LIMIT: u64 = 100 << 20;
 const PAGE: usize = 4096;
 
-const USAGE: &str = "usage: live-update-demo [--updates N] [--memory SIZE] [--vmm PATH] [--shim PATH] [--keep] [--verbose]
+const USAGE: &str = "usage: live-update-demo [--quick] [--updates N] [--memory SIZE] [--vmm PATH] [--shim PATH] [--keep] [--verbose]
 
 Boots the memcheck demo guest, live-updates its VMM N times (default 5) through
 cpr-shim, prints each update's blackout and the PID, checks guest memory, quits.
 
+  --quick         the short form that scripts/test.sh runs: 2 updates of a 64M guest
+                  (same as --updates 2 --memory 64M; later options override it)
   --updates N     how many live updates (default 5)
   --memory SIZE   guest RAM, e.g. 256M or 1G (default 256M)
   --vmm PATH      the vmm binary (default: next to this program, else target/release)
@@ -87,6 +89,10 @@ fn parse_options() -> Result<Options> {
                     .map_err(|_| "--updates: expected a number".to_string())?
             }
             "--memory" => o.memory = value()?,
+            "--quick" => {
+                o.updates = 2;
+                o.memory = "64M".into();
+            }
             "--vmm" => o.vmm = Some(value()?.into()),
             "--shim" => o.shim = Some(value()?.into()),
             "--keep" => o.keep = true,
@@ -239,8 +245,10 @@ impl Qmp {
     }
 
     fn wait_event(&mut self, name: &str) -> Result<Value> {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-            return Ok(self.events.remove(i).expect("index in range"));
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name)
+            && let Some(event) = self.events.remove(i)
+        {
+            return Ok(event);
         }
         let deadline = Instant::now() + TIMEOUT;
         loop {

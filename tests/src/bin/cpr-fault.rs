@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cpr-fault [--swap A,B] [--move FD] [--replace-ram FD] [--corrupt-channel]
-//!           [--corrupt-file PATH] -- PROGRAM [ARGS...]
+//!           [--corrupt-file PATH] [--close-exe PATH] -- PROGRAM [ARGS...]
 //! ```
 //!
 //! Put it first in `cpr-exec-command`, in front of `cpr-shim` (or the new VMM): the
@@ -18,6 +18,8 @@
 //! - `--corrupt-channel`: flips bytes in the middle of the CPR state memfd named by
 //!   `VMM_CPR_EXEC_STATE` (through `/proc/self/fd/N`).
 //! - `--corrupt-file PATH`: flips one byte in the middle of PATH (the state file).
+//! - `--close-exe PATH`: closes every fd open on the file PATH (the previous VMM's binary,
+//!   which the old VMM keeps open for a rollback), so a rollback cannot execute it.
 //!
 //! Each action is reported on stderr. Exit status 2 means the wrapper itself failed.
 
@@ -37,6 +39,7 @@ enum Action {
     ReplaceRam(RawFd),
     CorruptChannel,
     CorruptFile(String),
+    CloseExe(String),
 }
 
 fn parse_fd(text: &str) -> Result<RawFd, String> {
@@ -70,6 +73,7 @@ fn parse_args(args: &[String]) -> Result<(Vec<Action>, Vec<String>), String> {
             "--replace-ram" => actions.push(Action::ReplaceRam(parse_fd(&value()?)?)),
             "--corrupt-channel" => actions.push(Action::CorruptChannel),
             "--corrupt-file" => actions.push(Action::CorruptFile(value()?)),
+            "--close-exe" => actions.push(Action::CloseExe(value()?)),
             other => return Err(format!("unknown option {other}")),
         }
         i += 1;
@@ -196,6 +200,28 @@ fn corrupt_channel() -> Result<(), String> {
     flip_middle(&format!("/proc/self/fd/{fd}"), "the CPR state channel")
 }
 
+fn close_exe(path: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let wanted = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
+    let fds = cpr_tests::list_fds(std::process::id()).map_err(|e| format!("listing fds: {e}"))?;
+    let closed: Vec<RawFd> = fds
+        .iter()
+        .filter(|open| {
+            std::fs::metadata(format!("/proc/self/fd/{}", open.fd))
+                .is_ok_and(|m| m.dev() == wanted.dev() && m.ino() == wanted.ino())
+        })
+        .map(|open| open.fd)
+        .collect();
+    if closed.is_empty() {
+        return Err(format!("no fd is open on {path}"));
+    }
+    for fd in &closed {
+        close(*fd);
+    }
+    eprintln!("cpr-fault: closed fds {closed:?}, open on {path}");
+    Ok(())
+}
+
 fn run(action: &Action) -> Result<(), String> {
     match action {
         Action::Swap(a, b) => swap(*a, *b),
@@ -203,6 +229,7 @@ fn run(action: &Action) -> Result<(), String> {
         Action::ReplaceRam(fd) => replace_ram(*fd),
         Action::CorruptChannel => corrupt_channel(),
         Action::CorruptFile(path) => flip_middle(path, "file"),
+        Action::CloseExe(path) => close_exe(path),
     }
 }
 

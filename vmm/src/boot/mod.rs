@@ -60,6 +60,10 @@ pub const MEMCHECK_START: u64 = 1 << 20;
 /// See [`MEMCHECK_START`].
 #[allow(dead_code)] // guest ABI, for callers that check memcheck dumps
 pub const MEMCHECK_LIMIT: u64 = 100 << 20;
+/// memcheck with `sweep=sampled` increments the first byte of one page every this many bytes
+/// of all RAM: from [`MEMCHECK_START`] to `ram_end`, then from 4 GiB to the end of RAM above it.
+#[allow(dead_code)] // guest ABI, for callers that check memcheck dumps
+pub const MEMCHECK_SAMPLE_STRIDE: u64 = 16 << 20;
 
 /// "CPRGUEST" as a little-endian u64.
 const PARAMS_MAGIC: u64 = 0x5453_4555_4752_5043;
@@ -98,6 +102,12 @@ pub const BLKCHECK_EXIT_DEVICE_ERROR: u8 = 0x21;
 /// mismatched (otherwise it exits with `exit_code`).
 #[allow(dead_code)] // guest ABI, for callers that interpret exit statuses
 pub const BLKCHECK_EXIT_DATA_ERROR: u8 = 0x22;
+/// u32: 1 when memcheck sweeps sampled pages of all RAM (`sweep=sampled`), 0 otherwise.
+const PB_MEMCHECK_SAMPLED: usize = 0x24;
+/// u64: end of the RAM that starts at 4 GiB, or 0 when there is none.
+const PB_HIGH_RAM_END: usize = 0x28;
+/// Guest RAM above the 32-bit hole starts here.
+const HIGH_RAM_START: u64 = 4 << 30;
 
 pub(crate) const GDT_ADDR: u64 = 0x500;
 const CODE_SELECTOR: u16 = 0x08;
@@ -167,6 +177,9 @@ pub enum BuiltinGuest {
         /// Requests in flight, `0..=BLKCHECK_MAX_DEPTH` (0 = [`BLKCHECK_DEFAULT_DEPTH`]).
         depth: u32,
     },
+    /// memcheck sweeping one sampled page every [`MEMCHECK_SAMPLE_STRIDE`] of all RAM, above
+    /// 4 GiB too (`--guest memcheck,sweep=sampled`); same image, same name.
+    MemcheckSampled,
 }
 
 impl BuiltinGuest {
@@ -181,7 +194,7 @@ impl BuiltinGuest {
     pub fn name(self) -> &'static str {
         match self {
             BuiltinGuest::Heartbeat => "heartbeat",
-            BuiltinGuest::Memcheck => "memcheck",
+            BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled => "memcheck",
             BuiltinGuest::Blkcheck { .. } => "blkcheck",
         }
     }
@@ -195,7 +208,7 @@ impl BuiltinGuest {
     pub fn image(self) -> &'static [u8] {
         match self {
             BuiltinGuest::Heartbeat => HEARTBEAT_IMAGE,
-            BuiltinGuest::Memcheck => MEMCHECK_IMAGE,
+            BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled => MEMCHECK_IMAGE,
             BuiltinGuest::Blkcheck { .. } => BLKCHECK_IMAGE,
         }
     }
@@ -287,7 +300,13 @@ pub fn load_builtin_guest<M: GuestMemory>(
     }
     let timer_count = match timer_initial_count(params.tick_hz) {
         Some(count) => count,
-        None if guest == BuiltinGuest::Memcheck => 0,
+        None if matches!(
+            guest,
+            BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled
+        ) =>
+        {
+            0
+        }
         None => return Err(BootError::InvalidTickRate(params.tick_hz)),
     };
 
@@ -313,9 +332,34 @@ pub fn load_builtin_guest<M: GuestMemory>(
     put(PB_EXIT_AFTER, &params.exit_after_ticks.to_le_bytes());
     put(PB_EXIT_CODE, &u32::from(params.exit_code).to_le_bytes());
     put(PB_BLK_DEPTH, &depth.to_le_bytes());
+    let sampled = u32::from(guest == BuiltinGuest::MemcheckSampled);
+    put(PB_MEMCHECK_SAMPLED, &sampled.to_le_bytes());
+    put(PB_HIGH_RAM_END, &high_ram_end(mem).to_le_bytes());
     write(mem, "parameter block", PARAMS_ADDR, &block)?;
 
     write(mem, "guest image", GUEST_LOAD_ADDR, guest.image())
+}
+
+/// End of the RAM contiguous from [`HIGH_RAM_START`] (page granularity), or 0 when none is
+/// there.
+fn high_ram_end<M: GuestMemory>(mem: &M) -> u64 {
+    const PAGE: u64 = 4096;
+    let backed = |pages: u64| {
+        usize::try_from(pages * PAGE).is_ok_and(|len| {
+            mem.check_range(GuestAddress(HIGH_RAM_START), len, Permissions::ReadWrite)
+        })
+    };
+    // Largest page count `lo` with [4 GiB, 4 GiB + lo pages) backed: binary search up to 2^40.
+    let (mut lo, mut hi) = (0u64, 1u64 << 28);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if backed(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    if lo == 0 {
+        0
+    } else {
+        HIGH_RAM_START + lo * PAGE
+    }
 }
 
 /// Initial general-purpose registers for vCPU `index` (< [`MAX_BUILTIN_VCPUS`]):

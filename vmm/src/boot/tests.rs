@@ -410,7 +410,10 @@ impl TestVm {
         let (machine, events) = Machine::build(
             ram,
             p.vcpu_count,
-            guest.clone(),
+            crate::machine::Hardware {
+                guest: guest.clone(),
+                disks: Vec::new(),
+            },
             console,
             Source::Boot,
             None,
@@ -553,7 +556,10 @@ impl TestVm {
         let (machine, events) = Machine::build(
             ram,
             vcpus,
-            guest.clone(),
+            crate::machine::Hardware {
+                guest: guest.clone(),
+                disks: Vec::new(),
+            },
             console,
             Source::Restore {
                 state: &state,

@@ -28,7 +28,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::cli::{Config, IncomingSpec};
+use crate::cli::{Config, IncomingSpec, PidFile, PidFileError};
 use crate::devices::VmRequest;
 use crate::devices::console::{Console, ConsoleError, ConsoleFd};
 use crate::machine::{Machine, MachineError, PreparedMachine, ResetError, Source};
@@ -41,9 +41,10 @@ use crate::migration::state::{GuestKind, MachineDescription};
 use crate::migration::{MigMode, MigrationRecord};
 use crate::qmp::protocol::hmp::{self, HmpAction};
 use crate::qmp::protocol::{
-    Command, CpuInfoFast, CpuInstanceProperties, EventKind, MigrationParameters, PmemsaveArgs,
-    QmpError, Response, RunState, ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo,
-    query_commands,
+    Command, CpuInfoFast, CpuInstanceProperties, EventKind, HumanReadableText, KvmInfo,
+    MigrationParameters, NameInfo, PmemsaveArgs, QmpError, Response, RunState, ShutdownCause,
+    StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands, query_events,
+    query_qmp_schema, registers,
 };
 use crate::qmp::server::{ClientId, Monitor};
 use crate::vcpu::{VcpuEvent, VcpuEventKind};
@@ -99,6 +100,8 @@ pub enum StartError {
     RollbackFailed(String),
     #[error("the new VMM failed before resuming the guest (--cpr-test-fault exit-before-resume)")]
     TestFault,
+    #[error(transparent)]
+    PidFile(#[from] PidFileError),
 }
 
 /// Why restoring a saved machine failed; nothing of it ever ran.
@@ -124,12 +127,21 @@ pub fn run(
     // A client that disconnects mid-reply must not kill the VMM.
     // SAFETY: setting SIGPIPE to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    crate::logger::set_timestamps(config.log_timestamps);
     let Some(mut incoming) = incoming else {
         let mut vmm = Vmm::new(config, None)?;
         if let Err(e) = vmm.start(transfer) {
             vmm.remove_socket_files();
             return Err(e);
         }
+        let _pidfile = match vmm.config.pidfile.as_deref().map(PidFile::create) {
+            Some(Err(e)) => {
+                vmm.remove_socket_files();
+                return Err(e.into());
+            }
+            other => other.and_then(Result::ok),
+        };
+        log::info!("{}", vmm.config.summary());
         return Ok(vmm.event_loop());
     };
     // A live update: any failure before the guest runs again rolls back to the previous VMM.
@@ -142,6 +154,16 @@ pub fn run(
     match started {
         Ok(mut vmm) => {
             drop(incoming);
+            // Same PID as before the update: rewrite it in case the new command line names
+            // another file.
+            let pidfile = vmm.config.pidfile.as_deref().map(PidFile::create);
+            let _pidfile = match pidfile {
+                Some(Err(e)) => {
+                    log::warn!("{e}");
+                    None
+                }
+                other => other.and_then(Result::ok),
+            };
             Ok(vmm.event_loop())
         }
         Err(e) => Err(StartError::RollbackFailed(
@@ -239,6 +261,8 @@ impl Vmm {
         })?;
         let migration_done =
             Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(StartError::Setup)?);
+        // -S: an incoming migration, too, leaves the guest paused.
+        let autostart = !config.start_paused;
         let vmm = Vmm {
             config,
             epoll,
@@ -250,7 +274,7 @@ impl Vmm {
             machine: None,
             vcpu_events: None,
             run_state: RunState::Prelaunch,
-            autostart: true,
+            autostart,
             params: MigrationParameters::qemu_defaults(),
             migration: MigrationRecord::default(),
             outgoing: None,
@@ -308,17 +332,13 @@ impl Vmm {
                     self.config.hugepages,
                     self.config.prealloc,
                 )?;
-                let (machine, rx) = Machine::build(
-                    ram,
-                    self.config.vcpus,
-                    self.config.guest.clone(),
-                    self.console.output(),
-                    Source::Boot,
-                    None,
-                )?;
+                let (machine, rx) = self.build_machine(ram, Source::Boot, None)?;
                 self.install_machine(machine, rx)
                     .map_err(StartError::Setup)?;
-                self.set_running();
+                // -S: stay in prelaunch until cont.
+                if self.autostart {
+                    self.set_running();
+                }
             }
             Some(IncomingSpec::File(path)) => {
                 let _ = self.set_run_state(RunState::Inmigrate);
@@ -338,6 +358,31 @@ impl Vmm {
         Ok(())
     }
 
+    /// Builds this command line's machine over `ram`, from `source`; vCPUs start paused.
+    pub(crate) fn build_machine(
+        &self,
+        ram: GuestRam,
+        source: Source<'_>,
+        phases: Option<&mut cpr_common::timing::PhaseLog>,
+    ) -> Result<(Machine, Receiver<VcpuEvent>), MachineError> {
+        Machine::build(
+            ram,
+            self.config.vcpus,
+            self.hardware(),
+            self.console.output(),
+            source,
+            phases,
+        )
+    }
+
+    /// The guest and devices this command line asks for.
+    pub(crate) fn hardware(&self) -> crate::machine::Hardware {
+        crate::machine::Hardware {
+            guest: self.config.guest.clone(),
+            disks: self.config.disks.clone(),
+        }
+    }
+
     /// The machine this command line describes (checked against a saved one).
     pub(crate) fn described_machine(&self) -> MachineDescription {
         MachineDescription {
@@ -345,7 +390,7 @@ impl Vmm {
             ram_size: self.config.ram_size,
             regions: memory::layout(self.config.ram_size),
             guest: GuestKind::of(&self.config.guest),
-            devices: crate::machine::device_descriptions(),
+            devices: crate::machine::device_descriptions(&self.config.disks),
         }
     }
 
@@ -699,6 +744,7 @@ impl Vmm {
                         mode.as_str()
                     )));
                 }
+                self.params.check_effective(&p)?;
                 self.params.apply(&p);
                 Ok(empty())
             }
@@ -720,7 +766,56 @@ impl Vmm {
                 }
                 Ok(empty())
             }
+            Command::QueryName => to_value(&NameInfo {
+                name: self.config.name.clone(),
+            }),
+            Command::QueryKvm => to_value(&KvmInfo {
+                enabled: true,
+                present: true,
+            }),
+            Command::QueryEvents => to_value(&query_events()),
+            Command::QueryChardev => to_value(&self.config.chardevs()),
+            Command::QueryMigrateCapabilities => to_value(&migrate_capabilities()),
+            Command::SystemPowerdown => Err(QmpError::generic(
+                "system_powerdown: this machine has no ACPI power button to press; stop the guest from inside it, or use 'quit' or 'system_reset'",
+            )),
+            Command::QueryQmpSchema => to_value(&query_qmp_schema()),
+            Command::QueryRegisters(args) => self.registers(args.cpu_index),
         }
+    }
+
+    /// `x-query-registers` (HMP `info registers`): each vCPU's registers, read while the vCPUs
+    /// are briefly paused.
+    fn registers(&mut self, cpu: Option<i64>) -> Result<Value, QmpError> {
+        if let Some(i) = cpu
+            && (i < 0 || i >= i64::from(self.config.vcpus))
+        {
+            return Err(QmpError::invalid_cpu_index());
+        }
+        self.refuse_if_handed_over()?;
+        let running = self.run_state() == RunState::Running;
+        let Some(m) = &mut self.machine else {
+            return Err(QmpError::generic("There are no vCPUs yet"));
+        };
+        let saved = m.pause_and_save();
+        if running {
+            m.resume();
+        }
+        let state = saved.map_err(|e| QmpError::generic(e.to_string()))?;
+        let mut text = String::new();
+        for v in &state.vcpus {
+            if cpu.is_some_and(|c| c != i64::from(v.index)) {
+                continue;
+            }
+            if cpu.is_none() {
+                text.push_str(&format!("\nCPU#{}\n", v.index));
+            }
+            let halted = v.mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED;
+            text.push_str(&registers::dump(&v.regs, &v.sregs, halted));
+        }
+        to_value(&HumanReadableText {
+            human_readable_text: text,
+        })
     }
 
     pub(crate) fn stop(&mut self) -> Result<(), QmpError> {
@@ -850,14 +945,12 @@ impl Vmm {
 /// Reaps every exited child: this process starts none itself, but after a live update it is the
 /// parent of the previous version's teardown helper.
 pub(crate) fn reap_children() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid with WNOHANG only collects exited children of this process.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return;
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(status) => log::debug!("reaped child: {status:?}"),
         }
-        log::debug!("reaped child {pid}");
     }
 }
 

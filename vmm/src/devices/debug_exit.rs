@@ -10,14 +10,15 @@ pub struct DebugExit;
 /// Stateless: nothing to save.
 impl Persist for DebugExit {
     type State = ();
+    type Config = ();
 
-    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+    fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
         Ok(DebugExit)
     }
 
     fn save(&self) {}
 
-    fn restore(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
+    fn restore(_: &mut DeviceContext<'_>, _: &(), _: &()) -> Result<Self, DeviceError> {
         Ok(DebugExit)
     }
 }

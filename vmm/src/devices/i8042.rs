@@ -205,8 +205,9 @@ impl I8042 {
 
 impl Persist for I8042 {
     type State = I8042Snapshot;
+    type Config = ();
 
-    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+    fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
         Ok(I8042::new())
     }
 
@@ -214,7 +215,11 @@ impl Persist for I8042 {
         self.snapshot()
     }
 
-    fn restore(_: &mut DeviceContext<'_>, state: &I8042Snapshot) -> Result<Self, DeviceError> {
+    fn restore(
+        _: &mut DeviceContext<'_>,
+        _: &(),
+        state: &I8042Snapshot,
+    ) -> Result<Self, DeviceError> {
         Ok(I8042::from_snapshot(state))
     }
 }

@@ -21,9 +21,11 @@
 pub mod console;
 pub mod debug_exit;
 pub mod i8042;
+pub mod interrupts;
 pub mod pci;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 use std::any::Any;
 use std::os::fd::{OwnedFd, RawFd};
@@ -33,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use console::ConsoleOutput;
@@ -58,7 +61,6 @@ pub enum DeviceError {
     #[error("its saved state is not valid: {0}")]
     InvalidState(String),
     #[error("its host fd '{0}' was not handed over by the previous VMM")]
-    #[cfg_attr(not(test), allow(dead_code))]
     MissingHostFd(String),
     #[error("{0}")]
     Setup(String),
@@ -73,14 +75,23 @@ pub trait Persist: Sized {
     /// new format version (or by adding `#[serde(default)]` fields at the end).
     type State: Serialize + DeserializeOwned;
 
+    /// What it is built from besides the machine: its part of the command line (a disk's
+    /// file, a network backend), `()` for the PC's fixed devices. Not saved: the new VMM's
+    /// command line gives it again.
+    type Config: Send + 'static;
+
     /// The device as at power-on.
-    fn power_on(ctx: &mut DeviceContext<'_>) -> Result<Self, DeviceError>;
+    fn power_on(ctx: &mut DeviceContext<'_>, config: &Self::Config) -> Result<Self, DeviceError>;
 
     fn save(&self) -> Self::State;
 
     /// The device as it was saved. Called with the same context as [`Persist::power_on`];
     /// host fds are taken from it by name, never re-opened by path.
-    fn restore(ctx: &mut DeviceContext<'_>, state: &Self::State) -> Result<Self, DeviceError>;
+    fn restore(
+        ctx: &mut DeviceContext<'_>,
+        config: &Self::Config,
+        state: &Self::State,
+    ) -> Result<Self, DeviceError>;
 
     /// The host fds this device owns, each with a name unique in the machine. Every migration
     /// mode carries them to the next VMM, which hands them back through
@@ -88,6 +99,15 @@ pub trait Persist: Sized {
     fn host_fds(&self) -> Vec<HostFd> {
         Vec::new()
     }
+
+    /// Stops the device's own activity (an I/O thread) once every vCPU is stopped, so that its
+    /// state stays still while it is saved: requests in flight complete first. Devices driven
+    /// only by vCPU exits need nothing here.
+    fn pause(&mut self) {}
+
+    /// Starts it again (also after a restore, where it must look at its queues once: the guest
+    /// may have queued work while it was stopped).
+    fn resume(&mut self) {}
 }
 
 /// A host fd a device owns (disk image, tap, socket), as declared for a migration.
@@ -102,6 +122,8 @@ pub trait Device: Send {
     /// The saved state, encoded.
     fn save_state(&self) -> Result<Vec<u8>, DeviceError>;
     fn host_fds(&self) -> Vec<HostFd>;
+    fn pause(&mut self);
+    fn resume(&mut self);
     /// For the few places that need the concrete device (feeding console input to the UART).
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -113,6 +135,14 @@ impl<T: Persist + Send + 'static> Device for T {
 
     fn host_fds(&self) -> Vec<HostFd> {
         Persist::host_fds(self)
+    }
+
+    fn pause(&mut self) {
+        Persist::pause(self)
+    }
+
+    fn resume(&mut self) {
+        Persist::resume(self)
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -144,8 +174,18 @@ pub fn decode_state<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, DeviceError>
 /// Where a device sits on the bus; part of the machine description.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Place {
-    Port { base: u16, len: u16 },
-    Mmio { base: u64, len: u64 },
+    Port {
+        base: u16,
+        len: u16,
+    },
+    Mmio {
+        base: u64,
+        len: u64,
+    },
+    /// Function 0 of a slot on PCI bus 0.
+    Pci {
+        slot: u8,
+    },
 }
 
 impl std::fmt::Display for Place {
@@ -153,6 +193,7 @@ impl std::fmt::Display for Place {
         match self {
             Place::Port { base, len } => write!(f, "ports {base:#x}+{len}"),
             Place::Mmio { base, len } => write!(f, "MMIO {base:#x}+{len:#x}"),
+            Place::Pci { slot } => write!(f, "PCI 00:{slot:02x}.0"),
         }
     }
 }
@@ -167,33 +208,49 @@ pub struct DeviceDescription {
 /// Host fds handed over by the previous VMM (cpr-exec, cpr-transfer), by name, for the devices
 /// that own them to take back at restore.
 #[derive(Debug, Default)]
-pub struct HandedOverFds(Vec<(String, OwnedFd)>);
+pub struct HandedOverFds {
+    fds: Vec<(String, OwnedFd)>,
+    /// The restore keeps host fds (a live update): a device whose fd is missing must fail,
+    /// never open its backend by path. False at power-on and for a restore from a file.
+    preserved: bool,
+}
 
 impl HandedOverFds {
+    /// The fds a live update carried (possibly none).
     pub fn new(fds: Vec<(String, OwnedFd)>) -> Self {
-        HandedOverFds(fds)
+        HandedOverFds {
+            fds,
+            preserved: true,
+        }
     }
 
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Whether backends come with the restore (see [`HandedOverFds::new`]).
+    pub fn preserved(&self) -> bool {
+        self.preserved
+    }
+
     pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
-        let i = self.0.iter().position(|(n, _)| n == name)?;
-        Some(self.0.remove(i).1)
+        let i = self.fds.iter().position(|(n, _)| n == name)?;
+        Some(self.fds.remove(i).1)
     }
 
     /// Names nobody took (closed when this is dropped).
     pub fn names(&self) -> Vec<String> {
-        self.0.iter().map(|(n, _)| n.clone()).collect()
+        self.fds.iter().map(|(n, _)| n.clone()).collect()
     }
 }
 
 /// What building a device may need from the machine.
 pub struct DeviceContext<'a> {
     /// The VM, to register the device's ioeventfds (queue notifications) and irqfds
-    /// (interrupts) with KVM. No device in the list registers any yet (virtio will).
-    #[allow(dead_code)]
-    pub vm: &'a VmFd,
+    /// (interrupts) with KVM.
+    pub vm: &'a Arc<VmFd>,
+    /// Guest RAM, for devices that read and write it (virtqueues).
+    pub memory: Arc<GuestMemoryMmap>,
+    /// The VM's GSI routing table, for MSI vectors.
+    pub interrupts: Arc<interrupts::GsiRouter>,
+    /// PCI bus 0, which PCI functions join and the configuration ports and MMIO window use.
+    pub pci: Arc<pci::PciBus>,
     pub console: &'a ConsoleOutput,
     /// Written by the UART when the guest drained its receive FIFO.
     pub input_drained: &'a Arc<EventFd>,
@@ -204,11 +261,6 @@ pub struct DeviceContext<'a> {
 }
 
 impl DeviceContext<'_> {
-    /// The handed-over host fd `name`, or None when this is not an fd-preserving restore (power
-    /// on, or a restore from a file in a new process, where the device opens its backend).
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn take_host_fd(&mut self, name: &str) -> Option<OwnedFd> {
         self.host_fds.take(name)
     }
@@ -230,16 +282,20 @@ pub struct DeviceSpec {
     plug: PlugFn,
 }
 
-fn build<T: Persist>(ctx: &mut DeviceContext<'_>, saved: Option<&[u8]>) -> Result<T, DeviceError> {
+fn build<T: Persist>(
+    ctx: &mut DeviceContext<'_>,
+    config: &T::Config,
+    saved: Option<&[u8]>,
+) -> Result<T, DeviceError> {
     match saved {
-        Some(bytes) => T::restore(ctx, &decode_state(bytes)?),
-        None => T::power_on(ctx),
+        Some(bytes) => T::restore(ctx, config, &decode_state(bytes)?),
+        None => T::power_on(ctx, config),
     }
 }
 
 impl DeviceSpec {
     /// A device on the port-I/O bus.
-    pub fn port<T>(id: &str, base: u16, len: u16) -> Self
+    pub fn port<T>(id: &str, base: u16, len: u16, config: T::Config) -> Self
     where
         T: Persist + PioDevice + Send + 'static,
     {
@@ -247,18 +303,14 @@ impl DeviceSpec {
             id: id.to_string(),
             place: Place::Port { base, len },
             plug: Box::new(move |ctx, saved, bus| {
-                let dev = Arc::new(Mutex::new(build::<T>(ctx, saved)?));
+                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
                 bus.insert_pio(base, len, dev.clone())?;
                 Ok(dev)
             }),
         }
     }
 
-    /// A device in guest-physical address space.
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub fn mmio<T>(id: &str, base: u64, len: u64) -> Self
+    pub fn mmio<T>(id: &str, base: u64, len: u64, config: T::Config) -> Self
     where
         T: Persist + MmioDevice + Send + 'static,
     {
@@ -266,8 +318,26 @@ impl DeviceSpec {
             id: id.to_string(),
             place: Place::Mmio { base, len },
             plug: Box::new(move |ctx, saved, bus| {
-                let dev = Arc::new(Mutex::new(build::<T>(ctx, saved)?));
+                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
                 bus.insert_mmio(base, len, dev.clone())?;
+                Ok(dev)
+            }),
+        }
+    }
+
+    /// A function at `slot` of PCI bus 0.
+    pub fn pci<T>(id: &str, slot: u8, config: T::Config) -> Self
+    where
+        T: Persist + pci::PciFunction + Send + 'static,
+    {
+        DeviceSpec {
+            id: id.to_string(),
+            place: Place::Pci { slot },
+            plug: Box::new(move |ctx, saved, _bus| {
+                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
+                ctx.pci
+                    .attach(slot, dev.clone())
+                    .map_err(|e| DeviceError::Setup(e.to_string()))?;
                 Ok(dev)
             }),
         }
@@ -380,6 +450,38 @@ impl DeviceSet {
             .collect()
     }
 
+    /// Quiesces every device (after the vCPUs stopped), in list order.
+    pub fn pause(&self) {
+        for (_, d) in &self.devices {
+            lock(d).pause();
+        }
+    }
+
+    /// Starts every device again (before the vCPUs run).
+    pub fn resume(&self) {
+        for (_, d) in &self.devices {
+            lock(d).resume();
+        }
+    }
+
+    /// Duplicates of every host fd the devices own, for a rebuilt device list (a reset) to take
+    /// over the same backends.
+    pub fn duplicate_host_fds(&self) -> Result<HandedOverFds, DeviceSetError> {
+        let mut out = Vec::new();
+        for h in self.host_fds()? {
+            // The device keeps its fd open while this runs (the machine is paused).
+            // SAFETY: `h.fd` is open for the duration of this borrow.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(h.fd) }
+                .try_clone_to_owned()
+                .map_err(|e| DeviceSetError::Device {
+                    id: h.name.clone(),
+                    source: DeviceError::Setup(format!("duplicating its host fd: {e}")),
+                })?;
+            out.push((h.name, fd));
+        }
+        Ok(HandedOverFds::new(out))
+    }
+
     /// Every host fd the devices own (names are unique across the machine).
     pub fn host_fds(&self) -> Result<Vec<HostFd>, DeviceSetError> {
         let mut out: Vec<HostFd> = Vec::new();
@@ -469,9 +571,6 @@ impl Bus {
         Ok(())
     }
 
-    // The device-facing half of host-fd hand-over and MMIO placement: exercised by the unit
-    // tests below until the first device with a backend fd or an MMIO region is in the list.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn insert_mmio(
         &mut self,
         base: u64,
@@ -651,7 +750,8 @@ mod tests {
 
     impl Persist for Backed {
         type State = BackedState;
-        fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        type Config = ();
+        fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
             let file = tempfile().map_err(|e| DeviceError::Setup(e.to_string()))?;
             Ok(Backed { file, writes: 0 })
         }
@@ -660,7 +760,11 @@ mod tests {
                 writes: self.writes,
             }
         }
-        fn restore(ctx: &mut DeviceContext<'_>, s: &BackedState) -> Result<Self, DeviceError> {
+        fn restore(
+            ctx: &mut DeviceContext<'_>,
+            _: &(),
+            s: &BackedState,
+        ) -> Result<Self, DeviceError> {
             let fd = ctx
                 .take_host_fd("backed:disk")
                 .ok_or_else(|| DeviceError::MissingHostFd("backed:disk".into()))?;
@@ -692,13 +796,14 @@ mod tests {
 
     impl Persist for Echo {
         type State = u8;
-        fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+        type Config = ();
+        fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
             Ok(Echo(7))
         }
         fn save(&self) -> u8 {
             self.0
         }
-        fn restore(_: &mut DeviceContext<'_>, s: &u8) -> Result<Self, DeviceError> {
+        fn restore(_: &mut DeviceContext<'_>, _: &(), s: &u8) -> Result<Self, DeviceError> {
             Ok(Echo(*s))
         }
     }
@@ -721,8 +826,8 @@ mod tests {
 
     fn specs() -> Vec<DeviceSpec> {
         vec![
-            DeviceSpec::port::<Echo>("echo", 0x100, 4),
-            DeviceSpec::mmio::<Backed>("backed", 0xd000_0000, 0x1000),
+            DeviceSpec::port::<Echo>("echo", 0x100, 4, ()),
+            DeviceSpec::mmio::<Backed>("backed", 0xd000_0000, 0x1000, ()),
         ]
     }
 
@@ -731,9 +836,14 @@ mod tests {
             .unwrap()
             .output();
         let drained = Arc::new(EventFd::new(0).unwrap());
-        let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
+        let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
         let mut ctx = DeviceContext {
             vm: &vm,
+            memory: Arc::new(
+                GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap(),
+            ),
+            interrupts: interrupts::GsiRouter::new(vm.clone()),
+            pci: pci::PciBus::new(),
             console: &console,
             input_drained: &drained,
             serial_irq: None,
@@ -836,16 +946,16 @@ mod tests {
         );
         // Two devices on overlapping ports, or with one id.
         let clash = vec![
-            DeviceSpec::port::<Echo>("a", 0x100, 4),
-            DeviceSpec::port::<Echo>("b", 0x102, 4),
+            DeviceSpec::port::<Echo>("a", 0x100, 4, ()),
+            DeviceSpec::port::<Echo>("b", 0x102, 4, ()),
         ];
         let e = with_ctx(HandedOverFds::default(), |ctx| {
             DeviceSet::build(clash, ctx, None).err().unwrap()
         });
         assert!(e.to_string().contains("overlaps"), "{e}");
         let twice = vec![
-            DeviceSpec::port::<Echo>("a", 0x100, 4),
-            DeviceSpec::port::<Echo>("a", 0x200, 4),
+            DeviceSpec::port::<Echo>("a", 0x100, 4, ()),
+            DeviceSpec::port::<Echo>("a", 0x200, 4, ()),
         ];
         let e = with_ctx(HandedOverFds::default(), |ctx| {
             DeviceSet::build(twice, ctx, None).err().unwrap()

@@ -248,8 +248,9 @@ impl Rtc {
 
 impl Persist for Rtc {
     type State = RtcSnapshot;
+    type Config = ();
 
-    fn power_on(_: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+    fn power_on(_: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
         Ok(Rtc::new())
     }
 
@@ -257,7 +258,11 @@ impl Persist for Rtc {
         self.snapshot()
     }
 
-    fn restore(_: &mut DeviceContext<'_>, state: &RtcSnapshot) -> Result<Self, DeviceError> {
+    fn restore(
+        _: &mut DeviceContext<'_>,
+        _: &(),
+        state: &RtcSnapshot,
+    ) -> Result<Self, DeviceError> {
         Rtc::from_snapshot(state)
     }
 }

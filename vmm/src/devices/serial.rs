@@ -90,8 +90,9 @@ impl SerialDevice {
 
 impl Persist for SerialDevice {
     type State = SerialSnapshot;
+    type Config = ();
 
-    fn power_on(ctx: &mut DeviceContext<'_>) -> Result<Self, DeviceError> {
+    fn power_on(ctx: &mut DeviceContext<'_>, _: &()) -> Result<Self, DeviceError> {
         let (irq, drained, out) = Self::wiring(ctx)?;
         Ok(SerialDevice {
             uart: Serial::with_events(irq, drained, out),
@@ -114,7 +115,11 @@ impl Persist for SerialDevice {
         }
     }
 
-    fn restore(ctx: &mut DeviceContext<'_>, snap: &SerialSnapshot) -> Result<Self, DeviceError> {
+    fn restore(
+        ctx: &mut DeviceContext<'_>,
+        _: &(),
+        snap: &SerialSnapshot,
+    ) -> Result<Self, DeviceError> {
         let (irq, drained, out) = Self::wiring(ctx)?;
         let state = SerialState {
             baud_divisor_low: snap.baud_divisor_low,

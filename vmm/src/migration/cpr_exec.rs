@@ -32,7 +32,7 @@ use cpr_common::timing::{PhaseLog, monotonic_ns};
 use crate::cli::CprTestFault;
 use crate::control::{IncomingError, StartError, Vmm};
 use crate::devices::{HandedOverFds, HostFd};
-use crate::machine::{Machine, Source};
+use crate::machine::Source;
 use crate::memory::RegionLayout;
 use crate::memory::{GuestRam, MemoryError};
 use crate::migration::MigrationError;
@@ -560,7 +560,7 @@ impl Incoming {
         self.disarm();
         for (name, (rec, original, taken)) in self.fds.drain() {
             if !taken {
-                log::info!(
+                log::debug!(
                     "closing inherited fd {} ({name}): not used by this VMM",
                     rec.fd
                 );
@@ -788,11 +788,8 @@ impl Vmm {
                 .map(|(rec, fd)| (rec.name, fd))
                 .collect(),
         );
-        let (machine, rx) = Machine::build(
+        let (machine, rx) = self.build_machine(
             ram,
-            self.config.vcpus,
-            self.config.guest.clone(),
-            self.console.output(),
             Source::Restore {
                 state: &file.state,
                 host_fds,

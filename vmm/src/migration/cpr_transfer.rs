@@ -169,7 +169,11 @@ pub fn take_ram(
             });
         }
     }
-    let mut fds = std::mem::take(&mut incoming.ram);
+    // Only the RAM memfds: the devices' host fds stay for the restore.
+    let (mut fds, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut incoming.ram)
+        .into_iter()
+        .partition(|(rec, _)| rec.kind == FdKind::GuestRam);
+    incoming.ram = rest;
     let ram = GuestRam::from_fds(regions, |r| {
         let i = fds.iter().position(|(rec, _)| rec.name == r.name)?;
         Some(fds.remove(i).1)
@@ -619,7 +623,7 @@ impl Vmm {
                 Machine::prepare(
                     ram,
                     self.config.vcpus,
-                    self.config.guest.clone(),
+                    self.hardware(),
                     self.console.output(),
                 )
                 .map_err(StartError::from)
@@ -837,9 +841,10 @@ mod tests {
             ram: fds,
             cpr_stream: None,
         };
+        // RAM is taken first on the new side; the disk must still be there after it.
+        assert!(take_ram(&mut incoming, &ram.layouts()).is_ok());
         let mut devices = incoming.take_device_fds();
         assert_eq!(devices.names(), vec!["drive0".to_string()]);
-        assert!(take_ram(&mut incoming, &ram.layouts()).is_ok());
         // The very same open file, not a re-opened path: writes through one show in the other.
         let mut received = std::fs::File::from(devices.take("drive0").unwrap());
         disk.write_all(b"!").unwrap();

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::format::write_state_file;
 use super::state::MachineState;
 use crate::control::{IncomingError, Vmm};
-use crate::machine::{Machine, MachineError, Source};
+use crate::machine::{MachineError, Source};
 use crate::memory::RamView;
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::migration::MigrationError;
@@ -75,11 +75,8 @@ impl Vmm {
         let file = StateFile::open(path)?;
         file.check_machine(&self.described_machine())?;
         let ram = load_ram(&file, self.config.hugepages, self.config.prealloc)?;
-        let (machine, rx) = Machine::build(
+        let (machine, rx) = self.build_machine(
             ram,
-            self.config.vcpus,
-            self.config.guest.clone(),
-            self.console.output(),
             // A new process on the same host: devices open their backends from the command line.
             Source::Restore {
                 state: &file.state,

@@ -606,7 +606,8 @@ pub mod legacy {
             ram_size: d.ram_size,
             regions: d.regions,
             guest: d.guest,
-            devices: crate::machine::device_descriptions(),
+            // Versions 1 and 2 had no disks.
+            devices: crate::machine::device_descriptions(&[]),
         };
         Ok((description, saved))
     }

@@ -32,6 +32,7 @@
 pub mod commands;
 pub mod hmp;
 pub mod json;
+pub mod registers;
 pub mod schema;
 pub mod shell;
 pub mod types;
@@ -47,8 +48,8 @@ use serde_json::Value;
 // Convenience re-exports; a binary uses only some of them.
 #[allow(unused_imports)]
 pub use commands::{
-    Action, COMMANDS, Command, CommandSpec, Request, Session, find_command, parse_request,
-    query_commands,
+    Action, COMMANDS, Command, CommandSpec, EVENTS, Request, Session, find_command,
+    migrate_capabilities, parse_request, query_commands, query_events, query_qmp_schema,
 };
 #[allow(unused_imports)]
 pub use json::{JsonStreamer, MAX_MESSAGE_SIZE, MAX_NESTING_DEPTH, to_json, to_line};

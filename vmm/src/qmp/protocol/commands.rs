@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::schema::{Body, EnumDef, Member, Ty, check_args, opt, req};
+use super::schema::{
+    Body, EnumDef, IntrospectCommand, IntrospectEvent, Member, Ty, check_args, introspect, opt, req,
+};
 use super::types::*;
 use super::{QmpError, Response};
 
@@ -34,6 +36,14 @@ pub enum Command {
     QueryMigrate,
     MigrateIncoming(MigrateIncomingArgs),
     MigrateCancel,
+    QueryName,
+    QueryKvm,
+    QueryEvents,
+    QueryChardev,
+    QueryMigrateCapabilities,
+    SystemPowerdown,
+    QueryQmpSchema,
+    QueryRegisters(QueryRegistersArgs),
 }
 
 impl Command {
@@ -57,6 +67,14 @@ impl Command {
             Command::QueryMigrate => "query-migrate",
             Command::MigrateIncoming(_) => "migrate-incoming",
             Command::MigrateCancel => "migrate_cancel",
+            Command::QueryName => "query-name",
+            Command::QueryKvm => "query-kvm",
+            Command::QueryEvents => "query-events",
+            Command::QueryChardev => "query-chardev",
+            Command::QueryMigrateCapabilities => "query-migrate-capabilities",
+            Command::SystemPowerdown => "system_powerdown",
+            Command::QueryQmpSchema => "query-qmp-schema",
+            Command::QueryRegisters(_) => "x-query-registers",
         }
     }
 }
@@ -67,6 +85,9 @@ pub struct CommandSpec {
     pub name: &'static str,
     /// Argument members, in QEMU's schema order.
     pub args: &'static [Member],
+    /// What a successful reply's `return` holds (for `query-qmp-schema`; a test checks every
+    /// result the monitor builds against it).
+    pub ret: &'static Ty,
     /// Builds the command from arguments that passed `args`.
     build: fn(Value) -> Result<Command, QmpError>,
 }
@@ -76,6 +97,7 @@ impl std::fmt::Debug for CommandSpec {
         f.debug_struct("CommandSpec")
             .field("name", &self.name)
             .field("args", &self.args)
+            .field("ret", &self.ret)
             .finish()
     }
 }
@@ -83,7 +105,7 @@ impl std::fmt::Debug for CommandSpec {
 impl CommandSpec {
     /// Validate `arguments` and build the command.
     pub fn parse(&self, args: &Map<String, Value>) -> Result<Command, QmpError> {
-        let checked = check_args(self.args, args).map_err(QmpError::generic)?;
+        let checked = check_args(self.args, args).map_err(|e| QmpError::generic(e.to_string()))?;
         (self.build)(checked)
     }
 }
@@ -239,6 +261,273 @@ fn de<T: DeserializeOwned>(v: Value) -> Result<T, QmpError> {
     serde_json::from_value(v).map_err(|e| QmpError::generic(format!("internal error: {e}")))
 }
 
+// --- result types (qapi/*.json), for query-qmp-schema ------------------------
+
+static EMPTY_BODY: Body = Body::Struct(&[]);
+/// `{}`: the result of every command that returns nothing.
+static EMPTY: Ty = Ty::Object(&EMPTY_BODY);
+
+static RUN_STATE: EnumDef = EnumDef {
+    name: "RunState",
+    values: &[
+        "debug",
+        "inmigrate",
+        "internal-error",
+        "io-error",
+        "paused",
+        "postmigrate",
+        "prelaunch",
+        "finish-migrate",
+        "restore-vm",
+        "running",
+        "save-vm",
+        "shutdown",
+        "suspended",
+        "watchdog",
+        "guest-panicked",
+        "colo",
+    ],
+};
+static STATUS_INFO: Ty = Ty::Object(&Body::Struct(&[
+    req("running", Ty::Bool),
+    req("status", Ty::Enum(&RUN_STATE)),
+]));
+static VERSION_TRIPLE: Body = Body::Struct(&[
+    req("major", Ty::Int),
+    req("minor", Ty::Int),
+    req("micro", Ty::Int),
+]);
+static VERSION_INFO: Ty = Ty::Object(&Body::Struct(&[
+    req("qemu", Ty::Object(&VERSION_TRIPLE)),
+    req("package", Ty::Str),
+]));
+static COMMAND_INFO: Ty = Ty::Object(&Body::Struct(&[req("name", Ty::Str)]));
+static COMMAND_INFO_LIST: Ty = Ty::List(&COMMAND_INFO);
+static SYS_EMU_TARGET: EnumDef = EnumDef {
+    name: "SysEmuTarget",
+    values: &["x86_64"],
+};
+static CPU_INSTANCE_PROPERTIES: Body = Body::Struct(&[
+    opt("node-id", Ty::Int),
+    opt("drawer-id", Ty::Int),
+    opt("book-id", Ty::Int),
+    opt("socket-id", Ty::Int),
+    opt("die-id", Ty::Int),
+    opt("cluster-id", Ty::Int),
+    opt("module-id", Ty::Int),
+    opt("core-id", Ty::Int),
+    opt("thread-id", Ty::Int),
+]);
+static CPU_INFO_FAST: Ty = Ty::Object(&Body::Struct(&[
+    req("cpu-index", Ty::Int),
+    req("qom-path", Ty::Str),
+    req("thread-id", Ty::Int),
+    opt("props", Ty::Object(&CPU_INSTANCE_PROPERTIES)),
+    req("target", Ty::Enum(&SYS_EMU_TARGET)),
+]));
+static CPU_INFO_FAST_LIST: Ty = Ty::List(&CPU_INFO_FAST);
+/// `query-migrate-parameters` returns the members `migrate-set-parameters` takes. (QEMU types
+/// the TLS members of the result `str` rather than `StrOrNull`; the values sent are strings,
+/// which both describe.)
+static MIGRATION_PARAMETERS: Ty = Ty::Object(&Body::Struct(MIGRATE_SET_PARAMETERS));
+static MIGRATION_STATUS: EnumDef = EnumDef {
+    name: "MigrationStatus",
+    values: &[
+        "none",
+        "setup",
+        "cancelling",
+        "cancelled",
+        "active",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover-setup",
+        "postcopy-recover",
+        "completed",
+        "failed",
+        "colo",
+        "pre-switchover",
+        "device",
+        "wait-unplug",
+    ],
+};
+static MIGRATION_STATS: Body = Body::Struct(&[
+    req("transferred", Ty::Int),
+    req("remaining", Ty::Int),
+    req("total", Ty::Int),
+    req("duplicate", Ty::Int),
+    req("normal", Ty::Int),
+    req("normal-bytes", Ty::Int),
+    req("dirty-pages-rate", Ty::Int),
+    req("mbps", Ty::Number),
+    req("dirty-sync-count", Ty::Int),
+    req("postcopy-requests", Ty::Int),
+    req("page-size", Ty::Int),
+    req("multifd-bytes", Ty::Uint64),
+    req("pages-per-second", Ty::Uint64),
+    req("precopy-bytes", Ty::Uint64),
+    req("downtime-bytes", Ty::Uint64),
+    req("postcopy-bytes", Ty::Uint64),
+    req("dirty-sync-missed-zero-copy", Ty::Uint64),
+]);
+static CPR_PHASE: Ty = Ty::Object(&Body::Struct(&[
+    req("name", Ty::Str),
+    req("ns", Ty::Uint64),
+]));
+/// This VMM's `x-cpr` member of `query-migrate` (QEMU has none).
+static CPR_UPDATE_INFO: Body = Body::Struct(&[
+    req("blackout-ns", Ty::Uint64),
+    req("phases", Ty::List(&CPR_PHASE)),
+    req("from-version", Ty::Str),
+    req("to-version", Ty::Str),
+    req("rolled-back", Ty::Bool),
+]);
+static MIGRATION_INFO: Ty = Ty::Object(&Body::Struct(&[
+    opt("status", Ty::Enum(&MIGRATION_STATUS)),
+    opt("ram", Ty::Object(&MIGRATION_STATS)),
+    opt("total-time", Ty::Int),
+    opt("expected-downtime", Ty::Int),
+    opt("downtime", Ty::Int),
+    opt("setup-time", Ty::Int),
+    opt("cpu-throttle-percentage", Ty::Int),
+    opt("error-desc", Ty::Str),
+    opt("blocked-reasons", Ty::List(&Ty::Str)),
+    opt("x-cpr", Ty::Object(&CPR_UPDATE_INFO)),
+]));
+static NAME_INFO: Ty = Ty::Object(&Body::Struct(&[opt("name", Ty::Str)]));
+static KVM_INFO: Ty = Ty::Object(&Body::Struct(&[
+    req("enabled", Ty::Bool),
+    req("present", Ty::Bool),
+]));
+static EVENT_INFO_LIST: Ty = Ty::List(&COMMAND_INFO);
+static CHARDEV_INFO: Ty = Ty::Object(&Body::Struct(&[
+    req("label", Ty::Str),
+    req("filename", Ty::Str),
+    req("frontend-open", Ty::Bool),
+]));
+static CHARDEV_INFO_LIST: Ty = Ty::List(&CHARDEV_INFO);
+static MIGRATION_CAPABILITY: EnumDef = EnumDef {
+    name: "MigrationCapability",
+    values: MIGRATION_CAPABILITIES,
+};
+static MIGRATION_CAPABILITY_STATUS: Ty = Ty::Object(&Body::Struct(&[
+    req("capability", Ty::Enum(&MIGRATION_CAPABILITY)),
+    req("state", Ty::Bool),
+]));
+static MIGRATION_CAPABILITY_STATUS_LIST: Ty = Ty::List(&MIGRATION_CAPABILITY_STATUS);
+static HUMAN_READABLE_TEXT: Ty = Ty::Object(&Body::Struct(&[req("human-readable-text", Ty::Str)]));
+/// `SchemaInfo` is described loosely (as `any` elements): it is the schema of the schema.
+static SCHEMA_INFO_LIST: Ty = Ty::List(&Ty::Any);
+
+/// QEMU 10.2's `MigrationCapability` values, in its order. This VMM has none of them to
+/// offer except `events` (it always sends MIGRATION events), so `query-migrate-capabilities`
+/// reports every other one as off.
+pub static MIGRATION_CAPABILITIES: &[&str] = &[
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+    "switchover-ack",
+    "dirty-limit",
+    "mapped-ram",
+];
+
+/// The `query-migrate-capabilities` result: only `events` is on.
+pub fn migrate_capabilities() -> Vec<MigrationCapabilityStatus> {
+    MIGRATION_CAPABILITIES
+        .iter()
+        .map(|c| MigrationCapabilityStatus {
+            capability: (*c).to_owned(),
+            state: *c == "events",
+        })
+        .collect()
+}
+
+static SHUTDOWN_CAUSE: EnumDef = EnumDef {
+    name: "ShutdownCause",
+    values: &[
+        "none",
+        "host-error",
+        "host-qmp-quit",
+        "host-qmp-system-reset",
+        "host-signal",
+        "host-ui",
+        "guest-shutdown",
+        "guest-reset",
+        "guest-panic",
+        "subsystem-reset",
+        "snapshot-load",
+    ],
+};
+
+/// The events this monitor sends, with the members of their `data` (QEMU's qapi/run-state.json
+/// and qapi/migration.json).
+pub static EVENTS: &[IntrospectEvent] = &[
+    IntrospectEvent {
+        name: "SHUTDOWN",
+        data: &[
+            req("guest", Ty::Bool),
+            req("reason", Ty::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    IntrospectEvent {
+        name: "RESET",
+        data: &[
+            req("guest", Ty::Bool),
+            req("reason", Ty::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    IntrospectEvent {
+        name: "STOP",
+        data: &[],
+    },
+    IntrospectEvent {
+        name: "RESUME",
+        data: &[],
+    },
+    IntrospectEvent {
+        name: "MIGRATION",
+        data: &[req("status", Ty::Enum(&MIGRATION_STATUS))],
+    },
+];
+
+/// The `query-events` result.
+pub fn query_events() -> Vec<EventInfo> {
+    EVENTS
+        .iter()
+        .map(|e| EventInfo {
+            name: e.name.to_owned(),
+        })
+        .collect()
+}
+
+/// The `query-qmp-schema` result, generated from [`COMMANDS`] and [`EVENTS`].
+pub fn query_qmp_schema() -> Vec<Value> {
+    let commands: Vec<IntrospectCommand> = COMMANDS
+        .iter()
+        .map(|c| IntrospectCommand {
+            name: c.name,
+            args: c.args,
+            ret: c.ret,
+        })
+        .collect();
+    introspect(&commands, EVENTS)
+}
+
 /// pmemsave as QEMU types it (`int`), before the sign check.
 #[derive(Deserialize, Serialize)]
 struct PmemsaveWire {
@@ -261,41 +550,61 @@ fn build_pmemsave(v: Value) -> Result<Command, QmpError> {
     }))
 }
 
+/// `migrate`: `resume` continues a paused postcopy migration, and there is no postcopy here,
+/// so it is refused (after the address checks, in QEMU's order) rather than ignored.
+fn build_migrate(v: Value) -> Result<Command, QmpError> {
+    let args: MigrateArgs = de(v)?;
+    if args.resume == Some(true) {
+        args.targets()?;
+        return Err(QmpError::generic(
+            "Cannot resume if there is no paused migration",
+        ));
+    }
+    Ok(Command::Migrate(args))
+}
+
 /// The commands this monitor implements.
 pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "qmp_capabilities",
         args: &[opt("enable", Ty::List(&Ty::Enum(&QMP_CAPABILITY)))],
+        ret: &EMPTY,
         build: |v| Ok(Command::QmpCapabilities(de(v)?)),
     },
     CommandSpec {
         name: "query-status",
         args: &[],
+        ret: &STATUS_INFO,
         build: |_| Ok(Command::QueryStatus),
     },
     CommandSpec {
         name: "stop",
         args: &[],
+        ret: &EMPTY,
         build: |_| Ok(Command::Stop),
     },
     CommandSpec {
         name: "cont",
         args: &[],
+        ret: &EMPTY,
         build: |_| Ok(Command::Cont),
     },
     CommandSpec {
         name: "quit",
         args: &[],
+        ret: &EMPTY,
         build: |_| Ok(Command::Quit),
     },
     CommandSpec {
         name: "system_reset",
         args: &[],
+        ret: &EMPTY,
         build: |_| Ok(Command::SystemReset),
     },
     CommandSpec {
         name: "query-cpus-fast",
         args: &[],
+        ret: &CPU_INFO_FAST_LIST,
         build: |_| Ok(Command::QueryCpusFast),
     },
     CommandSpec {
@@ -305,31 +614,37 @@ pub static COMMANDS: &[CommandSpec] = &[
             req("size", Ty::Int),
             req("filename", Ty::Str),
         ],
+        ret: &EMPTY,
         build: build_pmemsave,
     },
     CommandSpec {
         name: "human-monitor-command",
         args: &[req("command-line", Ty::Str), opt("cpu-index", Ty::Int)],
+        ret: &Ty::Str,
         build: |v| Ok(Command::HumanMonitor(de(v)?)),
     },
     CommandSpec {
         name: "query-version",
         args: &[],
+        ret: &VERSION_INFO,
         build: |_| Ok(Command::QueryVersion),
     },
     CommandSpec {
         name: "query-commands",
         args: &[],
+        ret: &COMMAND_INFO_LIST,
         build: |_| Ok(Command::QueryCommands),
     },
     CommandSpec {
         name: "migrate-set-parameters",
         args: MIGRATE_SET_PARAMETERS,
+        ret: &EMPTY,
         build: |v| Ok(Command::MigrateSetParameters(de(v)?)),
     },
     CommandSpec {
         name: "query-migrate-parameters",
         args: &[],
+        ret: &MIGRATION_PARAMETERS,
         build: |_| Ok(Command::QueryMigrateParameters),
     },
     CommandSpec {
@@ -340,11 +655,13 @@ pub static COMMANDS: &[CommandSpec] = &[
             opt("detach", Ty::Bool),
             opt("resume", Ty::Bool),
         ],
-        build: |v| Ok(Command::Migrate(de(v)?)),
+        ret: &EMPTY,
+        build: build_migrate,
     },
     CommandSpec {
         name: "query-migrate",
         args: &[],
+        ret: &MIGRATION_INFO,
         build: |_| Ok(Command::QueryMigrate),
     },
     CommandSpec {
@@ -354,12 +671,62 @@ pub static COMMANDS: &[CommandSpec] = &[
             opt("channels", Ty::List(&MIGRATION_CHANNEL_TY)),
             opt("exit-on-error", Ty::Bool),
         ],
+        ret: &EMPTY,
         build: |v| Ok(Command::MigrateIncoming(de(v)?)),
     },
     CommandSpec {
         name: "migrate_cancel",
         args: &[],
+        ret: &EMPTY,
         build: |_| Ok(Command::MigrateCancel),
+    },
+    CommandSpec {
+        name: "query-name",
+        args: &[],
+        ret: &NAME_INFO,
+        build: |_| Ok(Command::QueryName),
+    },
+    CommandSpec {
+        name: "query-kvm",
+        args: &[],
+        ret: &KVM_INFO,
+        build: |_| Ok(Command::QueryKvm),
+    },
+    CommandSpec {
+        name: "query-events",
+        args: &[],
+        ret: &EVENT_INFO_LIST,
+        build: |_| Ok(Command::QueryEvents),
+    },
+    CommandSpec {
+        name: "query-chardev",
+        args: &[],
+        ret: &CHARDEV_INFO_LIST,
+        build: |_| Ok(Command::QueryChardev),
+    },
+    CommandSpec {
+        name: "query-migrate-capabilities",
+        args: &[],
+        ret: &MIGRATION_CAPABILITY_STATUS_LIST,
+        build: |_| Ok(Command::QueryMigrateCapabilities),
+    },
+    CommandSpec {
+        name: "system_powerdown",
+        args: &[],
+        ret: &EMPTY,
+        build: |_| Ok(Command::SystemPowerdown),
+    },
+    CommandSpec {
+        name: "query-qmp-schema",
+        args: &[],
+        ret: &SCHEMA_INFO_LIST,
+        build: |_| Ok(Command::QueryQmpSchema),
+    },
+    CommandSpec {
+        name: "x-query-registers",
+        args: &[opt("cpu-index", Ty::Int)],
+        ret: &HUMAN_READABLE_TEXT,
+        build: |v| Ok(Command::QueryRegisters(de(v)?)),
     },
 ];
 

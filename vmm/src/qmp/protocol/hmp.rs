@@ -18,9 +18,55 @@ use serde_json::{Map, Value};
 
 use super::commands::{MIGRATE_SET_PARAMETERS, QEMU_MIGRATION_PARAMETERS, find_command};
 use super::schema::Ty;
-use super::shell::parse_argv;
+use super::shell::{ShellError, parse_argv};
 use super::types::*;
 use super::{Command, QmpError};
+
+/// Why an HMP command line does not parse: QEMU's texts, which it prints before its
+/// `Try "help CMD"` hint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsageError {
+    #[error("{0}: string expected")]
+    StringExpected(&'static str),
+    #[error("{cmd}: unsupported option -{option}")]
+    UnsupportedOption { cmd: &'static str, option: String },
+    #[error("{cmd}: unknown type '{ty}'")]
+    UnknownType { cmd: &'static str, ty: String },
+    #[error("{0}: extraneous characters at the end of line")]
+    Extraneous(&'static str),
+    #[error("unexpected end of expression")]
+    EndOfExpression,
+    #[error("invalid char in expression")]
+    InvalidChar,
+    #[error("number too large")]
+    NumberTooLarge,
+}
+
+/// Why `migrate_set_parameter NAME VALUE` cannot be turned into QMP arguments (QEMU's texts,
+/// printed after `Error: `).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetParameterError {
+    /// Not a parameter QEMU knows.
+    #[error("invalid parameter value: {0}")]
+    Unknown(String),
+    #[error("The block-bitmap-mapping parameter can only be set through QMP")]
+    QmpOnly,
+    /// Known to QEMU, not accepted by this monitor (same as over QMP).
+    #[error("Parameter '{0}' is unexpected")]
+    NotAccepted(String),
+    #[error("Invalid size {0}")]
+    InvalidSize(String),
+    /// The value does not parse as the parameter's type.
+    #[error("Parameter '{0}' expects {1}")]
+    Expects(String, &'static str),
+    #[error(transparent)]
+    Shell(#[from] ShellError),
+    /// The QMP argument check refused the value.
+    #[error(transparent)]
+    Rejected(QmpError),
+    #[error("internal error: migrate-set-parameters missing")]
+    Internal,
+}
 
 /// What to do for one HMP command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +96,12 @@ pub enum HmpRender {
     InfoMigrate { all: bool },
     /// `info migrate_parameters`
     InfoMigrateParameters,
+    /// `info name`
+    InfoName,
+    /// `info kvm`
+    InfoKvm,
+    /// `info registers`: the text of `x-query-registers`.
+    InfoRegisters,
     /// `migrate [-d]`: without `-d` QEMU would wait, which a QMP-driven HMP
     /// monitor cannot, so it says so and continues detached.
     Migrate { detach: bool },
@@ -79,6 +131,18 @@ impl HmpRender {
                 HmpRender::InfoMigrateParameters => {
                     typed(v, |p: MigrationParameters| info_migrate_parameters(&p))
                 }
+                HmpRender::InfoName => typed(v, |n: NameInfo| {
+                    n.name.map(|n| format!("{n}\n")).unwrap_or_default()
+                }),
+                HmpRender::InfoKvm => typed(v, |k: KvmInfo| {
+                    let state = match (k.present, k.enabled) {
+                        (true, true) => "enabled",
+                        (true, false) => "disabled",
+                        (false, _) => "not compiled",
+                    };
+                    format!("kvm support: {state}\n")
+                }),
+                HmpRender::InfoRegisters => typed(v, |t: HumanReadableText| t.human_readable_text),
                 HmpRender::Migrate { detach: true } => String::new(),
                 HmpRender::Migrate { detach: false } => {
                     "terminal does not allow synchronous migration, continuing detached\n".into()
@@ -345,6 +409,10 @@ enum Kind {
     InfoCpus,
     InfoMigrate,
     InfoMigrateParameters,
+    InfoName,
+    InfoKvm,
+    InfoRegisters,
+    Pmemsave,
 }
 
 /// An HMP command: QEMU's name (with `|` aliases), `args_type`, and the
@@ -420,6 +488,13 @@ static HMP_COMMANDS: &[HmpCmd] = &[
         "Set the parameter for migration",
         Kind::MigrateSetParameter,
     ),
+    cmd(
+        "pmemsave",
+        "val:l,size:i,filename:s",
+        "addr size file",
+        "save to disk physical memory dump starting at 'addr' of size 'size'",
+        Kind::Pmemsave,
+    ),
 ];
 
 static INFO_COMMANDS: &[HmpCmd] = &[
@@ -452,6 +527,15 @@ static INFO_COMMANDS: &[HmpCmd] = &[
         "show current migration parameters",
         Kind::InfoMigrateParameters,
     ),
+    cmd("name", "", "", "show the current VM name", Kind::InfoName),
+    cmd("kvm", "", "", "show KVM information", Kind::InfoKvm),
+    cmd(
+        "registers",
+        "cpustate_all:-a,vcpu:i?",
+        "[-a|vcpu]",
+        "show the cpu registers (-a: show register info for all cpus; vcpu: specific vCPU to query; show the current CPU's registers if omitted)",
+        Kind::InfoRegisters,
+    ),
 ];
 
 /// `hmp_compare_cmd`: `name` equals one of the `|`-separated alternatives.
@@ -479,6 +563,7 @@ fn skip_spaces(s: &[u8], mut p: usize) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Arg {
     Str(String),
+    Int(i64),
     Flag,
 }
 
@@ -518,7 +603,7 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
         Ok(a) => a,
         Err(msg) => {
             return reply(format!(
-                "{msg}Try \"help {cmd_span}\" for more information\n"
+                "{msg}\nTry \"help {cmd_span}\" for more information\n"
             ));
         }
     };
@@ -526,6 +611,12 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
     let string = |k: &str| {
         args.iter().find_map(|(n, a)| match a {
             Arg::Str(s) if n == k => Some(s.clone()),
+            _ => None,
+        })
+    };
+    let int = |k: &str| {
+        args.iter().find_map(|(n, a)| match a {
+            Arg::Int(v) if n == k => Some(*v),
             _ => None,
         })
     };
@@ -555,6 +646,44 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
             Command::QueryMigrateParameters,
             HmpRender::InfoMigrateParameters,
         ),
+        Kind::InfoName => run(Command::QueryName, HmpRender::InfoName),
+        Kind::InfoKvm => run(Command::QueryKvm, HmpRender::InfoKvm),
+        Kind::InfoRegisters => {
+            // -a: every vCPU; a number: that one; neither: the monitor's current vCPU.
+            let cpu = if flag("cpustate_all") {
+                None
+            } else {
+                Some(int("vcpu").or(cpu_index).unwrap_or(0))
+            };
+            run(
+                Command::QueryRegisters(QueryRegistersArgs { cpu_index: cpu }),
+                HmpRender::InfoRegisters,
+            )
+        }
+        Kind::Pmemsave => {
+            let nonneg = |k: &str| u64::try_from(int(k).unwrap_or(0));
+            match (nonneg("val"), nonneg("size")) {
+                (Ok(val), Ok(size)) => run(
+                    Command::Pmemsave(PmemsaveArgs {
+                        val,
+                        size,
+                        filename: string("filename").unwrap_or_default(),
+                    }),
+                    HmpRender::ErrorsOnly,
+                ),
+                (Err(_), _) => {
+                    reply("Error: Parameter 'val' expects a non-negative value\n".into())
+                }
+                (_, Err(_)) => {
+                    reply("Error: Parameter 'size' expects a non-negative value\n".into())
+                }
+            }
+        }
+        // Postcopy does not exist here, so there is never a paused one to resume: refuse
+        // rather than start an ordinary migration (QEMU's text for the same refusal).
+        Kind::Migrate if flag("resume") => {
+            reply("Error: Cannot resume if there is no paused migration\n".into())
+        }
         Kind::Migrate => {
             let uri = string("uri").unwrap_or_default();
             match parse_migration_uri(&uri) {
@@ -608,7 +737,11 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
 
 /// `monitor_parse_arguments` for the argument types our commands use.
 /// Errors are returned as the text QEMU prints before its "Try help" hint.
-fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg)>, String> {
+fn parse_args(
+    cmd: &'static HmpCmd,
+    line: &str,
+    mut p: usize,
+) -> Result<Vec<(String, Arg)>, UsageError> {
     let bytes = line.as_bytes();
     let mut out = Vec::new();
     let specs: Vec<&str> = cmd.args_type.split(',').filter(|s| !s.is_empty()).collect();
@@ -625,7 +758,7 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
                 }
                 match get_str(line, &mut p) {
                     Some(s) => out.push((key.to_owned(), Arg::Str(s))),
-                    None => return Err(format!("{}: string expected\n", cmd.name)),
+                    None => return Err(UsageError::StringExpected(cmd.name)),
                 }
             }
             Some(b'S') => {
@@ -634,10 +767,17 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
                     if optional {
                         continue;
                     }
-                    return Err(format!("{}: string expected\n", cmd.name));
+                    return Err(UsageError::StringExpected(cmd.name));
                 }
                 out.push((key.to_owned(), Arg::Str(line[p..].to_owned())));
                 p = bytes.len();
+            }
+            Some(b'i' | b'l') => {
+                p = skip_spaces(bytes, p);
+                if optional && p >= bytes.len() {
+                    continue;
+                }
+                out.push((key.to_owned(), Arg::Int(get_int(line, &mut p)?)));
             }
             Some(b'-') => {
                 let Some(&opt) = ty.as_bytes().get(1) else {
@@ -660,23 +800,55 @@ fn parse_args(cmd: &HmpCmd, line: &str, mut p: usize) -> Result<Vec<(String, Arg
                         });
                         if !later {
                             let shown = given.map(char::from).map(String::from).unwrap_or_default();
-                            return Err(format!("{}: unsupported option -{shown}\n", cmd.name));
+                            return Err(UsageError::UnsupportedOption {
+                                cmd: cmd.name,
+                                option: shown,
+                            });
                         }
                         p = save;
                     }
                 }
             }
-            _ => return Err(format!("{}: unknown type '{}'\n", cmd.name, ty)),
+            _ => {
+                return Err(UsageError::UnknownType {
+                    cmd: cmd.name,
+                    ty: ty.to_owned(),
+                });
+            }
         }
     }
     p = skip_spaces(bytes, p);
     if p < bytes.len() {
-        return Err(format!(
-            "{}: extraneous characters at the end of line\n",
-            cmd.name
-        ));
+        return Err(UsageError::Extraneous(cmd.name));
     }
     Ok(out)
+}
+
+/// A number where QEMU's HMP takes an expression (`i`, `l`): decimal, `0x` hex or `0` octal,
+/// optionally negative. Errors are QEMU's expression-parser texts.
+fn get_int(line: &str, p: &mut usize) -> Result<i64, UsageError> {
+    let bytes = line.as_bytes();
+    let start = skip_spaces(bytes, *p);
+    if start >= bytes.len() {
+        return Err(UsageError::EndOfExpression);
+    }
+    let mut end = start;
+    while end < bytes.len() && !is_space(bytes[end]) {
+        end += 1;
+    }
+    *p = end;
+    let word = &line[start..end];
+    let (neg, digits) = match word.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, word),
+    };
+    if !digits.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(UsageError::InvalidChar);
+    }
+    match parse_c_u64(digits).and_then(|v| i64::try_from(v).ok()) {
+        Some(v) => Ok(if neg { -v } else { v }),
+        None => Err(UsageError::NumberTooLarge),
+    }
 }
 
 /// QEMU's `get_str`: a bare word, or a double-quoted string with the
@@ -748,16 +920,16 @@ fn help(name: Option<&str>) -> String {
 }
 
 /// `migrate_set_parameter NAME VALUE` → the QMP arguments it stands for.
-fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, String> {
+fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, SetParameterError> {
     if !QEMU_MIGRATION_PARAMETERS.contains(&name) {
-        return Err(format!("invalid parameter value: {name}"));
+        return Err(SetParameterError::Unknown(name.to_owned()));
     }
     if name == "block-bitmap-mapping" {
-        return Err("The block-bitmap-mapping parameter can only be set through QMP".into());
+        return Err(SetParameterError::QmpOnly);
     }
     let Some(member) = MIGRATE_SET_PARAMETERS.iter().find(|m| m.name == name) else {
         // Known to QEMU, not accepted by this monitor (same as over QMP).
-        return Err(format!("Parameter '{name}' is unexpected"));
+        return Err(SetParameterError::NotAccepted(name.to_owned()));
     };
     let json = match (&member.ty, name) {
         (_, "cpr-exec-command") => {
@@ -767,21 +939,21 @@ fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, String
             // HMP takes these in MiB unless a unit is given.
             match parse_size_with_default_unit(value, 1 << 20).filter(|&v| v <= i64::MAX as u64) {
                 Some(v) => Value::from(v),
-                None => return Err(format!("Invalid size {value}")),
+                None => return Err(SetParameterError::InvalidSize(value.to_owned())),
             }
         }
         (Ty::Bool, _) => match value {
             "on" | "yes" | "true" | "y" => Value::Bool(true),
             "off" | "no" | "false" | "n" => Value::Bool(false),
-            _ => return Err(format!("Parameter '{name}' expects 'on' or 'off'")),
+            _ => return Err(SetParameterError::Expects(name.to_owned(), "'on' or 'off'")),
         },
         (Ty::Size, _) => match parse_size(value) {
             Some(v) => Value::from(v),
-            None => return Err(format!("Parameter '{name}' expects size")),
+            None => return Err(SetParameterError::Expects(name.to_owned(), "size")),
         },
         (Ty::Uint64 | Ty::UintN(..), _) => match parse_c_u64(value) {
             Some(v) => Value::from(v),
-            None => return Err(format!("Parameter '{name}' expects uint64")),
+            None => return Err(SetParameterError::Expects(name.to_owned(), "uint64")),
         },
         _ => Value::String(value.to_owned()),
     };
@@ -789,8 +961,8 @@ fn set_parameter(name: &str, value: &str) -> Result<MigrateSetParameters, String
     args.insert(name.to_owned(), json);
     match find_command("migrate-set-parameters").map(|spec| spec.parse(&args)) {
         Some(Ok(Command::MigrateSetParameters(p))) => Ok(*p),
-        Some(Err(e)) => Err(e.desc),
-        _ => Err("internal error: migrate-set-parameters missing".into()),
+        Some(Err(e)) => Err(SetParameterError::Rejected(e)),
+        _ => Err(SetParameterError::Internal),
     }
 }
 

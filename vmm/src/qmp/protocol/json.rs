@@ -3,9 +3,16 @@
 //! Input: [`JsonStreamer`] turns an arbitrary chunked byte stream into complete
 //! top-level JSON values the way QEMU's json-lexer/json-streamer/json-parser
 //! trio does, including QEMU's extensions (single-quoted strings, `\'`),
-//! its error strings and its resynchronisation after garbage.  We cannot use
-//! `serde_json::from_slice` for this: it does not frame a stream, it limits
-//! nesting to 128 (QEMU allows 1024) and it rejects QEMU's extensions.
+//! its error strings and its resynchronisation after garbage.  serde_json could
+//! frame the stream (its `StreamDeserializer` yields one value after another
+//! from a byte stream) and its `unbounded_depth` feature lifts the 128-level
+//! nesting limit, so neither is why this is hand-written.  The reasons are
+//! what QEMU's clients can see: QEMU accepts single-quoted strings (and `\'`
+//! escapes) that serde_json rejects, words every error its own way
+//! ("JSON parse error, stray 'x'", "expecting value", ...), and after bad
+//! input it resynchronises at the next balanced top-level value, reporting one
+//! error per broken message and keeping the connection, where serde_json's
+//! stream stops at the first error.
 //!
 //! Output: [`to_line`] serialises with QEMU's json-writer conventions
 //! (`", "` and `": "` separators, non-ASCII escaped as `\uXXXX`, doubles as
@@ -411,6 +418,34 @@ enum Frame {
     },
 }
 
+/// A grammar or string error in one JSON message, worded as QEMU's parser words it (the
+/// streamer reports it as `JSON parse error, <this>`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("premature EOI")]
+    PrematureEoi,
+    #[error("missing : in object pair")]
+    MissingColon,
+    #[error("expected separator in dict")]
+    DictSeparator,
+    #[error("expected separator in list")]
+    ListSeparator,
+    #[error("key is not a string in object")]
+    KeyNotString,
+    #[error("expecting value")]
+    ExpectingValue,
+    #[error("duplicate key")]
+    DuplicateKey,
+    #[error("invalid keyword '{0}'")]
+    Keyword(String),
+    #[error("{0} is not a valid Unicode character")]
+    BadCodepoint(String),
+    #[error("invalid escape sequence in string")]
+    BadEscape,
+    #[error("invalid UTF-8 sequence in string")]
+    BadUtf8,
+}
+
 /// Incremental JSON parser fed with tokens.  Records the first grammar error
 /// (message text as QEMU's parser words it) and ignores the rest of the
 /// message, which the streamer then reports once the message ends.
@@ -418,7 +453,7 @@ enum Frame {
 struct PushParser {
     stack: Vec<Frame>,
     done: Option<Value>,
-    error: Option<String>,
+    error: Option<ParseError>,
 }
 
 enum Expect {
@@ -432,7 +467,7 @@ impl PushParser {
             if self.error.is_none() {
                 // A complete value followed by more tokens cannot happen with
                 // the streamer's framing, but stay safe.
-                self.error = Some("expecting value".to_owned());
+                self.error = Some(ParseError::ExpectingValue);
             }
             return;
         }
@@ -442,17 +477,17 @@ impl PushParser {
         }
     }
 
-    fn finish(&mut self) -> Result<Value, String> {
+    fn finish(&mut self) -> Result<Value, ParseError> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
         match self.done.take() {
             Some(v) => Ok(v),
-            None => Err("premature EOI".to_owned()),
+            None => Err(ParseError::PrematureEoi),
         }
     }
 
-    fn step(&mut self, tok: Tok, text: &[u8]) -> Result<(), String> {
+    fn step(&mut self, tok: Tok, text: &[u8]) -> Result<(), ParseError> {
         let expect = match self.stack.last_mut() {
             None => Expect::Value,
             Some(Frame::Object { map, key, state }) => match state {
@@ -466,7 +501,7 @@ impl PushParser {
                 }
                 ObjState::AfterKey => {
                     if tok != Tok::Colon {
-                        return Err("missing : in object pair".to_owned());
+                        return Err(ParseError::MissingColon);
                     }
                     *state = ObjState::BeforeValue;
                     return Ok(());
@@ -484,7 +519,7 @@ impl PushParser {
                             self.stack.pop();
                             self.complete(Value::Object(map))
                         }
-                        _ => Err("expected separator in dict".to_owned()),
+                        _ => Err(ParseError::DictSeparator),
                     };
                 }
             },
@@ -508,7 +543,7 @@ impl PushParser {
                             self.stack.pop();
                             self.complete(Value::Array(items))
                         }
-                        _ => Err("expected separator in list".to_owned()),
+                        _ => Err(ParseError::ListSeparator),
                     };
                 }
             },
@@ -521,12 +556,12 @@ impl PushParser {
                         // QEMU parses the key as a value first, so a bad
                         // keyword is reported as such.
                         parse_keyword(text)?;
-                        return Err("key is not a string in object".to_owned());
+                        return Err(ParseError::KeyNotString);
                     }
                     Tok::Integer | Tok::Float | Tok::LCurly | Tok::LSquare => {
-                        return Err("key is not a string in object".to_owned());
+                        return Err(ParseError::KeyNotString);
                     }
-                    _ => return Err("expecting value".to_owned()),
+                    _ => return Err(ParseError::ExpectingValue),
                 };
                 if let Some(Frame::Object { key, state, .. }) = self.stack.last_mut() {
                     *key = Some(k);
@@ -560,13 +595,13 @@ impl PushParser {
                     let v = parse_keyword(text)?;
                     self.complete(v)
                 }
-                _ => Err("expecting value".to_owned()),
+                _ => Err(ParseError::ExpectingValue),
             },
         }
     }
 
     /// Attach a finished value to its container, or finish the message.
-    fn complete(&mut self, value: Value) -> Result<(), String> {
+    fn complete(&mut self, value: Value) -> Result<(), ParseError> {
         match self.stack.last_mut() {
             None => {
                 self.done = Some(value);
@@ -575,7 +610,7 @@ impl PushParser {
             Some(Frame::Object { map, key, state }) => {
                 let k = key.take().unwrap_or_default();
                 if map.contains_key(&k) {
-                    return Err("duplicate key".to_owned());
+                    return Err(ParseError::DuplicateKey);
                 }
                 map.insert(k, value);
                 *state = ObjState::AfterValue;
@@ -590,14 +625,13 @@ impl PushParser {
     }
 }
 
-fn parse_keyword(text: &[u8]) -> Result<Value, String> {
+fn parse_keyword(text: &[u8]) -> Result<Value, ParseError> {
     match text {
         b"true" => Ok(Value::Bool(true)),
         b"false" => Ok(Value::Bool(false)),
         b"null" => Ok(Value::Null),
-        _ => Err(format!(
-            "invalid keyword '{}'",
-            String::from_utf8_lossy(text)
+        _ => Err(ParseError::Keyword(
+            String::from_utf8_lossy(text).into_owned(),
         )),
     }
 }
@@ -650,7 +684,7 @@ fn valid_codepoint(cp: u32) -> bool {
 }
 
 /// Decode a string token (quotes included) with QEMU's escape rules.
-fn parse_string(text: &[u8]) -> Result<String, String> {
+fn parse_string(text: &[u8]) -> Result<String, ParseError> {
     let body = text.get(1..text.len().saturating_sub(1)).unwrap_or(&[]);
     let mut out = String::with_capacity(body.len());
     let mut i = 0;
@@ -689,14 +723,13 @@ fn parse_string(text: &[u8]) -> Result<String, String> {
                         Some(ch) => out.push(ch),
                         None => {
                             let end = i.min(body.len());
-                            return Err(format!(
-                                "{} is not a valid Unicode character",
-                                String::from_utf8_lossy(&body[beg..end])
+                            return Err(ParseError::BadCodepoint(
+                                String::from_utf8_lossy(&body[beg..end]).into_owned(),
                             ));
                         }
                     }
                 }
-                _ => return Err("invalid escape sequence in string".to_owned()),
+                _ => return Err(ParseError::BadEscape),
             }
             continue;
         }
@@ -706,10 +739,9 @@ fn parse_string(text: &[u8]) -> Result<String, String> {
             .iter()
             .position(|&b| b == b'\\')
             .map_or(body.len(), |p| i + p);
-        let chunk = std::str::from_utf8(&body[i..end])
-            .map_err(|_| "invalid UTF-8 sequence in string".to_owned())?;
+        let chunk = std::str::from_utf8(&body[i..end]).map_err(|_| ParseError::BadUtf8)?;
         if chunk.chars().any(|ch| !valid_codepoint(ch as u32)) {
-            return Err("invalid UTF-8 sequence in string".to_owned());
+            return Err(ParseError::BadUtf8);
         }
         out.push_str(chunk);
         i = end;

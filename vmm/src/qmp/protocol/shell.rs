@@ -9,15 +9,28 @@
 //! `#` starts a comment only at the start of the line or after a space or
 //! newline, and no expansion of any kind happens.
 
-/// Split `line` into words, or return GLib's error message.
-pub fn parse_argv(line: &str) -> Result<Vec<String>, String> {
+/// Why a line cannot be split into words; the texts are GLib's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShellError {
+    #[error("Text ended just after a “\\” character. (The text was “{0}”)")]
+    TrailingBackslash(String),
+    #[error("Text ended before matching quote was found for {quote}. (The text was “{line}”)")]
+    UnclosedQuote { quote: char, line: String },
+    #[error("Text was empty (or contained only whitespace)")]
+    Empty,
+    #[error("Unmatched quotation mark in command line or other shell-quoted text")]
+    UnmatchedQuote,
+}
+
+/// Split `line` into words, or say why not (GLib's error texts).
+pub fn parse_argv(line: &str) -> Result<Vec<String>, ShellError> {
     let tokens = tokenize(line)?;
     tokens.iter().map(|t| unquote(t)).collect()
 }
 
 /// GLib's `tokenize_command_line`: find word boundaries, keeping quotes
 /// and escapes in the words for [`unquote`].
-fn tokenize(line: &str) -> Result<Vec<String>, String> {
+fn tokenize(line: &str) -> Result<Vec<String>, ShellError> {
     let chars: Vec<char> = line.chars().collect();
     let mut words = Vec::new();
     let mut token: Option<String> = None;
@@ -88,25 +101,24 @@ fn tokenize(line: &str) -> Result<Vec<String>, String> {
     }
     match quote {
         Some('\\') => {
-            return Err(format!(
-                "Text ended just after a “\\” character. (The text was “{line}”)"
-            ));
+            return Err(ShellError::TrailingBackslash(line.to_owned()));
         }
         Some(q) => {
-            return Err(format!(
-                "Text ended before matching quote was found for {q}. (The text was “{line}”)"
-            ));
+            return Err(ShellError::UnclosedQuote {
+                quote: q,
+                line: line.to_owned(),
+            });
         }
         None => {}
     }
     if words.is_empty() {
-        return Err("Text was empty (or contained only whitespace)".to_owned());
+        return Err(ShellError::Empty);
     }
     Ok(words)
 }
 
 /// GLib's `g_shell_unquote` for one word.
-fn unquote(word: &str) -> Result<String, String> {
+fn unquote(word: &str) -> Result<String, ShellError> {
     let chars: Vec<char> = word.chars().collect();
     let mut out = String::with_capacity(word.len());
     let mut i = 0;
@@ -177,6 +189,6 @@ fn unquote(word: &str) -> Result<String, String> {
     Ok(out)
 }
 
-fn unmatched() -> String {
-    "Unmatched quotation mark in command line or other shell-quoted text".to_owned()
+fn unmatched() -> ShellError {
+    ShellError::UnmatchedQuote
 }

@@ -1306,10 +1306,10 @@ fn hmp_migrate() {
         matches!(t.main, MigrationAddress::Socket(SocketAddress::Unix(ref u)) if u.path == "/tmp/mig.sock")
     );
     assert_eq!(render.render(&Ok(json!({}))), "");
-    let (cmd, render) = hmp_run("migrate -r \"file:/tmp/with space\"");
+    let (cmd, render) = hmp_run("migrate \"file:/tmp/with space\"");
     assert_eq!(render, HmpRender::Migrate { detach: false });
     let Command::Migrate(m) = cmd else { panic!() };
-    assert_eq!(m.resume, Some(true));
+    assert_eq!(m.resume, Some(false));
     assert!(
         matches!(m.targets().unwrap().main, MigrationAddress::File(ref f) if f.filename == "/tmp/with space")
     );
@@ -1533,28 +1533,442 @@ fn shell_split_like_glib() {
 
 #[test]
 fn shell_split_errors() {
+    // The typed errors carry GLib's texts.
+    let argv_text = |line: &str| parse_argv(line).map_err(|e| e.to_string());
     assert_eq!(
-        parse_argv(""),
+        argv_text(""),
         Err("Text was empty (or contained only whitespace)".into())
     );
     assert_eq!(
-        parse_argv("  \t "),
+        argv_text("  \t "),
         Err("Text was empty (or contained only whitespace)".into())
     );
     assert_eq!(
-        parse_argv("a 'b"),
+        argv_text("a 'b"),
         Err("Text ended before matching quote was found for '. (The text was “a 'b”)".into())
     );
     assert_eq!(
-        parse_argv("a \"b\\\""),
+        argv_text("a \"b\\\""),
         Err("Text ended before matching quote was found for \". (The text was “a \"b\\\"”)".into())
     );
     assert_eq!(
-        parse_argv("abc\\"),
+        argv_text("abc\\"),
         Err("Text ended just after a “\\” character. (The text was “abc\\”)".into())
     );
     assert_eq!(
-        parse_argv("# only a comment"),
+        argv_text("# only a comment"),
         Err("Text was empty (or contained only whitespace)".into())
     );
+}
+
+// --- operator surface: the commands management software calls first --------
+
+#[test]
+fn postcopy_resume_is_refused_not_ignored() {
+    assert_eq!(
+        hmp_reply("migrate -r file:/tmp/x"),
+        "Error: Cannot resume if there is no paused migration\r\n"
+    );
+    assert_eq!(
+        hmp_reply("migrate -d -r file:/tmp/x"),
+        "Error: Cannot resume if there is no paused migration\r\n"
+    );
+    assert_eq!(
+        desc(r#"{"execute":"migrate","arguments":{"uri":"file:/tmp/x","resume":true}}"#),
+        "Cannot resume if there is no paused migration"
+    );
+    // The address is checked first, as in QEMU.
+    assert_eq!(
+        desc(r#"{"execute":"migrate","arguments":{"uri":"bogus:x","resume":true}}"#),
+        "unknown migration protocol: bogus:x"
+    );
+    assert!(matches!(
+        command(r#"{"execute":"migrate","arguments":{"uri":"file:/tmp/x","resume":false}}"#),
+        Command::Migrate(_)
+    ));
+}
+
+#[test]
+fn new_query_commands_parse() {
+    for (name, expect) in [
+        ("query-name", Command::QueryName),
+        ("query-kvm", Command::QueryKvm),
+        ("query-events", Command::QueryEvents),
+        ("query-chardev", Command::QueryChardev),
+        (
+            "query-migrate-capabilities",
+            Command::QueryMigrateCapabilities,
+        ),
+        ("system_powerdown", Command::SystemPowerdown),
+        ("query-qmp-schema", Command::QueryQmpSchema),
+    ] {
+        let c = command(&format!(r#"{{"execute":"{name}"}}"#));
+        assert_eq!(c, expect);
+        assert_eq!(c.name(), name);
+    }
+    assert_eq!(
+        command(r#"{"execute":"x-query-registers","arguments":{"cpu-index":1}}"#),
+        Command::QueryRegisters(QueryRegistersArgs { cpu_index: Some(1) })
+    );
+}
+
+fn schema_entity<'a>(schema: &'a [Value], name: &str) -> &'a Value {
+    schema
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no schema entity {name}"))
+}
+
+#[test]
+fn qmp_schema_describes_every_command_and_event() {
+    let schema = query_qmp_schema();
+    // Every name is unique and every type a command or event refers to is defined.
+    let names: Vec<&str> = schema.iter().filter_map(|e| e["name"].as_str()).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "duplicate schema names");
+    let defined = |t: &Value| names.contains(&t.as_str().unwrap_or("<none>"));
+    for e in &schema {
+        match e["meta-type"].as_str() {
+            Some("command") => {
+                assert!(defined(&e["arg-type"]) && defined(&e["ret-type"]), "{e}")
+            }
+            Some("event") => assert!(defined(&e["arg-type"]), "{e}"),
+            Some("object") => {
+                for m in e["members"].as_array().unwrap() {
+                    assert!(defined(&m["type"]), "{e}");
+                }
+                for v in e["variants"].as_array().into_iter().flatten() {
+                    assert!(defined(&v["type"]), "{e}");
+                }
+            }
+            Some("array") => assert!(defined(&e["element-type"]), "{e}"),
+            Some("alternate") => {
+                for m in e["members"].as_array().unwrap() {
+                    assert!(defined(&m["type"]), "{e}");
+                }
+            }
+            Some("enum") => assert!(e["values"].is_array(), "{e}"),
+            Some("builtin") => assert!(e["json-type"].is_string(), "{e}"),
+            other => panic!("unknown meta-type {other:?} in {e}"),
+        }
+    }
+    for spec in COMMANDS {
+        schema_entity(&schema, spec.name);
+    }
+    for ev in EVENTS {
+        assert_eq!(schema_entity(&schema, ev.name)["meta-type"], "event");
+    }
+    // What libvirt looks for: migrate-set-parameters' members, by name, with their types.
+    let msp = schema_entity(&schema, "migrate-set-parameters");
+    let args = schema_entity(&schema, msp["arg-type"].as_str().unwrap());
+    let members = args["members"].as_array().unwrap();
+    assert_eq!(members.len(), commands::MIGRATE_SET_PARAMETERS.len());
+    let cmd = members
+        .iter()
+        .find(|m| m["name"] == "cpr-exec-command")
+        .expect("cpr-exec-command");
+    assert_eq!(cmd["default"], Value::Null);
+    let list = schema_entity(&schema, cmd["type"].as_str().unwrap());
+    assert_eq!(list["meta-type"], "array");
+    assert_eq!(list["element-type"], "str");
+    let mode = members.iter().find(|m| m["name"] == "mode").unwrap();
+    let mode = schema_entity(&schema, mode["type"].as_str().unwrap());
+    assert_eq!(
+        mode["values"],
+        json!(["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"])
+    );
+    // A mandatory member has no "default"; argument-less commands share the empty object.
+    let pmemsave = schema_entity(&schema, "pmemsave");
+    let pm_args = schema_entity(&schema, pmemsave["arg-type"].as_str().unwrap());
+    assert!(pm_args["members"][0].get("default").is_none());
+    let stop = schema_entity(&schema, "stop");
+    assert_eq!(stop["arg-type"], stop["ret-type"]);
+    assert_eq!(
+        schema_entity(&schema, stop["arg-type"].as_str().unwrap())["members"],
+        json!([])
+    );
+    assert_eq!(schema_entity(&schema, "int")["json-type"], "int");
+    // The schema's own command is in it, and nothing is there that is not implemented.
+    schema_entity(&schema, "query-qmp-schema");
+    let commands = schema
+        .iter()
+        .filter(|e| e["meta-type"] == "command")
+        .count();
+    assert_eq!(commands, COMMANDS.len());
+}
+
+fn ret_of(name: &str) -> &'static schema::Ty {
+    find_command(name).unwrap().ret
+}
+
+/// Every result the monitor builds matches the type the schema announces for it.
+#[test]
+fn results_match_their_schema() {
+    let check = |name: &str, v: Value| {
+        if let Err(e) = schema::check_value(ret_of(name), &v) {
+            panic!("{name}: {e}: {v}");
+        }
+    };
+    check("stop", json!({}));
+    check(
+        "query-status",
+        serde_json::to_value(StatusInfo::from_state(RunState::Running)).unwrap(),
+    );
+    check(
+        "query-version",
+        serde_json::to_value(VersionInfo::new(10, 2, 0, " (cpr-vmm)")).unwrap(),
+    );
+    check(
+        "query-commands",
+        serde_json::to_value(query_commands()).unwrap(),
+    );
+    check(
+        "query-cpus-fast",
+        serde_json::to_value(vec![CpuInfoFast {
+            thread_id: 7,
+            props: Some(CpuInstanceProperties {
+                socket_id: Some(0),
+                core_id: Some(0),
+                ..Default::default()
+            }),
+            qom_path: "/machine/unattached/device[0]".into(),
+            cpu_index: 0,
+            target: TARGET_X86_64.into(),
+        }])
+        .unwrap(),
+    );
+    check(
+        "query-migrate-parameters",
+        serde_json::to_value(MigrationParameters::qemu_defaults()).unwrap(),
+    );
+    check(
+        "query-migrate",
+        serde_json::to_value(MigrationInfo {
+            status: Some(MigrationStatus::Completed),
+            ram: Some(MigrationStats::default()),
+            total_time: Some(5),
+            downtime: Some(1),
+            setup_time: Some(0),
+            error_desc: Some("x".into()),
+            x_cpr: Some(CprUpdateInfo {
+                phases: vec![CprPhase {
+                    name: "exec".into(),
+                    ns: 3,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    check("query-migrate", json!({}));
+    check(
+        "query-name",
+        serde_json::to_value(NameInfo {
+            name: Some("vm1".into()),
+        })
+        .unwrap(),
+    );
+    check("query-name", json!({}));
+    check(
+        "query-kvm",
+        serde_json::to_value(KvmInfo {
+            enabled: true,
+            present: true,
+        })
+        .unwrap(),
+    );
+    check(
+        "query-events",
+        serde_json::to_value(query_events()).unwrap(),
+    );
+    check(
+        "query-chardev",
+        serde_json::to_value(vec![ChardevInfo {
+            label: "serial0".into(),
+            filename: "stdio".into(),
+            frontend_open: true,
+        }])
+        .unwrap(),
+    );
+    check(
+        "query-migrate-capabilities",
+        serde_json::to_value(migrate_capabilities()).unwrap(),
+    );
+    check("query-qmp-schema", Value::Array(query_qmp_schema()));
+    check(
+        "x-query-registers",
+        serde_json::to_value(HumanReadableText {
+            human_readable_text: "RAX=0\r\n".into(),
+        })
+        .unwrap(),
+    );
+    check("human-monitor-command", json!("text"));
+    // A member the schema does not announce is caught.
+    assert!(
+        schema::check_value(
+            ret_of("query-kvm"),
+            &json!({"enabled": true, "present": true, "x": 1})
+        )
+        .is_err()
+    );
+}
+
+/// Every event the VMM sends is announced, with data matching its schema.
+#[test]
+fn events_match_their_schema() {
+    for kind in [
+        EventKind::shutdown(ShutdownCause::HostQmpQuit),
+        EventKind::reset(ShutdownCause::GuestReset),
+        EventKind::Stop,
+        EventKind::Resume,
+        EventKind::Migration {
+            status: MigrationStatus::Completed,
+        },
+    ] {
+        let ev = EVENTS
+            .iter()
+            .find(|e| e.name == kind.name())
+            .unwrap_or_else(|| panic!("{} not in EVENTS", kind.name()));
+        let data = kind.data().unwrap_or_else(|| json!({}));
+        let data = data.as_object().unwrap();
+        assert!(schema::check_args(ev.data, data).is_ok(), "{}", kind.name());
+    }
+    let names: Vec<String> = query_events().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, ["SHUTDOWN", "RESET", "STOP", "RESUME", "MIGRATION"]);
+}
+
+#[test]
+fn migrate_capabilities_are_qemus_with_only_events_on() {
+    let caps = migrate_capabilities();
+    assert_eq!(caps.len(), 22);
+    assert_eq!(caps[0].capability, "xbzrle");
+    let on: Vec<&str> = caps
+        .iter()
+        .filter(|c| c.state)
+        .map(|c| c.capability.as_str())
+        .collect();
+    assert_eq!(on, ["events"]);
+}
+
+#[test]
+fn hmp_info_name_kvm_registers_and_pmemsave() {
+    let (cmd, render) = hmp_run("info name");
+    assert_eq!(cmd, Command::QueryName);
+    assert_eq!(render.render(&Ok(json!({"name": "vm1"}))), "vm1\r\n");
+    assert_eq!(render.render(&Ok(json!({}))), "");
+    let (cmd, render) = hmp_run("info kvm");
+    assert_eq!(cmd, Command::QueryKvm);
+    assert_eq!(
+        render.render(&Ok(json!({"enabled": true, "present": true}))),
+        "kvm support: enabled\r\n"
+    );
+    let (cmd, render) = hmp_run("info registers");
+    assert_eq!(
+        cmd,
+        Command::QueryRegisters(QueryRegistersArgs { cpu_index: Some(0) })
+    );
+    assert_eq!(
+        render.render(&Ok(json!({"human-readable-text": "RAX=0\n"}))),
+        "RAX=0\r\n"
+    );
+    let (cmd, _) = hmp_run("info registers -a");
+    assert_eq!(
+        cmd,
+        Command::QueryRegisters(QueryRegistersArgs { cpu_index: None })
+    );
+    let (cmd, _) = hmp_run("info registers 1");
+    assert_eq!(
+        cmd,
+        Command::QueryRegisters(QueryRegistersArgs { cpu_index: Some(1) })
+    );
+    match hmp::parse("info registers", Some(1)) {
+        HmpAction::Run { command, .. } => assert_eq!(
+            command,
+            Command::QueryRegisters(QueryRegistersArgs { cpu_index: Some(1) })
+        ),
+        other => panic!("{other:?}"),
+    }
+    let (cmd, render) = hmp_run("pmemsave 0x100000 4096 /tmp/dump");
+    assert_eq!(
+        cmd,
+        Command::Pmemsave(PmemsaveArgs {
+            val: 0x100000,
+            size: 4096,
+            filename: "/tmp/dump".into(),
+        })
+    );
+    assert_eq!(render, HmpRender::ErrorsOnly);
+    assert_eq!(
+        hmp_reply("pmemsave 0 -1 /tmp/d"),
+        "Error: Parameter 'size' expects a non-negative value\r\n"
+    );
+    assert!(hmp_reply("pmemsave zero 4 /tmp/d").contains("invalid char in expression"));
+    assert!(hmp_reply("pmemsave 0 4").contains("pmemsave: string expected"));
+    assert!(hmp_reply("help info").contains("info registers [-a|vcpu] -- show the cpu registers"));
+}
+
+#[test]
+fn ineffective_migration_parameters_are_refused_unless_unchanged() {
+    let params = MigrationParameters::qemu_defaults();
+    let set = |text: &str| match command(text) {
+        Command::MigrateSetParameters(p) => params.check_effective(&p),
+        other => panic!("{other:?}"),
+    };
+    for text in [
+        r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1000}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"multifd-channels":8}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"mode":"cpr-exec","downtime-limit":10}}"#,
+    ] {
+        let e = set(text).unwrap_err();
+        assert_eq!(e.class, ErrorClass::GenericError);
+        assert!(
+            e.desc.contains("is not supported by this VMM"),
+            "{}",
+            e.desc
+        );
+    }
+    assert!(
+        set(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1000}}"#)
+            .unwrap_err()
+            .desc
+            .starts_with("Parameter 'max-bandwidth' ")
+    );
+    for text in [
+        r#"{"execute":"migrate-set-parameters","arguments":{"mode":"cpr-exec","cpr-exec-command":["a"]}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":134217728,"multifd-channels":2}}"#,
+        r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":null}}"#,
+    ] {
+        assert!(set(text).is_ok(), "{text}");
+    }
+}
+
+#[test]
+fn protocol_errors_are_typed_and_keep_qemus_texts() {
+    use super::json::ParseError;
+    use super::schema::{ArgError, Ty, check_args, check_value, req};
+    use super::shell::ShellError;
+    static MEMBERS: &[schema::Member] = &[req("filename", Ty::Str)];
+    let args = json!({}).as_object().unwrap().clone();
+    let e = check_args(MEMBERS, &args).unwrap_err();
+    assert_eq!(e, ArgError::Missing("filename".into()));
+    assert_eq!(e.to_string(), "Parameter 'filename' is missing");
+    assert!(matches!(
+        check_value(&Ty::Bool, &json!(1)),
+        Err(ArgError::InvalidType {
+            expected: "boolean",
+            ..
+        })
+    ));
+    assert_eq!(parse_argv(""), Err(ShellError::Empty));
+    assert_eq!(
+        ParseError::Keyword("nul".into()).to_string(),
+        "invalid keyword 'nul'"
+    );
+    let mut s = JsonStreamer::new();
+    let out = s.feed(b"{\"a\": nul}\n");
+    assert_eq!(err_desc(&out[0]), "JSON parse error, invalid keyword 'nul'");
 }

@@ -74,6 +74,57 @@ pub struct CommandInfo {
     pub name: String,
 }
 
+/// `NameInfo`, the result of `query-name`: the `-name` of the VM, if it has one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `KvmInfo`, the result of `query-kvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvmInfo {
+    pub enabled: bool,
+    pub present: bool,
+}
+
+/// One element of the `query-events` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    pub name: String,
+}
+
+/// One element of the `query-chardev` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChardevInfo {
+    pub label: String,
+    pub filename: String,
+    #[serde(rename = "frontend-open")]
+    pub frontend_open: bool,
+}
+
+/// One element of the `query-migrate-capabilities` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationCapabilityStatus {
+    pub capability: String,
+    pub state: bool,
+}
+
+/// `HumanReadableText`, the result of the `x-query-*` commands (`x-query-registers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HumanReadableText {
+    #[serde(rename = "human-readable-text")]
+    pub human_readable_text: String,
+}
+
+/// Arguments of `x-query-registers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryRegistersArgs {
+    /// One vCPU, or (absent) all of them.
+    #[serde(rename = "cpu-index", default, skip_serializing_if = "Option::is_none")]
+    pub cpu_index: Option<i64>,
+}
+
 // ---------------------------------------------------------------------------
 // Run state
 
@@ -502,6 +553,38 @@ impl MigrationParameters {
             mode: Some(MigMode::Normal),
             direct_io: Some(false),
             cpr_exec_command: Some(Vec::new()),
+        }
+    }
+
+    /// Members that change what a migration does here; every other member is stored and
+    /// reported only.
+    pub const EFFECTIVE: &'static [&'static str] = &["mode", "cpr-exec-command"];
+
+    /// Refuse a request that would change a member this VMM does not act on (bandwidth
+    /// limits, multifd, TLS, throttling...): accepting it would promise behaviour that does not
+    /// happen. Setting such a member to the value it already has is accepted, so management
+    /// software that always sends the defaults keeps working.
+    pub fn check_effective(&self, p: &MigrateSetParameters) -> Result<(), QmpError> {
+        let mut next = self.clone();
+        next.apply(p);
+        let (Ok(Value::Object(now)), Ok(Value::Object(next))) =
+            (serde_json::to_value(self), serde_json::to_value(&next))
+        else {
+            return Ok(());
+        };
+        match next
+            .iter()
+            .find(|(k, v)| !Self::EFFECTIVE.contains(&k.as_str()) && now.get(k.as_str()) != Some(v))
+        {
+            Some((name, _)) => Err(QmpError::generic(format!(
+                "Parameter '{name}' is not supported by this VMM: it can only keep its current value (see query-migrate-parameters); only {} take effect",
+                Self::EFFECTIVE
+                    .iter()
+                    .map(|n| format!("'{n}'"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ))),
+            None => Ok(()),
         }
     }
 

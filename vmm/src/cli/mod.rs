@@ -5,12 +5,15 @@
 //! to their `--long` form first ([`normalize_qemu_spellings`]); the values keep QEMU's syntax and
 //! are parsed into typed settings here, so every later stage works with checked values.
 
+pub mod drives;
+
 use std::path::PathBuf;
 
 use clap::{ArgAction, Parser};
 
 use crate::boot::linux::{LinuxBootConfig, MAX_LINUX_VCPUS};
 use crate::boot::{BLKCHECK_MAX_DEPTH, BuiltinGuest};
+use crate::qmp::protocol::ChardevInfo;
 
 /// Single-dash long options QEMU users type, mapped to our `--long` names.
 const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
@@ -30,6 +33,14 @@ const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
     ("nographic", "nographic"),
     ("display", "display"),
     ("nodefaults", "nodefaults"),
+    ("pidfile", "pidfile"),
+    ("daemonize", "daemonize"),
+    ("monitor", "monitor"),
+    ("chardev", "chardev"),
+    ("drive", "drive"),
+    ("blockdev", "blockdev"),
+    ("device", "device"),
+    ("add-fd", "add-fd"),
 ];
 
 /// Rewrites `-smp 2` to `--smp 2` etc. Arguments after `--` are left alone.
@@ -67,6 +78,16 @@ pub fn normalize_qemu_spellings<I: IntoIterator<Item = String>>(args: I) -> Vec<
     out
 }
 
+/// What `--help` says about QEMU options this VMM accepts without effect, and those it refuses.
+const COMPAT_HELP: &str = "\
+Accepted for QEMU compatibility (no effect here):
+  -enable-kvm, -accel kvm    this VMM always runs on KVM
+  -nographic, -display none  there is no display; the console is -serial
+  -machine q35|pc|microvm    there is one machine, a minimal PC
+  -nodefaults                there are no default devices to drop
+Not supported (refused with a message saying what to use instead):
+  -daemonize, -monitor, -chardev";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "vmm",
@@ -74,7 +95,8 @@ pub fn normalize_qemu_spellings<I: IntoIterator<Item = String>>(args: I) -> Vec<
     about = "A small KVM VMM that live-updates itself by exec (cpr-exec)",
     long_about = "A small KVM VMM that live-updates itself by exec (cpr-exec).\n\n\
         QEMU spellings work: -m 1G -smp 2 -qmp unix:/run/vm.qmp,server=on,wait=off \
-        -serial stdio -incoming file:/run/vm.state -machine aux-ram-share=on"
+        -serial stdio -incoming file:/run/vm.state -machine aux-ram-share=on",
+    after_help = COMPAT_HELP
 )]
 pub struct Args {
     /// Guest RAM size: N with an optional K/M/G/T suffix (no suffix = MiB), or size=N; then
@@ -100,7 +122,8 @@ pub struct Args {
     pub smp: String,
 
     /// Built-in guest: heartbeat, memcheck or blkcheck, with options
-    /// NAME[,hz=N][,exit-after=N][,exit-code=N] (blkcheck also [,depth=N]; its exit-after
+    /// NAME[,hz=N][,exit-after=N][,exit-code=N] (memcheck also [,sweep=dense|sampled]: sampled
+    /// touches one page every 16 MiB of all RAM; blkcheck also [,depth=N], and its exit-after
     /// counts passes).
     #[arg(long, value_name = "NAME[,OPTS]")]
     pub guest: Option<String>,
@@ -123,9 +146,27 @@ pub struct Args {
     #[arg(long, value_name = "SPEC", action = ArgAction::Append)]
     pub incoming: Vec<String>,
 
-    /// A name for this VM, shown in every log line.
+    /// A name for this VM, shown in every log line and by query-name.
     #[arg(long)]
     pub name: Option<String>,
+
+    /// Start with the vCPUs stopped (state prelaunch); QMP or HMP `cont` starts the guest.
+    #[arg(short = 'S')]
+    pub start_paused: bool,
+
+    /// Write the VMM's PID to PATH at start (removed again when the VMM exits; the PID stays
+    /// the same across live updates).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Log lines carry wall-clock (UTC) timestamps instead of seconds since boot.
+    #[arg(
+        long = "log-timestamps",
+        value_name = "KIND",
+        value_enum,
+        default_value = "monotonic"
+    )]
+    pub log_timestamps: crate::logger::Timestamps,
 
     /// Linux kernel (bzImage or ELF vmlinux).
     #[arg(long, value_name = "PATH")]
@@ -167,6 +208,36 @@ pub struct Args {
     /// Accepted for QEMU compatibility: there are no default devices to drop.
     #[arg(long, hide = true)]
     pub nodefaults: bool,
+
+    /// Refused: QEMU's -daemonize (see `from_args`).
+    #[arg(long, hide = true)]
+    pub daemonize: bool,
+
+    /// Refused: QEMU's -monitor.
+    #[arg(long, hide = true, value_name = "SPEC", action = ArgAction::Append)]
+    pub monitor: Vec<String>,
+
+    /// A disk: file=PATH,format=raw,if=virtio|none[,id=ID][,readonly=on][,serial=S]
+    /// (file=/dev/fdset/N for a disk opened by the caller, see -add-fd).
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub drive: Vec<String>,
+
+    /// A disk as a block node: driver=file,node-name=ID,filename=PATH (or QEMU's JSON form).
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub blockdev: Vec<String>,
+
+    /// A device: virtio-blk-pci,drive=ID[,serial=S].
+    #[arg(long, value_name = "DEVICE,OPTS", action = ArgAction::Append)]
+    pub device: Vec<String>,
+
+    /// Put an fd inherited from the caller into an fd set: fd=N,set=S (used as
+    /// file=/dev/fdset/S).
+    #[arg(long = "add-fd", value_name = "fd=N,set=S", action = ArgAction::Append)]
+    pub add_fd: Vec<String>,
+
+    /// Refused: QEMU's -chardev.
+    #[arg(long, hide = true, value_name = "SPEC", action = ArgAction::Append)]
+    pub chardev: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,8 +259,8 @@ pub enum CliError {
     #[error("unknown guest '{0}': built-in guests are heartbeat, memcheck and blkcheck")]
     UnknownGuest(String),
     #[error(
-        "invalid guest option '{0}': the guests take hz=N, exit-after=N, exit-code=N, and \
-         blkcheck also depth=N (1..=64 requests in flight)"
+        "invalid guest option '{0}': the guests take hz=N, exit-after=N, exit-code=N; \
+         memcheck also sweep=dense|sampled; blkcheck also depth=N (1..=64 requests in flight)"
     )]
     GuestOption(String),
     #[error("invalid -serial '{0}': use stdio, file:PATH, unix:PATH,server[,wait=off] or null")]
@@ -198,6 +269,19 @@ pub enum CliError {
     SerialClientMode(String),
     #[error("invalid -qmp '{0}': use unix:PATH,server=on,wait=off")]
     Qmp(String),
+    #[error(
+        "invalid -qmp '{0}': without server=on QEMU would connect to PATH as a client, which this VMM does not do: use unix:PATH,server=on,wait=off"
+    )]
+    QmpClientMode(String),
+    #[error(
+        "invalid -qmp '{0}': server=on without wait=off makes QEMU wait for a client before the guest starts, which this VMM does not do: add ,wait=off"
+    )]
+    QmpWait(String),
+    #[error("not supported: {option} ({instead})")]
+    NotSupported {
+        option: &'static str,
+        instead: &'static str,
+    },
     #[error("invalid -machine option '{0}': supported is aux-ram-share=on|off")]
     Machine(String),
     #[error(
@@ -206,6 +290,8 @@ pub enum CliError {
     Incoming(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Drive(#[from] drives::DriveError),
 }
 
 /// Faults a test can inject into the new side of a live update.
@@ -278,6 +364,16 @@ pub struct Config {
     /// cpr-transfer: where the old VMM hands over guest RAM.
     pub cpr_channel: Option<PathBuf>,
     pub cpr_test_fault: Option<CprTestFault>,
+    /// `-name`: reported by `query-name` and shown in every log line.
+    pub name: Option<String>,
+    /// `-S`: build the machine but leave it in `prelaunch` until `cont`.
+    pub start_paused: bool,
+    /// `-pidfile PATH`.
+    pub pidfile: Option<PathBuf>,
+    /// `--log-timestamps`.
+    pub log_timestamps: crate::logger::Timestamps,
+    /// Disks, each behind a virtio-blk-pci device, in PCI slot order.
+    pub disks: Vec<crate::devices::virtio::block::BlockConfig>,
     /// The argv this process was started with (for the rollback fallback).
     pub argv: Vec<String>,
 }
@@ -289,6 +385,26 @@ pub const DEFAULT_TICK_HZ: u32 = 10;
 
 impl Config {
     pub fn from_args(args: Args, argv: Vec<String>) -> Result<Self, CliError> {
+        let refused = [
+            (
+                args.daemonize,
+                "-daemonize",
+                "run the VMM in the foreground under a supervisor; -pidfile PATH writes its PID",
+            ),
+            (
+                !args.monitor.is_empty(),
+                "-monitor",
+                "the monitor is QMP: -qmp unix:PATH,server=on,wait=off; HMP text goes through human-monitor-command",
+            ),
+            (
+                !args.chardev.is_empty(),
+                "-chardev",
+                "give the back end directly: -serial unix:PATH,server=on,wait=off or -qmp unix:PATH,server=on,wait=off",
+            ),
+        ];
+        if let Some((_, option, instead)) = refused.into_iter().find(|(given, ..)| *given) {
+            return Err(CliError::NotSupported { option, instead });
+        }
         if let Some(accel) = &args.accel
             && accel != "kvm"
         {
@@ -348,6 +464,7 @@ impl Config {
             parse_machine(opts)?;
         }
         let (incoming, cpr_channel) = parse_incoming_channels(&args.incoming)?;
+        let disks = drives::parse_disks(&args.drive, &args.blockdev, &args.device, &args.add_fd)?;
         Ok(Config {
             ram_size,
             prealloc: args.prealloc || memory.prealloc == Some(true),
@@ -359,8 +476,117 @@ impl Config {
             incoming,
             cpr_channel,
             cpr_test_fault: args.cpr_test_fault,
+            name: args.name.clone(),
+            start_paused: args.start_paused,
+            pidfile: args.pidfile.clone(),
+            log_timestamps: args.log_timestamps,
+            disks,
             argv,
         })
+    }
+}
+
+impl Config {
+    /// `query-chardev`: the monitor and the serial console, labelled as QEMU labels them.
+    pub fn chardevs(&self) -> Vec<ChardevInfo> {
+        let socket = |p: &std::path::Path| format!("unix:{},server=on", p.display());
+        let mut out = Vec::new();
+        if let Some(q) = &self.qmp {
+            out.push(ChardevInfo {
+                label: "compat_monitor0".into(),
+                filename: socket(&q.path),
+                frontend_open: true,
+            });
+        }
+        let filename = match &self.serial {
+            SerialSpec::Stdio => "stdio".to_string(),
+            SerialSpec::File(_) => "file".to_string(),
+            SerialSpec::UnixServer(p) => socket(p),
+            SerialSpec::Null => "null".to_string(),
+        };
+        out.push(ChardevInfo {
+            label: "serial0".into(),
+            filename,
+            frontend_open: true,
+        });
+        out
+    }
+
+    /// The one line logged at start: what runs, on what, reachable where.
+    pub fn summary(&self) -> String {
+        let guest = match &self.guest {
+            GuestBoot::Builtin(g) => format!("built-in guest {}", g.guest.name()),
+            GuestBoot::Linux(l) => format!("Linux kernel {}", l.kernel.display()),
+        };
+        let backing = match (self.hugepages, self.prealloc) {
+            (true, true) => "hugetlb memfd (2 MiB pages), preallocated",
+            (true, false) => "hugetlb memfd (2 MiB pages)",
+            (false, true) => "memfd, preallocated",
+            (false, false) => "memfd",
+        };
+        let qmp = match &self.qmp {
+            Some(q) => format!("unix:{}", q.path.display()),
+            None => "none".to_string(),
+        };
+        let serial = match &self.serial {
+            SerialSpec::Stdio => "stdio".to_string(),
+            SerialSpec::File(p) => format!("file:{}", p.display()),
+            SerialSpec::UnixServer(p) => format!("unix:{}", p.display()),
+            SerialSpec::Null => "null".to_string(),
+        };
+        format!(
+            "cpr-vmm {} started: pid {}{}, machine pc with {} vCPU(s) and {} MiB RAM ({backing}), {guest}, QMP {qmp}, serial {serial}{}",
+            crate::VERSION,
+            std::process::id(),
+            self.name
+                .as_deref()
+                .map(|n| format!(", name {n}"))
+                .unwrap_or_default(),
+            self.vcpus,
+            self.ram_size >> 20,
+            if self.start_paused {
+                ", paused until cont (-S)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// The `-pidfile` file: written at start, removed when the VMM exits (dropped). A live update
+/// execs without dropping it, and the new VMM writes the same PID again.
+#[derive(Debug)]
+pub struct PidFile {
+    path: PathBuf,
+}
+
+/// Why the `-pidfile` could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("-pidfile {}: {source}", path.display())]
+pub struct PidFileError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl PidFile {
+    /// Writes this process's PID and a newline to `path`.
+    pub fn create(path: &std::path::Path) -> Result<Self, PidFileError> {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
+            PidFileError {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(PidFile {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -506,6 +732,17 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
                     .ok_or_else(bad)?;
                 g.guest = BuiltinGuest::Blkcheck { depth };
             }
+            "sweep" => {
+                g.guest = match (g.guest, v) {
+                    (BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled, "dense") => {
+                        BuiltinGuest::Memcheck
+                    }
+                    (BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled, "sampled") => {
+                        BuiltinGuest::MemcheckSampled
+                    }
+                    _ => return Err(bad()),
+                }
+            }
             _ => return Err(bad()),
         }
     }
@@ -549,11 +786,22 @@ pub fn parse_qmp(spec: &str) -> Result<QmpSpec, CliError> {
     let rest = spec.strip_prefix("unix:").ok_or_else(err)?;
     let mut parts = rest.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(err)?;
+    // QEMU's defaults: a client (server=off), and a server waits for its first client.
+    let (mut server, mut wait) = (false, true);
     for opt in parts {
         match opt {
-            "server" | "server=on" | "wait=off" | "nowait" => {}
+            "server" | "server=on" => server = true,
+            "server=off" => server = false,
+            "wait=off" | "nowait" => wait = false,
+            "wait=on" => wait = true,
             _ => return Err(err()),
         }
+    }
+    if !server {
+        return Err(CliError::QmpClientMode(spec.to_string()));
+    }
+    if wait {
+        return Err(CliError::QmpWait(spec.to_string()));
     }
     Ok(QmpSpec {
         path: PathBuf::from(path),
@@ -805,10 +1053,91 @@ mod tests {
     }
 
     #[test]
+    fn qemu_options_that_do_not_apply_are_refused_by_name() {
+        for (args, option) in [
+            (&["-daemonize"][..], "-daemonize"),
+            (&["-monitor", "stdio"][..], "-monitor"),
+            (
+                &["-chardev", "socket,id=c,path=/tmp/c,server=on"][..],
+                "-chardev",
+            ),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.starts_with(&format!("not supported: {option} (")), "{e}");
+        }
+        let e = parse(&["-qmp", "unix:/tmp/q"]).unwrap_err();
+        assert!(
+            e.contains("client") && e.contains("server=on,wait=off"),
+            "{e}"
+        );
+        let e = parse(&["-qmp", "unix:/tmp/q,server=on"]).unwrap_err();
+        assert!(e.contains("add ,wait=off"), "{e}");
+        let e = parse(&["-qmp", "unix:/tmp/q,server=on,wait=on"]).unwrap_err();
+        assert!(e.contains("add ,wait=off"), "{e}");
+        for ok in [
+            "unix:/tmp/q,server=on,wait=off",
+            "unix:/tmp/q,server,nowait",
+        ] {
+            assert!(parse(&["-qmp", ok]).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn start_paused_pidfile_and_accepted_compat_options() {
+        let c = parse(&["-S", "-pidfile", "/run/vm.pid", "-name", "vm1"]).unwrap();
+        assert!(c.start_paused);
+        assert_eq!(c.pidfile, Some(PathBuf::from("/run/vm.pid")));
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+        assert!(!parse(&[]).unwrap().start_paused);
+        assert!(
+            parse(&[
+                "-enable-kvm",
+                "-accel",
+                "kvm",
+                "-nographic",
+                "-display",
+                "none",
+                "-machine",
+                "q35",
+                "-nodefaults"
+            ])
+            .is_ok()
+        );
+        let help = Args::try_parse_from(["vmm", "--help"])
+            .unwrap_err()
+            .to_string();
+        for listed in [
+            "-enable-kvm",
+            "-accel kvm",
+            "-nographic",
+            "-display none",
+            "-machine q35",
+            "-daemonize",
+            "-pidfile",
+            "-S",
+        ] {
+            assert!(
+                help.contains(listed),
+                "--help does not list {listed}:\n{help}"
+            );
+        }
+    }
+
+    #[test]
     fn guest_options() {
         let g = parse_guest("heartbeat,hz=50,exit-after=3,exit-code=7").unwrap();
         assert_eq!((g.tick_hz, g.exit_after_ticks, g.exit_code), (50, 3, 7));
         assert!(parse_guest("heartbeat,hz=0").is_err());
+        assert_eq!(
+            parse_guest("memcheck,sweep=sampled").unwrap().guest,
+            BuiltinGuest::MemcheckSampled
+        );
+        assert_eq!(
+            parse_guest("memcheck,sweep=dense").unwrap().guest,
+            BuiltinGuest::Memcheck
+        );
+        assert!(parse_guest("heartbeat,sweep=sampled").is_err());
+        assert!(parse_guest("memcheck,sweep=all").is_err());
         assert!(parse_guest("heartbeat,volume=11").is_err());
     }
 

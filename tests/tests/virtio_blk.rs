@@ -1,0 +1,343 @@
+//! virtio-blk disks from the outside: the command-line checks, and the disk's host fd across
+//! every migration mode (the very same open file after a live update, even when its path was
+//! renamed or replaced; re-opened by path only by a restore from a file).
+//!
+//! The guest's side (a driver doing I/O across updates) is the `blkcheck` built-in guest's.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cpr_tests::cpr::{cpr_update, direct_command, fd_identity, shim_command};
+use cpr_tests::*;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A raw image of `sectors` 512-byte sectors.
+fn image(dir: &Path, name: &str, sectors: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(sectors * 512).unwrap();
+    p
+}
+
+/// The fds of `pid` that are `path`'s inode (by device and inode, not by name).
+fn fds_on_inode(pid: u32, dev: u64, ino: u64) -> Vec<OpenFd> {
+    list_fds(pid)
+        .unwrap()
+        .into_iter()
+        .filter(|f| fd_identity(pid, f.fd).is_ok_and(|id| id == (dev, ino)))
+        .collect()
+}
+
+struct DiskVm {
+    dir: TempDir,
+    args: Vec<String>,
+    process: VmmProcess,
+    qmp: QmpClient,
+    dev: u64,
+    ino: u64,
+}
+
+impl DiskVm {
+    fn start(prefix: &str, drive_args: &[String]) -> Self {
+        build_binaries();
+        let dir = TempDir::new(prefix).unwrap();
+        let disk = image(dir.path(), "disk.img", 2048);
+        let meta = std::fs::metadata(&disk).unwrap();
+        let socket = dir.join("qmp.sock");
+        let mut args = strings(&["-m", "16M", "--guest", "heartbeat"]);
+        for a in drive_args {
+            args.push(a.replace("DISK", disk.to_str().unwrap()));
+        }
+        args.push("-qmp".into());
+        args.push(qmp_socket_arg(&socket));
+        let process = VmmProcess::start_vmm(&args);
+        process.wait_for_path(&socket, LONG).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+        DiskVm {
+            dir,
+            args,
+            process,
+            qmp,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    fn disk_fds(&self) -> Vec<OpenFd> {
+        fds_on_inode(self.process.pid(), self.dev, self.ino)
+    }
+
+    fn status(&mut self) -> String {
+        let v = self.qmp.execute("query-status", Value::Null).unwrap();
+        v["status"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+#[test]
+fn bad_disks_are_one_clear_error_at_start() {
+    let dir = TempDir::new("blk-bad").unwrap();
+    let raw = image(dir.path(), "ok.img", 8);
+    let qcow = dir.join("q.img");
+    std::fs::write(&qcow, b"QFI\xfb\0\0\0\x03").unwrap();
+    let raw = raw.to_str().unwrap();
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            strings(&["-drive", "file=/nonexistent/disk.img,format=raw,if=virtio"]),
+            vec!["/nonexistent/disk.img", "No such file"],
+        ),
+        (
+            strings(&[
+                "-drive",
+                &format!("file={},format=raw", dir.path().display()),
+            ]),
+            vec!["not a regular file or block device"],
+        ),
+        (
+            strings(&["-drive", &format!("file={raw},format=qcow2")]),
+            vec!["'qcow2' is not supported", "qemu-img convert"],
+        ),
+        (
+            strings(&["-drive", &format!("file={},if=virtio", qcow.display())]),
+            vec!["'qcow2' is not supported"],
+        ),
+        (
+            strings(&["-device", "virtio-blk-pci,drive=nope"]),
+            vec!["drive 'nope' does not exist"],
+        ),
+        (
+            strings(&[
+                "-drive",
+                &format!("if=none,id=d0,file={raw},format=raw"),
+                "-device",
+                "virtio-blk-pci,drive=d0",
+                "-device",
+                "virtio-blk-pci,drive=d0",
+            ]),
+            vec!["drive 'd0' is used by two devices"],
+        ),
+        (
+            strings(&[
+                "-add-fd",
+                "fd=77,set=1",
+                "-drive",
+                "file=/dev/fdset/1,format=raw",
+            ]),
+            vec!["fd 77 is not open"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let mut args = strings(&["-m", "16M", "--guest", "heartbeat"]);
+        args.extend(extra);
+        assert_vmm_startup_error(&args, &needles, LONG);
+    }
+}
+
+/// The disk survives a live update through the shim as the same open file, close-on-exec,
+/// although its path was renamed away before the update; the guest keeps running.
+#[test]
+fn the_disk_is_the_same_open_file_after_a_live_update_even_renamed() {
+    let mut vm = DiskVm::start(
+        "blk-exec",
+        &strings(&[
+            "-drive",
+            "file=DISK,format=raw,if=none,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0",
+        ]),
+    );
+    let pid = vm.process.pid();
+    let before = vm.disk_fds();
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(before[0].is_cloexec());
+    // The image moves and another file takes its name: the guest's disk must not change.
+    let path = vm.dir.join("disk.img");
+    std::fs::rename(&path, vm.dir.join("moved.img")).unwrap();
+    image(vm.dir.path(), "disk.img", 4096);
+    let state = vm.dir.join("vm.state");
+    let command = shim_command(&shim_bin(), &[], &vmm_bin(), &vm.args, &state);
+    let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.error_desc());
+    assert_eq!(vm.process.pid(), pid);
+    let after = vm.disk_fds();
+    assert_eq!(
+        after.len(),
+        1,
+        "the new VMM holds the original image: {after:?}"
+    );
+    assert!(
+        after[0].is_cloexec(),
+        "re-marked close-on-exec after the update"
+    );
+    assert_eq!(vm.status(), "running");
+    // A second update, directly, carries it on.
+    let command = direct_command(&vmm_bin(), &vm.args, &state);
+    let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.error_desc());
+    assert_eq!(vm.disk_fds().len(), 1);
+    vm.qmp.execute("quit", Value::Null).unwrap();
+    vm.process.wait_exit(LONG).unwrap();
+}
+
+/// A new command line without the disk is refused by the new VMM (the state has a device it
+/// lacks), and the rollback brings the guest back on the old VMM, disk and all.
+#[test]
+fn an_update_that_forgets_the_disk_rolls_back_with_the_disk() {
+    let mut vm = DiskVm::start(
+        "blk-forget",
+        &strings(&["-drive", "file=DISK,format=raw,if=virtio"]),
+    );
+    let state = vm.dir.join("vm.state");
+    let without: Vec<String> = vm
+        .args
+        .iter()
+        .filter(|a| !a.contains("disk.img") && *a != "-drive")
+        .cloned()
+        .collect();
+    let command = shim_command(&shim_bin(), &[], &vmm_bin(), &without, &state);
+    let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "failed");
+    assert!(
+        update.error_desc().contains("virtio-blk:virtio0"),
+        "{}",
+        update.error_desc()
+    );
+    assert_eq!(vm.status(), "running");
+    assert_eq!(vm.disk_fds().len(), 1);
+}
+
+/// cpr-transfer hands the disk fd to the new VMM by SCM_RIGHTS: the new process holds the same
+/// inode, although the path was renamed after the old VMM started.
+#[test]
+fn cpr_transfer_hands_the_same_disk_to_the_new_vmm() {
+    let mut old = DiskVm::start(
+        "blk-xfer",
+        &strings(&["-drive", "file=DISK,format=raw,if=virtio"]),
+    );
+    std::fs::rename(old.dir.join("disk.img"), old.dir.join("moved.img")).unwrap();
+    // The new side's command line still names the old path (now missing): it must not open it.
+    image(old.dir.path(), "disk.img", 2048);
+    let main = old.dir.join("main.sock");
+    let cpr = old.dir.join("cpr.sock");
+    let new_socket = old.dir.join("qmp2.sock");
+    let mut args: Vec<String> = old
+        .args
+        .iter()
+        .take_while(|a| *a != "-qmp")
+        .cloned()
+        .collect();
+    args.extend(strings(&[
+        "-qmp",
+        &qmp_socket_arg(&new_socket),
+        "-incoming",
+        &format!("unix:{}", main.display()),
+        "-incoming",
+        &format!(
+            "cpr,addr.transport=socket,addr.type=unix,addr.path={}",
+            cpr.display()
+        ),
+    ]));
+    let new = VmmProcess::start_vmm(&args);
+    new.wait_for_path(&cpr, LONG).unwrap();
+    old.qmp
+        .execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
+        .unwrap();
+    old.qmp
+        .execute(
+            "migrate",
+            json!({"channels": [
+                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}},
+                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}},
+            ]}),
+        )
+        .unwrap();
+    loop {
+        let ev = old.qmp.wait_event("MIGRATION", LONG).unwrap();
+        match ev["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => {
+                let info = old.qmp.execute("query-migrate", Value::Null).unwrap();
+                panic!(
+                    "cpr-transfer failed: {info}; new VMM: {}",
+                    new.stderr_text()
+                )
+            }
+            _ => {}
+        }
+    }
+    new.wait_for_path(&new_socket, LONG).unwrap();
+    let mut qmp2 = QmpClient::connect_and_negotiate(&new_socket, LONG).unwrap();
+    let v = qmp2.execute("query-status", Value::Null).unwrap();
+    assert_eq!(v["status"], "running");
+    let held = fds_on_inode(new.pid(), old.dev, old.ino);
+    assert_eq!(
+        held.len(),
+        1,
+        "the new VMM holds the original image: {held:?}"
+    );
+    qmp2.execute("quit", Value::Null).unwrap();
+    new.wait_exit(LONG).unwrap();
+}
+
+/// Migration to a file saves the device state, not the disk; a restore in a new process opens
+/// the image by path again, and refuses an image of another size.
+#[test]
+fn a_restore_from_a_file_reopens_the_disk_and_checks_its_size() {
+    let mut vm = DiskVm::start(
+        "blk-file",
+        &strings(&["-drive", "file=DISK,format=raw,if=virtio"]),
+    );
+    let state = vm.dir.join("vm.state");
+    vm.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", state.display())}),
+        )
+        .unwrap();
+    loop {
+        let ev = vm.qmp.wait_event("MIGRATION", LONG).unwrap();
+        match ev["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => panic!("{ev}"),
+            _ => {}
+        }
+    }
+    vm.qmp.execute("quit", Value::Null).unwrap();
+    vm.process.wait_exit(LONG).unwrap();
+    let mut args: Vec<String> = vm
+        .args
+        .iter()
+        .take_while(|a| *a != "-qmp")
+        .cloned()
+        .collect();
+    args.extend(strings(&[
+        "-incoming",
+        &format!("file:{}", state.display()),
+    ]));
+    let restored = VmmProcess::start_vmm(&args);
+    restored
+        .wait_for_stdout_contains("heartbeat: cpu 0 tick", LONG)
+        .unwrap();
+    let held = fds_on_inode(restored.pid(), vm.dev, vm.ino);
+    assert_eq!(held.len(), 1);
+    restored.send_signal(Signal::SIGTERM).unwrap();
+    restored.wait_exit(LONG).unwrap();
+    // The image grew: the restore is refused, naming the drive and both sizes.
+    std::fs::File::options()
+        .write(true)
+        .open(vm.dir.join("disk.img"))
+        .unwrap()
+        .set_len(4096 * 512)
+        .unwrap();
+    assert_vmm_startup_error(
+        &args,
+        &["drive 'virtio0'", "4096 sectors", "2048 sectors"],
+        LONG,
+    );
+}

@@ -1,0 +1,120 @@
+//! Virtio devices (virtio 1.x) and their PCI transport.
+//!
+//! A device ([`VirtioDevice`]) says what it offers (type, features, queue sizes, its
+//! configuration space) and works its queues once the driver has set it up; the transport
+//! ([`pci::VirtioPciDevice`]) is everything between it and the guest: the PCI function with its
+//! virtio capabilities, feature negotiation, the device status machine, queue configuration
+//! (split virtqueues, rust-vmm's `virtio-queue`), notifications through ioeventfds and
+//! interrupts through MSI-X. The transport saves and restores all of it (negotiated features,
+//! status, every queue's addresses and ring positions, MSI-X vectors) in the one state walk, so a
+//! device gets back the same queues after any migration mode.
+
+pub mod block;
+pub mod pci;
+
+use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::lock;
+use super::pci::msix::Msix;
+
+/// Feature bit numbers common to every device type (virtio 1.x section 6).
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// "No MSI-X vector" in the common configuration's vector fields.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// ISR status bits (read-to-clear), for a driver on INTx.
+const ISR_QUEUE: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("queue {index}: {detail}")]
+    Queue { index: usize, detail: String },
+    #[error("registering the queue notification for queue {index}: {source}")]
+    Ioeventfd {
+        index: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Device(String),
+}
+
+/// What a device gets when the driver sets DRIVER_OK (or when a restore finds it set).
+pub struct Activation {
+    /// The features both sides agreed on.
+    pub features: u64,
+    /// The queues the driver enabled, each with the eventfd its notifications arrive on.
+    /// Shared with the transport, which saves their positions while the device is paused.
+    pub queues: Vec<(Arc<Mutex<Queue>>, Arc<EventFd>)>,
+    pub memory: Arc<GuestMemoryMmap>,
+    pub interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (2: block, 1: network).
+    fn device_type(&self) -> u16;
+    /// PCI class and subclass for its function.
+    fn pci_class(&self) -> (u8, u8);
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Everything it offers, VERSION_1 included.
+    fn device_features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts working the queues (typically on an I/O thread).
+    fn activate(&mut self, activation: Activation) -> Result<(), VirtioError>;
+    /// The driver reset the device: stop working the queues and drop them.
+    fn reset(&mut self);
+    /// Stop touching the queues and guest memory (requests in flight complete first).
+    fn pause(&mut self) {}
+    /// Carry on; look at every queue once, since notifications may have come while paused.
+    fn resume(&mut self) {}
+}
+
+/// How a device raises its interrupts: per queue, through the MSI-X vector the driver chose,
+/// or (no vector) by setting the ISR bit.
+pub struct VirtioInterrupt {
+    msix: Arc<Mutex<Msix>>,
+    queue_vectors: Vec<AtomicU16>,
+    isr: AtomicU8,
+}
+
+impl VirtioInterrupt {
+    fn new(msix: Arc<Mutex<Msix>>, queue_vectors: &[u16]) -> Self {
+        VirtioInterrupt {
+            msix,
+            queue_vectors: queue_vectors.iter().map(|v| AtomicU16::new(*v)).collect(),
+            isr: AtomicU8::new(0),
+        }
+    }
+
+    /// Tells the driver queue `index` has used buffers.
+    pub fn notify_queue(&self, index: usize) {
+        let vector = self
+            .queue_vectors
+            .get(index)
+            .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire));
+        if vector == NO_VECTOR {
+            self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
+        } else {
+            lock(&self.msix).trigger(vector);
+        }
+    }
+
+    fn set_queue_vector(&self, index: usize, vector: u16) {
+        if let Some(v) = self.queue_vectors.get(index) {
+            v.store(vector, Ordering::Release);
+        }
+    }
+
+    fn take_isr(&self) -> u8 {
+        self.isr.swap(0, Ordering::AcqRel)
+    }
+}
