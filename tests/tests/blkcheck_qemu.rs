@@ -1,8 +1,9 @@
 //! The blkcheck virtio-blk driver guest end to end.
 //!
-//! On our VMM (which has no PCI device yet) `--guest blkcheck` must say that it found no
-//! virtio-blk device and exit with its "no device" status (the built-in guest, and the bzImage
-//! through `-kernel` and the 64-bit boot entry). Against QEMU's own virtio-blk-pci
+//! On our VMM without a disk, `--guest blkcheck` must say that it found no virtio-blk device
+//! and exit with its "no device" status (the built-in guest, and the bzImage through `-kernel`
+//! and the 64-bit boot entry); with a disk (`-drive ...,if=virtio`) it must complete its passes
+//! and leave an image the checker accepts. Against QEMU's own virtio-blk-pci
 //! (modern only), the bzImage flavour of the same driver must complete its passes with no
 //! mismatch and leave a disk image that the host-side checker accepts; a read-only disk gets
 //! read passes and is not written; without MSI-X the driver polls; and the guest finds the
@@ -47,6 +48,38 @@ fn vmm_boots_the_bzimage_and_it_reports_no_device() {
     let dir = TempDir::new("blkcheck-bz-vmm").unwrap();
     let kernel = build_blkcheck_bzimage(dir.path()).unwrap();
     assert_no_device_on_vmm(&["-m", "64M", "-kernel", &kernel.display().to_string()]);
+}
+
+/// Our VMM's own virtio-blk-pci (`-drive ...,if=virtio`): the same driver completes its passes
+/// and leaves an image the checker accepts; its counters block says the same.
+#[test]
+fn vmm_virtio_blk_passes_and_the_image_checks_out() {
+    let dir = TempDir::new("blkcheck-vmm").unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 2 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=virtio", disk.display());
+    let vmm = VmmProcess::start_vmm([
+        "-m",
+        "64M",
+        "--guest",
+        "blkcheck,depth=16,exit-after=2,exit-code=0",
+        "-drive",
+        &drive,
+    ]);
+    let status = vmm.wait_exit(QEMU_TIMEOUT).unwrap();
+    let console = vmm.stdout_text();
+    assert_eq!(status.code(), Some(0), "console: {console}");
+    assert!(
+        console.contains(" vector 0x41 apic ") && console.contains(" depth 16 region 4096 "),
+        "{console}"
+    );
+    assert_eq!(mismatch_lines(&console), Vec::<&str>::new());
+    let passes = parse_pass_lines(&console);
+    assert_eq!(passes.len(), 2, "{console}");
+    assert!(passes.iter().all(|p| p.requests == 1025 && p.errors == 0));
+    assert!(passes[1].irqs > 0, "no queue interrupts: {console}");
+    let summary = check_image(&disk, 2).unwrap();
+    assert_eq!((summary.last, summary.next), (4096, 0));
 }
 
 #[test]
