@@ -4,6 +4,11 @@
 //! -> `objcopy -O binary`, written to `$OUT_DIR/<name>.bin`, which
 //! src/boot.rs pulls in with `include_bytes!`. The tools come from GNU
 //! binutils (Debian package `binutils`).
+//!
+//! The guests in [`BZIMAGE_GUESTS`] are also assembled with `--defsym BZIMAGE=1`
+//! and linked by their own script into `$OUT_DIR/<name>.bzImage`, a bzImage
+//! that QEMU boots with `-kernel` (the same driver, compared against QEMU's
+//! devices); tests and scripts/blkcheck-qemu.sh build the same file.
 
 use std::env;
 use std::ffi::OsStr;
@@ -13,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Guest sources, assembled to `<name>.bin`.
-const GUESTS: &[&str] = &["heartbeat", "memcheck"];
+const GUESTS: &[&str] = &["heartbeat", "memcheck", "blkcheck"];
+/// Guests also built as a bzImage: (name, linker script).
+const BZIMAGE_GUESTS: &[(&str, &str)] = &[("blkcheck", "blkcheck-bz.ld")];
 /// Files the guests include or are linked with.
 const SHARED_INPUTS: &[&str] = &[
     "abi.inc",
@@ -24,6 +31,14 @@ const SHARED_INPUTS: &[&str] = &[
 ];
 /// Where the images are linked and loaded (see guests/abi.inc, src/boot.rs).
 const LOAD_ADDR: u64 = 0x10000;
+/// `ld` flags for every guest: a static x86-64 ELF without build id (no note in the image).
+const LD_FLAGS: &[&str] = &[
+    "-m",
+    "elf_x86_64",
+    "-nostdlib",
+    "-static",
+    "--build-id=none",
+];
 /// The image must fit in 0x10000..0x1ffff.
 const MAX_IMAGE_SIZE: u64 = 0x10000;
 
@@ -67,6 +82,12 @@ fn run() -> Result<(), String> {
             guest_dir.join(format!("{name}.S")).display()
         );
     }
+    for (_, script) in BZIMAGE_GUESTS {
+        println!(
+            "cargo:rerun-if-changed={}",
+            guest_dir.join(script).display()
+        );
+    }
 
     for tool in ["as", "ld", "objcopy"] {
         check_tool(tool)?;
@@ -74,42 +95,13 @@ fn run() -> Result<(), String> {
 
     let linker_script = guest_dir.join("guest.ld");
     for name in GUESTS {
-        let source = guest_dir.join(format!("{name}.S"));
         let object = out_dir.join(format!("{name}.o"));
         let elf = out_dir.join(format!("{name}.elf"));
         let image = out_dir.join(format!("{name}.bin"));
 
-        run_tool(
-            Command::new("as")
-                .arg("--64")
-                .arg("-I")
-                .arg(&guest_dir)
-                .arg("-o")
-                .arg(&object)
-                .arg(&source),
-        )?;
-        run_tool(
-            Command::new("ld")
-                .args([
-                    "-m",
-                    "elf_x86_64",
-                    "-nostdlib",
-                    "-static",
-                    "--build-id=none",
-                ])
-                .arg("-T")
-                .arg(&linker_script)
-                .arg("-o")
-                .arg(&elf)
-                .arg(&object),
-        )?;
+        assemble_and_link(&guest_dir, name, &[], &linker_script, &object, &elf)?;
         check_entry_point(&elf)?;
-        run_tool(
-            Command::new("objcopy")
-                .args(["-O", "binary"])
-                .arg(&elf)
-                .arg(&image),
-        )?;
+        objcopy_binary(&elf, &image)?;
 
         let size = fs::metadata(&image)
             .map_err(|e| format!("cannot stat {}: {e}", image.display()))?
@@ -124,6 +116,66 @@ fn run() -> Result<(), String> {
                 LOAD_ADDR + MAX_IMAGE_SIZE
             ));
         }
+    }
+    for (name, script) in BZIMAGE_GUESTS {
+        build_bzimage(&guest_dir, &out_dir, name, script)?;
+    }
+    Ok(())
+}
+
+/// `as --64 [as_args] guests/<name>.S -o object`, then `ld -T script object -o elf`.
+fn assemble_and_link(
+    guest_dir: &Path,
+    name: &str,
+    as_args: &[&str],
+    script: &Path,
+    object: &Path,
+    elf: &Path,
+) -> Result<(), String> {
+    run_tool(
+        Command::new("as")
+            .arg("--64")
+            .args(as_args)
+            .arg("-I")
+            .arg(guest_dir)
+            .arg("-o")
+            .arg(object)
+            .arg(guest_dir.join(format!("{name}.S"))),
+    )?;
+    run_tool(
+        Command::new("ld")
+            .args(LD_FLAGS)
+            .arg("-T")
+            .arg(script)
+            .arg("-o")
+            .arg(elf)
+            .arg(object),
+    )
+}
+
+/// `objcopy -O binary elf image`.
+fn objcopy_binary(elf: &Path, image: &Path) -> Result<(), String> {
+    run_tool(
+        Command::new("objcopy")
+            .args(["-O", "binary"])
+            .arg(elf)
+            .arg(image),
+    )
+}
+
+/// Assembles `guests/<name>.S` with `--defsym BZIMAGE=1`, links it with
+/// `guests/<script>` and writes `out_dir/<name>.bzImage`.
+fn build_bzimage(guest_dir: &Path, out_dir: &Path, name: &str, script: &str) -> Result<(), String> {
+    let object = out_dir.join(format!("{name}-bz.o"));
+    let elf = out_dir.join(format!("{name}-bz.elf"));
+    let image = out_dir.join(format!("{name}.bzImage"));
+    let script = guest_dir.join(script);
+    let as_args = ["--defsym", "BZIMAGE=1"];
+    assemble_and_link(guest_dir, name, &as_args, &script, &object, &elf)?;
+    objcopy_binary(&elf, &image)?;
+    let header = fs::read(&image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+    if header.get(0x202..0x206) != Some(b"HdrS".as_slice()) {
+        return Err(format!("{} has no bzImage setup header", image.display()));
     }
     Ok(())
 }

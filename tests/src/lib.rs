@@ -31,6 +31,7 @@
 //! ```
 
 pub mod binaries;
+pub mod blkcheck;
 pub mod cpr;
 pub mod heartbeat;
 pub mod hugepages;

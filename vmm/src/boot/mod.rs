@@ -1,6 +1,6 @@
 //! Direct 64-bit long-mode boot of the built-in guests.
 //!
-//! The built-in guests (`heartbeat`, `memcheck`) are small flat images
+//! The built-in guests (`heartbeat`, `memcheck`, `blkcheck`) are small flat images
 //! assembled from `guests/*.S` by `build.rs`. Like Firecracker's direct Linux
 //! boot, the VMM prepares everything a 64-bit guest needs before its first
 //! instruction: a GDT, identity-mapped page tables and long-mode special
@@ -77,6 +77,31 @@ const PB_RAM_END: usize = 0x10;
 const PB_TIMER_COUNT: usize = 0x18;
 const PB_EXIT_AFTER: usize = 0x1c;
 const PB_EXIT_CODE: usize = 0x20;
+/// blkcheck: u32 requests kept in flight (0 = its default, [`BLKCHECK_DEFAULT_DEPTH`]).
+const PB_BLK_DEPTH: usize = 0x30;
+
+/// blkcheck's requests in flight when `depth=` is not given.
+#[allow(dead_code)] // guest ABI: the guest applies it to depth 0
+pub const BLKCHECK_DEFAULT_DEPTH: u32 = 8;
+/// The most requests blkcheck keeps in flight (it also stays within a third of the queue).
+pub const BLKCHECK_MAX_DEPTH: u32 = 64;
+/// Guest-physical address of blkcheck's counters block (u64 each): `+0x00` magic "BLKCHECK",
+/// `+0x08` completed requests, `+0x10` passes completed (the last generation written, verified
+/// and flushed), `+0x18` mismatched sectors, `+0x20` I/O errors, `+0x28` timer ticks, `+0x30`
+/// generation in flight, `+0x38` region sectors, `+0x40` capacity, `+0x48` state (0 starting,
+/// 1 running, 2 no device, 3 failed), `+0x50` queue interrupts. See guests/blkcheck.S.
+#[allow(dead_code)] // guest ABI, for callers that read blkcheck's counters
+pub const BLKCHECK_COUNTERS_ADDR: u64 = 0x30000;
+/// blkcheck's exit status when no virtio-blk device is on PCI bus 0.
+#[allow(dead_code)] // guest ABI, for callers that interpret exit statuses
+pub const BLKCHECK_EXIT_NO_DEVICE: u8 = 0x20;
+/// blkcheck's exit status when the device cannot be driven (printed `blkcheck: FAILED ...`).
+#[allow(dead_code)] // guest ABI, for callers that interpret exit statuses
+pub const BLKCHECK_EXIT_DEVICE_ERROR: u8 = 0x21;
+/// blkcheck's exit status after `exit-after` passes when a request failed or a sector
+/// mismatched (otherwise it exits with `exit_code`).
+#[allow(dead_code)] // guest ABI, for callers that interpret exit statuses
+pub const BLKCHECK_EXIT_DATA_ERROR: u8 = 0x22;
 /// u32: 1 when memcheck sweeps sampled pages of all RAM (`sweep=sampled`), 0 otherwise.
 const PB_MEMCHECK_SAMPLED: usize = 0x24;
 /// u64: end of the RAM that starts at 4 GiB, or 0 when there is none.
@@ -128,9 +153,11 @@ const EFER_LMA: u64 = 1 << 10;
 
 static HEARTBEAT_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.bin"));
 static MEMCHECK_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memcheck.bin"));
+static BLKCHECK_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkcheck.bin"));
 // build.rs checks this too; keep the load-time guarantee at compile time.
 const _: () = assert!(HEARTBEAT_IMAGE.len() <= MAX_GUEST_IMAGE_SIZE);
 const _: () = assert!(MEMCHECK_IMAGE.len() <= MAX_GUEST_IMAGE_SIZE);
+const _: () = assert!(BLKCHECK_IMAGE.len() <= MAX_GUEST_IMAGE_SIZE);
 // The per-vCPU areas of all vCPUs lie in the page the load writes (and zeroes).
 const _: () = assert!(
     PERCPU_AREA_ADDR + MAX_BUILTIN_VCPUS as u64 * PERCPU_AREA_SIZE
@@ -144,6 +171,12 @@ pub enum BuiltinGuest {
     Heartbeat,
     /// QEMU migration-test style memory consistency checker ("A", then "B"s).
     Memcheck,
+    /// virtio-blk driver: keeps `depth` requests in flight (0 = the default), writes,
+    /// reads back and verifies generations of sector patterns (guests/blkcheck.S).
+    Blkcheck {
+        /// Requests in flight, `0..=BLKCHECK_MAX_DEPTH` (0 = [`BLKCHECK_DEFAULT_DEPTH`]).
+        depth: u32,
+    },
     /// memcheck sweeping one sampled page every [`MEMCHECK_SAMPLE_STRIDE`] of all RAM, above
     /// 4 GiB too (`--guest memcheck,sweep=sampled`); same image, same name.
     MemcheckSampled,
@@ -151,13 +184,18 @@ pub enum BuiltinGuest {
 
 impl BuiltinGuest {
     /// All built-in guests.
-    pub const ALL: [BuiltinGuest; 2] = [BuiltinGuest::Heartbeat, BuiltinGuest::Memcheck];
+    pub const ALL: [BuiltinGuest; 3] = [
+        BuiltinGuest::Heartbeat,
+        BuiltinGuest::Memcheck,
+        BuiltinGuest::Blkcheck { depth: 0 },
+    ];
 
     /// The guest's name as used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             BuiltinGuest::Heartbeat => "heartbeat",
             BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled => "memcheck",
+            BuiltinGuest::Blkcheck { .. } => "blkcheck",
         }
     }
 
@@ -171,6 +209,7 @@ impl BuiltinGuest {
         match self {
             BuiltinGuest::Heartbeat => HEARTBEAT_IMAGE,
             BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled => MEMCHECK_IMAGE,
+            BuiltinGuest::Blkcheck { .. } => BLKCHECK_IMAGE,
         }
     }
 }
@@ -186,7 +225,8 @@ pub struct GuestParams {
     /// heartbeat's LAPIC timer rate, `1..=MAX_TICK_HZ` (ignored by memcheck).
     pub tick_hz: u32,
     /// heartbeat: vCPU 0 writes `exit_code` to [`DEBUG_EXIT_PORT`] once it
-    /// has printed this tick; 0 = run forever.
+    /// has printed this tick; 0 = run forever. blkcheck: the same after this
+    /// many passes.
     pub exit_after_ticks: u32,
     /// See `exit_after_ticks`.
     pub exit_code: u8,
@@ -210,6 +250,9 @@ pub enum BootError {
     /// The guest memory does not back all of `[0, ram_end)`.
     #[error("guest memory does not cover [0, {0:#x}) without holes, as ram_end claims")]
     RamNotBacked(u64),
+    /// `depth` is above [`BLKCHECK_MAX_DEPTH`].
+    #[error("blkcheck depth {0} is invalid: use 1..={BLKCHECK_MAX_DEPTH} requests in flight")]
+    InvalidDepth(u32),
     /// `tick_hz` is out of range for heartbeat.
     #[error("tick rate {0} Hz is invalid for the heartbeat guest (must be 1..={MAX_TICK_HZ} Hz)")]
     InvalidTickRate(u32),
@@ -231,7 +274,7 @@ pub enum BootError {
 /// Parameter block at [`PARAMS_ADDR`] (little-endian): `+0x00` u64 magic
 /// "CPRGUEST", `+0x08` u32 version 1, `+0x0c` u32 vcpu_count, `+0x10` u64
 /// ram_end, `+0x18` u32 LAPIC timer initial count, `+0x1c` u32
-/// exit_after_ticks, `+0x20` u32 exit_code, `+0x40` u32 print spinlock,
+/// exit_after_ticks, `+0x20` u32 exit_code, `+0x30` u32 blkcheck depth, `+0x40` u32 print spinlock,
 /// `+0x100 + 64*i` per-vCPU areas; everything not listed is zeroed.
 ///
 /// memcheck expects the pages it checks to start out equal, as they are in
@@ -267,6 +310,14 @@ pub fn load_builtin_guest<M: GuestMemory>(
         None => return Err(BootError::InvalidTickRate(params.tick_hz)),
     };
 
+    let depth = match guest {
+        BuiltinGuest::Blkcheck { depth } if depth > BLKCHECK_MAX_DEPTH => {
+            return Err(BootError::InvalidDepth(depth));
+        }
+        BuiltinGuest::Blkcheck { depth } => depth,
+        _ => 0,
+    };
+
     write_long_mode_tables(mem)?;
 
     let mut block = [0u8; PARAMS_SIZE];
@@ -280,6 +331,7 @@ pub fn load_builtin_guest<M: GuestMemory>(
     put(PB_TIMER_COUNT, &timer_count.to_le_bytes());
     put(PB_EXIT_AFTER, &params.exit_after_ticks.to_le_bytes());
     put(PB_EXIT_CODE, &u32::from(params.exit_code).to_le_bytes());
+    put(PB_BLK_DEPTH, &depth.to_le_bytes());
     let sampled = u32::from(guest == BuiltinGuest::MemcheckSampled);
     put(PB_MEMCHECK_SAMPLED, &sampled.to_le_bytes());
     put(PB_HIGH_RAM_END, &high_ram_end(mem).to_le_bytes());

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Parser};
 
-use crate::boot::BuiltinGuest;
 use crate::boot::linux::{LinuxBootConfig, MAX_LINUX_VCPUS};
+use crate::boot::{BLKCHECK_MAX_DEPTH, BuiltinGuest};
 use crate::qmp::protocol::ChardevInfo;
 
 /// Single-dash long options QEMU users type, mapped to our `--long` names.
@@ -121,8 +121,10 @@ pub struct Args {
     #[arg(long = "smp", value_name = "N", default_value = "1")]
     pub smp: String,
 
-    /// Built-in guest: heartbeat or memcheck, with options NAME[,hz=N][,exit-after=N][,exit-code=N]
-    /// (memcheck also [,sweep=dense|sampled]: sampled touches one page every 16 MiB of all RAM).
+    /// Built-in guest: heartbeat, memcheck or blkcheck, with options
+    /// NAME[,hz=N][,exit-after=N][,exit-code=N] (memcheck also [,sweep=dense|sampled]: sampled
+    /// touches one page every 16 MiB of all RAM; blkcheck also [,depth=N], and its exit-after
+    /// counts passes).
     #[arg(long, value_name = "NAME[,OPTS]")]
     pub guest: Option<String>,
 
@@ -254,11 +256,11 @@ pub enum CliError {
     Smp(String),
     #[error("-smp {got}: this VMM supports 1 to {max} vCPUs")]
     SmpRange { got: u32, max: u32 },
-    #[error("unknown guest '{0}': built-in guests are heartbeat and memcheck")]
+    #[error("unknown guest '{0}': built-in guests are heartbeat, memcheck and blkcheck")]
     UnknownGuest(String),
     #[error(
-        "invalid guest option '{0}': heartbeat/memcheck take hz=N, exit-after=N, exit-code=N; \
-         memcheck also sweep=dense|sampled"
+        "invalid guest option '{0}': the guests take hz=N, exit-after=N, exit-code=N; \
+         memcheck also sweep=dense|sampled; blkcheck also depth=N (1..=64 requests in flight)"
     )]
     GuestOption(String),
     #[error("invalid -serial '{0}': use stdio, file:PATH, unix:PATH,server[,wait=off] or null")]
@@ -722,6 +724,14 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
             }
             "exit-after" => g.exit_after_ticks = v.parse().map_err(|_| bad())?,
             "exit-code" => g.exit_code = v.parse().map_err(|_| bad())?,
+            "depth" if matches!(g.guest, BuiltinGuest::Blkcheck { .. }) => {
+                let depth = v
+                    .parse()
+                    .ok()
+                    .filter(|d| (1..=BLKCHECK_MAX_DEPTH).contains(d))
+                    .ok_or_else(bad)?;
+                g.guest = BuiltinGuest::Blkcheck { depth };
+            }
             "sweep" => {
                 g.guest = match (g.guest, v) {
                     (BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled, "dense") => {
@@ -1033,7 +1043,7 @@ mod tests {
         let e = parse(&["-smp", "0"]).unwrap_err();
         assert!(e.contains("1 to"), "{e}");
         let e = parse(&["--guest", "doom"]).unwrap_err();
-        assert!(e.contains("heartbeat and memcheck"), "{e}");
+        assert!(e.contains("heartbeat, memcheck and blkcheck"), "{e}");
         let e = parse(&["-serial", "tcp:1.2.3.4:5"]).unwrap_err();
         assert!(e.contains("stdio, file:PATH"), "{e}");
         let e = parse(&["-qmp", "tcp:localhost:4444"]).unwrap_err();
@@ -1129,6 +1139,21 @@ mod tests {
         assert!(parse_guest("heartbeat,sweep=sampled").is_err());
         assert!(parse_guest("memcheck,sweep=all").is_err());
         assert!(parse_guest("heartbeat,volume=11").is_err());
+    }
+
+    #[test]
+    fn blkcheck_guest_takes_a_depth() {
+        let g = parse_guest("blkcheck").unwrap();
+        assert_eq!(g.guest, BuiltinGuest::Blkcheck { depth: 0 });
+        let g = parse_guest("blkcheck,depth=16,exit-after=2").unwrap();
+        assert_eq!(g.guest, BuiltinGuest::Blkcheck { depth: 16 });
+        assert_eq!(g.exit_after_ticks, 2);
+        for bad in ["blkcheck,depth=0", "blkcheck,depth=65", "blkcheck,depth=x"] {
+            let e = parse_guest(bad).unwrap_err().to_string();
+            assert!(e.contains("depth=N"), "{bad}: {e}");
+        }
+        // Only blkcheck has a depth.
+        assert!(parse_guest("heartbeat,depth=8").is_err());
     }
 
     #[test]
