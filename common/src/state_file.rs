@@ -14,9 +14,6 @@ pub const SECTION_VCPUS: u32 = 3;
 pub const SECTION_VM: u32 = 4;
 pub const SECTION_DEVICES: u32 = 5;
 pub const SECTION_RAM: u32 = 6;
-/// Optional (version 3 on): the migration parameters a live update carries to the new VMM, as
-/// QMP JSON.
-pub const SECTION_MIGRATION_PARAMETERS: u32 = 7;
 
 /// Version 2 added the i8042, RTC and PCI-configuration device states; version 3 stores every
 /// device's state as an opaque blob under its id and lists the devices in the description.
@@ -36,6 +33,5 @@ pub static STATE_FILE_FORMAT: FormatSpec = FormatSpec {
         (SECTION_VM, "vm"),
         (SECTION_DEVICES, "devices"),
         (SECTION_RAM, "ram"),
-        (SECTION_MIGRATION_PARAMETERS, "migration-parameters"),
     ],
 };

@@ -167,6 +167,16 @@ pub fn run(
                 }
                 other => other.and_then(Result::ok),
             };
+            // What the handed-over clients sent while the update ran is read now, once, so
+            // that only those commands are treated as sent during the update.
+            let inherited: Vec<ClientId> = vmm
+                .monitor
+                .as_ref()
+                .map(|m| m.client_fds().into_iter().map(|(c, _)| c).collect())
+                .unwrap_or_default();
+            for id in inherited {
+                vmm.answer_client(id);
+            }
             Ok(vmm.event_loop())
         }
         Err(e) => Err(StartError::RollbackFailed(
@@ -687,10 +697,20 @@ impl Vmm {
     /// Reads what client `id` has sent and answers each command, in order.
     fn answer_client(&mut self, id: ClientId) {
         let Some(m) = &mut self.monitor else { return };
+        let during_update = m.first_read_after_update(id);
         let outcome = m.read(id);
         for request in outcome.requests {
             let quit = matches!(request.command, Command::Quit);
-            let result = self.execute(request.command);
+            // A `migrate` sent while a live update ran was meant for the previous VMM and its
+            // parameters (which do not cross the update, as in QEMU): refuse it rather than
+            // run it as something else here.
+            let result = if during_update && matches!(request.command, Command::Migrate(_)) {
+                Err(QmpError::generic(
+                    "There's a migration process in progress (a live update was running when this migrate was sent; send it again)",
+                ))
+            } else {
+                self.execute(request.command)
+            };
             let response = Response::from_result(request.id, result);
             if let Some(m) = &mut self.monitor {
                 m.reply(id, &response);

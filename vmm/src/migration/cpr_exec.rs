@@ -819,16 +819,7 @@ impl Vmm {
                 saved_at_unix_ns: cpr_common::timing::realtime_ns(),
             };
             let label = state_file.display().to_string();
-            // The parameters go along, so that a `migrate` still unread at the exec does what
-            // its client meant in the new VMM.
-            let params = serde_json::to_vec(&self.params).unwrap_or_default();
-            let bytes = encode_state(
-                Vec::new(),
-                &state,
-                &run,
-                RamContents::PreservedWithParameters(&params),
-                &label,
-            )?;
+            let bytes = encode_state(Vec::new(), &state, &run, RamContents::Preserved, &label)?;
             write_state_bytes(&state_file, &bytes)?;
             phases.mark("write state file");
             let device_fds = machine.device_host_fds()?;
@@ -929,12 +920,6 @@ impl Vmm {
         };
         file.check_machine(&self.described_machine())
             .map_err(IncomingError::from)?;
-        if let Some(params) = file
-            .migration_parameters()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        {
-            self.params = params;
-        }
         incoming.phases.mark("read state file");
         let ram = incoming.take_ram(&file.state.description.regions)?;
         incoming.phases.mark("map memory");

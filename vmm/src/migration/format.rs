@@ -11,8 +11,6 @@
 //! 4   vm           VmState: PIC master/slave, IOAPIC, PIT, kvmclock
 //! 5   devices      Vec<SavedDevice>: each device's id and its own state, bincode-encoded
 //! 6   ram          only in "normal" mode; absent when RAM stays in preserved memfds
-//! 7   migration-parameters  only from a live update: the QMP migration parameters (JSON), so
-//!                  a `migrate` the new VMM reads means what its client meant
 //! ```
 //!
 //! The `ram` section is a sequence of runs of non-zero pages (zero pages are skipped; fresh
@@ -52,8 +50,8 @@ const RUN_HEADER_LEN: usize = 24;
 const PAGES_PER_CHUNK: u64 = 256;
 
 pub use cpr_common::state_file::{
-    SECTION_DESCRIPTION, SECTION_DEVICES, SECTION_MIGRATION_PARAMETERS, SECTION_RAM, SECTION_RUN,
-    SECTION_VCPUS, SECTION_VM, STATE_FILE_FORMAT, STATE_FORMAT_VERSION,
+    SECTION_DESCRIPTION, SECTION_DEVICES, SECTION_RAM, SECTION_RUN, SECTION_VCPUS, SECTION_VM,
+    STATE_FILE_FORMAT, STATE_FORMAT_VERSION,
 };
 
 /// How the machine was when it was saved.
@@ -128,8 +126,6 @@ impl RamProgress {
 pub enum RamContents<'a> {
     /// RAM stays where it is (memfds handed over); only the region list is in the description.
     Preserved,
-    /// As `Preserved`, for a live update, with the migration parameters (QMP JSON) it carries.
-    PreservedWithParameters(&'a [u8]),
     /// Copy every non-zero page.
     Pages(&'a RamView, &'a RamProgress),
 }
@@ -195,10 +191,6 @@ pub fn encode_state<W: Write>(
             let mut stream = w.stream_section(SECTION_RAM);
             write_ram_pages(&mut stream, ram, progress).map_err(io_err)?;
             stream.finish();
-        }
-        RamContents::PreservedWithParameters(params) => {
-            w.write_raw_section(SECTION_MIGRATION_PARAMETERS, params)
-                .map_err(io_err)?;
         }
         RamContents::Preserved => {}
     }
@@ -362,16 +354,6 @@ impl<R: ReadAt> StateFile<R> {
             run,
             state,
         })
-    }
-
-    /// The migration parameters a live update carried (QMP JSON), if any.
-    pub fn migration_parameters(&self) -> Option<Vec<u8>> {
-        if !self.reader.has_section(SECTION_MIGRATION_PARAMETERS) {
-            return None;
-        }
-        self.reader
-            .read_raw_section(SECTION_MIGRATION_PARAMETERS)
-            .ok()
     }
 
     pub fn has_ram(&self) -> bool {

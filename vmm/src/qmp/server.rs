@@ -37,6 +37,9 @@ struct Client {
     streamer: JsonStreamer,
     session: Session,
     pending: Vec<u8>,
+    /// Handed over by a live update and not read since: what it holds was sent before the
+    /// update ended (see [`Monitor::first_read_after_update`]).
+    inherited_unread: bool,
 }
 
 impl Client {
@@ -46,6 +49,7 @@ impl Client {
             streamer: JsonStreamer::new(),
             session,
             pending: Vec::new(),
+            inherited_unread: false,
         }
     }
 
@@ -124,9 +128,20 @@ impl Monitor {
             };
             let id = m.next_id;
             m.next_id += 1;
-            m.clients.insert(id, Client::new(stream, session));
+            let mut client = Client::new(stream, session);
+            client.inherited_unread = true;
+            m.clients.insert(id, client);
         }
         m
+    }
+
+    /// Whether this is the first read of a client handed over by a live update (and from now
+    /// on, no longer): commands in it were sent while the update ran, under the previous VMM's
+    /// migration parameters, which the new VMM does not have.
+    pub fn first_read_after_update(&mut self, id: ClientId) -> bool {
+        self.clients
+            .get_mut(&id)
+            .is_some_and(|c| std::mem::take(&mut c.inherited_unread))
     }
 
     pub fn listener_fd(&self) -> RawFd {
