@@ -206,13 +206,18 @@ fn on_off(option: &'static str, spec: &str, key: &str, v: &str) -> Result<bool, 
     }
 }
 
-fn file_spec(path: &str) -> Result<FileSpec, String> {
+fn file_spec(option: &'static str, spec: &str, path: &str) -> Result<FileSpec, DriveError> {
+    let bad = |detail: String| DriveError::Syntax {
+        option,
+        spec: spec.to_string(),
+        detail,
+    };
     match path.strip_prefix("/dev/fdset/") {
         Some(n) => n
             .parse()
             .map(FileSpec::FdSet)
-            .map_err(|_| format!("file={path}: /dev/fdset/ takes a set number")),
-        None if path.is_empty() => Err("file= is empty".into()),
+            .map_err(|_| bad(format!("file={path}: /dev/fdset/ takes a set number"))),
+        None if path.is_empty() => Err(bad("file= is empty".into())),
         None => Ok(FileSpec::Path(PathBuf::from(path))),
     }
 }
@@ -231,7 +236,7 @@ fn parse_drive(spec: &str, index: usize) -> Result<PendingDrive, DriveError> {
     let mut interface = "virtio".to_string();
     for (k, v) in split_options("-drive", spec)? {
         match k.as_str() {
-            "file" => file = Some(file_spec(&v).map_err(bad)?),
+            "file" => file = Some(file_spec("-drive", spec, &v)?),
             "format" => format = Some(v),
             "if" => interface = v,
             "id" => id = Some(v),
@@ -312,7 +317,7 @@ fn parse_blockdev(spec: &str) -> Result<Blockdev, DriveError> {
             let filename = get("filename").ok_or_else(|| bad("filename= is missing".into()))?;
             Ok(Blockdev::File(PendingDrive {
                 id: node,
-                file: file_spec(&filename).map_err(bad)?,
+                file: file_spec("-blockdev", spec, &filename)?,
                 format: Some("raw".into()),
                 read_only,
                 serial: None,

@@ -784,6 +784,51 @@ mod tests {
     }
 
     #[test]
+    fn descriptor_loops_and_oversized_requests_are_contained() {
+        let rig = Rig::new(64);
+        let block = rig.block(false);
+        rig.header(HEADER, T_IN, 0);
+        rig.header(HEADER + 0x100, T_IN, 0);
+        // A chain whose second descriptor points back at the first: the queue's walk is
+        // bounded by its size, the request has no status byte to answer in, and is returned.
+        let mock = MockSplitQueue::new(rig.memory.as_ref(), 16);
+        let looped = [
+            RawDescriptor::from(SplitDescriptor::new(HEADER, 16, NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(DATA, 512, NEXT, 0)),
+        ];
+        mock.add_desc_chains(&looped, 0).unwrap();
+        let queue: Queue = mock.create_queue().unwrap();
+        let mut rq = RequestQueue {
+            queue: Arc::new(Mutex::new(queue)),
+            notify: Arc::new(EventFd::new(0).unwrap()),
+            wake: Arc::new(EventFd::new(0).unwrap()),
+            memory: rig.memory.clone(),
+            interrupt: rig.interrupt.clone(),
+            disk: block.disk.clone(),
+            capacity_sectors: block.capacity_sectors,
+            read_only: false,
+            serial: String::new(),
+        };
+        rq.process();
+        assert!(mock.used().idx().load() <= 1);
+        // 6 MiB of data in one request (two 3 MiB buffers over the same RAM): over the limit.
+        let out = rig.run(
+            &block,
+            &[vec![
+                (HEADER + 0x100, 16, 0),
+                (0x10_0000, 3 << 20, WRITE),
+                (0x10_0000, 3 << 20, WRITE),
+                (STATUS, 1, WRITE),
+            ]],
+        );
+        assert_eq!(out, [(S_IOERR, 1)]);
+        // The device goes on.
+        rig.header(HEADER, T_IN, 0);
+        let out = rig.run(&block, &[request(HEADER, Some((DATA, 512, WRITE)), STATUS)]);
+        assert_eq!(out, [(S_OK, 513)]);
+    }
+
+    #[test]
     fn a_read_only_disk_refuses_writes_and_says_so_in_its_features() {
         let rig = Rig::new(8);
         let block = rig.block(true);

@@ -947,6 +947,9 @@ mod tests {
         let mut dev = m
             .with(|ctx| VirtioPciDevice::<Probe>::power_on(ctx, &()))
             .unwrap();
+        // Notifications before the driver set it up go nowhere.
+        w(&mut dev, NOTIFY_OFFSET, 0, 2);
+        assert!(dev.device().activations.is_empty());
         driver_setup(&mut dev, 1 << 32 | 1 << 5, 8);
         assert_eq!(r(&mut dev, 0x14, 1) as u8 & STATUS_FEATURES_OK, 0);
         w(&mut dev, 0x14, u64::from(ALL_OK), 1);
