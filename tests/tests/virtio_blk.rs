@@ -432,3 +432,30 @@ fn live_updates_with_disk_io_in_flight_lose_no_write() {
         c.requests, c.passes
     );
 }
+
+/// `query-block` and HMP `info block` say what is attached, as QEMU says it.
+#[test]
+fn query_block_and_info_block_list_the_disks() {
+    let mut vm = DiskVm::start(
+        "blk-query",
+        &strings(&[
+            "-drive",
+            "file=DISK,format=raw,if=none,id=d0,readonly=on",
+            "-device",
+            "virtio-blk-pci,drive=d0",
+        ]),
+    );
+    let blocks = vm.qmp.execute("query-block", Value::Null).unwrap();
+    let disk = &blocks[0];
+    assert_eq!(disk["device"], "d0", "{blocks}");
+    assert_eq!(disk["inserted"]["ro"], true, "{blocks}");
+    assert_eq!(disk["inserted"]["drv"], "raw");
+    assert_eq!(disk["inserted"]["image"]["virtual-size"], 2048 * 512);
+    let path = vm.dir.join("disk.img").display().to_string();
+    assert_eq!(disk["inserted"]["file"], path.as_str());
+    let text = vm.qmp.hmp("info block").unwrap();
+    assert!(
+        text.starts_with(&format!("d0 (d0): {path} (raw, read-only)")),
+        "{text}"
+    );
+}

@@ -360,6 +360,21 @@ impl Machine {
         }
     }
 
+    /// Each disk as the machine has it now: its configuration and its size in bytes.
+    pub fn disks(&self) -> Vec<(BlockConfig, u64)> {
+        self.disks
+            .iter()
+            .filter_map(|d| {
+                self.devices.with(
+                    &format!("virtio-blk:{}", d.id),
+                    |pci: &mut VirtioPciDevice<Block>| {
+                        (pci.device().config().clone(), pci.device().capacity_bytes())
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// The host fds the devices own, for a migration mode to carry to the next VMM.
     pub fn device_host_fds(&self) -> Result<Vec<HostFd>, MachineError> {
         Ok(self.devices.host_fds()?)

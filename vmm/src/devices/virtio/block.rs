@@ -244,6 +244,16 @@ impl Persist for Block {
     }
 }
 
+impl Block {
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_sectors * SECTOR_SIZE
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u16 {
         VIRTIO_ID_BLOCK

@@ -223,7 +223,6 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         })
     }
 
-    #[cfg(test)]
     pub fn device(&self) -> &D {
         &self.device
     }

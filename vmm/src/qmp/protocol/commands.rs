@@ -38,6 +38,7 @@ pub enum Command {
     MigrateCancel,
     QueryName,
     QueryKvm,
+    QueryBlock,
     QueryEvents,
     QueryChardev,
     QueryMigrateCapabilities,
@@ -69,6 +70,7 @@ impl Command {
             Command::MigrateCancel => "migrate_cancel",
             Command::QueryName => "query-name",
             Command::QueryKvm => "query-kvm",
+            Command::QueryBlock => "query-block",
             Command::QueryEvents => "query-events",
             Command::QueryChardev => "query-chardev",
             Command::QueryMigrateCapabilities => "query-migrate-capabilities",
@@ -394,6 +396,43 @@ static MIGRATION_INFO: Ty = Ty::Object(&Body::Struct(&[
     opt("x-cpr", Ty::Object(&CPR_UPDATE_INFO)),
 ]));
 static NAME_INFO: Ty = Ty::Object(&Body::Struct(&[opt("name", Ty::Str)]));
+static IMAGE_INFO: Body = Body::Struct(&[
+    req("filename", Ty::Str),
+    req("format", Ty::Str),
+    req("virtual-size", Ty::Int),
+]);
+static BLOCKDEV_CACHE_INFO: Body = Body::Struct(&[
+    req("writeback", Ty::Bool),
+    req("direct", Ty::Bool),
+    req("no-flush", Ty::Bool),
+]);
+static BLOCK_DEVICE_INFO: Body = Body::Struct(&[
+    req("file", Ty::Str),
+    opt("node-name", Ty::Str),
+    req("ro", Ty::Bool),
+    req("drv", Ty::Str),
+    req("backing_file_depth", Ty::Int),
+    req("encrypted", Ty::Bool),
+    req("detect_zeroes", Ty::Str),
+    req("bps", Ty::Int),
+    req("bps_rd", Ty::Int),
+    req("bps_wr", Ty::Int),
+    req("iops", Ty::Int),
+    req("iops_rd", Ty::Int),
+    req("iops_wr", Ty::Int),
+    req("image", Ty::Object(&IMAGE_INFO)),
+    req("cache", Ty::Object(&BLOCKDEV_CACHE_INFO)),
+    req("write_threshold", Ty::Int),
+]);
+static BLOCK_INFO: Ty = Ty::Object(&Body::Struct(&[
+    req("device", Ty::Str),
+    opt("qdev", Ty::Str),
+    req("type", Ty::Str),
+    req("removable", Ty::Bool),
+    req("locked", Ty::Bool),
+    opt("inserted", Ty::Object(&BLOCK_DEVICE_INFO)),
+]));
+static BLOCK_INFO_LIST: Ty = Ty::List(&BLOCK_INFO);
 static KVM_INFO: Ty = Ty::Object(&Body::Struct(&[
     req("enabled", Ty::Bool),
     req("present", Ty::Bool),
@@ -685,6 +724,12 @@ pub static COMMANDS: &[CommandSpec] = &[
         args: &[],
         ret: &NAME_INFO,
         build: |_| Ok(Command::QueryName),
+    },
+    CommandSpec {
+        name: "query-block",
+        args: &[],
+        ret: &BLOCK_INFO_LIST,
+        build: |_| Ok(Command::QueryBlock),
     },
     CommandSpec {
         name: "query-kvm",

@@ -100,6 +100,8 @@ pub enum HmpRender {
     InfoName,
     /// `info kvm`
     InfoKvm,
+    /// `info block`
+    InfoBlock,
     /// `info registers`: the text of `x-query-registers`.
     InfoRegisters,
     /// `migrate [-d]`: without `-d` QEMU would wait, which a QMP-driven HMP
@@ -142,6 +144,7 @@ impl HmpRender {
                     };
                     format!("kvm support: {state}\n")
                 }),
+                HmpRender::InfoBlock => typed(v, |disks: Vec<BlockInfo>| info_block(&disks)),
                 HmpRender::InfoRegisters => typed(v, |t: HumanReadableText| t.human_readable_text),
                 HmpRender::Migrate { detach: true } => String::new(),
                 HmpRender::Migrate { detach: false } => {
@@ -156,6 +159,20 @@ impl HmpRender {
 /// Text for a failed command, for servers that fail before running it.
 pub fn error_text(e: &QmpError) -> String {
     crlf(&format!("Error: {}\n", e.desc))
+}
+
+/// `info block`, laid out as QEMU's.
+fn info_block(disks: &[BlockInfo]) -> String {
+    let mut out = String::new();
+    for d in disks {
+        let i = &d.inserted;
+        let ro = if i.ro { ", read-only" } else { "" };
+        out.push_str(&format!(
+            "{} ({}): {} ({}{ro})\n    Attached to:      {}\n    Cache mode:       writeback\n",
+            d.device, i.node_name, i.file, i.drv, d.qdev
+        ));
+    }
+    out
 }
 
 fn typed<T: DeserializeOwned>(v: &Value, f: impl FnOnce(T) -> String) -> String {
@@ -411,6 +428,7 @@ enum Kind {
     InfoMigrateParameters,
     InfoName,
     InfoKvm,
+    InfoBlock,
     InfoRegisters,
     Pmemsave,
 }
@@ -529,6 +547,7 @@ static INFO_COMMANDS: &[HmpCmd] = &[
     ),
     cmd("name", "", "", "show the current VM name", Kind::InfoName),
     cmd("kvm", "", "", "show KVM information", Kind::InfoKvm),
+    cmd("block", "", "", "show the block devices", Kind::InfoBlock),
     cmd(
         "registers",
         "cpustate_all:-a,vcpu:i?",
@@ -648,6 +667,7 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
         ),
         Kind::InfoName => run(Command::QueryName, HmpRender::InfoName),
         Kind::InfoKvm => run(Command::QueryKvm, HmpRender::InfoKvm),
+        Kind::InfoBlock => run(Command::QueryBlock, HmpRender::InfoBlock),
         Kind::InfoRegisters => {
             // -a: every vCPU; a number: that one; neither: the monitor's current vCPU.
             let cpu = if flag("cpustate_all") {

@@ -81,6 +81,58 @@ pub struct NameInfo {
     pub name: Option<String>,
 }
 
+/// `BlockInfo`, one element of `query-block`: a disk and its medium.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockInfo {
+    pub device: String,
+    pub qdev: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub removable: bool,
+    pub locked: bool,
+    pub inserted: BlockDeviceInfo,
+}
+
+/// `BlockDeviceInfo`: the image behind a disk (QEMU's required members; no throttling here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDeviceInfo {
+    pub file: String,
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    pub ro: bool,
+    pub drv: String,
+    pub backing_file_depth: i64,
+    pub encrypted: bool,
+    pub detect_zeroes: String,
+    pub bps: i64,
+    pub bps_rd: i64,
+    pub bps_wr: i64,
+    pub iops: i64,
+    pub iops_rd: i64,
+    pub iops_wr: i64,
+    pub image: ImageInfo,
+    pub cache: BlockdevCacheInfo,
+    pub write_threshold: i64,
+}
+
+/// `ImageInfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub filename: String,
+    pub format: String,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: i64,
+}
+
+/// `BlockdevCacheInfo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockdevCacheInfo {
+    pub writeback: bool,
+    pub direct: bool,
+    #[serde(rename = "no-flush")]
+    pub no_flush: bool,
+}
+
 /// `KvmInfo`, the result of `query-kvm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvmInfo {
