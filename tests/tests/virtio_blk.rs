@@ -370,6 +370,130 @@ fn wait_requests_above(qmp: &mut QmpClient, dir: &Path, than: u64) -> BlkcheckCo
     }
 }
 
+/// A blkcheck guest at depth 8 on a fresh 2 MiB disk, with a QMP monitor, past its first pass.
+struct IoVm {
+    dir: TempDir,
+    disk: PathBuf,
+    args: Vec<String>,
+    vmm: VmmProcess,
+    qmp: QmpClient,
+}
+
+impl IoVm {
+    fn start(prefix: &str) -> Self {
+        build_binaries();
+        let dir = TempDir::new(prefix).unwrap();
+        let disk = image(dir.path(), "disk.img", 4096);
+        let socket = dir.join("qmp.sock");
+        let args = strings(&[
+            "-m",
+            "64M",
+            "--guest",
+            "blkcheck,depth=8",
+            "-drive",
+            &format!("file={},format=raw,if=virtio", disk.display()),
+            "-qmp",
+            &qmp_socket_arg(&socket),
+        ]);
+        let vmm = VmmProcess::start_vmm(&args);
+        vmm.wait_for_path(&socket, LONG).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+        vmm.wait_for_stdout_contains("blkcheck: pass 1 done", LONG)
+            .unwrap();
+        IoVm {
+            dir,
+            disk,
+            args,
+            vmm,
+            qmp,
+        }
+    }
+
+    /// Stops the guest, checks it saw no mismatch and no error, quits, and checks the image.
+    fn finish(mut self) -> BlkcheckCounters {
+        self.qmp.execute("stop", Value::Null).unwrap();
+        let c = blkcheck_counters(&mut self.qmp, self.dir.path());
+        self.qmp.execute("quit", Value::Null).unwrap();
+        self.vmm.wait_exit(LONG).unwrap();
+        let console = self.vmm.stdout_text();
+        assert_eq!(mismatch_lines(&console), Vec::<&str>::new(), "{console}");
+        assert_eq!((c.mismatches, c.errors), (0, 0), "{c:?}");
+        check_image(&self.disk, c.passes).unwrap();
+        c
+    }
+}
+
+/// A rollback with I/O in flight (the new VMM crashes just before it resumes the guest): the
+/// old VMM takes the guest and its disk back, and the guest's I/O goes on, intact.
+#[test]
+fn a_rollback_with_io_in_flight_loses_no_write() {
+    let mut vm = IoVm::start("blk-rollback");
+    let state = vm.dir.join("vm.state");
+    let before = blkcheck_counters(&mut vm.qmp, vm.dir.path()).requests;
+    let mut crashing = vm.args.clone();
+    crashing.extend(strings(&["--cpr-test-fault", "crash-before-resume"]));
+    let command = shim_command(&shim_bin(), &[], &vmm_bin(), &crashing, &state);
+    let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "failed");
+    wait_requests_above(&mut vm.qmp, vm.dir.path(), before);
+    // And a good update afterwards still works.
+    let command = shim_command(&shim_bin(), &[], &vmm_bin(), &vm.args, &state);
+    let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.error_desc());
+    let now = blkcheck_counters(&mut vm.qmp, vm.dir.path()).requests;
+    wait_requests_above(&mut vm.qmp, vm.dir.path(), now);
+    vm.finish();
+}
+
+/// Migration to a file with I/O in flight, then `-incoming` in a new process on the same disk:
+/// the guest carries on verifying what it wrote before.
+#[test]
+fn a_restore_from_a_file_with_io_in_flight_loses_no_write() {
+    let mut vm = IoVm::start("blk-iofile");
+    let state = vm.dir.join("vm.state");
+    vm.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", state.display())}),
+        )
+        .unwrap();
+    loop {
+        let ev = vm.qmp.wait_event("MIGRATION", LONG).unwrap();
+        match ev["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => panic!("{ev}"),
+            _ => {}
+        }
+    }
+    let c = blkcheck_counters(&mut vm.qmp, vm.dir.path());
+    vm.qmp.execute("quit", Value::Null).unwrap();
+    vm.vmm.wait_exit(LONG).unwrap();
+    let mut args = vm.args.clone();
+    args.extend(strings(&[
+        "-incoming",
+        &format!("file:{}", state.display()),
+    ]));
+    let restored = VmmProcess::start_vmm(&args);
+    let socket = vm.dir.join("qmp.sock");
+    restored.wait_for_path(&socket, LONG).unwrap();
+    let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    let mut restored_vm = IoVm {
+        dir: vm.dir,
+        disk: vm.disk,
+        args,
+        vmm: restored,
+        qmp,
+    };
+    wait_requests_above(&mut restored_vm.qmp, restored_vm.dir.path(), c.requests);
+    // A whole pass more: every sector written before the save is read back right.
+    let passes = c.passes;
+    restored_vm
+        .vmm
+        .wait_for_stdout_contains(&format!("blkcheck: pass {} done", passes + 1), LONG)
+        .unwrap();
+    restored_vm.finish();
+}
+
 /// The heart of it: live updates while the guest keeps 8 requests in flight. Through the shim
 /// and directly, alternating two builds: the guest's I/O goes on after every update, it never
 /// reads back a wrong sector, no request fails, and the image on the host holds exactly the
@@ -377,85 +501,101 @@ fn wait_requests_above(qmp: &mut QmpClient, dir: &Path, than: u64) -> BlkcheckCo
 #[test]
 fn live_updates_with_disk_io_in_flight_lose_no_write() {
     const UPDATES: usize = 20;
-    build_binaries();
     let alt = cpr_tests::cpr::alt_vmm_bin();
-    let dir = TempDir::new("blk-io").unwrap();
-    let disk = image(dir.path(), "disk.img", 4096);
-    let socket = dir.join("qmp.sock");
-    let args = strings(&[
-        "-m",
-        "64M",
-        "--guest",
-        "blkcheck,depth=8",
-        "-drive",
-        &format!("file={},format=raw,if=virtio", disk.display()),
-        "-qmp",
-        &qmp_socket_arg(&socket),
-    ]);
-    let vmm = VmmProcess::start_vmm(&args);
-    vmm.wait_for_path(&socket, LONG).unwrap();
-    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
-    vmm.wait_for_stdout_contains("blkcheck: pass 1 done", LONG)
-        .unwrap();
-    let state = dir.join("vm.state");
-    let mut seen = blkcheck_counters(&mut qmp, dir.path()).requests;
+    let mut vm = IoVm::start("blk-io");
+    let state = vm.dir.join("vm.state");
+    let mut seen = blkcheck_counters(&mut vm.qmp, vm.dir.path()).requests;
     for i in 0..UPDATES {
         let target = if i % 2 == 0 { alt.clone() } else { vmm_bin() };
         let command = if i % 3 == 0 {
-            direct_command(&target, &args, &state)
+            direct_command(&target, &vm.args, &state)
         } else {
-            shim_command(&shim_bin(), &[], &target, &args, &state)
+            shim_command(&shim_bin(), &[], &target, &vm.args, &state)
         };
-        let update = cpr_update(&mut qmp, &command, &state, true, LONG).unwrap();
+        let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
         assert_eq!(
             update.status(),
             "completed",
             "update {i}: {}",
             update.error_desc()
         );
-        let c = wait_requests_above(&mut qmp, dir.path(), seen);
+        let c = wait_requests_above(&mut vm.qmp, vm.dir.path(), seen);
         assert_eq!((c.mismatches, c.errors), (0, 0), "after update {i}: {c:?}");
         seen = c.requests;
     }
-    vmm.wait_for_output(|t| t.matches("blkcheck: pass ").count() >= 3, LONG)
+    vm.vmm
+        .wait_for_output(|t| t.matches("blkcheck: pass ").count() >= 3, LONG)
         .unwrap();
-    qmp.execute("stop", Value::Null).unwrap();
-    let c = blkcheck_counters(&mut qmp, dir.path());
-    qmp.execute("quit", Value::Null).unwrap();
-    vmm.wait_exit(LONG).unwrap();
-    let console = vmm.stdout_text();
-    assert_eq!(mismatch_lines(&console), Vec::<&str>::new(), "{console}");
-    assert_eq!((c.mismatches, c.errors), (0, 0), "{c:?}");
-    let summary = check_image(&disk, c.passes).unwrap();
+    let c = vm.finish();
     eprintln!(
-        "{UPDATES} updates with I/O in flight: {} requests, {} passes, image {summary:?}",
+        "{UPDATES} updates with I/O in flight: {} requests, {} passes",
         c.requests, c.passes
     );
 }
 
-/// `query-block` and HMP `info block` say what is attached, as QEMU says it.
+/// cpr-transfer with I/O in flight: the new VMM gets the disk by SCM_RIGHTS and the guest's I/O
+/// goes on there, intact.
 #[test]
-fn query_block_and_info_block_list_the_disks() {
-    let mut vm = DiskVm::start(
-        "blk-query",
-        &strings(&[
-            "-drive",
-            "file=DISK,format=raw,if=none,id=d0,readonly=on",
-            "-device",
-            "virtio-blk-pci,drive=d0",
-        ]),
-    );
-    let blocks = vm.qmp.execute("query-block", Value::Null).unwrap();
-    let disk = &blocks[0];
-    assert_eq!(disk["device"], "d0", "{blocks}");
-    assert_eq!(disk["inserted"]["ro"], true, "{blocks}");
-    assert_eq!(disk["inserted"]["drv"], "raw");
-    assert_eq!(disk["inserted"]["image"]["virtual-size"], 2048 * 512);
-    let path = vm.dir.join("disk.img").display().to_string();
-    assert_eq!(disk["inserted"]["file"], path.as_str());
-    let text = vm.qmp.hmp("info block").unwrap();
-    assert!(
-        text.starts_with(&format!("d0 (d0): {path} (raw, read-only)")),
-        "{text}"
-    );
+fn cpr_transfer_with_io_in_flight_loses_no_write() {
+    let mut old = IoVm::start("blk-ioxfer");
+    let main = old.dir.join("main.sock");
+    let cpr = old.dir.join("cpr.sock");
+    let new_socket = old.dir.join("qmp2.sock");
+    let mut args: Vec<String> = old
+        .args
+        .iter()
+        .take_while(|a| *a != "-qmp")
+        .cloned()
+        .collect();
+    args.extend(strings(&[
+        "-qmp",
+        &qmp_socket_arg(&new_socket),
+        "-incoming",
+        &format!("unix:{}", main.display()),
+        "-incoming",
+        &format!(
+            "cpr,addr.transport=socket,addr.type=unix,addr.path={}",
+            cpr.display()
+        ),
+    ]));
+    let new = VmmProcess::start_vmm(&args);
+    new.wait_for_path(&cpr, LONG).unwrap();
+    let before = blkcheck_counters(&mut old.qmp, old.dir.path()).requests;
+    old.qmp
+        .execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
+        .unwrap();
+    old.qmp
+        .execute(
+            "migrate",
+            json!({"channels": [
+                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}},
+                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}},
+            ]}),
+        )
+        .unwrap();
+    loop {
+        let ev = old.qmp.wait_event("MIGRATION", LONG).unwrap();
+        match ev["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => panic!("{ev}; new VMM: {}", new.stderr_text()),
+            _ => {}
+        }
+    }
+    old.qmp.execute("quit", Value::Null).unwrap();
+    old.vmm.wait_exit(LONG).unwrap();
+    new.wait_for_path(&new_socket, LONG).unwrap();
+    let qmp = QmpClient::connect_and_negotiate(&new_socket, LONG).unwrap();
+    let mut vm = IoVm {
+        dir: old.dir,
+        disk: old.disk,
+        args,
+        vmm: new,
+        qmp,
+    };
+    wait_requests_above(&mut vm.qmp, vm.dir.path(), before);
+    let c = blkcheck_counters(&mut vm.qmp, vm.dir.path());
+    vm.vmm
+        .wait_for_stdout_contains(&format!("blkcheck: pass {} done", c.passes + 1), LONG)
+        .unwrap();
+    vm.finish();
 }
