@@ -226,55 +226,7 @@ fn cpr_transfer_hands_the_same_disk_to_the_new_vmm() {
     std::fs::rename(old.dir.join("disk.img"), old.dir.join("moved.img")).unwrap();
     // The new side's command line still names the old path (now missing): it must not open it.
     image(old.dir.path(), "disk.img", 2048);
-    let main = old.dir.join("main.sock");
-    let cpr = old.dir.join("cpr.sock");
-    let new_socket = old.dir.join("qmp2.sock");
-    let mut args: Vec<String> = old
-        .args
-        .iter()
-        .take_while(|a| *a != "-qmp")
-        .cloned()
-        .collect();
-    args.extend(strings(&[
-        "-qmp",
-        &qmp_socket_arg(&new_socket),
-        "-incoming",
-        &format!("unix:{}", main.display()),
-        "-incoming",
-        &format!(
-            "cpr,addr.transport=socket,addr.type=unix,addr.path={}",
-            cpr.display()
-        ),
-    ]));
-    let new = VmmProcess::start_vmm(&args);
-    new.wait_for_path(&cpr, LONG).unwrap();
-    old.qmp
-        .execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
-        .unwrap();
-    old.qmp
-        .execute(
-            "migrate",
-            json!({"channels": [
-                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}},
-                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}},
-            ]}),
-        )
-        .unwrap();
-    loop {
-        let ev = old.qmp.wait_event("MIGRATION", LONG).unwrap();
-        match ev["data"]["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") => {
-                let info = old.qmp.execute("query-migrate", Value::Null).unwrap();
-                panic!(
-                    "cpr-transfer failed: {info}; new VMM: {}",
-                    new.stderr_text()
-                )
-            }
-            _ => {}
-        }
-    }
-    new.wait_for_path(&new_socket, LONG).unwrap();
+    let (new, _, new_socket) = cpr_transfer(old.dir.path(), &old.args, &mut old.qmp);
     let mut qmp2 = QmpClient::connect_and_negotiate(&new_socket, LONG).unwrap();
     let v = qmp2.execute("query-status", Value::Null).unwrap();
     assert_eq!(v["status"], "running");
@@ -297,20 +249,7 @@ fn a_restore_from_a_file_reopens_the_disk_and_checks_its_size() {
         &strings(&["-drive", "file=DISK,format=raw,if=virtio"]),
     );
     let state = vm.dir.join("vm.state");
-    vm.qmp
-        .execute(
-            "migrate",
-            json!({"uri": format!("file:{}", state.display())}),
-        )
-        .unwrap();
-    loop {
-        let ev = vm.qmp.wait_event("MIGRATION", LONG).unwrap();
-        match ev["data"]["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") => panic!("{ev}"),
-            _ => {}
-        }
-    }
+    save_to_file(&mut vm.qmp, &state);
     vm.qmp.execute("quit", Value::Null).unwrap();
     vm.process.wait_exit(LONG).unwrap();
     let mut args: Vec<String> = vm
@@ -343,6 +282,80 @@ fn a_restore_from_a_file_reopens_the_disk_and_checks_its_size() {
         &["drive 'virtio0'", "4096 sectors", "2048 sectors"],
         LONG,
     );
+}
+
+/// Starts the new side of a cpr-transfer for a VM started with `old_args` in `dir`, runs the
+/// hand-over from `old` and waits until it completed. Returns the new VMM, its arguments and
+/// its QMP socket.
+fn cpr_transfer(
+    dir: &Path,
+    old_args: &[String],
+    old: &mut QmpClient,
+) -> (VmmProcess, Vec<String>, PathBuf) {
+    let main = dir.join("main.sock");
+    let cpr = dir.join("cpr.sock");
+    let new_socket = dir.join("qmp2.sock");
+    let mut args: Vec<String> = old_args
+        .iter()
+        .take_while(|a| *a != "-qmp")
+        .cloned()
+        .collect();
+    args.extend(strings(&[
+        "-qmp",
+        &qmp_socket_arg(&new_socket),
+        "-incoming",
+        &format!("unix:{}", main.display()),
+        "-incoming",
+        &format!(
+            "cpr,addr.transport=socket,addr.type=unix,addr.path={}",
+            cpr.display()
+        ),
+    ]));
+    let new = VmmProcess::start_vmm(&args);
+    new.wait_for_path(&cpr, LONG).unwrap();
+    old.execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
+        .unwrap();
+    old.execute(
+        "migrate",
+        json!({"channels": [
+            {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}},
+            {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}},
+        ]}),
+    )
+    .unwrap();
+    loop {
+        let ev = old.wait_event("MIGRATION", LONG).unwrap();
+        match ev["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => {
+                let info = old.execute("query-migrate", Value::Null).unwrap();
+                panic!(
+                    "cpr-transfer failed: {info}; new VMM: {}",
+                    new.stderr_text()
+                )
+            }
+            _ => {}
+        }
+    }
+    new.wait_for_path(&new_socket, LONG).unwrap();
+    (new, args, new_socket)
+}
+
+/// `migrate` to `state` (normal mode) and wait until it completed.
+fn save_to_file(qmp: &mut QmpClient, state: &Path) {
+    qmp.execute(
+        "migrate",
+        json!({"uri": format!("file:{}", state.display())}),
+    )
+    .unwrap();
+    loop {
+        let ev = qmp.wait_event("MIGRATION", LONG).unwrap();
+        match ev["data"]["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => panic!("{ev}"),
+            _ => {}
+        }
+    }
 }
 
 /// The blkcheck guest's counters, read while it runs.
@@ -451,20 +464,7 @@ fn a_rollback_with_io_in_flight_loses_no_write() {
 fn a_restore_from_a_file_with_io_in_flight_loses_no_write() {
     let mut vm = IoVm::start("blk-iofile");
     let state = vm.dir.join("vm.state");
-    vm.qmp
-        .execute(
-            "migrate",
-            json!({"uri": format!("file:{}", state.display())}),
-        )
-        .unwrap();
-    loop {
-        let ev = vm.qmp.wait_event("MIGRATION", LONG).unwrap();
-        match ev["data"]["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") => panic!("{ev}"),
-            _ => {}
-        }
-    }
+    save_to_file(&mut vm.qmp, &state);
     let c = blkcheck_counters(&mut vm.qmp, vm.dir.path());
     vm.qmp.execute("quit", Value::Null).unwrap();
     vm.vmm.wait_exit(LONG).unwrap();
@@ -538,52 +538,10 @@ fn live_updates_with_disk_io_in_flight_lose_no_write() {
 #[test]
 fn cpr_transfer_with_io_in_flight_loses_no_write() {
     let mut old = IoVm::start("blk-ioxfer");
-    let main = old.dir.join("main.sock");
-    let cpr = old.dir.join("cpr.sock");
-    let new_socket = old.dir.join("qmp2.sock");
-    let mut args: Vec<String> = old
-        .args
-        .iter()
-        .take_while(|a| *a != "-qmp")
-        .cloned()
-        .collect();
-    args.extend(strings(&[
-        "-qmp",
-        &qmp_socket_arg(&new_socket),
-        "-incoming",
-        &format!("unix:{}", main.display()),
-        "-incoming",
-        &format!(
-            "cpr,addr.transport=socket,addr.type=unix,addr.path={}",
-            cpr.display()
-        ),
-    ]));
-    let new = VmmProcess::start_vmm(&args);
-    new.wait_for_path(&cpr, LONG).unwrap();
     let before = blkcheck_counters(&mut old.qmp, old.dir.path()).requests;
-    old.qmp
-        .execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
-        .unwrap();
-    old.qmp
-        .execute(
-            "migrate",
-            json!({"channels": [
-                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}},
-                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}},
-            ]}),
-        )
-        .unwrap();
-    loop {
-        let ev = old.qmp.wait_event("MIGRATION", LONG).unwrap();
-        match ev["data"]["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") => panic!("{ev}; new VMM: {}", new.stderr_text()),
-            _ => {}
-        }
-    }
+    let (new, args, new_socket) = cpr_transfer(old.dir.path(), &old.args, &mut old.qmp);
     old.qmp.execute("quit", Value::Null).unwrap();
     old.vmm.wait_exit(LONG).unwrap();
-    new.wait_for_path(&new_socket, LONG).unwrap();
     let qmp = QmpClient::connect_and_negotiate(&new_socket, LONG).unwrap();
     let mut vm = IoVm {
         dir: old.dir,

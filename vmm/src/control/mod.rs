@@ -886,50 +886,20 @@ impl Vmm {
         }
     }
 
-    /// `query-block`: every disk, as QEMU describes one (raw, no throttling, through the page
-    /// cache with flushes honoured).
+    /// `query-block`: every disk, as QEMU describes one.
     pub(crate) fn query_block(&self) -> Vec<crate::qmp::protocol::BlockInfo> {
-        use crate::qmp::protocol::{BlockDeviceInfo, BlockInfo, BlockdevCacheInfo, ImageInfo};
         let Some(m) = &self.machine else {
             return Vec::new();
         };
         m.disks()
             .into_iter()
             .map(|(config, size)| {
-                let file = config.source.to_string();
-                BlockInfo {
-                    device: config.id.clone(),
-                    qdev: format!("/machine/peripheral/{}/virtio-backend", config.id),
-                    kind: "unknown".into(),
-                    removable: false,
-                    locked: false,
-                    inserted: BlockDeviceInfo {
-                        file: file.clone(),
-                        node_name: config.id.clone(),
-                        ro: config.read_only,
-                        drv: "raw".into(),
-                        backing_file_depth: 0,
-                        encrypted: false,
-                        detect_zeroes: "off".into(),
-                        bps: 0,
-                        bps_rd: 0,
-                        bps_wr: 0,
-                        iops: 0,
-                        iops_rd: 0,
-                        iops_wr: 0,
-                        image: ImageInfo {
-                            filename: file,
-                            format: "raw".into(),
-                            virtual_size: i64::try_from(size).unwrap_or(i64::MAX),
-                        },
-                        cache: BlockdevCacheInfo {
-                            writeback: true,
-                            direct: false,
-                            no_flush: false,
-                        },
-                        write_threshold: 0,
-                    },
-                }
+                crate::qmp::protocol::BlockInfo::raw_disk(
+                    &config.id,
+                    &config.source.to_string(),
+                    config.read_only,
+                    size,
+                )
             })
             .collect()
     }

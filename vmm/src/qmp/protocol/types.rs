@@ -93,6 +93,46 @@ pub struct BlockInfo {
     pub inserted: BlockDeviceInfo,
 }
 
+impl BlockInfo {
+    /// A raw disk on a virtio-blk device as this VMM has them: no throttling, no encryption,
+    /// through the page cache with flushes honoured.
+    pub fn raw_disk(id: &str, file: &str, read_only: bool, size: u64) -> Self {
+        BlockInfo {
+            device: id.to_string(),
+            qdev: format!("/machine/peripheral/{id}/virtio-backend"),
+            kind: "unknown".into(),
+            removable: false,
+            locked: false,
+            inserted: BlockDeviceInfo {
+                file: file.to_string(),
+                node_name: id.to_string(),
+                ro: read_only,
+                drv: "raw".into(),
+                backing_file_depth: 0,
+                encrypted: false,
+                detect_zeroes: "off".into(),
+                bps: 0,
+                bps_rd: 0,
+                bps_wr: 0,
+                iops: 0,
+                iops_rd: 0,
+                iops_wr: 0,
+                image: ImageInfo {
+                    filename: file.to_string(),
+                    format: "raw".into(),
+                    virtual_size: i64::try_from(size).unwrap_or(i64::MAX),
+                },
+                cache: BlockdevCacheInfo {
+                    writeback: true,
+                    direct: false,
+                    no_flush: false,
+                },
+                write_threshold: 0,
+            },
+        }
+    }
+}
+
 /// `BlockDeviceInfo`: the image behind a disk (QEMU's required members; no throttling here).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockDeviceInfo {
