@@ -46,6 +46,8 @@ struct Options {
     qemu: bool,
     hugepages: bool,
     dist_build: bool,
+    /// Also measure a cpr-exec with the disk busy against idle, at the first size.
+    disk: bool,
     json: Option<PathBuf>,
 }
 
@@ -69,6 +71,7 @@ fn parse_options() -> Result<Options, String> {
         qemu: true,
         hugepages: false,
         dist_build: false,
+        disk: true,
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -86,11 +89,13 @@ fn parse_options() -> Result<Options, String> {
             "--no-qemu" => o.qemu = false,
             "--hugepages" => o.hugepages = true,
             "--dist" => o.dist_build = true,
+            "--no-disk" => o.disk = false,
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--help" | "-h" => {
                 return Err(
                     "usage: blackout-bench [--sizes 256M,1G,4G,16G] [--updates 20] \
-                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--json FILE]"
+                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--no-disk] \
+                            [--json FILE]"
                         .into(),
                 );
             }
@@ -424,6 +429,73 @@ fn bench_cpr_exec(
     let _ = vm.qmp.execute("quit", Value::Null);
     let _ = vm.vmm.wait_exit(WAIT);
     Ok(samples.summarize(steady, "first_sweep_after_update_ms"))
+}
+
+/// cpr-exec with the guest's disk busy: `blkcheck` keeping 8 requests in flight on a
+/// virtio-blk disk, against the same machine whose guest leaves the disk idle (`heartbeat`).
+/// Every request in flight completes before the state is saved, so the difference is what a
+/// busy disk adds to the blackout.
+fn bench_disk_io(
+    bins: &Binaries,
+    dir: &Path,
+    ram_mib: u64,
+    updates: usize,
+) -> Result<Value, String> {
+    let disk = dir.join("bench-disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(2 << 20))
+        .map_err(|e| format!("creating the disk image: {e}"))?;
+    let state = dir.join("vm.state");
+    let mut out = serde_json::Map::new();
+    for (key, guest) in [("idle", "heartbeat"), ("busy", "blkcheck,depth=8")] {
+        let socket = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&socket);
+        let args: Vec<String> = [
+            "-m",
+            &format!("{ram_mib}M"),
+            "--guest",
+            guest,
+            "--prealloc",
+            "-drive",
+            &format!("file={},format=raw,if=virtio", disk.display()),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", socket.display()),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vmm = VmmProcess::start(&bins.vmm, &args).map_err(|e| format!("starting vmm: {e}"))?;
+        vmm.wait_for_path(&socket, WAIT)
+            .map_err(|e| e.to_string())?;
+        if key == "busy" {
+            vmm.wait_for_stdout_contains("blkcheck: pass 1 done", WAIT)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut qmp =
+            QmpClient::connect_and_negotiate(&socket, WAIT).map_err(|e| e.to_string())?;
+        qmp.set_timeout(WAIT);
+        let mut vm = SweepingVm {
+            vmm,
+            qmp,
+            args,
+            sweeps_seen: 0,
+        };
+        let mut blackouts = Vec::new();
+        for i in 0..updates {
+            vm.wait_quiet();
+            let m = one_update(&mut vm, bins, &state)?;
+            blackouts.push(m["blackout_ms"].as_f64().unwrap_or(f64::NAN));
+            eprint!("\r  {ram_mib} MiB cpr-exec, disk {key}: update {}/{updates}", i + 1);
+        }
+        eprintln!();
+        if key == "busy" && vm.vmm.stdout_text().contains("blkcheck: MISMATCH") {
+            return Err("the guest read back a wrong sector".into());
+        }
+        let _ = vm.qmp.execute("quit", Value::Null);
+        let _ = vm.vmm.wait_exit(WAIT);
+        out.insert(key.into(), summary(&blackouts));
+    }
+    Ok(Value::Object(out))
 }
 
 /// cpr-transfer, `updates` times in a chain: each new VMM (same arguments, so with
@@ -935,6 +1007,28 @@ fn main() {
         results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "kvm_floor": kvm_floor, "normal": normal, "qemu": qemu}));
     }
     print_table(&results);
+    let disk_io = match (o.disk, o.sizes_mib.first()) {
+        (true, Some(&ram_mib)) => TempDir::new("blackout-disk")
+            .map_err(|e| e.to_string())
+            .and_then(|d| bench_disk_io(&default_bins, d.path(), ram_mib, o.updates))
+            .map(|v| json!({"ram_mib": ram_mib, "blackout_ms": v}))
+            .unwrap_or_else(|e| json!({"error": e})),
+        _ => Value::Null,
+    };
+    if let Some(e) = disk_io["error"].as_str() {
+        println!("\ncpr-exec with disk I/O in flight: not measured: {e}");
+    } else if !disk_io.is_null() {
+        let b = &disk_io["blackout_ms"];
+        println!(
+            "\ncpr-exec at {} MiB, virtio-blk disk idle: median {} ms (p99 {}); \
+             with 8 requests in flight (blkcheck): median {} ms (p99 {})",
+            disk_io["ram_mib"],
+            fmt_ms(&b["idle"]["median"]),
+            fmt_ms(&b["idle"]["p99"]),
+            fmt_ms(&b["busy"]["median"]),
+            fmt_ms(&b["busy"]["p99"])
+        );
+    }
     match exec_floor["error"].as_str() {
         Some(e) => println!("\nexec of a minimal static program: not measured: {e}"),
         None => println!(
@@ -944,7 +1038,7 @@ fn main() {
             fmt_ms(&exec_floor["median"])
         ),
     }
-    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results});
+    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results, "disk_io": disk_io});
     let path = o.json.clone().unwrap_or_else(|| {
         cpr_tests::target_dir().join("bench").join(format!(
             "blackout-{}.json",
