@@ -471,8 +471,7 @@ fn bench_disk_io(
             vmm.wait_for_stdout_contains("blkcheck: pass 1 done", WAIT)
                 .map_err(|e| e.to_string())?;
         }
-        let mut qmp =
-            QmpClient::connect_and_negotiate(&socket, WAIT).map_err(|e| e.to_string())?;
+        let mut qmp = QmpClient::connect_and_negotiate(&socket, WAIT).map_err(|e| e.to_string())?;
         qmp.set_timeout(WAIT);
         let mut vm = SweepingVm {
             vmm,
@@ -485,7 +484,10 @@ fn bench_disk_io(
             vm.wait_quiet();
             let m = one_update(&mut vm, bins, &state)?;
             blackouts.push(m["blackout_ms"].as_f64().unwrap_or(f64::NAN));
-            eprint!("\r  {ram_mib} MiB cpr-exec, disk {key}: update {}/{updates}", i + 1);
+            eprint!(
+                "\r  {ram_mib} MiB cpr-exec, disk {key}: update {}/{updates}",
+                i + 1
+            );
         }
         eprintln!();
         if key == "busy" && vm.vmm.stdout_text().contains("blkcheck: MISMATCH") {
