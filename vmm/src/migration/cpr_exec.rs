@@ -795,6 +795,16 @@ impl Vmm {
         check_ram_shareable(machine.ram()).map_err(|e| QmpError::generic(e.to_string()))?;
         check_exec_command(&command, &state_file, self.monitor.is_some())
             .map_err(|e| QmpError::generic(e.to_string()))?;
+        // Output still queued for slow clients goes out now, while the guest runs: waiting for
+        // it after the stop would lengthen the blackout.
+        if let Some(m) = &mut self.monitor {
+            m.drain_output(EXEC_DRAIN_TIMEOUT);
+        }
+        let Some(machine) = &mut self.machine else {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
+        };
         // Before the guest stops: the helper costs nothing to the blackout when made here.
         let teardown = TeardownHelper::spawn()
             .map_err(|e| {
@@ -882,8 +892,10 @@ impl Vmm {
     /// back and the guest resumes.
     pub(crate) fn exec_update(&mut self, pending: PendingExec) {
         if let Some(m) = &mut self.monitor {
-            // The guest is stopped: a client that does not read gets a short grace only.
-            m.drain_output(EXEC_DRAIN_TIMEOUT);
+            // The guest is stopped: what a client's socket takes now (STOP, the reply to
+            // `migrate`) is written without waiting; a client that stopped reading loses it
+            // rather than lengthening the guest's pause.
+            m.flush_nonblocking();
         }
         log::info!("live update: executing {}", pending.prepared.program());
         let (err, prepared) = pending.prepared.exec();

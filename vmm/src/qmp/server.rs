@@ -281,6 +281,35 @@ impl Monitor {
         }
     }
 
+    /// Writes what each client's socket accepts right now, without waiting (for the moment
+    /// just before an exec, with the guest stopped). A client whose socket takes nothing loses
+    /// those messages; one that takes only part of them is disconnected, since a cut message
+    /// would break its stream (it sees EOF and can connect again).
+    pub fn flush_nonblocking(&mut self) {
+        let mut cut = Vec::new();
+        for (id, c) in &mut self.clients {
+            if c.pending.is_empty() {
+                continue;
+            }
+            let _ = c.stream.set_nonblocking(true);
+            match std::io::Write::write(&mut c.stream, &c.pending) {
+                Ok(n) if n == c.pending.len() => {}
+                Ok(0) | Err(_) => {
+                    log::warn!("QMP client {id} is not reading; its output is dropped")
+                }
+                Ok(_) => cut.push(*id),
+            }
+            c.pending.clear();
+        }
+        // Shut down, not closed: the fd is already listed among those the exec hands over.
+        for id in cut {
+            log::warn!("QMP client {id} is not reading; disconnected before the exec");
+            if let Some(c) = self.clients.get(&id) {
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
     /// The fds that must survive a live update: the listener and each client, with whether it
     /// has negotiated capabilities.
     pub fn preserved_fds(&self) -> Vec<(FdKind, String, RawFd)> {
