@@ -722,7 +722,10 @@ impl Vmm {
                 return;
             }
         }
+        // While a live update is pending its fd is already listed among those the exec hands
+        // over: it stays open, and the new VMM sees the end of the connection.
         if outcome.closed
+            && self.pending_exec.is_none()
             && let Some(m) = &mut self.monitor
         {
             m.remove(id);
