@@ -751,6 +751,10 @@ impl Vmm {
             Command::Quit => Ok(empty()),
             Command::SystemReset => {
                 self.refuse_if_handed_over()?;
+                // A pending live update hands over the devices' fds as they are now.
+                if self.pending_exec.is_some() || self.outgoing.is_some() {
+                    return Err(QmpError::generic("There's a migration process in progress"));
+                }
                 if self.machine.is_none() {
                     return Err(QmpError::generic("There is no machine to reset yet"));
                 }
