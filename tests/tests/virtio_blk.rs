@@ -494,13 +494,13 @@ fn a_restore_from_a_file_with_io_in_flight_loses_no_write() {
     restored_vm.finish();
 }
 
-/// The heart of it: live updates while the guest keeps 8 requests in flight. Through the shim
+/// The heart of it: 50 live updates while the guest keeps 8 requests in flight. Through the shim
 /// and directly, alternating two builds: the guest's I/O goes on after every update, it never
 /// reads back a wrong sector, no request fails, and the image on the host holds exactly the
 /// generations the guest completed.
 #[test]
 fn live_updates_with_disk_io_in_flight_lose_no_write() {
-    const UPDATES: usize = 20;
+    const UPDATES: usize = 50;
     let alt = cpr_tests::cpr::alt_vmm_bin();
     let mut vm = IoVm::start("blk-io");
     let state = vm.dir.join("vm.state");
