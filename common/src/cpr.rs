@@ -190,8 +190,8 @@ pub fn open_channel_from_env() -> Result<Option<(OwnedFd, CprState)>, CprError> 
     }
     // Raw by necessity: the number comes from the environment, so it is checked through /proc
     // (open, and the channel memfd) before anything owns it.
-    // SAFETY: it is open and was inherited for exactly this purpose; from here on this is its
-    // only owner.
+    // It was inherited for exactly this purpose; from here on this is its only owner.
+    // SAFETY: the fd is open (checked above) and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let state = read_channel(&fd)?;
     Ok(Some((fd, state)))

@@ -362,8 +362,8 @@ mod tests {
     /// the pages the memfd holds.
     fn resident_pages(host: *mut u8, len: usize) -> usize {
         let mut pages = vec![0u8; len.div_ceil(4096)];
-        // SAFETY: [host, host + len) is a live mapping of this process, and `pages` has one
-        // byte for each of its pages, as mincore writes.
+        // `pages` has one byte for each page of the range, as mincore writes.
+        // SAFETY: [host, host + len) is a live mapping of this process; `pages` is big enough.
         let rc = unsafe { libc::mincore(host.cast(), len, pages.as_mut_ptr()) };
         assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
         pages.iter().filter(|p| **p & 1 != 0).count()

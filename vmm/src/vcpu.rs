@@ -367,9 +367,9 @@ impl VcpuWorker {
         let run: *const kvm_run = self.vcpu.get_kvm_run();
         let exit = self.vcpu.run();
         let flow = handle_exit(self.index, exit, &self.bus, || {
-            // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as `self.vcpu`; this is
-            // called only for KVM_EXIT_INTERNAL_ERROR, for which the kernel fills the `internal`
-            // member and the exit holds no reference into the mapping.
+            // Called only for KVM_EXIT_INTERNAL_ERROR, for which the kernel fills `internal`;
+            // the exit holds no reference into the mapping.
+            // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as `self.vcpu`.
             unsafe { (*run).__bindgen_anon_1.internal.suberror }
         });
         if flow == Flow::Kicked {

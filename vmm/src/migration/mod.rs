@@ -80,8 +80,8 @@ impl MigrationError {
 pub fn describe_device_fd(host: &HostFd) -> Result<PreservedFd, FdError> {
     let name = host.name.as_str();
     let file_type = fds::identity(host.fd, name)?.file_type;
-    // SAFETY: the device keeps `host.fd` open while it is described (the machine is paused and
-    // owned by the caller), and the borrow does not outlive this call.
+    // The machine is paused and owned by the caller, so the device keeps `host.fd` open.
+    // SAFETY: `host.fd` is open for this call, and the borrow does not outlive it.
     let fd = unsafe { BorrowedFd::borrow_raw(host.fd) };
     fds::describe(fd, name, FdKind::DeviceBackend { file_type })
 }
