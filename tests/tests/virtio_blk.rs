@@ -179,7 +179,9 @@ fn the_disk_is_the_same_open_file_after_a_live_update_even_renamed() {
         "re-marked close-on-exec after the update"
     );
     assert_eq!(vm.status(), "running");
-    // A second update, directly, carries it on.
+    // A second update, directly, carries it on, with nothing at the image's path at all: the
+    // new VMM must not need it.
+    std::fs::remove_file(vm.dir.join("disk.img")).unwrap();
     let command = direct_command(&vmm_bin(), &vm.args, &state);
     let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
     assert_eq!(update.status(), "completed", "{}", update.error_desc());

@@ -101,6 +101,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Disk images are looked at only by a VMM that opens them by path; a live update's (and
+    // cpr-transfer's) disks come with the update, and their paths may be long gone.
+    if incoming.is_none()
+        && config.cpr_channel.is_none()
+        && let Err(e) = cli::drives::check_images(&config.disks)
+    {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(1);
+    }
     let mut incoming = incoming;
     if let Some(i) = &mut incoming {
         i.phases.mark("read CPR state and check fds");

@@ -7,9 +7,12 @@
 //!   `-device virtio-blk-pci,drive=ID`;
 //! - `-add-fd fd=N,set=S` and `file=/dev/fdset/S`: a disk the management layer opened.
 //!
-//! Everything is checked here, before anything starts: the image exists, is a regular file or a
-//! block device, opens with the access asked for, and is raw (a qcow2 image is named as such);
-//! every `-device` names a drive that exists and no two devices share one.
+//! The spelling is checked here ([`parse_disks`]): every `-device` names a drive that exists, no
+//! two devices share one, formats other than raw are refused by name. The images themselves are
+//! checked by [`check_images`] before a VMM that opens them by path starts (a boot, a restore
+//! from a file): it exists, is a regular file or a block device, opens with the access asked
+//! for, and, without `format=`, is not a qcow2 image. A live update's new VMM (and its rollback)
+//! never looks at the paths: the disks come with the update, and their paths may be gone.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -112,14 +115,19 @@ pub fn parse_disks(
                     .ok_or(DriveError::NoFdSet(*set))?,
             ),
         };
-        let config = BlockConfig {
+        if let Some(f) = d.format.as_deref().filter(|f| *f != "raw") {
+            return Err(DriveError::Format {
+                id: d.id.clone(),
+                format: f.to_string(),
+            });
+        }
+        out.push(BlockConfig {
             id: d.id.clone(),
             source,
             read_only: d.read_only,
             serial: serial.or_else(|| d.serial.clone()).unwrap_or_default(),
-        };
-        check_image(&config, &d.format)?;
-        out.push(config);
+            format_stated: d.format.is_some(),
+        });
     }
     for d in &pending {
         if !used.contains(&d.id) {
@@ -398,21 +406,18 @@ fn parse_add_fds(specs: &[String]) -> Result<BTreeMap<u32, Vec<RawFd>>, DriveErr
 
 const QCOW_MAGIC: &[u8; 4] = b"QFI\xfb";
 
-/// Opens the image as the device will and checks what it is.
-fn check_image(config: &BlockConfig, format: &Option<String>) -> Result<(), DriveError> {
+/// Opens every image as its device will and checks what it is (see the module comment for
+/// when).
+pub fn check_images(disks: &[BlockConfig]) -> Result<(), DriveError> {
+    disks.iter().try_for_each(check_image)
+}
+
+fn check_image(config: &BlockConfig) -> Result<(), DriveError> {
     let image_err = |detail: String| DriveError::Image {
         id: config.id.clone(),
         path: config.source.to_string(),
         detail,
     };
-    if let Some(f) = format
-        && f != "raw"
-    {
-        return Err(DriveError::Format {
-            id: config.id.clone(),
-            format: f.clone(),
-        });
-    }
     if let DiskSource::Path(p) = &config.source {
         let meta = std::fs::metadata(p).map_err(|e| image_err(e.to_string()))?;
         let ft = meta.file_type();
@@ -425,7 +430,7 @@ fn check_image(config: &BlockConfig, format: &Option<String>) -> Result<(), Driv
     let mut file = config
         .open_for_check()
         .map_err(|e| image_err(format!("{e}")))?;
-    if format.is_none() {
+    if !config.format_stated {
         let mut magic = [0u8; 4];
         if file.read_exact(&mut magic).is_ok() && &magic == QCOW_MAGIC {
             return Err(DriveError::Format {
@@ -506,6 +511,7 @@ mod tests {
         let path = raw.display().to_string();
         let err = |drives: &[&str], devices: &[&str]| {
             parse_disks(&strs(drives), &[], &strs(devices), &[])
+                .and_then(|disks| check_images(&disks))
                 .unwrap_err()
                 .to_string()
         };

@@ -86,6 +86,8 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// What GET_ID answers (at most 20 bytes).
     pub serial: String,
+    /// `format=raw` was given; without it the image is probed when checked at start.
+    pub format_stated: bool,
 }
 
 impl BlockConfig {
@@ -637,6 +639,7 @@ mod tests {
                 source: DiskSource::Path(self.disk.path.clone()),
                 read_only,
                 serial: "cpr-serial-0".into(),
+                format_stated: true,
             }
         }
 
