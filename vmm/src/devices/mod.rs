@@ -294,35 +294,46 @@ fn build<T: Persist>(
 }
 
 impl DeviceSpec {
-    /// A device on the port-I/O bus.
-    pub fn port<T>(id: &str, base: u16, len: u16, config: T::Config) -> Self
+    /// Builds `T` (at power-on or from its saved state), then `attach` puts it on its bus.
+    fn new<T>(
+        id: &str,
+        place: Place,
+        config: T::Config,
+        attach: impl FnOnce(&mut DeviceContext<'_>, &mut Bus, Arc<Mutex<T>>) -> Result<(), DeviceError>
+        + 'static,
+    ) -> Self
     where
-        T: Persist + PioDevice + Send + 'static,
+        T: Persist + Send + 'static,
     {
         DeviceSpec {
             id: id.to_string(),
-            place: Place::Port { base, len },
+            place,
             plug: Box::new(move |ctx, saved, bus| {
                 let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
-                bus.insert_pio(base, len, dev.clone())?;
+                attach(ctx, bus, dev.clone())?;
                 Ok(dev)
             }),
         }
     }
 
+    /// A device on the port-I/O bus.
+    pub fn port<T>(id: &str, base: u16, len: u16, config: T::Config) -> Self
+    where
+        T: Persist + PioDevice + Send + 'static,
+    {
+        Self::new::<T>(id, Place::Port { base, len }, config, move |_, bus, dev| {
+            Ok(bus.insert_pio(base, len, dev)?)
+        })
+    }
+
+    /// A device in guest-physical address space.
     pub fn mmio<T>(id: &str, base: u64, len: u64, config: T::Config) -> Self
     where
         T: Persist + MmioDevice + Send + 'static,
     {
-        DeviceSpec {
-            id: id.to_string(),
-            place: Place::Mmio { base, len },
-            plug: Box::new(move |ctx, saved, bus| {
-                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
-                bus.insert_mmio(base, len, dev.clone())?;
-                Ok(dev)
-            }),
-        }
+        Self::new::<T>(id, Place::Mmio { base, len }, config, move |_, bus, dev| {
+            Ok(bus.insert_mmio(base, len, dev)?)
+        })
     }
 
     /// A function at `slot` of PCI bus 0.
@@ -330,17 +341,11 @@ impl DeviceSpec {
     where
         T: Persist + pci::PciFunction + Send + 'static,
     {
-        DeviceSpec {
-            id: id.to_string(),
-            place: Place::Pci { slot },
-            plug: Box::new(move |ctx, saved, _bus| {
-                let dev = Arc::new(Mutex::new(build::<T>(ctx, &config, saved)?));
-                ctx.pci
-                    .attach(slot, dev.clone())
-                    .map_err(|e| DeviceError::Setup(e.to_string()))?;
-                Ok(dev)
-            }),
-        }
+        Self::new::<T>(id, Place::Pci { slot }, config, move |ctx, _, dev| {
+            ctx.pci
+                .attach(slot, dev)
+                .map_err(|e| DeviceError::Setup(e.to_string()))
+        })
     }
 
     pub fn description(&self) -> DeviceDescription {
