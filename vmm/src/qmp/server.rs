@@ -330,3 +330,35 @@ impl Monitor {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// A client handed over by a live update is "first read after the update" exactly once,
+    /// and a client that connects afterwards never is.
+    #[test]
+    fn only_the_first_read_of_a_handed_over_client_counts_as_during_the_update() {
+        let dir = std::env::temp_dir().join(format!("cpr-qmp-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let listener = UnixListener::bind(&dir).unwrap();
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let mut m = Monitor::from_inherited(
+            OwnedFd::from(listener),
+            vec![(OwnedFd::from(ours), true)],
+            crate::control::qmp_version(),
+        );
+        let inherited: Vec<ClientId> = m.client_fds().into_iter().map(|(c, _)| c).collect();
+        assert_eq!(inherited.len(), 1);
+        assert!(m.first_read_after_update(inherited[0]));
+        assert!(!m.first_read_after_update(inherited[0]));
+        let _late = UnixStream::connect(&dir).unwrap();
+        assert_eq!(m.accept().len(), 1);
+        assert_eq!(m.client_fds().len(), 2);
+        for (id, _) in m.client_fds() {
+            assert!(!m.first_read_after_update(id), "client {id}");
+        }
+        let _ = std::fs::remove_file(&dir);
+    }
+}
