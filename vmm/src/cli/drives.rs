@@ -15,7 +15,6 @@
 //! never looks at the paths: the disks come with the update, and their paths may be gone.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
@@ -418,21 +417,28 @@ fn check_image(config: &BlockConfig) -> Result<(), DriveError> {
         path: config.source.to_string(),
         detail,
     };
+    let not_a_disk =
+        || image_err("not a regular file or block device (a disk image is needed)".into());
+    let is_disk = |ft: std::fs::FileType| ft.is_file() || ft.is_block_device();
+    // A path is looked at before it is opened (a directory would open for reading).
     if let DiskSource::Path(p) = &config.source {
         let meta = std::fs::metadata(p).map_err(|e| image_err(e.to_string()))?;
-        let ft = meta.file_type();
-        if !(ft.is_file() || ft.is_block_device()) {
-            return Err(image_err(
-                "not a regular file or block device (a disk image is needed)".into(),
-            ));
+        if !is_disk(meta.file_type()) {
+            return Err(not_a_disk());
         }
     }
-    let mut file = config
+    let file = config
         .open_for_check()
         .map_err(|e| image_err(format!("{e}")))?;
+    // A passed fd can be anything: a socket, a pipe, a directory.
+    let meta = file.metadata().map_err(|e| image_err(e.to_string()))?;
+    if !is_disk(meta.file_type()) {
+        return Err(not_a_disk());
+    }
     if !config.format_stated {
+        use std::os::unix::fs::FileExt;
         let mut magic = [0u8; 4];
-        if file.read_exact(&mut magic).is_ok() && &magic == QCOW_MAGIC {
+        if file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW_MAGIC {
             return Err(DriveError::Format {
                 id: config.id.clone(),
                 format: "qcow2".into(),
@@ -538,6 +544,19 @@ mod tests {
         assert!(nofdset.contains("no -add-fd"), "{nofdset}");
         let badfd = parse_disks(&[], &[], &[], &strs(&["fd=999,set=1"])).unwrap_err();
         assert_eq!(badfd, DriveError::FdNotOpen(999));
+        // An fd that is not a disk (here a socket) passed with -add-fd.
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        let socket_disk = parse_disks(
+            &strs(&["file=/dev/fdset/3,format=raw,if=virtio"]),
+            &[],
+            &[],
+            &strs(&[&format!("fd={fd},set=3")]),
+        )
+        .and_then(|disks| check_images(&disks))
+        .unwrap_err()
+        .to_string();
+        assert!(socket_disk.contains("not a regular file"), "{socket_disk}");
         std::fs::remove_file(raw).unwrap();
         std::fs::remove_file(qcow).unwrap();
     }
