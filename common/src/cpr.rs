@@ -317,7 +317,7 @@ pub fn rollback_plan(
         ExecTarget::Fd(state.fallback.exe_fd),
         &state.fallback.argv,
         &env,
-        &[],
+        &[crate::target::CHECKED_TARGET_ENV],
         inherit,
     )?;
     Ok(plan.with_channel_content(channel_fd, bytes))

@@ -505,9 +505,14 @@ fn memcheck_memory_is_consistent_after_rollbacks() {
             LONG,
         )
         .unwrap();
-    let wrong = "0".repeat(64);
-    let refused = vm.via_shim(&strings(&["--sha256", &wrong]), &vmm_bin());
-    assert_failed(&vm.update(&refused), &["sha256"], true);
+    let refused = shim_command(
+        &shim_bin(),
+        &[],
+        Path::new("/bin/true"),
+        &vm.args,
+        &vm.state,
+    );
+    assert_failed(&vm.update(&refused), &["cannot take a live update"], true);
     vm.assert_memcheck_consistent(RAM, "after the shim refused the target");
 
     let mut crashing = vm.via_shim(&[], &vmm_bin());
@@ -1385,12 +1390,94 @@ fn fault_corrupted_cpr_state_is_refused_by_the_shim_and_rolled_back() {
     vm.quit();
 }
 
+/// A `--sha256` the target does not have is refused by `migrate` itself: the old VMM hashes
+/// the target before it stops anything, so the guest never pauses.
 #[test]
-fn fault_sha256_mismatch_is_refused_by_the_shim_and_rolled_back() {
+fn fault_sha256_mismatch_is_refused_before_the_guest_stops() {
     let mut vm = Vm::heartbeat("sha", 1);
+    vm.wait_ticks_advance(1, 3);
     let wrong = "0".repeat(64);
     let command = vm.via_shim(&strings(&["--sha256", &wrong]), &vmm_bin());
-    fault_case(&mut vm, &command, &["sha256", &wrong], true);
+    vm.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"mode": "cpr-exec", "cpr-exec-command": command}),
+        )
+        .unwrap();
+    let error = vm
+        .qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", vm.state.display())}),
+        )
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("sha256") && text.contains(&format!("expected {wrong}")),
+        "{text}"
+    );
+    let events: Vec<Value> = vm.qmp.events();
+    assert!(
+        !events.iter().any(|e| e["event"] == "STOP"),
+        "the guest was stopped: {events:?}"
+    );
+    assert!(!vm.state.exists(), "a state file was written");
+    assert_eq!(vm.status(), "running");
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+/// The SHA-256 of the new VMM is computed by the old VMM before the guest stops, not in the
+/// blackout; the shim executes the file it was handed after checking it is unchanged, and hashes
+/// it again itself when it changed after the check (here: touched between the old VMM and the
+/// shim).
+#[test]
+fn sha256_is_checked_before_the_stop_and_again_by_the_shim_if_the_target_changed() {
+    let mut vm = Vm::heartbeat("shaok", 1);
+    let target = vm.dir.join("vmm-next");
+    std::fs::copy(vmm_bin(), &target).unwrap();
+    let hash = cpr_common::target::sha256_of(&std::fs::File::open(&target).unwrap()).unwrap();
+    // A file changed in the last two seconds is left to the shim (its timestamps may be too
+    // coarse to show a later change): wait until the copy has settled.
+    let settled = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&target)
+        .unwrap()
+        .modified()
+        .unwrap()
+        .elapsed()
+        .unwrap_or_default()
+        < Duration::from_millis(2100)
+    {
+        assert!(Instant::now() < settled, "the copy never settled");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = vm.dir.join("shim.log");
+    let shim_args = strings(&["--sha256", &hash, "--log", log.to_str().unwrap()]);
+    let checked_by = |log: &Path| -> String {
+        let text = std::fs::read_to_string(log).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        last["to"]["sha256_checked_by"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+
+    assert_completed(&vm.update(&vm.via_shim(&shim_args, &target)));
+    assert_eq!(checked_by(&log), "old-vmm-before-stop");
+    vm.wait_ticks_advance(1, 3);
+
+    let mut touched = vec![
+        fault_bin().display().to_string(),
+        "--touch".into(),
+        target.display().to_string(),
+        "--".into(),
+    ];
+    touched.extend(vm.via_shim(&shim_args, &target));
+    assert_completed(&vm.update(&touched));
+    assert_eq!(checked_by(&log), "shim");
+    vm.wait_ticks_advance(1, 3);
+    vm.assert_heartbeat_continuous(1);
     vm.quit();
 }
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cpr-fault [--swap A,B] [--move FD] [--replace-ram FD] [--corrupt-channel]
-//!           [--corrupt-file PATH] [--close-exe PATH] -- PROGRAM [ARGS...]
+//!           [--corrupt-file PATH] [--close-exe PATH] [--touch PATH] -- PROGRAM [ARGS...]
 //! ```
 //!
 //! Put it first in `cpr-exec-command`, in front of `cpr-shim` (or the new VMM): the
@@ -20,6 +20,9 @@
 //! - `--corrupt-file PATH`: flips one byte in the middle of PATH (the state file).
 //! - `--close-exe PATH`: closes every fd open on the file PATH (the previous VMM's binary,
 //!   which the old VMM keeps open for a rollback), so a rollback cannot execute it.
+//! - `--touch PATH`: sets PATH's modification time to now (its change time follows), as a
+//!   write would, without changing its bytes: the new VMM binary the old VMM hashed before the
+//!   stop then looks changed to the shim, which must hash it again.
 //!
 //! Each action is reported on stderr. Exit status 2 means the wrapper itself failed.
 
@@ -40,6 +43,7 @@ enum Action {
     CorruptChannel,
     CorruptFile(String),
     CloseExe(String),
+    Touch(String),
 }
 
 fn parse_fd(text: &str) -> Result<RawFd, String> {
@@ -74,6 +78,7 @@ fn parse_args(args: &[String]) -> Result<(Vec<Action>, Vec<String>), String> {
             "--corrupt-channel" => actions.push(Action::CorruptChannel),
             "--corrupt-file" => actions.push(Action::CorruptFile(value()?)),
             "--close-exe" => actions.push(Action::CloseExe(value()?)),
+            "--touch" => actions.push(Action::Touch(value()?)),
             other => return Err(format!("unknown option {other}")),
         }
         i += 1;
@@ -230,6 +235,13 @@ fn run(action: &Action) -> Result<(), String> {
         Action::CorruptChannel => corrupt_channel(),
         Action::CorruptFile(path) => flip_middle(path, "file"),
         Action::CloseExe(path) => close_exe(path),
+        Action::Touch(path) => {
+            std::fs::File::open(path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .map_err(|e| format!("touching {path}: {e}"))?;
+            eprintln!("cpr-fault: touched {path}");
+            Ok(())
+        }
     }
 }
 

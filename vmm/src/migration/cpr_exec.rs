@@ -27,6 +27,7 @@ use cpr_common::cpr::{Attempt, FdKind};
 use cpr_common::exec::TeardownHelper;
 use cpr_common::exec::{ExecPlan, ExecTarget};
 use cpr_common::fds;
+use cpr_common::target::{CHECKED_TARGET_ENV, CheckedTarget};
 use cpr_common::timing::{PhaseLog, monotonic_ns};
 
 use crate::cli::CprTestFault;
@@ -178,6 +179,24 @@ fn same_file_path(a: &Path, b: &str) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
+/// The `--sha256` value given to cpr-shim in a cpr-exec command, if any: `Some(None)` when the
+/// option is there without a value. The shim's options are those before its `--`.
+fn shim_sha256(shim_args: &[String]) -> Option<Option<&str>> {
+    let mut args = shim_args.iter();
+    while let Some(a) = args.next() {
+        match a.strip_prefix("--sha256") {
+            Some("") => return Some(args.next().map(String::as_str)),
+            Some(rest) if rest.starts_with('=') => return Some(rest.strip_prefix('=')),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn is_sha256_hex(v: &str) -> bool {
+    v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// `migrate-set-parameters`' check of a cpr-exec command: a malformed `--sha256` for the shim is
 /// refused now, not after the guest has stopped.
 pub fn check_command_syntax(command: &[String]) -> Result<(), CprExecError> {
@@ -185,22 +204,58 @@ pub fn check_command_syntax(command: &[String]) -> Result<(), CprExecError> {
         .iter()
         .position(|a| a == "--")
         .map_or(command, |i| &command[..i]);
-    let mut args = shim_part.iter();
-    while let Some(a) = args.next() {
-        let value = match a.strip_prefix("--sha256") {
-            Some("") => args.next().map(String::as_str),
-            Some(rest) => rest.strip_prefix('='),
-            None => continue,
-        };
-        let ok = value.is_some_and(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !ok {
-            return Err(CprExecError::CommandLine(format!(
+    match shim_sha256(shim_part) {
+        Some(value) if !value.is_some_and(is_sha256_hex) => {
+            Err(CprExecError::CommandLine(format!(
                 "gives cpr-shim --sha256 {}: it takes the target binary's SHA-256 as 64 hex digits",
                 value.unwrap_or("(nothing)")
-            )));
+            )))
         }
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Where cpr-shim is in a cpr-exec command (possibly behind a wrapper), with its own options
+/// and the target's argv.
+fn shim_invocation(command: &[String]) -> Option<(&[String], &[String])> {
+    let at = command.iter().position(|a| {
+        Path::new(a)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("cpr-shim"))
+    })?;
+    let rest = &command[at + 1..];
+    let dashes = rest.iter().position(|a| a == "--")?;
+    Some((&rest[..dashes], &rest[dashes + 1..]))
+}
+
+/// The slow part of the shim's check, done before the guest stops: with `cpr-shim --sha256`,
+/// resolve the target and hash it now. A mismatch refuses the update with the guest still
+/// running. A match is handed to the shim open, with the file's stamp, so the shim only checks
+/// that it is unchanged and executes exactly those bytes (see `cpr_common::target`). A target
+/// modified in the last seconds is left for the shim to hash (its stamp cannot be trusted yet).
+pub fn precheck_target(command: &[String]) -> Result<Option<(CheckedTarget, File)>, CprExecError> {
+    let Some((shim_args, target)) = shim_invocation(command) else {
+        return Ok(None);
+    };
+    let Some(Some(expected)) = shim_sha256(shim_args) else {
+        return Ok(None);
+    };
+    let Some(requested) = target.first() else {
+        return Ok(None);
+    };
+    let hashed_at = SystemTime::now();
+    let (record, file) =
+        CheckedTarget::check(requested, &expected.to_ascii_lowercase()).map_err(|e| {
+            CprExecError::CommandLine(format!("names a target cpr-shim would refuse: {e}"))
+        })?;
+    if !record.settled(hashed_at) {
+        log::info!(
+            "live update: {} changed in the last seconds; cpr-shim will hash it again during the update",
+            record.resolved
+        );
+        return Ok(None);
+    }
+    Ok(Some((record, file)))
 }
 
 /// The old side's check of a cpr-exec command before it stops anything: an `-incoming
@@ -290,6 +345,7 @@ pub struct PreparedExec {
     channel: OwnedFd,
     own_exe: OwnedFd,
     _state_copy: OwnedFd,
+    _checked_target: Option<File>,
 }
 
 /// Inputs for the CPR state, gathered by the caller from the machine, monitor and console.
@@ -307,6 +363,8 @@ pub struct ExecInputs<'a> {
     pub other_fds: Vec<(FdKind, String, RawFd)>,
     /// The host fds the machine's devices own.
     pub device_fds: Vec<HostFd>,
+    /// The target binary, hashed before the stop ([`precheck_target`]), for the shim.
+    pub checked_target: Option<(CheckedTarget, File)>,
 }
 
 /// Builds the CPR state and the exec plan. Nothing is changed yet: the fds stay close-on-exec
@@ -380,15 +438,20 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
             what: "the program name".into(),
         }
     })?;
-    let env = [
+    let mut env = vec![
         (CPR_STATE_ENV, channel.as_raw_fd().to_string()),
         (FALLBACK_ENV, cpr::encode_env_copy(&bytes)),
     ];
+    let checked_target = inputs.checked_target.map(|(record, file)| {
+        inherit.push(file.as_raw_fd());
+        env.push((CHECKED_TARGET_ENV, record.to_env()));
+        file
+    });
     let plan = ExecPlan::new(
         ExecTarget::Path(program),
         inputs.command,
         &env,
-        &[],
+        &[CHECKED_TARGET_ENV],
         inherit,
     )?;
     Ok(PreparedExec {
@@ -396,6 +459,7 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
         channel,
         own_exe,
         _state_copy: state_copy,
+        _checked_target: checked_target,
     })
 }
 
@@ -759,6 +823,7 @@ pub fn clear_channel_env() {
     unsafe {
         std::env::remove_var(CPR_STATE_ENV);
         std::env::remove_var(FALLBACK_ENV);
+        std::env::remove_var(cpr_common::target::CHECKED_TARGET_ENV);
     }
 }
 
@@ -795,6 +860,9 @@ impl Vmm {
         check_ram_shareable(machine.ram()).map_err(|e| QmpError::generic(e.to_string()))?;
         check_exec_command(&command, &state_file, self.monitor.is_some())
             .map_err(|e| QmpError::generic(e.to_string()))?;
+        // Hashing the target takes milliseconds: here, not in the blackout.
+        let checked_target =
+            precheck_target(&command).map_err(|e| QmpError::generic(e.to_string()))?;
         // Output still queued for slow clients goes out now, while the guest runs: waiting for
         // it after the stop would lengthen the blackout.
         if let Some(m) = &mut self.monitor {
@@ -857,6 +925,7 @@ impl Vmm {
                 ram: machine.ram(),
                 other_fds,
                 device_fds,
+                checked_target,
             })
             .map_err(MigrationError::from)
         });
@@ -1135,6 +1204,45 @@ mod command_tests {
         assert!(check_command_syntax(&v(&["cpr-shim", "--sha256"])).is_err());
         // After `--` it is the VMM's argument list, not the shim's.
         assert!(check_command_syntax(&v(&["cpr-shim", "--", "vmm", "--sha256", "x"])).is_ok());
+    }
+
+    #[test]
+    fn the_shim_and_its_target_are_found_behind_a_wrapper() {
+        let cmd = v(&[
+            "/opt/cpr-fault",
+            "--touch",
+            "x",
+            "--",
+            "/usr/bin/cpr-shim",
+            "--sha256",
+            "ab",
+            "--",
+            "/opt/vmm-2",
+            "-m",
+            "1G",
+        ]);
+        let (shim_args, target) = shim_invocation(&cmd).unwrap();
+        assert_eq!(shim_args, v(&["--sha256", "ab"]));
+        assert_eq!(target[0], "/opt/vmm-2");
+        assert_eq!(shim_sha256(shim_args), Some(Some("ab")));
+        // A direct exec of a VMM has no shim: nothing is hashed before the stop.
+        assert!(shim_invocation(&v(&["/opt/vmm-2", "-m", "1G"])).is_none());
+        assert!(matches!(
+            precheck_target(&v(&["/opt/vmm-2", "-m", "1G"])),
+            Ok(None)
+        ));
+        // A target that does not exist is refused before the stop, naming it.
+        let e = precheck_target(&v(&[
+            "cpr-shim",
+            "--sha256",
+            &"ab".repeat(32),
+            "--",
+            "/nonexistent/vmm",
+        ]))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("/nonexistent/vmm"), "{e}");
     }
 
     #[test]
