@@ -262,7 +262,7 @@ fn roll_back(
     eprintln!("cpr-shim: live update refused: {reason}; rolling back to the previous VMM");
     append_log(log, state, None, "rollback", Some(reason));
     let channel = inherited.channel.as_ref().map(|c| c.as_raw_fd());
-    let why = match cpr::rollback_plan(state, channel, reason) {
+    let why = match cpr::rollback_plan(state, channel, reason, &[]) {
         Ok(plan) => format!("executing {} failed: {}", plan.program(), plan.exec()),
         Err(e) => e.to_string(),
     };

@@ -39,6 +39,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::migration::MigrationError;
 use crate::migration::format::{RamContents, SavedRun, StateFile, StateFileError};
 use crate::migration::format::{encode_state, write_state_bytes};
+use crate::migration::rescue::{GuardLink, RESCUE_ENV, RescueGuard};
 use crate::migration::{MigrationRecord, MigrationStatus};
 use crate::qmp::protocol::{CprPhase, CprUpdateInfo, EventKind, QmpError, RunState};
 
@@ -56,7 +57,8 @@ pub static COMPAT_NOTE: CompatNote = CompatNote::new(
         cpr::CPR_STATE_FORMAT.current_version,
     ),
     crate::VERSION,
-);
+)
+.with_features(cpr_common::compat::FEATURE_RESCUE);
 
 const fn oldest(versions: &[u32]) -> u32 {
     let mut min = u32::MAX;
@@ -365,6 +367,8 @@ pub struct ExecInputs<'a> {
     pub device_fds: Vec<HostFd>,
     /// The target binary, hashed before the stop ([`precheck_target`]), for the shim.
     pub checked_target: Option<(CheckedTarget, File)>,
+    /// The rescue guard started before the stop, and its deadline (0: none).
+    pub guard: Option<(&'a RescueGuard, u64)>,
 }
 
 /// Builds the CPR state and the exec plan. Nothing is changed yet: the fds stay close-on-exec
@@ -447,11 +451,20 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
         env.push((CHECKED_TARGET_ENV, record.to_env()));
         file
     });
+    if let Some((guard, deadline_ms)) = inputs.guard {
+        match guard.hand_over(&state, &bytes, deadline_ms) {
+            Ok(fd) => {
+                inherit.push(fd);
+                env.push((RESCUE_ENV, fd.to_string()));
+            }
+            Err(e) => log::warn!("{e}; this update goes on without a rescue guard"),
+        }
+    }
     let plan = ExecPlan::new(
         ExecTarget::Path(program),
         inputs.command,
         &env,
-        &[CHECKED_TARGET_ENV],
+        &[CHECKED_TARGET_ENV, RESCUE_ENV],
         inherit,
     )?;
     Ok(PreparedExec {
@@ -534,6 +547,29 @@ extern "C" fn rollback_on_fatal_signal(sig: libc::c_int) {
     }
 }
 
+/// The rollback the update's rescue guard asks for (SIGUSR2) when its deadline passes.
+static ARMED_DEADLINE_ROLLBACK: AtomicPtr<ExecPlan> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn rollback_on_deadline(_sig: libc::c_int) {
+    let plan = ARMED_DEADLINE_ROLLBACK.swap(std::ptr::null_mut(), Ordering::SeqCst);
+    if !plan.is_null() {
+        // `exec` only makes async-signal-safe syscalls.
+        // SAFETY: the pointer came from Box::into_raw in `arm` and was swapped out: we own it.
+        let _ = unsafe { &*plan }.exec();
+    }
+    // Nothing armed (the guest already runs) or the exec failed: the guard decides next.
+}
+
+/// Installs `plan` in `slot`, freeing what was there.
+fn install_plan(slot: &AtomicPtr<ExecPlan>, plan: Option<ExecPlan>) {
+    let new = plan.map_or(std::ptr::null_mut(), |p| Box::into_raw(Box::new(p)));
+    let old = slot.swap(new, Ordering::SeqCst);
+    if !old.is_null() {
+        // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
+        drop(unsafe { Box::from_raw(old) });
+    }
+}
+
 const FATAL_SIGNALS: [libc::c_int; 5] = [
     libc::SIGSEGV,
     libc::SIGBUS,
@@ -551,6 +587,8 @@ pub struct Incoming {
     /// VMM did with its duplicates.
     fds: HashMap<String, (PreservedFd, OwnedFd, bool)>,
     pub phases: PhaseLog,
+    /// The update's rescue guard, told when the guest runs (and passed on by a rollback).
+    guard: Option<GuardLink>,
 }
 
 impl Incoming {
@@ -625,6 +663,7 @@ impl Incoming {
             channel,
             fds,
             phases,
+            guard: None,
         };
         match problem {
             Some(p) => Err((incoming, p)),
@@ -632,20 +671,24 @@ impl Incoming {
         }
     }
 
-    /// Arms the rollback for crashes (fatal signals and panics) until [`Incoming::disarm`].
+    /// The update's rescue guard (see [`super::rescue`]), if the old VMM started one.
+    pub fn set_guard(&mut self, guard: Option<GuardLink>) {
+        self.guard = guard;
+    }
+
+    /// Arms the rollback for crashes (fatal signals and panics), and for the rescue guard's
+    /// request at its deadline (SIGUSR2), until [`Incoming::disarm`].
     pub fn arm(&self) {
-        let reason = format!(
-            "the new VMM (version {}) crashed before resuming the guest",
-            crate::version_string()
-        );
-        let Ok(plan) = self.rollback_plan(&reason) else {
+        let version = crate::version_string();
+        let crashed = format!("the new VMM (version {version}) crashed before resuming the guest");
+        let Ok(plan) = self.rollback_plan(&crashed) else {
             return;
         };
-        let old = ARMED_ROLLBACK.swap(Box::into_raw(Box::new(plan)), Ordering::SeqCst);
-        if !old.is_null() {
-            // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
-            drop(unsafe { Box::from_raw(old) });
-        }
+        install_plan(&ARMED_ROLLBACK, Some(plan));
+        let late = format!(
+            "the new VMM (version {version}) had not resumed the guest by the update's deadline (x-cpr-deadline-ms)"
+        );
+        install_plan(&ARMED_DEADLINE_ROLLBACK, self.rollback_plan(&late).ok());
         for sig in FATAL_SIGNALS {
             // SAFETY: installing a plain handler; it only makes async-signal-safe calls.
             unsafe {
@@ -655,6 +698,13 @@ impl Incoming {
                 )
             };
         }
+        // SAFETY: as above.
+        unsafe {
+            libc::signal(
+                libc::SIGUSR2,
+                rollback_on_deadline as *const () as libc::sighandler_t,
+            )
+        };
         let default_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default_hook(info);
@@ -664,23 +714,29 @@ impl Incoming {
 
     /// The guest runs: no rollback from here on.
     pub fn disarm(&self) {
-        let old = ARMED_ROLLBACK.swap(std::ptr::null_mut(), Ordering::SeqCst);
-        if !old.is_null() {
-            // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
-            drop(unsafe { Box::from_raw(old) });
-        }
+        install_plan(&ARMED_ROLLBACK, None);
+        install_plan(&ARMED_DEADLINE_ROLLBACK, None);
         for sig in FATAL_SIGNALS {
             // SAFETY: restoring the default disposition.
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
+        // A guard's request that crosses the guest's resume must not kill the VMM.
+        // SAFETY: ignoring a signal.
+        unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
         let _ = std::panic::take_hook();
     }
 
     fn rollback_plan(&self, reason: &str) -> Result<ExecPlan, cpr::CprError> {
+        let keep: Vec<(&str, RawFd)> = self
+            .guard
+            .iter()
+            .map(|g| (super::rescue::RESCUE_ENV, g.fd()))
+            .collect();
         cpr::rollback_plan(
             &self.state,
             self.channel.as_ref().map(|c| c.as_raw_fd()),
             reason,
+            &keep,
         )
     }
 
@@ -762,6 +818,9 @@ impl Incoming {
     /// new VMM owns duplicates of what it uses), the channel and the previous executable.
     pub fn finish(&mut self) {
         self.disarm();
+        if let Some(guard) = self.guard.take() {
+            guard.report_resumed();
+        }
         for (name, (rec, original, taken)) in self.fds.drain() {
             if !taken {
                 log::debug!(
@@ -830,6 +889,8 @@ pub fn clear_channel_env() {
 /// A cpr-exec update ready to exec once the `migrate` reply is out.
 pub(crate) struct PendingExec {
     prepared: PreparedExec,
+    /// Its socket crosses the exec; released if the exec fails.
+    guard: Option<RescueGuard>,
     /// Keeps the old address space and KVM VM alive past the exec, so tearing them down is not
     /// part of the blackout.
     _teardown: Option<TeardownHelper>,
@@ -873,7 +934,14 @@ impl Vmm {
                 "Guest is waiting for an incoming migration",
             ));
         };
-        // Before the guest stops: the helper costs nothing to the blackout when made here.
+        // Before the guest stops: the guard and the helper cost the blackout nothing here.
+        let guard = RescueGuard::spawn()
+            .map_err(|e| log::warn!("no rescue guard for this update: {e}"))
+            .ok();
+        let deadline_ms = self
+            .params
+            .x_cpr_deadline_ms
+            .unwrap_or(super::rescue::DEFAULT_DEADLINE_MS);
         let teardown = TeardownHelper::spawn()
             .map_err(|e| {
                 log::warn!("no teardown helper ({e}); the exec will tear down RAM mappings itself")
@@ -926,6 +994,7 @@ impl Vmm {
                 other_fds,
                 device_fds,
                 checked_target,
+                guard: guard.as_ref().map(|g| (g, deadline_ms)),
             })
             .map_err(MigrationError::from)
         });
@@ -942,6 +1011,7 @@ impl Vmm {
                 });
                 self.pending_exec = Some(PendingExec {
                     prepared,
+                    guard,
                     _teardown: teardown,
                     state_file,
                     guest_was_running,
@@ -971,6 +1041,9 @@ impl Vmm {
         let reason = format!("exec of {} failed: {err}", prepared.program());
         log::error!("live update failed: {reason}; resuming the guest");
         prepared.undo();
+        if let Some(guard) = pending.guard {
+            guard.release();
+        }
         let _ = std::fs::remove_file(&pending.state_file);
         self.fail_migration(&reason, pending.guest_was_running);
     }
@@ -1027,7 +1100,18 @@ impl Vmm {
                 log::error!("test fault injected: crashing before resume");
                 std::process::abort();
             }
-            None => {}
+            Some(CprTestFault::KillBeforeResume) => {
+                log::error!("test fault injected: SIGKILL before resume");
+                // SAFETY: raising a signal; the process ends here.
+                unsafe { libc::raise(libc::SIGKILL) };
+            }
+            Some(CprTestFault::HangBeforeResume) => {
+                log::error!("test fault injected: hanging before resume");
+                loop {
+                    std::thread::park();
+                }
+            }
+            Some(CprTestFault::KillAtStart) | None => {}
         }
         let state = &incoming.state;
         let guest_was_running = state.guest_was_running;
