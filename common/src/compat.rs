@@ -32,6 +32,10 @@ pub const DESC_LEN_WITH_FEATURES: usize = DESC_LEN + 4;
 /// The VMM reports to the update's rescue guard: it says when it has resumed the guest (on the
 /// fd named by `VMM_CPR_RESCUE`), and rolls back by itself on SIGUSR2 while it has not.
 pub const FEATURE_RESCUE: u32 = 1;
+/// The VMM keeps SIGTERM, SIGINT and SIGHUP blocked and reads them from a signalfd, so one that
+/// is pending across the update's execs reaches it (see `exec::block_termination_signals`).
+/// A program without it gets them unblocked (and pending ones dropped) before it is executed.
+pub const FEATURE_SIGNALS: u32 = 2;
 
 /// The note as laid out in memory (the VMM places one in its binary).
 #[repr(C, align(4))]

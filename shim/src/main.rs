@@ -231,6 +231,17 @@ fn hand_over(
         return ShimError::RecordTimings(e);
     }
     append_log(log, state, Some(checked), "exec", None);
+    if !checked.compat.has(cpr_common::compat::FEATURE_SIGNALS) {
+        // A VMM of an older release handles SIGTERM & co. with handlers of its own: blocked,
+        // they would never reach it.
+        let dropped = cpr_common::exec::unblock_termination_signals_dropping_pending();
+        if !dropped.is_empty() {
+            eprintln!(
+                "cpr-shim: {} cannot take signals pending across the update; dropped {dropped:?}",
+                checked.resolved.display()
+            );
+        }
+    }
     let mut inherit: Vec<i32> = state.fds.iter().map(|f| f.fd).collect();
     inherit.push(channel.as_raw_fd());
     let plan = ExecPlan::new(

@@ -1908,3 +1908,37 @@ fn rescue_when_the_new_vmm_hangs_rolls_back_in_the_same_process() {
     );
     vm.quit();
 }
+
+/// SIGTERM in the middle of an update (here between the old VMM's exec and the shim) is neither
+/// lost nor fatal: the update completes, then the VMM shuts down cleanly (SHUTDOWN event,
+/// socket removed, exit status 0).
+#[test]
+fn sigterm_during_an_update_shuts_down_cleanly_after_it() {
+    let mut vm = Vm::heartbeat("sigterm", 1);
+    vm.wait_ticks_advance(1, 3);
+    let command = with_fault(&vm, &strings(&["--sigterm"]));
+    set_cpr_exec_command(&mut vm.qmp, &command).unwrap();
+    vm.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", vm.state.display())}),
+        )
+        .unwrap();
+    let shutdown = vm.qmp.wait_event("SHUTDOWN", LONG).unwrap();
+    assert_eq!(shutdown["data"]["reason"], "host-signal", "{shutdown}");
+    let statuses: Vec<String> = vm
+        .qmp
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("completed"),
+        "the update finished before the shutdown: {statuses:?}"
+    );
+    let status = vm.process.wait_exit(LONG).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.process.stderr_text());
+    assert!(!vm.socket.exists(), "the QMP socket file was left behind");
+}

@@ -39,6 +39,13 @@ fn main() -> ExitCode {
     if raw_args.get(1).map(String::as_str) == Some(migration::rescue::GUARD_ARG) {
         return migration::rescue::guard_main(&raw_args);
     }
+    // Before any thread exists, so that every thread inherits it: termination signals are read
+    // from a signalfd by the control loop, and one that arrives during a live update stays
+    // pending across its execs for the VMM that runs the guest afterwards.
+    if let Err(e) = cpr_common::exec::block_termination_signals() {
+        eprintln!("vmm: blocking SIGTERM/SIGINT/SIGHUP: {e}");
+        return ExitCode::from(1);
+    }
     // A live update hands over its state first: read it before anything else, and clear the
     // channel variables while this process is still single-threaded.
     let inherited = cpr_common::cpr::inherited_from_env();

@@ -58,7 +58,7 @@ pub static COMPAT_NOTE: CompatNote = CompatNote::new(
     ),
     crate::VERSION,
 )
-.with_features(cpr_common::compat::FEATURE_RESCUE);
+.with_features(cpr_common::compat::FEATURE_RESCUE | cpr_common::compat::FEATURE_SIGNALS);
 
 const fn oldest(versions: &[u32]) -> u32 {
     let mut min = u32::MAX;
@@ -228,6 +228,24 @@ fn shim_invocation(command: &[String]) -> Option<(&[String], &[String])> {
     let rest = &command[at + 1..];
     let dashes = rest.iter().position(|a| a == "--")?;
     Some((&rest[..dashes], &rest[dashes + 1..]))
+}
+
+/// Whether the first program of a cpr-exec command reads termination signals left pending (and
+/// blocked) across the exec: cpr-shim does and decides for its own target; a VMM whose note has
+/// `FEATURE_SIGNALS` does; a VMM of an older release does not, and gets them unblocked. A
+/// program that is not a VMM (a wrapper that executes one) keeps them as they are.
+pub fn keeps_signals_blocked(command: &[String]) -> bool {
+    if shim_invocation(command).is_some() {
+        return true;
+    }
+    let Some(program) = command.first() else {
+        return true;
+    };
+    match cpr_common::target::open_target(program) {
+        Ok(t) => cpr_common::compat::read_note(&t.file)
+            .map_or(true, |c| c.has(cpr_common::compat::FEATURE_SIGNALS)),
+        Err(_) => true,
+    }
 }
 
 /// The slow part of the shim's check, done before the guest stops: with `cpr-shim --sha256`,
@@ -891,6 +909,8 @@ pub(crate) struct PendingExec {
     prepared: PreparedExec,
     /// Its socket crosses the exec; released if the exec fails.
     guard: Option<RescueGuard>,
+    /// The program executed is a VMM of an older release that handles SIGTERM & co. itself.
+    unblock_signals: bool,
     /// Keeps the old address space and KVM VM alive past the exec, so tearing them down is not
     /// part of the blackout.
     _teardown: Option<TeardownHelper>,
@@ -924,6 +944,7 @@ impl Vmm {
         // Hashing the target takes milliseconds: here, not in the blackout.
         let checked_target =
             precheck_target(&command).map_err(|e| QmpError::generic(e.to_string()))?;
+        let unblock_signals = !keeps_signals_blocked(&command);
         // Output still queued for slow clients goes out now, while the guest runs: waiting for
         // it after the stop would lengthen the blackout.
         if let Some(m) = &mut self.monitor {
@@ -1012,6 +1033,7 @@ impl Vmm {
                 self.pending_exec = Some(PendingExec {
                     prepared,
                     guard,
+                    unblock_signals,
                     _teardown: teardown,
                     state_file,
                     guest_was_running,
@@ -1037,7 +1059,13 @@ impl Vmm {
             m.flush_nonblocking();
         }
         log::info!("live update: executing {}", pending.prepared.program());
+        let dropped = if pending.unblock_signals {
+            cpr_common::exec::unblock_termination_signals_dropping_pending()
+        } else {
+            Vec::new()
+        };
         let (err, prepared) = pending.prepared.exec();
+        let _ = cpr_common::exec::block_termination_signals();
         let reason = format!("exec of {} failed: {err}", prepared.program());
         log::error!("live update failed: {reason}; resuming the guest");
         prepared.undo();
@@ -1046,6 +1074,10 @@ impl Vmm {
         }
         let _ = std::fs::remove_file(&pending.state_file);
         self.fail_migration(&reason, pending.guest_was_running);
+        if !dropped.is_empty() {
+            log::info!("terminated by {dropped:?} during the failed update");
+            self.shutdown(crate::qmp::protocol::ShutdownCause::HostSignal, 0);
+        }
     }
 
     /// cpr-exec, new side: restore over the inherited RAM and resume the guest.
