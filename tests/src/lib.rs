@@ -38,6 +38,7 @@ pub mod hugepages;
 pub mod linux_probe;
 pub mod memcheck;
 pub mod prereq;
+pub mod previous_release;
 pub mod process;
 pub mod procfs;
 pub mod qemu_bench;
