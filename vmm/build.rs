@@ -27,6 +27,9 @@ const SHARED_INPUTS: &[&str] = &[
     "lib.inc",
     "console.inc",
     "heartbeat.inc",
+    "pci.inc",
+    "virtio.inc",
+    "bzimage.inc",
     "guest.ld",
 ];
 /// Where the images are linked and loaded (see guests/abi.inc, src/boot.rs).
