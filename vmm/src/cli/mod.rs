@@ -6,6 +6,7 @@
 //! are parsed into typed settings here, so every later stage works with checked values.
 
 pub mod drives;
+pub mod nics;
 
 use std::path::PathBuf;
 
@@ -41,6 +42,8 @@ const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
     ("blockdev", "blockdev"),
     ("device", "device"),
     ("add-fd", "add-fd"),
+    ("netdev", "netdev"),
+    ("nic", "nic"),
 ];
 
 /// Rewrites `-smp 2` to `--smp 2` etc. Arguments after `--` are left alone.
@@ -227,7 +230,7 @@ pub struct Args {
     #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
     pub blockdev: Vec<String>,
 
-    /// A device: virtio-blk-pci,drive=ID[,serial=S].
+    /// A device: virtio-blk-pci,drive=ID[,serial=S] or virtio-net-pci,netdev=ID[,mac=M].
     #[arg(long, value_name = "DEVICE,OPTS", action = ArgAction::Append)]
     pub device: Vec<String>,
 
@@ -235,6 +238,14 @@ pub struct Args {
     /// file=/dev/fdset/S).
     #[arg(long = "add-fd", value_name = "fd=N,set=S", action = ArgAction::Append)]
     pub add_fd: Vec<String>,
+
+    /// A network backend: tap,id=ID,ifname=NAME,script=no,downscript=no or tap,id=ID,fd=N.
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub netdev: Vec<String>,
+
+    /// A NIC and its backend in one: tap,ifname=NAME|fd=N[,model=virtio-net-pci][,mac=M].
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub nic: Vec<String>,
 
     /// Refused: QEMU's -chardev.
     #[arg(long, hide = true, value_name = "SPEC", action = ArgAction::Append)]
@@ -293,6 +304,8 @@ pub enum CliError {
     Conflict(String),
     #[error("{0}")]
     Drive(#[from] drives::DriveError),
+    #[error("{0}")]
+    Nic(#[from] nics::NicError),
 }
 
 /// Faults a test can inject into the new side of a live update.
@@ -375,6 +388,8 @@ pub struct Config {
     pub log_timestamps: crate::logger::Timestamps,
     /// Disks, each behind a virtio-blk-pci device, in PCI slot order.
     pub disks: Vec<crate::devices::virtio::block::BlockConfig>,
+    /// NICs, each behind a virtio-net-pci device, in the PCI slots after the disks.
+    pub nics: Vec<crate::devices::virtio::net::NetConfig>,
     /// The argv this process was started with (for the rollback fallback).
     pub argv: Vec<String>,
 }
@@ -465,7 +480,13 @@ impl Config {
             parse_machine(opts)?;
         }
         let (incoming, cpr_channel) = parse_incoming_channels(&args.incoming)?;
-        let disks = drives::parse_disks(&args.drive, &args.blockdev, &args.device, &args.add_fd)?;
+        let (nic_devices, disk_devices): (Vec<String>, Vec<String>) = args
+            .device
+            .iter()
+            .cloned()
+            .partition(|d| nics::is_nic_device(d));
+        let disks = drives::parse_disks(&args.drive, &args.blockdev, &disk_devices, &args.add_fd)?;
+        let nics = nics::parse_nics(&args.netdev, &nic_devices, &args.nic, disks.len())?;
         Ok(Config {
             ram_size,
             prealloc: args.prealloc || memory.prealloc == Some(true),
@@ -482,6 +503,7 @@ impl Config {
             pidfile: args.pidfile.clone(),
             log_timestamps: args.log_timestamps,
             disks,
+            nics,
             argv,
         })
     }
