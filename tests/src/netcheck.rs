@@ -500,6 +500,35 @@ pub struct QemuRun {
     pub run_time: Duration,
 }
 
+impl QemuRun {
+    /// Everything wrong with a run that was to send `host_frames` and have the guest send
+    /// `guest_frames` (one line each; empty when it was clean): the tally's problems, guest
+    /// frames missing at the start or end, host frames not all sent, an unclean guest exit.
+    pub fn problems(&self, guest_frames: u64, host_frames: u64) -> Vec<String> {
+        let t = &self.tally;
+        let mut problems = t.problems();
+        if t.guest.received != guest_frames || t.guest.first != 1 {
+            problems.push(format!(
+                "guest frames: {} received from {} on, expected 1..={guest_frames}",
+                t.guest.received, t.guest.first
+            ));
+        }
+        if t.host_sent != host_frames {
+            problems.push(format!(
+                "only {} of {host_frames} host frames were sent",
+                t.host_sent
+            ));
+        }
+        if self.status != Some(1) {
+            problems.push(format!(
+                "QEMU exited with {:?}, expected 1 (guest exit code 0)",
+                self.status
+            ));
+        }
+        problems
+    }
+}
+
 /// Boots the netcheck bzImage `kernel` on QEMU (`qemu`) with its own virtio-net-pci (modern
 /// only) on the tap of `ns`, QEMU running inside the namespace (`ifname=`). The peer listens
 /// from the start; once the guest says `ready` it sends `host_frames` frames every

@@ -10,6 +10,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
+use cpr_tests::blkcheck::build_guest_bzimage;
 use cpr_tests::cpr::{alternating_update, cpr_update};
 use cpr_tests::netcheck::*;
 use cpr_tests::netns::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, NetNs};
@@ -258,4 +259,57 @@ fn cpr_transfer_hands_over_the_tap_without_losing_a_frame() {
         .wait_for_stdout_contains("netcheck: sent ", LONG)
         .unwrap();
     vm.finish();
+}
+
+/// No network device: the guest (flat, and the bzImage through `-kernel`) says so and ends the
+/// VM with its "no device" status.
+#[test]
+fn without_a_network_device_netcheck_says_so_and_exits() {
+    let dir = TempDir::new("net-nodev").unwrap();
+    let kernel = build_guest_bzimage("netcheck", dir.path()).unwrap();
+    let kernel = kernel.display().to_string();
+    for guest in [["--guest", "netcheck"], ["-kernel", kernel.as_str()]] {
+        let vmm = VmmProcess::start_vmm(["-m", "64M"].iter().chain(&guest));
+        let code = vmm.wait_exit(LONG).unwrap().code();
+        let console = vmm.stdout_text();
+        assert!(
+            console.contains("netcheck: no virtio-net device found\n"),
+            "{console}"
+        );
+        assert_eq!(
+            code,
+            Some(i32::from(EXIT_NO_DEVICE)),
+            "{guest:?}: {console}"
+        );
+    }
+}
+
+/// The same driver (bzImage) on QEMU's own virtio-net-pci, on a tap in a namespace: every host
+/// frame echoed once, every guest frame once and in order, a clean exit. QEMU is not installed
+/// in CI: run with `-- --ignored` after `scripts/bench-setup.sh` (or scripts/netcheck-qemu.sh).
+#[test]
+#[ignore = "needs QEMU (scripts/bench-setup.sh): cargo test --test virtio_net -- --ignored"]
+fn qemu_virtio_net_echoes_every_frame() {
+    let test = "qemu_virtio_net_echoes_every_frame";
+    let qemu = "qemu-system-x86_64";
+    if std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        prerequisite_missing(test, &format!("{qemu} is not installed"));
+        return;
+    }
+    let Some(ns) = NetNs::available(test) else {
+        return;
+    };
+    let dir = TempDir::new("net-qemu").unwrap();
+    let kernel = build_guest_bzimage("netcheck", dir.path()).unwrap();
+    let run = run_on_qemu(qemu, &kernel, &ns, 300, 200, HOST_PERIOD, LONG).unwrap();
+    let problems = run.problems(300, 200);
+    assert!(problems.is_empty(), "{problems:#?}\n{}", run.console);
+    assert!(
+        run.console
+            .contains("netcheck: sent 300 echoed 200 host 200 gaps 0 dups 0")
+    );
 }
