@@ -313,3 +313,67 @@ fn qemu_virtio_net_echoes_every_frame() {
             .contains("netcheck: sent 300 echoed 200 host 200 gaps 0 dups 0")
     );
 }
+
+/// The linux-probe lists what Linux's PCI core and virtio-pci driver would read: both virtio
+/// functions (net 0x1041 on a tap, blk 0x1042), their memory BAR, the four virtio structures
+/// and the MSI-X capability with its table size.
+#[test]
+fn linux_probe_lists_the_virtio_functions_and_their_capabilities() {
+    let test = "linux_probe_lists_the_virtio_functions_and_their_capabilities";
+    let Some(ns) = NetNs::available(test) else {
+        return;
+    };
+    build_binaries();
+    let dir = TempDir::new("net-probe").unwrap();
+    let kernel = cpr_tests::linux_probe::build_linux_probe(dir.path()).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+    let passed = nix::unistd::dup(&tap).unwrap(); // inherited: FD_CLOEXEC clear
+    let netdev = format!("tap,id=n0,fd={}", passed.as_raw_fd());
+    let drive = format!("file={},format=raw,if=virtio", disk.display());
+    let kernel = kernel.display().to_string();
+    let vmm = VmmProcess::start_vmm([
+        "-m",
+        "64M",
+        "-kernel",
+        &kernel,
+        "-append",
+        "probe.exit_after=1 probe.exit_code=0",
+        "-netdev",
+        &netdev,
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-drive",
+        &drive,
+    ]);
+    drop(passed);
+    let status = vmm.wait_exit(LONG).unwrap();
+    let text = vmm.stdout_text();
+    assert_eq!(status.code(), Some(0), "{text}");
+    let report = cpr_tests::linux_probe::parse_probe_output(&text).unwrap();
+    assert!(report.ready, "{text}");
+    for id in ["1af4:1041", "1af4:1042"] {
+        let Some(head) = report.pci.iter().find(|l| l.ends_with(id)) else {
+            panic!("{id} is not listed: {:#?}", report.pci);
+        };
+        let devfn = head.split(' ').nth(1).unwrap();
+        let lines: Vec<&String> = report
+            .pci
+            .iter()
+            .filter(|l| l.split(' ').nth(1) == Some(devfn) && *l != head)
+            .collect();
+        let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+        assert!(has(" bar 0 0xc") && has(" mem64"), "{id}: {lines:#?}");
+        for cfg_type in 1..=4 {
+            assert!(
+                has(&format!(" virtio type {cfg_type} bar ")),
+                "{id}: {lines:#?}"
+            );
+        }
+        assert!(
+            has(" cap 0x11 at ") && has(" msix table-size "),
+            "{id}: {lines:#?}"
+        );
+    }
+}

@@ -711,6 +711,7 @@ fail_small_queue:   .asciz  "queue 0 is too small for one request"
 
 /* PCI enumeration and the virtio transport, shared with netcheck.S. */
     PCI_ROUTINES "blkcheck: "
+    PRINT_HELPERS
     VIRTIO_ROUTINES "blkcheck: ", "virtio-blk"
 
     .include "lib.inc"

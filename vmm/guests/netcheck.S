@@ -619,6 +619,7 @@ msg_last:           .asciz  " last "
 
 /* PCI enumeration and the virtio transport, shared with blkcheck.S. */
     PCI_ROUTINES "netcheck: "
+    PRINT_HELPERS
     VIRTIO_ROUTINES "netcheck: ", "virtio-net"
 
     .include "lib.inc"
