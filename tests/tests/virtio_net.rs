@@ -305,13 +305,34 @@ fn qemu_virtio_net_echoes_every_frame() {
     };
     let dir = TempDir::new("net-qemu").unwrap();
     let kernel = build_guest_bzimage("netcheck", dir.path()).unwrap();
-    let run = run_on_qemu(qemu, &kernel, &ns, 300, 200, HOST_PERIOD, LONG).unwrap();
-    let problems = run.problems(300, 200);
-    assert!(problems.is_empty(), "{problems:#?}\n{}", run.console);
-    assert!(
-        run.console
-            .contains("netcheck: sent 300 echoed 200 host 200 gaps 0 dups 0")
-    );
+    // As offered; without EVENT_IDX and MRG_RXBUF; without MSI-X (the driver polls).
+    for (device_options, features) in [
+        ("", "event-idx 1 mrg-rxbuf 1"),
+        (",event_idx=off,mrg_rxbuf=off", "event-idx 0 mrg-rxbuf 0"),
+        (",vectors=0", "msix unavailable, polling"),
+    ] {
+        let opts = QemuNet {
+            qemu,
+            kernel: &kernel,
+            guest_frames: 300,
+            host_frames: 200,
+            host_period: HOST_PERIOD,
+            timeout: LONG,
+            device_options,
+        };
+        let run = run_on_qemu(&ns, &opts).unwrap();
+        let problems = run.problems(300, 200);
+        assert!(problems.is_empty(), "{problems:#?}\n{}", run.console);
+        assert!(
+            run.console.contains(features),
+            "{device_options}: {}",
+            run.console
+        );
+        assert!(
+            run.console
+                .contains("netcheck: sent 300 echoed 200 host 200 gaps 0 dups 0")
+        );
+    }
 }
 
 /// The linux-probe lists what Linux's PCI core and virtio-pci driver would read: both virtio
