@@ -168,7 +168,10 @@ fn push_unique(list: &mut Vec<PendingDrive>, d: PendingDrive) -> Result<(), Driv
 }
 
 /// `key=value,key=value` (QEMU's option syntax; `,,` is a literal comma in a value).
-fn split_options(option: &'static str, spec: &str) -> Result<Vec<(String, String)>, DriveError> {
+pub(crate) fn split_options(
+    option: &'static str,
+    spec: &str,
+) -> Result<Vec<(String, String)>, DriveError> {
     let mut out = Vec::new();
     let mut current = String::new();
     let mut chars = spec.chars().peekable();

@@ -45,6 +45,8 @@ pub enum Command {
     SystemPowerdown,
     QueryQmpSchema,
     QueryRegisters(QueryRegistersArgs),
+    QueryRxFilter(QueryRxFilterArgs),
+    QueryNetwork,
 }
 
 impl Command {
@@ -77,6 +79,8 @@ impl Command {
             Command::SystemPowerdown => "system_powerdown",
             Command::QueryQmpSchema => "query-qmp-schema",
             Command::QueryRegisters(_) => "x-query-registers",
+            Command::QueryRxFilter(_) => "query-rx-filter",
+            Command::QueryNetwork => "x-query-network",
         }
     }
 }
@@ -447,6 +451,25 @@ static CHARDEV_INFO: Ty = Ty::Object(&Body::Struct(&[
     req("frontend-open", Ty::Bool),
 ]));
 static CHARDEV_INFO_LIST: Ty = Ty::List(&CHARDEV_INFO);
+static RX_STATE: EnumDef = EnumDef {
+    name: "RxState",
+    values: &["normal", "none", "all"],
+};
+static RX_FILTER_INFO: Ty = Ty::Object(&Body::Struct(&[
+    req("name", Ty::Str),
+    req("promiscuous", Ty::Bool),
+    req("multicast", Ty::Enum(&RX_STATE)),
+    req("unicast", Ty::Enum(&RX_STATE)),
+    req("vlan", Ty::Enum(&RX_STATE)),
+    req("broadcast-allowed", Ty::Bool),
+    req("multicast-overflow", Ty::Bool),
+    req("unicast-overflow", Ty::Bool),
+    req("main-mac", Ty::Str),
+    req("vlan-table", Ty::List(&Ty::Int)),
+    req("unicast-table", Ty::List(&Ty::Str)),
+    req("multicast-table", Ty::List(&Ty::Str)),
+]));
+static RX_FILTER_INFO_LIST: Ty = Ty::List(&RX_FILTER_INFO);
 static MIGRATION_CAPABILITY: EnumDef = EnumDef {
     name: "MigrationCapability",
     values: MIGRATION_CAPABILITIES,
@@ -775,6 +798,18 @@ pub static COMMANDS: &[CommandSpec] = &[
         args: &[opt("cpu-index", Ty::Int)],
         ret: &HUMAN_READABLE_TEXT,
         build: |v| Ok(Command::QueryRegisters(de(v)?)),
+    },
+    CommandSpec {
+        name: "query-rx-filter",
+        args: &[opt("name", Ty::Str)],
+        ret: &RX_FILTER_INFO_LIST,
+        build: |v| Ok(Command::QueryRxFilter(de(v)?)),
+    },
+    CommandSpec {
+        name: "x-query-network",
+        args: &[],
+        ret: &HUMAN_READABLE_TEXT,
+        build: |_| Ok(Command::QueryNetwork),
     },
 ];
 

@@ -1,0 +1,288 @@
+//! virtio-net from the outside: the command-line and tap checks at start (one clear error
+//! each), a tap passed by fd or opened by name inside a network namespace, and the tap fd
+//! across a live update (the very same tap, never opened again by name).
+//!
+//! The guest's side (a driver sending and receiving across updates) is the `netcheck` built-in
+//! guest's.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use cpr_tests::cpr::{cpr_update, direct_command, shim_command};
+use cpr_tests::netns::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, NetNs};
+use cpr_tests::*;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn base_args() -> Vec<String> {
+    strings(&["-m", "16M", "--guest", "heartbeat"])
+}
+
+/// Lets the next VMM started inherit `fd` (as a management layer passes a tap), until dropped.
+struct Inherited(RawFd);
+
+impl Inherited {
+    fn new(fd: &OwnedFd) -> Self {
+        cpr_common::fds::set_cloexec(fd.as_raw_fd(), false).unwrap();
+        Inherited(fd.as_raw_fd())
+    }
+}
+
+impl Drop for Inherited {
+    fn drop(&mut self) {
+        let _ = cpr_common::fds::set_cloexec(self.0, true);
+    }
+}
+
+/// The /dev/net/tun fds `pid` holds that are attached to the tap `name` (fdinfo's `iff:`).
+fn tun_fds(pid: u32, name: &str) -> Vec<OpenFd> {
+    let attached = |fd: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).is_ok_and(|info| {
+            info.lines()
+                .any(|l| l.strip_prefix("iff:").is_some_and(|v| v.trim() == name))
+        })
+    };
+    list_fds(pid)
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.target == "/dev/net/tun" && attached(f.fd))
+        .collect()
+}
+
+#[test]
+fn bad_nics_are_refused_at_start_with_one_clear_error() {
+    let file = std::fs::File::open("/proc/self/status").unwrap();
+    let not_a_tap = OwnedFd::from(file);
+    let not_a_tap_text = format!("fd {} is not a tap device", not_a_tap.as_raw_fd());
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            strings(&["-device", "virtio-net-pci,netdev=nope"]),
+            vec!["netdev 'nope' does not exist"],
+        ),
+        (
+            strings(&[
+                "-netdev",
+                "tap,id=n0,ifname=cprx0,script=no,downscript=no",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ]),
+            vec!["netdev 'n0' is used by two devices"],
+        ),
+        (
+            strings(&[
+                "-netdev",
+                "tap,id=n0,ifname=cprx0,script=no,downscript=no",
+                "-device",
+                "virtio-net-pci,netdev=n0,mac=52:54:00:12:34",
+            ]),
+            vec!["MAC address '52:54:00:12:34' does not parse"],
+        ),
+        (
+            strings(&[
+                "-netdev",
+                "tap,id=n0,ifname=cprx0,script=/etc/qemu-ifup",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ]),
+            vec!["script=/etc/qemu-ifup is not supported", "script=no"],
+        ),
+        (
+            strings(&[
+                "-netdev",
+                "tap,id=n0,fd=77",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ]),
+            vec!["netdev 'n0'", "fd 77 is not open"],
+        ),
+        (
+            strings(&[
+                "-netdev",
+                &format!("tap,id=n0,fd={}", not_a_tap.as_raw_fd()),
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ]),
+            vec!["netdev 'n0'", &not_a_tap_text],
+        ),
+    ];
+    let _inherit = Inherited::new(&not_a_tap);
+    for (extra, needles) in cases {
+        let mut args = base_args();
+        args.extend(extra);
+        assert_vmm_startup_error(&args, &needles, LONG);
+    }
+}
+
+/// Without permission on /dev/net/tun (an unprivileged user), the VMM says what it needs.
+#[test]
+fn no_permission_on_dev_net_tun_is_one_clear_error() {
+    if !nix::unistd::geteuid().is_root() {
+        prerequisite_missing(
+            "no_permission_on_dev_net_tun_is_one_clear_error",
+            "needs root to drop to another user",
+        );
+        return;
+    }
+    build_binaries();
+    let mut args = strings(&[
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ]);
+    args.push(vmm_bin().display().to_string());
+    args.extend(base_args());
+    args.extend(strings(&[
+        "-netdev",
+        "tap,id=n0,ifname=cprx1,script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+    ]));
+    let vmm = VmmProcess::start("setpriv", &args).unwrap();
+    let status = vmm.wait_exit(LONG).unwrap();
+    let stderr = vmm.stderr_text();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("vmm: netdev 'n0': "), "{stderr}");
+    assert!(
+        stderr.contains("/dev/net/tun") || stderr.contains("permission"),
+        "{stderr}"
+    );
+}
+
+/// A tap opened without a vnet header cannot carry the guest's frames: refused by name.
+#[test]
+fn a_passed_tap_without_a_vnet_header_is_refused() {
+    let Some(ns) = NetNs::available("a_passed_tap_without_a_vnet_header_is_refused") else {
+        return;
+    };
+    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI).unwrap();
+    let _inherit = Inherited::new(&tap);
+    let mut args = base_args();
+    args.extend(strings(&[
+        "-netdev",
+        &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
+        "-device",
+        "virtio-net-pci,netdev=n0",
+    ]));
+    assert_vmm_startup_error(&args, &["netdev 'n0'", "IFF_VNET_HDR", ns.tap()], LONG);
+}
+
+/// A VM with a NIC on a tap passed by fd: the monitor shows it, and a live update (through
+/// the shim, then directly) carries the same tap, close-on-exec, without opening it again.
+#[test]
+fn a_passed_tap_is_shown_and_survives_live_updates() {
+    let Some(ns) = NetNs::available("a_passed_tap_is_shown_and_survives_live_updates") else {
+        return;
+    };
+    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+    let dir = TempDir::new("net-exec").unwrap();
+    let socket = dir.join("qmp.sock");
+    let mut args = base_args();
+    args.extend(strings(&[
+        "-netdev",
+        &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
+        "-device",
+        "virtio-net-pci,netdev=n0,id=eth0,mac=52:54:00:ab:cd:ef",
+        "-qmp",
+        &qmp_socket_arg(&socket),
+    ]));
+    let process = {
+        let _inherit = Inherited::new(&tap);
+        VmmProcess::start_vmm(&args)
+    };
+    // The management layer's copy is no longer needed: the VMM holds its own.
+    drop(tap);
+    process.wait_for_path(&socket, LONG).unwrap();
+    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    let pid = process.pid();
+    let filters = qmp.execute("query-rx-filter", Value::Null).unwrap();
+    assert_eq!(filters[0]["name"], "eth0", "{filters}");
+    assert_eq!(filters[0]["main-mac"], "52:54:00:ab:cd:ef", "{filters}");
+    let text = qmp.hmp("info network").unwrap();
+    assert!(text.contains("macaddr=52:54:00:ab:cd:ef"), "{text}");
+    assert!(text.contains(&format!("ifname={}", ns.tap())), "{text}");
+    let before = tun_fds(pid, ns.tap());
+    assert_eq!(
+        before.len(),
+        2,
+        "the passed fd and the VMM's own copy: {before:?}"
+    );
+    assert_eq!(
+        before.iter().filter(|f| f.is_cloexec()).count(),
+        1,
+        "{before:?}"
+    );
+
+    let state = dir.join("vm.state");
+    let command = shim_command(&shim_bin(), &[], &vmm_bin(), &args, &state);
+    let update = cpr_update(&mut qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.error_desc());
+    assert_eq!(process.pid(), pid);
+    let after = tun_fds(pid, ns.tap());
+    assert_eq!(
+        after.len(),
+        2,
+        "the new VMM holds the same tap (plus the fd it was started with): {after:?}"
+    );
+    assert_eq!(
+        after.iter().filter(|f| f.is_cloexec()).count(),
+        1,
+        "re-marked close-on-exec after the update: {after:?}"
+    );
+    let text = qmp.hmp("info network").unwrap();
+    assert!(text.contains(&format!("ifname={}", ns.tap())), "{text}");
+    let command = direct_command(&vmm_bin(), &args, &state);
+    let update = cpr_update(&mut qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.error_desc());
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    qmp.execute("quit", Value::Null).unwrap();
+    process.wait_exit(LONG).unwrap();
+}
+
+/// `ifname=` inside a namespace: the VMM attaches to the operator's tap by name.
+#[test]
+fn a_tap_named_on_the_command_line_is_attached() {
+    let Some(ns) = NetNs::available("a_tap_named_on_the_command_line_is_attached") else {
+        return;
+    };
+    build_binaries();
+    let dir = TempDir::new("net-ifname").unwrap();
+    let socket = dir.join("qmp.sock");
+    let mut args = ns.exec_prefix();
+    args.push(vmm_bin().display().to_string());
+    args.extend(base_args());
+    args.extend(strings(&[
+        "-nic",
+        &format!(
+            "tap,ifname={},script=no,downscript=no,model=virtio-net-pci",
+            ns.tap()
+        ),
+        "-qmp",
+        &qmp_socket_arg(&socket),
+    ]));
+    let process = VmmProcess::start(&args[0], &args[1..]).unwrap();
+    process.wait_for_path(&socket, LONG).unwrap();
+    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    let text = qmp.hmp("info network").unwrap();
+    assert!(
+        text.contains(&format!("ifname={},script=no", ns.tap())),
+        "{text}"
+    );
+    assert!(
+        text.contains("macaddr=52:54:00:12:34:56"),
+        "QEMU's default MAC: {text}"
+    );
+    qmp.execute("quit", Value::Null).unwrap();
+    process.wait_exit(LONG).unwrap();
+}
