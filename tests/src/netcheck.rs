@@ -28,6 +28,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{MsgFlags, recv, send, setsockopt, sockopt};
 use nix::sys::time::TimeVal;
+use serde_json::Value;
+
+use crate::binaries::{build_binaries, vmm_bin};
+use crate::netns::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, NetNs};
+use crate::process::VmmProcess;
+use crate::qmp::{QmpClient, qmp_socket_arg};
+use crate::tempdir::TempDir;
 
 /// The experimental ethertype netcheck's frames carry (IEEE 802 local experimental 1).
 pub const ETHERTYPE: u16 = 0x88b5;
@@ -627,6 +634,150 @@ pub fn clean_console(text: &str) -> String {
 
 fn lock(t: &Mutex<Tally>) -> MutexGuard<'_, Tally> {
     t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// --- a netcheck VM with its peer, for tests and benchmarks -------------------------------
+
+/// How long anything the VM or the peer must do may take.
+const NET_WAIT: Duration = Duration::from_secs(120);
+/// The peer sends one frame every 5 ms (200 frames/s); the guest sends 100 frames/s.
+pub const HOST_PERIOD: Duration = Duration::from_millis(5);
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+
+/// How the VMM gets its tap.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Tap {
+    /// `-netdev tap,fd=N`: opened by the test inside the namespace and inherited.
+    Fd,
+    /// `-netdev tap,ifname=NAME`: the VMM runs inside the namespace and opens it.
+    Ifname,
+}
+
+/// A netcheck VM on a tap in its own namespace, with the peer already listening (shared by the
+/// virtio-net tests and blackout-bench). Its methods panic with what went wrong.
+pub struct NetVm {
+    // Field order is drop order: the VMM and the peer go before the namespace.
+    pub vmm: VmmProcess,
+    pub qmp: QmpClient,
+    pub peer: NetPeer,
+    /// The VMM's own arguments (without `ip netns exec`), for update commands.
+    pub args: Vec<String>,
+    pub dir: TempDir,
+    pub ns: NetNs,
+}
+
+impl NetVm {
+    /// Boots netcheck with the tap given the `tap` way, waits until the guest is ready and
+    /// starts the peer's steady stream. `None` when namespaces are unavailable (skipped).
+    pub fn start(test: &str, tap: Tap) -> Option<Self> {
+        Self::start_with_period(test, tap, HOST_PERIOD)
+    }
+
+    /// [`NetVm::start`] with the peer sending one frame every `period`.
+    pub fn start_with_period(test: &str, tap: Tap, period: Duration) -> Option<Self> {
+        let ns = NetNs::available(test)?;
+        build_binaries();
+        let dir = TempDir::new("net").unwrap();
+        let socket = dir.join("qmp.sock");
+        // Listening before the guest starts: its frames are all seen, from the first.
+        let peer = NetPeer::start(ns.packet_socket().unwrap(), BROADCAST, period).unwrap();
+        let tap_fd: Option<OwnedFd> = (tap == Tap::Fd).then(|| {
+            let fd = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+            // dup(2) leaves FD_CLOEXEC clear: the VMM inherits this copy.
+            nix::unistd::dup(&fd).unwrap()
+        });
+        let netdev = match &tap_fd {
+            Some(fd) => format!("tap,id=n0,fd={}", fd.as_raw_fd()),
+            None => format!("tap,id=n0,ifname={},script=no,downscript=no", ns.tap()),
+        };
+        let args: Vec<String> = [
+            "-m",
+            "32M",
+            "--guest",
+            "netcheck",
+            "-netdev",
+            &netdev,
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"),
+            "-qmp",
+            &qmp_socket_arg(&socket),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut command = match tap {
+            Tap::Fd => vec![],
+            Tap::Ifname => ns.exec_prefix(),
+        };
+        command.push(vmm_bin().display().to_string());
+        command.extend(args.iter().cloned());
+        let vmm = VmmProcess::start(&command[0], &command[1..]).unwrap();
+        drop(tap_fd); // the VMM holds its own copy now
+        vmm.wait_for_path(&socket, NET_WAIT).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, NET_WAIT).unwrap();
+        vmm.wait_for_stdout_contains("netcheck: ready", NET_WAIT)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", vmm.stdout_text(), vmm.stderr_text()));
+        peer.start_sending();
+        Some(NetVm {
+            vmm,
+            qmp,
+            peer,
+            args,
+            dir,
+            ns,
+        })
+    }
+
+    /// Waits until `n` more echoes than now came back (traffic flows).
+    pub fn wait_echoes(&self, n: usize) {
+        let target = self.peer.tally().echoes.len() + n;
+        let (t, ok) = self.peer.wait_until(NET_WAIT, |t| t.echoes.len() >= target);
+        assert!(
+            ok,
+            "echoes stopped at {} (host sent {}): {}",
+            t.echoes.len(),
+            t.host_sent,
+            self.vmm.stdout_text()
+        );
+    }
+
+    /// Stops the peer's stream, waits for the last echoes, checks everything the peer and the
+    /// guest saw, and quits the VMM. Returns the tally.
+    pub fn finish(mut self) -> Tally {
+        self.peer.stop_sending();
+        let (t, _) = self.peer.wait_until(NET_WAIT, |t| t.unechoed().is_empty());
+        let guest_last = t.guest.last;
+        // A few more guest frames: the last ones before the stop came in order too.
+        let (t, _) = self
+            .peer
+            .wait_until(NET_WAIT, |t| t.guest.last >= guest_last + 5);
+        let dump = self
+            .qmp
+            .pmemsave(
+                COUNTERS_ADDR,
+                COUNTERS_SIZE as u64,
+                &self.dir.join("counters"),
+            )
+            .unwrap();
+        let c = NetcheckCounters::parse(&dump).unwrap();
+        self.qmp.execute("quit", Value::Null).unwrap();
+        self.vmm.wait_exit(NET_WAIT).unwrap();
+        let console = self.vmm.stdout_text();
+        let problems = t.problems();
+        assert!(problems.is_empty(), "{problems:#?}\nconsole: {console}");
+        assert_eq!(t.guest.first, 1, "the guest's first frame was lost");
+        assert!(t.host_sent > 0 && t.echoes.len() as u64 == t.host_sent);
+        assert!(
+            !console.contains("netcheck: GAP") && !console.contains("netcheck: DUPLICATE"),
+            "{console}"
+        );
+        assert_eq!(
+            (c.get(Counter::Gaps), c.get(Counter::Dups)),
+            (0, 0),
+            "{c:?}"
+        );
+        assert_eq!(c.get(Counter::Echoed), t.host_sent, "{c:?}");
+        t
+    }
 }
 
 #[cfg(test)]

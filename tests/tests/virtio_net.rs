@@ -7,7 +7,7 @@
 //! blackout). The tap is passed as `fd=N` (opened by the test inside the namespace, as a
 //! management layer does) or named with `ifname=` (the VMM runs inside the namespace).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use cpr_tests::blkcheck::build_guest_bzimage;
@@ -19,139 +19,6 @@ use cpr_tests::*;
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(120);
-/// The peer sends one frame every 5 ms (200 frames/s); the guest sends 100 frames/s.
-const HOST_PERIOD: Duration = Duration::from_millis(5);
-const GUEST_MAC: &str = "52:54:00:12:34:56";
-
-/// How the VMM gets its tap.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Tap {
-    /// `-netdev tap,fd=N`: opened by the test inside the namespace and inherited.
-    Fd,
-    /// `-netdev tap,ifname=NAME`: the VMM runs inside the namespace and opens it.
-    Ifname,
-}
-
-/// A netcheck VM on a tap in its own namespace, with the peer already listening.
-struct NetVm {
-    // Field order is drop order: the VMM and the peer go before the namespace.
-    vmm: VmmProcess,
-    qmp: QmpClient,
-    peer: NetPeer,
-    /// The VMM's own arguments (without `ip netns exec`), for update commands.
-    args: Vec<String>,
-    dir: TempDir,
-    ns: NetNs,
-}
-
-impl NetVm {
-    /// Boots netcheck with the tap given the `tap` way, waits until the guest is ready and
-    /// starts the peer's steady stream. `None` when namespaces are unavailable (skipped).
-    fn start(test: &str, tap: Tap) -> Option<Self> {
-        let ns = NetNs::available(test)?;
-        build_binaries();
-        let dir = TempDir::new("net").unwrap();
-        let socket = dir.join("qmp.sock");
-        // Listening before the guest starts: its frames are all seen, from the first.
-        let peer = NetPeer::start(ns.packet_socket().unwrap(), BROADCAST, HOST_PERIOD).unwrap();
-        let tap_fd: Option<OwnedFd> = (tap == Tap::Fd).then(|| {
-            let fd = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
-            // dup(2) leaves FD_CLOEXEC clear: the VMM inherits this copy.
-            nix::unistd::dup(&fd).unwrap()
-        });
-        let netdev = match &tap_fd {
-            Some(fd) => format!("tap,id=n0,fd={}", fd.as_raw_fd()),
-            None => format!("tap,id=n0,ifname={},script=no,downscript=no", ns.tap()),
-        };
-        let args: Vec<String> = [
-            "-m",
-            "32M",
-            "--guest",
-            "netcheck",
-            "-netdev",
-            &netdev,
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"),
-            "-qmp",
-            &qmp_socket_arg(&socket),
-        ]
-        .map(String::from)
-        .to_vec();
-        let mut command = match tap {
-            Tap::Fd => vec![],
-            Tap::Ifname => ns.exec_prefix(),
-        };
-        command.push(vmm_bin().display().to_string());
-        command.extend(args.iter().cloned());
-        let vmm = VmmProcess::start(&command[0], &command[1..]).unwrap();
-        drop(tap_fd); // the VMM holds its own copy now
-        vmm.wait_for_path(&socket, LONG).unwrap();
-        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
-        vmm.wait_for_stdout_contains("netcheck: ready", LONG)
-            .unwrap_or_else(|e| panic!("{e}: {}{}", vmm.stdout_text(), vmm.stderr_text()));
-        peer.start_sending();
-        Some(NetVm {
-            vmm,
-            qmp,
-            peer,
-            args,
-            dir,
-            ns,
-        })
-    }
-
-    /// Waits until `n` more echoes than now came back (traffic flows).
-    fn wait_echoes(&self, n: usize) {
-        let target = self.peer.tally().echoes.len() + n;
-        let (t, ok) = self.peer.wait_until(LONG, |t| t.echoes.len() >= target);
-        assert!(
-            ok,
-            "echoes stopped at {} (host sent {}): {}",
-            t.echoes.len(),
-            t.host_sent,
-            self.vmm.stdout_text()
-        );
-    }
-
-    /// Stops the peer's stream, waits for the last echoes, checks everything the peer and the
-    /// guest saw, and quits the VMM. Returns the tally.
-    fn finish(mut self) -> Tally {
-        self.peer.stop_sending();
-        let (t, _) = self.peer.wait_until(LONG, |t| t.unechoed().is_empty());
-        let guest_last = t.guest.last;
-        // A few more guest frames: the last ones before the stop came in order too.
-        let (t, _) = self
-            .peer
-            .wait_until(LONG, |t| t.guest.last >= guest_last + 5);
-        let dump = self
-            .qmp
-            .pmemsave(
-                COUNTERS_ADDR,
-                COUNTERS_SIZE as u64,
-                &self.dir.join("counters"),
-            )
-            .unwrap();
-        let c = NetcheckCounters::parse(&dump).unwrap();
-        self.qmp.execute("quit", Value::Null).unwrap();
-        self.vmm.wait_exit(LONG).unwrap();
-        let console = self.vmm.stdout_text();
-        let problems = t.problems();
-        assert!(problems.is_empty(), "{problems:#?}\nconsole: {console}");
-        assert_eq!(t.guest.first, 1, "the guest's first frame was lost");
-        assert!(t.host_sent > 0 && t.echoes.len() as u64 == t.host_sent);
-        assert!(
-            !console.contains("netcheck: GAP") && !console.contains("netcheck: DUPLICATE"),
-            "{console}"
-        );
-        assert_eq!(
-            (c.get(Counter::Gaps), c.get(Counter::Dups)),
-            (0, 0),
-            "{c:?}"
-        );
-        assert_eq!(c.get(Counter::Echoed), t.host_sent, "{c:?}");
-        t
-    }
-}
 
 /// Live updates of a VM whose guest echoes a steady stream: `updates` of them, alternating
 /// builds, every third one direct and the others through the shim. Prints the largest echo
