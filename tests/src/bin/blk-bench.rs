@@ -18,7 +18,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cpr_tests::blkcheck::{build_blkcheck_bzimage, check_image, mismatch_lines, parse_pass_lines};
+use cpr_tests::blkcheck::{
+    build_blkcheck_bzimage, check_image, mismatch_lines, parse_pass_lines, qemu_blkcheck_args,
+};
 use cpr_tests::{TempDir, VmmProcess, build_binaries, vmm_bin};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -67,7 +69,7 @@ fn parse_options() -> Result<Options, String> {
 
 /// One configuration: a name and how to start it on a disk.
 struct Config {
-    name: &'static str,
+    name: String,
     start: Box<dyn Fn(&Path) -> VmmProcess>,
 }
 
@@ -119,17 +121,10 @@ fn run_once(config: &Config, dir: &Path, o: &Options) -> Result<Run, String> {
     })
 }
 
-fn ours(aio: &'static str, o: &Options) -> Config {
-    let guest = format!(
-        "blkcheck,depth={},exit-after={},exit-code=0",
-        o.depth, o.passes
-    );
+/// This VMM running blkcheck, given as `--guest GUEST`.
+fn ours(aio: &'static str, guest: String) -> Config {
     Config {
-        name: if aio == "io_uring" {
-            "vmm aio=io_uring"
-        } else {
-            "vmm aio=threads"
-        },
+        name: format!("vmm aio={aio}"),
         start: Box::new(move |disk| {
             let drive = format!("file={},format=raw,if=virtio,aio={aio}", disk.display());
             VmmProcess::start(
@@ -141,40 +136,14 @@ fn ours(aio: &'static str, o: &Options) -> Config {
     }
 }
 
-fn qemu(aio: &'static str, kernel: &Path, o: &Options) -> Config {
-    let kernel = kernel.display().to_string();
-    let append = format!(
-        "blkcheck.passes={} blkcheck.depth={} blkcheck.exit_code=0",
-        o.passes, o.depth
-    );
+/// QEMU booting blkcheck's bzImage `kernel` with the kernel command line `append`.
+fn qemu(aio: &'static str, kernel: &Path, append: String) -> Config {
+    let kernel = kernel.to_path_buf();
+    let drive_opts = format!(",aio={aio}");
     Config {
-        name: if aio == "io_uring" {
-            "QEMU aio=io_uring"
-        } else {
-            "QEMU aio=threads"
-        },
+        name: format!("QEMU aio={aio}"),
         start: Box::new(move |disk| {
-            let drive = format!("file={},format=raw,if=none,id=d0,aio={aio}", disk.display());
-            let args = [
-                "-accel",
-                "kvm",
-                "-m",
-                "64M",
-                "-nographic",
-                "-no-reboot",
-                "-monitor",
-                "none",
-                "-kernel",
-                &kernel,
-                "-append",
-                &append,
-                "-drive",
-                &drive,
-                "-device",
-                "virtio-blk-pci,drive=d0,disable-legacy=on",
-                "-device",
-                "isa-debug-exit,iobase=0x501,iosize=1",
-            ];
+            let args = qemu_blkcheck_args(&["kvm"], &kernel, &append, disk, [&drive_opts, ""]);
             VmmProcess::start(QEMU, args).unwrap_or_else(|e| panic!("cannot start {QEMU}: {e}"))
         }),
     }
@@ -209,15 +178,22 @@ fn main() {
     };
     build_binaries();
     let dir = TempDir::new("blk-bench").unwrap_or_else(|e| panic!("temporary directory: {e}"));
-    let mut configs = vec![ours("io_uring", &o), ours("threads", &o)];
+    let guest = |passes, depth| format!("blkcheck,depth={depth},exit-after={passes},exit-code=0");
+    let append = |passes, depth| {
+        format!("blkcheck.passes={passes} blkcheck.depth={depth} blkcheck.exit_code=0")
+    };
+    let mut configs = vec![
+        ours("io_uring", guest(o.passes, o.depth)),
+        ours("threads", guest(o.passes, o.depth)),
+    ];
     if o.qemu {
         match qemu_version() {
             Some(v) => {
                 eprintln!("blk-bench: {v}");
                 let kernel: PathBuf = build_blkcheck_bzimage(dir.path())
                     .unwrap_or_else(|e| panic!("building blkcheck.bzImage: {e}"));
-                configs.push(qemu("threads", &kernel, &o));
-                configs.push(qemu("io_uring", &kernel, &o));
+                configs.push(qemu("threads", &kernel, append(o.passes, o.depth)));
+                configs.push(qemu("io_uring", &kernel, append(o.passes, o.depth)));
             }
             None => eprintln!("blk-bench: {QEMU} is not installed; this VMM only"),
         }

@@ -1930,35 +1930,39 @@ mod tests {
             u32::from_le_bytes(b)
         };
         use std::mem::offset_of;
-        assert_eq!(
-            field(offset_of!(virtio_blk_config, max_discard_sectors), 4),
-            MAX_ZEROING_SECTORS
-        );
-        assert_eq!(
-            field(offset_of!(virtio_blk_config, max_discard_seg), 4),
-            MAX_ZEROING_SEG
-        );
-        assert_eq!(
-            field(offset_of!(virtio_blk_config, discard_sector_alignment), 4),
-            8
-        );
-        assert_eq!(
-            field(offset_of!(virtio_blk_config, max_write_zeroes_sectors), 4),
-            MAX_ZEROING_SECTORS
-        );
-        assert_eq!(
-            field(offset_of!(virtio_blk_config, max_write_zeroes_seg), 4),
-            MAX_ZEROING_SEG
-        );
-        assert_eq!(
-            field(offset_of!(virtio_blk_config, write_zeroes_may_unmap), 1),
-            1
-        );
-        assert_eq!(
-            field(36, 4),
-            MAX_ZEROING_SECTORS,
-            "virtio 1.x: max_discard_sectors at 36"
-        );
+        for (offset, len, want) in [
+            (
+                offset_of!(virtio_blk_config, max_discard_sectors),
+                4,
+                MAX_ZEROING_SECTORS,
+            ),
+            (
+                offset_of!(virtio_blk_config, max_discard_seg),
+                4,
+                MAX_ZEROING_SEG,
+            ),
+            (
+                offset_of!(virtio_blk_config, discard_sector_alignment),
+                4,
+                8,
+            ),
+            (
+                offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+                4,
+                MAX_ZEROING_SECTORS,
+            ),
+            (
+                offset_of!(virtio_blk_config, max_write_zeroes_seg),
+                4,
+                MAX_ZEROING_SEG,
+            ),
+            (offset_of!(virtio_blk_config, write_zeroes_may_unmap), 1, 1),
+            // virtio 1.x: max_discard_sectors is at byte 36, write_zeroes_may_unmap at 56.
+            (36, 4, MAX_ZEROING_SECTORS),
+            (56, 1, 1),
+        ] {
+            assert_eq!(field(offset, len), want, "configuration byte {offset}");
+        }
 
         let fill = || {
             std::os::unix::fs::FileExt::write_all_at(block.disk.as_ref(), &[0x77; 64 * 512], 0)
