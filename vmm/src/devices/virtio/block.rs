@@ -721,18 +721,22 @@ impl Engine {
         }
     }
 
-    /// Blocks until at least one request in flight has completed.
-    fn wait(&mut self) {
+    /// Blocks until at least one request in flight has completed; false if the ring cannot
+    /// be waited on (nothing more will complete).
+    fn wait(&mut self) -> bool {
         if let Engine::Uring(u) = self {
             loop {
                 match u.ring.submit_and_wait(1) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => log::warn!("virtio-blk: io_uring wait: {e}"),
-                    Ok(_) => {}
+                    Err(e) => {
+                        log::error!("virtio-blk: io_uring wait: {e}");
+                        return false;
+                    }
+                    Ok(_) => return true,
                 }
-                return;
             }
         }
+        true
     }
 
     /// The requests that have completed: where to answer, status, data bytes.
@@ -958,10 +962,15 @@ fn scatter(mem: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> usize {
 
 impl RequestQueue {
     /// Starts paused: the transport resumes it when the guest runs. Every request submitted
-    /// has completed when this returns.
+    /// has completed when this returns (the kernel is done with guest RAM); after a stop (the
+    /// driver reset the device, or it is going away) their answers are not written: the rings
+    /// may no longer be the driver's.
     fn run(&mut self, commands: Receiver<Command>) {
         self.serve(commands);
-        self.drain();
+        self.engine.submit();
+        while self.engine.in_flight() > 0 && self.engine.wait() {
+            let _ = self.engine.reap();
+        }
     }
 
     fn serve(&mut self, commands: Receiver<Command>) {
@@ -1051,7 +1060,9 @@ impl RequestQueue {
             let mut used = 0;
             loop {
                 if !self.engine.has_room() {
-                    self.engine.wait();
+                    if !self.engine.wait() {
+                        break;
+                    }
                     used += self.reap(&mut queue);
                 }
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -1097,10 +1108,9 @@ impl RequestQueue {
         self.engine.submit();
         loop {
             self.complete();
-            if self.engine.in_flight() == 0 {
+            if self.engine.in_flight() == 0 || !self.engine.wait() {
                 return;
             }
-            self.engine.wait();
         }
     }
 
