@@ -409,6 +409,48 @@ pub fn build_guest_bzimage(name: &str, out_dir: &Path) -> Result<PathBuf, String
     Ok(image)
 }
 
+/// QEMU's arguments to boot the blkcheck bzImage `kernel` with kernel command line `append` on
+/// the raw image `disk` behind a modern-only `-device virtio-blk-pci`: `drive_opts` and
+/// `device_opts` are appended to the `-drive` and `-device` options. The guest exits through
+/// isa-debug-exit (QEMU's status is then `(code << 1) | 1`). `accels` are tried in order.
+pub fn qemu_blkcheck_args(
+    accels: &[&str],
+    kernel: &Path,
+    append: &str,
+    disk: &Path,
+    [drive_opts, device_opts]: [&str; 2],
+) -> Vec<String> {
+    let mut args: Vec<String> = accels
+        .iter()
+        .flat_map(|a| ["-accel".to_string(), a.to_string()])
+        .collect();
+    args.extend(
+        [
+            "-m",
+            "64M",
+            "-nographic",
+            "-no-reboot",
+            "-monitor",
+            "none",
+            "-kernel",
+            &kernel.display().to_string(),
+            "-append",
+            append,
+            "-drive",
+            &format!(
+                "file={},format=raw,if=none,id=d0{drive_opts}",
+                disk.display()
+            ),
+            "-device",
+            &format!("virtio-blk-pci,drive=d0,disable-legacy=on{device_opts}"),
+            "-device",
+            "isa-debug-exit,iobase=0x501,iosize=1",
+        ]
+        .map(String::from),
+    );
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
