@@ -45,6 +45,7 @@ pub enum Command {
     SystemPowerdown,
     QueryQmpSchema,
     QueryRegisters(QueryRegistersArgs),
+    QueryCprCommandLine,
 }
 
 impl Command {
@@ -77,6 +78,7 @@ impl Command {
             Command::SystemPowerdown => "system_powerdown",
             Command::QueryQmpSchema => "query-qmp-schema",
             Command::QueryRegisters(_) => "x-query-registers",
+            Command::QueryCprCommandLine => "x-query-cpr-command-line",
         }
     }
 }
@@ -456,6 +458,11 @@ static MIGRATION_CAPABILITY_STATUS: Ty = Ty::Object(&Body::Struct(&[
     req("state", Ty::Bool),
 ]));
 static MIGRATION_CAPABILITY_STATUS_LIST: Ty = Ty::List(&MIGRATION_CAPABILITY_STATUS);
+/// `x-query-cpr-command-line`: what a rollout tool needs to build a VM's `cpr-exec-command`.
+static CPR_COMMAND_LINE: Ty = Ty::Object(&Body::Struct(&[
+    req("argv", Ty::List(&Ty::Str)),
+    opt("qmp-socket", Ty::Str),
+]));
 static HUMAN_READABLE_TEXT: Ty = Ty::Object(&Body::Struct(&[req("human-readable-text", Ty::Str)]));
 /// `SchemaInfo` is described loosely (as `any` elements): it is the schema of the schema.
 static SCHEMA_INFO_LIST: Ty = Ty::List(&Ty::Any);
@@ -775,6 +782,12 @@ pub static COMMANDS: &[CommandSpec] = &[
         args: &[opt("cpu-index", Ty::Int)],
         ret: &HUMAN_READABLE_TEXT,
         build: |v| Ok(Command::QueryRegisters(de(v)?)),
+    },
+    CommandSpec {
+        name: "x-query-cpr-command-line",
+        args: &[],
+        ret: &CPR_COMMAND_LINE,
+        build: |_| Ok(Command::QueryCprCommandLine),
     },
 ];
 
