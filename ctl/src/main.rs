@@ -152,19 +152,14 @@ fn main() -> ExitCode {
                 Err(problems) => refused(&problems),
                 Ok(r) => {
                     let json = r.to_json();
+                    let mut status = if r.clean() { 0 } else { 1 };
                     if let Some(path) = &report
                         && let Err(e) = std::fs::write(path, format!("{json:#}\n"))
                     {
                         eprintln!("cpr-ctl: writing the report to {}: {e}", path.display());
+                        status = 1;
                     }
-                    let done = r
-                        .vms
-                        .iter()
-                        .filter(|v| {
-                            v.outcome.as_str().starts_with("completed")
-                                || v.outcome == update::Outcome::Unchanged
-                        })
-                        .count();
+                    let done = r.vms.iter().filter(|v| v.outcome.on_target()).count();
                     match &r.stopped {
                         Some(why) => println!(
                             "stopped: {why}; {done} of {} VM(s) on {}, the others left as they were",
@@ -177,11 +172,7 @@ fn main() -> ExitCode {
                             r.target.compat.version
                         ),
                     }
-                    if r.clean() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
+                    ExitCode::from(status)
                 }
             }
         }

@@ -42,7 +42,7 @@ pub enum StageError {
     #[error(transparent)]
     Qmp(#[from] QmpError),
     #[error(
-        "{socket}: the VM runs {running} (state format {state}, CPR format {cpr}); {new} reads state formats {new_state:?} and CPR formats {new_cpr:?}, so it cannot take this VM over"
+        "{socket}: the VM runs {running} (state format {state}, CPR format {cpr}); {new} reads state formats {new_state:?} and CPR formats {new_cpr:?}, so it cannot take over this VM"
     )]
     Incompatible {
         socket: PathBuf,

@@ -108,7 +108,8 @@ impl Outcome {
         }
     }
 
-    fn on_target(self) -> bool {
+    /// Whether the VM runs the target after it.
+    pub fn on_target(self) -> bool {
         matches!(
             self,
             Outcome::Completed | Outcome::Unchanged | Outcome::OverLimit
@@ -131,6 +132,21 @@ pub struct VmReport {
 }
 
 impl VmReport {
+    /// A VM's line before its update has run.
+    fn before(vm: &Vm, outcome: Outcome, reason: Option<String>) -> VmReport {
+        VmReport {
+            socket: vm.socket.clone(),
+            pid_before: vm.qmp.pid,
+            pid_after: None,
+            from_version: vm.version.clone(),
+            to_version: None,
+            blackout_ns: None,
+            phases: Value::Null,
+            outcome,
+            reason,
+        }
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "socket": self.socket.display().to_string(),
@@ -340,17 +356,7 @@ fn exec_command(vm: &Vm, opts: &Options, target: &VmmBinary, state: &Path) -> Ve
 
 /// Updates one VM; never panics on what the VMM says.
 fn update_one(vm: &mut Vm, opts: &Options, target: &VmmBinary) -> VmReport {
-    let mut report = VmReport {
-        socket: vm.socket.clone(),
-        pid_before: vm.qmp.pid,
-        pid_after: None,
-        from_version: vm.version.clone(),
-        to_version: None,
-        blackout_ns: None,
-        phases: Value::Null,
-        outcome: Outcome::Failed,
-        reason: None,
-    };
+    let mut report = VmReport::before(vm, Outcome::Failed, None);
     if vm.version == target.compat.version {
         report.outcome = Outcome::Unchanged;
         report.to_version = Some(vm.version.clone());
@@ -496,17 +502,11 @@ pub fn run(sockets: &[PathBuf], opts: &Options) -> Result<Report, Vec<UpdateErro
     let reports: Vec<Mutex<VmReport>> = vms
         .iter()
         .map(|vm| {
-            Mutex::new(VmReport {
-                socket: vm.socket.clone(),
-                pid_before: vm.qmp.pid,
-                pid_after: None,
-                from_version: vm.version.clone(),
-                to_version: None,
-                blackout_ns: None,
-                phases: Value::Null,
-                outcome: Outcome::NotReached,
-                reason: Some("not started: the rollout stopped before this VM".into()),
-            })
+            Mutex::new(VmReport::before(
+                vm,
+                Outcome::NotReached,
+                Some("not started: the rollout stopped before this VM".into()),
+            ))
         })
         .collect();
     let vms: Vec<Mutex<Vm>> = vms.into_iter().map(Mutex::new).collect();
@@ -524,11 +524,10 @@ pub fn run(sockets: &[PathBuf], opts: &Options) -> Result<Report, Vec<UpdateErro
                 return;
             };
             let Ok(mut vm) = vms[i].lock() else { return };
-            if vm.running {
-                println!("[{}/{total}] {}: updating", i + 1, vm.socket.display());
-            } else {
+            if vm.version != target.compat.version {
+                let paused = if vm.running { "" } else { " (guest paused)" };
                 println!(
-                    "[{}/{total}] {}: updating (guest paused)",
+                    "[{}/{total}] {}: updating{paused}",
                     i + 1,
                     vm.socket.display()
                 );

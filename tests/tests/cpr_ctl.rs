@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use cpr_tests::cpr::{alt_vmm_bin, check_heartbeat_from_boot, command_without_inherited_fds};
+use cpr_tests::cpr::{
+    alt_vmm_bin, check_heartbeat_from_boot, command_without_inherited_fds, vmm_claiming_formats,
+};
 use cpr_tests::memcheck::{check_memcheck_dump, dump_memcheck_range};
 use cpr_tests::*;
 use serde_json::{Value, json};
@@ -332,7 +334,7 @@ fn refused_with(good: &mut Vm, bad: &Path, needle: &str) {
 
 /// Bad input is refused with a clear error and no VM is touched: a socket that is not a VMM's,
 /// a stale socket, a VM already in an update, a root without write permission, a non-VMM
-/// binary to stage.
+/// binary to stage, and one that cannot read the running VM's state format.
 #[test]
 fn bad_input_is_refused_and_touches_nothing() {
     let dir = TempDir::new("ctlbad").unwrap();
@@ -380,6 +382,17 @@ fn bad_input_is_refused_and_touches_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         text(&out).contains("not a cpr-vmm VMM binary"),
+        "{}",
+        text(&out)
+    );
+    assert!(!root.join("current").exists());
+
+    // A VMM build that cannot read the state format the running VM writes.
+    let future = vmm_claiming_formats(&vmm_bin(), &dir.join("future-vmm"), Some((90, 99)), None);
+    let out = ctl(&["stage", s(&future), "--root", s(&root), s(&good.socket)]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot take over this VM"),
         "{}",
         text(&out)
     );
