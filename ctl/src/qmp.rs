@@ -275,3 +275,60 @@ fn in_live_update(pid: u32) -> bool {
             .any(|var| var.starts_with(CPR_STATE_ENV.as_bytes()))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that greets with `greeting` then answers every request with an empty return.
+    fn serve(path: &Path, greeting: &'static str) -> std::thread::JoinHandle<()> {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (c, _) = listener.accept().unwrap();
+            let mut w = c.try_clone().unwrap();
+            w.write_all(greeting.as_bytes()).unwrap();
+            for line in BufReader::new(c).lines() {
+                let Ok(line) = line else { return };
+                let req: Value = serde_json::from_str(&line).unwrap();
+                let reply = json!({"return": {}, "id": req["id"]});
+                if w.write_all(format!("{reply}\r\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn socket(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("cpr-ctl-qmp-{name}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn a_cpr_vmm_greeting_gives_the_version() {
+        let path = socket("ok");
+        let _ = std::fs::remove_file(&path);
+        let server = serve(
+            &path,
+            "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 2, \"micro\": 0}, \"package\": \" (cpr-vmm 0.2.0+tag)\"}, \"capabilities\": []}}\r\n",
+        );
+        let qmp = Qmp::connect(&path).unwrap();
+        assert_eq!(qmp.version(), "0.2.0+tag");
+        assert_eq!(qmp.pid, std::process::id());
+        drop(qmp);
+        server.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn another_qemu_is_not_a_cpr_vmm() {
+        let path = socket("qemu");
+        let _ = std::fs::remove_file(&path);
+        let server = serve(
+            &path,
+            "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 9, \"minor\": 0, \"micro\": 0}, \"package\": \"Debian 1:9.0\"}, \"capabilities\": []}}\r\n",
+        );
+        let err = Qmp::connect(&path).err().unwrap();
+        assert!(matches!(err, QmpError::NotVmm { .. }), "{err}");
+        server.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -61,6 +61,14 @@ pub enum UpdateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{socket} and {other} would both write their state to {state}: give sockets with different names, or no --state-dir"
+    )]
+    StateClash {
+        socket: PathBuf,
+        other: PathBuf,
+        state: PathBuf,
+    },
     #[error("--x-test-fault {0}: expected SOCKET=FAULT")]
     BadTestFault(String),
 }
@@ -486,7 +494,20 @@ pub fn run(sockets: &[PathBuf], opts: &Options) -> Result<Report, Vec<UpdateErro
             source,
         }]);
     }
-    let (vms, problems) = preflight(&sockets, &target).map_err(|e| vec![e])?;
+    let (vms, mut problems) = preflight(&sockets, &target).map_err(|e| vec![e])?;
+    for (i, vm) in vms.iter().enumerate() {
+        let state = state_path(&vm.socket, opts.state_dir.as_deref());
+        if let Some(other) = vms[..i]
+            .iter()
+            .find(|o| state_path(&o.socket, opts.state_dir.as_deref()) == state)
+        {
+            problems.push(UpdateError::StateClash {
+                socket: vm.socket.clone(),
+                other: other.socket.clone(),
+                state,
+            });
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -579,5 +600,63 @@ pub fn parse_test_fault(text: &str) -> Result<(PathBuf, String), UpdateError> {
             Ok((PathBuf::from(socket), fault.to_string()))
         }
         _ => Err(UpdateError::BadTestFault(text.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_go_beside_the_socket_or_in_the_state_dir() {
+        let socket = Path::new("/run/vms/web1.qmp");
+        assert_eq!(
+            state_path(socket, None),
+            PathBuf::from("/run/vms/web1.cpr-state")
+        );
+        assert_eq!(
+            state_path(socket, Some(Path::new("/var/lib/cpr"))),
+            PathBuf::from("/var/lib/cpr/web1.cpr-state")
+        );
+    }
+
+    #[test]
+    fn test_faults_need_a_socket_and_a_fault() {
+        assert_eq!(
+            parse_test_fault("/run/a=b.qmp=exit-before-resume").unwrap(),
+            (
+                PathBuf::from("/run/a=b.qmp"),
+                "exit-before-resume".to_string()
+            )
+        );
+        for bad in ["", "=x", "/run/a.qmp=", "no-equals"] {
+            assert!(parse_test_fault(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_completed_updates_count_as_on_target() {
+        for (outcome, on) in [
+            (Outcome::Completed, true),
+            (Outcome::Unchanged, true),
+            (Outcome::OverLimit, true),
+            (Outcome::Failed, false),
+            (Outcome::NotReached, false),
+        ] {
+            assert_eq!(outcome.on_target(), on, "{}", outcome.as_str());
+        }
+    }
+
+    #[test]
+    fn directories_expand_to_their_sockets_in_order() {
+        let dir = std::env::temp_dir().join(format!("cpr-ctl-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _b = std::os::unix::net::UnixListener::bind(dir.join("b.qmp")).unwrap();
+        let _a = std::os::unix::net::UnixListener::bind(dir.join("a.qmp")).unwrap();
+        std::fs::write(dir.join("a.cpr-state"), b"not a socket").unwrap();
+        let found = expand_sockets(std::slice::from_ref(&dir)).unwrap();
+        assert_eq!(found, vec![dir.join("a.qmp"), dir.join("b.qmp")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(expand_sockets(&[]), Err(UpdateError::NoSockets)));
     }
 }

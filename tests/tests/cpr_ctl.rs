@@ -208,7 +208,30 @@ fn rollout_to_b_and_back_to_a() {
         assert!(entry["blackout-ns"].as_u64().unwrap() > 0, "{entry}");
         assert!(!entry["phases"].as_array().unwrap().is_empty(), "{entry}");
         vm.check_guest(&dir.join("vms"), "after the update to B");
+        // What the next update builds on: B's argv, without the update's -incoming.
+        let line = vm
+            .qmp
+            .execute("x-query-cpr-command-line", Value::Null)
+            .unwrap();
+        let argv: Vec<&str> = line["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(argv[0], s(&root.join("0.1.0+alt/vmm")), "{line}");
+        assert!(!argv.iter().any(|a| a.contains("incoming")), "{line}");
+        assert!(argv.contains(&"-serial"), "{line}");
+        assert_eq!(line["qmp-socket"], json!(s(&vm.socket)));
     }
+    let schema = vms[0].qmp.execute("query-qmp-schema", Value::Null).unwrap();
+    assert!(
+        schema
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "x-query-cpr-command-line" && e["meta-type"] == "command")
+    );
 
     let status = ctl(&["status", "--json", s(&vms_dir)]);
     assert!(status.status.success(), "{}", text(&status));
