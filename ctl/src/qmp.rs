@@ -19,6 +19,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LINE: usize = 4 << 20;
 /// Set by a VMM during a live update in the environment of the program it executes.
 const CPR_STATE_ENV: &str = "VMM_CPR_EXEC_STATE=";
+/// The first argument of the rescue guard a VMM starts for the length of a live update
+/// (`vmm/src/migration/rescue.rs`).
+const GUARD_ARG: &str = "--cpr-rescue-guard";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -139,8 +142,21 @@ impl Qmp {
             });
         }
         qmp.package = package;
-        qmp.execute("qmp_capabilities", Value::Null)?;
+        qmp.execute("qmp_capabilities", Value::Null)
+            .map_err(|e| qmp.busy_or(e))?;
         Ok(qmp)
+    }
+
+    /// `e`, or [`QmpError::InUpdate`] when `e` is a timeout and the VMM is in a live update
+    /// (it greeted, then executed the update's program, which does not answer).
+    pub fn busy_or(&self, e: QmpError) -> QmpError {
+        match e {
+            QmpError::Timeout { .. } if in_live_update(self.pid) => QmpError::InUpdate {
+                path: self.path.clone(),
+                pid: self.pid,
+            },
+            e => e,
+        }
     }
 
     /// The VMM's version, from the greeting's package ` (cpr-vmm VERSION)`.
@@ -267,13 +283,35 @@ impl Qmp {
     }
 }
 
-/// Whether process `pid` was executed by a VMM during a live update and has not greeted: its
-/// start-up environment holds the update's channel variable.
+/// Whether process `pid`, which does not answer, is in a live update: it was executed by a
+/// VMM during one (its start-up environment holds the update's channel variable) and it is
+/// either not a VMM (the shim, or a wrong program) or has the update's rescue guard as a child
+/// (a new VMM that has not resumed the guest yet).
 fn in_live_update(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+    let executed_by_update = std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
         env.split(|b| *b == 0)
             .any(|var| var.starts_with(CPR_STATE_ENV.as_bytes()))
-    })
+    });
+    if !executed_by_update {
+        return false;
+    }
+    let is_vmm = std::fs::File::open(format!("/proc/{pid}/exe"))
+        .is_ok_and(|exe| cpr_common::compat::read_note(&exe).is_ok());
+    !is_vmm || has_guard_child(pid)
+}
+
+fn has_guard_child(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .any(|child| {
+            std::fs::read(format!("/proc/{child}/cmdline"))
+                .is_ok_and(|cmd| cmd.split(|b| *b == 0).nth(1) == Some(GUARD_ARG.as_bytes()))
+        })
 }
 
 #[cfg(test)]

@@ -279,7 +279,9 @@ fn preflight(
 fn check_vm(socket: &Path, target: &VmmBinary) -> Result<Vm, UpdateError> {
     let mut qmp = Qmp::connect(socket)?;
     let version = qmp.version();
-    let migrate = qmp.execute("query-migrate", Value::Null)?;
+    let migrate = qmp
+        .execute("query-migrate", Value::Null)
+        .map_err(|e| qmp.busy_or(e))?;
     let status = migrate["status"].as_str().unwrap_or("none").to_string();
     if matches!(
         status.as_str(),

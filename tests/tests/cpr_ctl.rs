@@ -397,6 +397,9 @@ fn bad_input_is_refused_and_touches_nothing() {
         )
         .unwrap();
     busy.qmp.wait_event("STOP", LONG).unwrap();
+    let exe = format!("/proc/{}/exe", busy.process.pid());
+    assert!(wait_until(LONG, || std::fs::read_link(&exe)
+        .is_ok_and(|p| p.ends_with("sleep"))));
     refused_with(&mut good, &busy.socket, "in the middle of a live update");
 
     // Staging: a binary that is not our VMM, and a root this user cannot write.
