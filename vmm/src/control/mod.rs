@@ -43,10 +43,10 @@ use crate::migration::state::{GuestKind, MachineDescription};
 use crate::migration::{MigMode, MigrationRecord};
 use crate::qmp::protocol::hmp::{self, HmpAction};
 use crate::qmp::protocol::{
-    Command, CpuInfoFast, CpuInstanceProperties, EventKind, HumanReadableText, KvmInfo,
-    MigrationParameters, NameInfo, PmemsaveArgs, QmpError, Response, RunState, ShutdownCause,
-    StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands, query_events,
-    query_qmp_schema, registers,
+    Command, CprCommandLine, CpuInfoFast, CpuInstanceProperties, EventKind, HumanReadableText,
+    KvmInfo, MigrationParameters, NameInfo, PmemsaveArgs, QmpError, Response, RunState,
+    ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands,
+    query_events, query_qmp_schema, registers,
 };
 use crate::qmp::server::{ClientId, Monitor};
 use crate::vcpu::{VcpuEvent, VcpuEventKind};
@@ -849,6 +849,23 @@ impl Vmm {
             Command::QueryNetwork => to_value(&HumanReadableText {
                 human_readable_text: self.network_text(),
             }),
+            Command::QueryCprCommandLine => to_value(&self.cpr_command_line()),
+        }
+    }
+
+    /// `x-query-cpr-command-line`: the argv this VMM was started with, minus `-incoming ...`
+    /// (the rollback's argv without its own `-incoming`), and the QMP socket path.
+    fn cpr_command_line(&self) -> CprCommandLine {
+        let mut argv =
+            crate::migration::cpr_exec::fallback_argv(&self.config.argv, std::path::Path::new(""));
+        argv.truncate(argv.len().saturating_sub(2));
+        CprCommandLine {
+            argv,
+            qmp_socket: self
+                .config
+                .qmp
+                .as_ref()
+                .map(|q| q.path.display().to_string()),
         }
     }
 

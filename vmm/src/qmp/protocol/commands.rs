@@ -47,6 +47,7 @@ pub enum Command {
     QueryRegisters(QueryRegistersArgs),
     QueryRxFilter(QueryRxFilterArgs),
     QueryNetwork,
+    QueryCprCommandLine,
 }
 
 impl Command {
@@ -81,6 +82,7 @@ impl Command {
             Command::QueryRegisters(_) => "x-query-registers",
             Command::QueryRxFilter(_) => "query-rx-filter",
             Command::QueryNetwork => "x-query-network",
+            Command::QueryCprCommandLine => "x-query-cpr-command-line",
         }
     }
 }
@@ -479,6 +481,11 @@ static MIGRATION_CAPABILITY_STATUS: Ty = Ty::Object(&Body::Struct(&[
     req("state", Ty::Bool),
 ]));
 static MIGRATION_CAPABILITY_STATUS_LIST: Ty = Ty::List(&MIGRATION_CAPABILITY_STATUS);
+/// `x-query-cpr-command-line`: what a rollout tool needs to build a VM's `cpr-exec-command`.
+static CPR_COMMAND_LINE: Ty = Ty::Object(&Body::Struct(&[
+    req("argv", Ty::List(&Ty::Str)),
+    opt("qmp-socket", Ty::Str),
+]));
 static HUMAN_READABLE_TEXT: Ty = Ty::Object(&Body::Struct(&[req("human-readable-text", Ty::Str)]));
 /// `SchemaInfo` is described loosely (as `any` elements): it is the schema of the schema.
 static SCHEMA_INFO_LIST: Ty = Ty::List(&Ty::Any);
@@ -810,6 +817,12 @@ pub static COMMANDS: &[CommandSpec] = &[
         args: &[],
         ret: &HUMAN_READABLE_TEXT,
         build: |_| Ok(Command::QueryNetwork),
+    },
+    CommandSpec {
+        name: "x-query-cpr-command-line",
+        args: &[],
+        ret: &CPR_COMMAND_LINE,
+        build: |_| Ok(Command::QueryCprCommandLine),
     },
 ];
 

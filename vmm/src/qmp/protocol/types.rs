@@ -256,6 +256,20 @@ pub struct QueryRxFilterArgs {
     pub name: Option<String>,
 }
 
+/// The result of `x-query-cpr-command-line` (this VMM's): the argv the VMM was started with,
+/// without `-incoming` and its value, and the QMP socket it listens on, so that a rollout tool
+/// (`cpr-ctl`) builds the new VMM's command line without the operator retyping it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CprCommandLine {
+    pub argv: Vec<String>,
+    #[serde(
+        rename = "qmp-socket",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub qmp_socket: Option<String>,
+}
+
 /// Arguments of `x-query-registers`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryRegistersArgs {
