@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use cpr_tests::cpr::{cpr_update, direct_command, shim_command};
 use cpr_tests::netns::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, NetNs};
+use cpr_tests::transfer::{
+    CprSpelling, MainChannel, Target, migrate_cpr_transfer, wait_migration_end,
+};
 use cpr_tests::*;
 use serde_json::Value;
 
@@ -248,6 +251,61 @@ fn a_passed_tap_is_shown_and_survives_live_updates() {
     );
     qmp.execute("quit", Value::Null).unwrap();
     process.wait_exit(LONG).unwrap();
+}
+
+/// cpr-transfer hands the tap to the new VMM by SCM_RIGHTS: the new VMM holds the same tap
+/// (it never had the fd number its command line names), and shows it.
+#[test]
+fn a_cpr_transfer_hands_the_same_tap_over() {
+    let Some(ns) = NetNs::available("a_cpr_transfer_hands_the_same_tap_over") else {
+        return;
+    };
+    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+    let dir = TempDir::new("net-transfer").unwrap();
+    let socket = dir.join("qmp.sock");
+    let mut machine = base_args();
+    machine.extend(strings(&[
+        "-netdev",
+        &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
+        "-device",
+        "virtio-net-pci,netdev=n0,id=eth0",
+    ]));
+    let mut args = machine.clone();
+    args.extend(strings(&["-qmp", &qmp_socket_arg(&socket)]));
+    let old = {
+        let _inherit = Inherited::new(&tap);
+        VmmProcess::start_vmm(&args)
+    };
+    drop(tap);
+    old.wait_for_path(&socket, LONG).unwrap();
+    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    let target = Target::start(
+        dir.path(),
+        "new",
+        &machine,
+        MainChannel::Unix,
+        CprSpelling::KeyValue,
+        LONG,
+    )
+    .unwrap();
+    migrate_cpr_transfer(&mut qmp, &target.main_path, &target.cpr_path).unwrap();
+    let statuses = wait_migration_end(&mut qmp, LONG).unwrap();
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("completed"),
+        "{statuses:?}"
+    );
+    let held = tun_fds(target.vmm.pid(), ns.tap());
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].is_cloexec(), "{held:?}");
+    let mut new_qmp = target.connect_qmp(LONG).unwrap();
+    let text = new_qmp.hmp("info network").unwrap();
+    assert!(text.contains(&format!("ifname={}", ns.tap())), "{text}");
+    new_qmp.execute("quit", Value::Null).unwrap();
+    target.vmm.wait_exit(LONG).unwrap();
+    // The old VMM may already have ended once the guest was handed over.
+    let _ = qmp.execute("quit", Value::Null);
+    old.wait_exit(LONG).unwrap();
 }
 
 /// `ifname=` inside a namespace: the VMM attaches to the operator's tap by name.
