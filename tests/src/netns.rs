@@ -133,14 +133,17 @@ impl NetNs {
     /// The tap's interface index inside the namespace.
     pub fn tap_index(&self) -> Result<u32, NetNsError> {
         let tap = self.tap.clone();
-        let name = self.name.clone();
         self.run(move || nix::net::if_::if_nametoindex(tap.as_str()))?
-            .map_err(|e| NetNsError::Tap {
-                name,
-                tap: self.tap.clone(),
-                what: "if_nametoindex",
-                source: e.into(),
-            })
+            .map_err(|e| self.tap_error("if_nametoindex", e.into()))
+    }
+
+    fn tap_error(&self, what: &'static str, source: std::io::Error) -> NetNsError {
+        NetNsError::Tap {
+            name: self.name.clone(),
+            tap: self.tap.clone(),
+            what,
+            source,
+        }
     }
 
     /// The command prefix that runs a program inside the namespace: `ip netns exec NAME`.
@@ -185,12 +188,6 @@ impl NetNs {
     /// the fd to the VMM (`-netdev tap,fd=N`). The fd is close-on-exec.
     pub fn open_tap(&self, flags: libc::c_short) -> Result<OwnedFd, NetNsError> {
         let tap = self.tap.clone();
-        let err = |what: &'static str, source: std::io::Error| NetNsError::Tap {
-            name: self.name.clone(),
-            tap: self.tap.clone(),
-            what,
-            source,
-        };
         self.run(move || -> Result<OwnedFd, (&'static str, std::io::Error)> {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -211,18 +208,12 @@ impl NetNs {
             }
             Ok(OwnedFd::from(file))
         })?
-        .map_err(|(what, e)| err(what, e))
+        .map_err(|(what, e)| self.tap_error(what, e))
     }
 
     /// Opens an `AF_PACKET` raw socket (all protocols) bound to the tap, inside the namespace.
     pub fn packet_socket(&self) -> Result<OwnedFd, NetNsError> {
         let index = self.tap_index()?;
-        let err = |what: &'static str, source: std::io::Error| NetNsError::Tap {
-            name: self.name.clone(),
-            tap: self.tap.clone(),
-            what,
-            source,
-        };
         self.run(move || -> Result<OwnedFd, (&'static str, std::io::Error)> {
             let proto = (libc::ETH_P_ALL as u16).to_be();
             // SAFETY: plain socket(2) call; the result is checked before use.
@@ -256,7 +247,7 @@ impl NetNs {
             }
             Ok(fd)
         })?
-        .map_err(|(what, e)| err(what, e))
+        .map_err(|(what, e)| self.tap_error(what, e))
     }
 }
 

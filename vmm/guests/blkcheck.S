@@ -113,9 +113,9 @@
     .set C_CAPACITY,        BK_COUNTERS + 0x40
     .set C_STATE,           BK_COUNTERS + 0x48
     .set C_IRQS,            BK_COUNTERS + 0x50
-    .set STATE_RUNNING,     1
-    .set STATE_NO_DEVICE,   2
-    .set STATE_FAILED,      3
+    .set COUNTERS_START,    BK_COUNTERS
+    .set COUNTERS_END,      ST_END
+    .set COUNTERS_MAGIC,    PAT_MAGIC
 
     /* Driver state (private; the shared part is at VIRTIO_ST = 0x30100). */
     .set ST,                0x30180
@@ -171,9 +171,7 @@ bz_options:
     BZ_OPTION "blkcheck.passes=", PB_EXIT_AFTER
     BZ_OPTION "blkcheck.exit_code=", PB_EXIT_CODE
     BZ_OPTION "blkcheck.verify=", PB_BLK_VERIFY
-    xor     %edi, %edi
-    mov     $BZ_PARAMS, %esi
-    jmp     blk_start
+    BZ_START blk_start
 
 .else
     .text
@@ -186,51 +184,7 @@ _start:
  * Common start-up (rdi = vCPU index, rsi = parameter block).
  * ------------------------------------------------------------------------------------------ */
 blk_start:
-    lea     timer_isr(%rip), %rbx
-    call    guest_init                  /* r12..r15, IDT; interrupts off */
-    test    %r12d, %r12d
-    jnz     halt_forever                /* one driver: vCPU 0 */
-
-    /* The queue interrupt's gate (guest_init routes only the timer and spurious vectors). */
-    lea     blk_isr(%rip), %rax         /* field by field: interrupts are still off */
-    mov     $(IDT_BASE + VIRTIO_VECTOR * 16), %edi
-    mov     %ax, 0(%rdi)                /* offset 15:0 */
-    movw    $KERNEL_CS, 2(%rdi)         /* selector */
-    movw    $0x8e00, 4(%rdi)            /* present, DPL 0, 64-bit interrupt gate */
-    shr     $16, %rax
-    mov     %ax, 6(%rdi)                /* offset 31:16 */
-    shr     $16, %rax
-    mov     %rax, 8(%rdi)               /* offset 63:32, reserved 0 */
-
-    /* Counters and state start at zero. */
-    mov     $BK_COUNTERS, %edi
-    xor     %eax, %eax
-    mov     $(ST_END - BK_COUNTERS), %ecx
-    rep stosb
-    movabs  $PAT_MAGIC, %rax
-    mov     %rax, C_MAGIC
-
-    /* LAPIC timer: the progress clock and the fallback wake-up. */
-    movl    $(APIC_SVR_ENABLE | SPURIOUS_VECTOR), APIC_SVR(%r15)
-    mov     PB_TIMER_COUNT(%r13), %eax
-    test    %eax, %eax
-    jz      1f
-    movl    $APIC_DIV_16, APIC_TIMER_DIV(%r15)
-    movl    $(APIC_LVT_PERIODIC | TIMER_VECTOR), APIC_LVT_TIMER(%r15)
-    mov     %eax, APIC_TIMER_INIT(%r15)
-1:
-    call    virtio_find
-    jnc     2f
-    movq    $STATE_NO_DEVICE, C_STATE
-    SAY     msg_no_device
-    mov     $EXIT_NO_DEVICE, %al
-    jmp     exit_with
-2:  call    setup_device
-    jnc     3f
-    movq    $STATE_FAILED, C_STATE
-    mov     $EXIT_DEVICE_ERROR, %al
-    jmp     exit_with
-3:  movq    $STATE_RUNNING, C_STATE
+    call    driver_start
     movq    $1, C_GEN
     mov     C_TICKS, %rax
     mov     %rax, S_PASS_TICKS
@@ -257,29 +211,8 @@ main_loop:
     call    process_used
     test    %eax, %eax
     jnz     main_loop                   /* progress: look again before sleeping */
-    sti
-    cmpl    $0, S_USE_MSIX
-    je      1f
-    hlt                                 /* sti's shadow: no wake-up is lost */
+    call    driver_idle
     jmp     main_loop
-1:  pause
-    jmp     main_loop
-
-timer_isr:
-    incq    C_TICKS
-    movl    $0, APIC_EOI(%r15)
-    iretq
-
-blk_isr:
-    incq    C_IRQS
-    movl    $0, APIC_EOI(%r15)
-    iretq
-
-/* exit_with - al = status to the debug exit port, then halt. */
-exit_with:
-    mov     $DEBUG_EXIT_PORT, %dx
-    out     %al, %dx
-    jmp     halt_forever
 
 /*
  * setup_device - enable the function, MSI-X, negotiate (virtio.inc), read the configuration,
@@ -299,15 +232,6 @@ setup_device:
     setc    %cl
     mov     %ecx, S_RO
 
-    SAY     msg_features
-    mov     S_DEV_FEATURES, %rax
-    call    put_hx
-    SAY     msg_driver
-    mov     S_FEATURES, %rax
-    call    put_hx
-    SAY     msg_event_idx
-    mov     S_EVENT_IDX, %eax
-    call    put_dec
     SAY     msg_flush
     mov     S_FLUSH, %eax
     call    put_dec
@@ -337,16 +261,9 @@ setup_device:
     lea     fail_small(%rip), %rsi
     jz      fail
 
-    /* Queue 0. */
-    mov     $VQ_DESC, %edi              /* zero the rings */
-    mov     $(VQ_USED + 0x1000 - VQ_DESC), %ecx
+    mov     $BQ, %edi                   /* queue 0 */
     xor     %eax, %eax
-    rep stosb
-    mov     $BQ, %edi
-    movl    $VQ_DESC, Q_DESC(%rdi)
-    movl    $VQ_AVAIL, Q_AVAIL(%rdi)
-    movl    $VQ_USED, Q_USED(%rdi)
-    movl    $0, Q_INDEX(%rdi)
+    mov     $VQ_DESC, %edx
     call    virtio_queue
     jc      99f
 
@@ -764,10 +681,6 @@ report_mismatch:
     pop     %rdx
 9:  ret
 
-msg_no_device:      .asciz  "blkcheck: no virtio-blk device found\n"
-msg_features:       .asciz  "blkcheck: features device "
-msg_driver:         .asciz  " driver "
-msg_event_idx:      .asciz  " event-idx "
 msg_flush:          .asciz  " flush "
 msg_ro:             .asciz  " ro "
 msg_capacity:       .asciz  "blkcheck: capacity "
@@ -798,6 +711,7 @@ fail_small_queue:   .asciz  "queue 0 is too small for one request"
 
 /* PCI enumeration and the virtio transport, shared with netcheck.S. */
     PCI_ROUTINES "blkcheck: "
+    PRINT_HELPERS
     VIRTIO_ROUTINES "blkcheck: ", "virtio-blk"
 
     .include "lib.inc"

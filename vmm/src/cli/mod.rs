@@ -124,10 +124,11 @@ pub struct Args {
     #[arg(long = "smp", value_name = "N", default_value = "1")]
     pub smp: String,
 
-    /// Built-in guest: heartbeat, memcheck or blkcheck, with options
+    /// Built-in guest: heartbeat, memcheck, blkcheck or netcheck, with options
     /// NAME[,hz=N][,exit-after=N][,exit-code=N] (memcheck also [,sweep=dense|sampled]: sampled
     /// touches one page every 16 MiB of all RAM; blkcheck also [,depth=N], and its exit-after
-    /// counts passes).
+    /// counts passes; netcheck sends one frame per tick, hz=100 by default, and its exit-after
+    /// counts frames sent).
     #[arg(long, value_name = "NAME[,OPTS]")]
     pub guest: Option<String>,
 
@@ -267,7 +268,7 @@ pub enum CliError {
     Smp(String),
     #[error("-smp {got}: this VMM supports 1 to {max} vCPUs")]
     SmpRange { got: u32, max: u32 },
-    #[error("unknown guest '{0}': built-in guests are heartbeat, memcheck and blkcheck")]
+    #[error("unknown guest '{0}': built-in guests are heartbeat, memcheck, blkcheck and netcheck")]
     UnknownGuest(String),
     #[error(
         "invalid guest option '{0}': the guests take hz=N, exit-after=N, exit-code=N; \
@@ -729,7 +730,7 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
         BuiltinGuest::from_name(name).ok_or_else(|| CliError::UnknownGuest(name.to_string()))?;
     let mut g = GuestSpec {
         guest,
-        tick_hz: DEFAULT_TICK_HZ,
+        tick_hz: guest.default_tick_hz(DEFAULT_TICK_HZ),
         exit_after_ticks: 0,
         exit_code: 0,
     };
@@ -1065,7 +1066,10 @@ mod tests {
         let e = parse(&["-smp", "0"]).unwrap_err();
         assert!(e.contains("1 to"), "{e}");
         let e = parse(&["--guest", "doom"]).unwrap_err();
-        assert!(e.contains("heartbeat, memcheck and blkcheck"), "{e}");
+        assert!(
+            e.contains("heartbeat, memcheck, blkcheck and netcheck"),
+            "{e}"
+        );
         let e = parse(&["-serial", "tcp:1.2.3.4:5"]).unwrap_err();
         assert!(e.contains("stdio, file:PATH"), "{e}");
         let e = parse(&["-qmp", "tcp:localhost:4444"]).unwrap_err();
@@ -1176,6 +1180,18 @@ mod tests {
         }
         // Only blkcheck has a depth.
         assert!(parse_guest("heartbeat,depth=8").is_err());
+    }
+
+    #[test]
+    fn netcheck_guest_sends_at_100_hz_unless_told() {
+        let g = parse_guest("netcheck").unwrap();
+        assert_eq!(g.guest, BuiltinGuest::Netcheck);
+        assert_eq!(g.tick_hz, 100);
+        let g = parse_guest("netcheck,hz=50,exit-after=20").unwrap();
+        assert_eq!((g.tick_hz, g.exit_after_ticks), (50, 20));
+        assert!(parse_guest("netcheck,depth=8").is_err());
+        // The other guests keep the command line's default.
+        assert_eq!(parse_guest("heartbeat").unwrap().tick_hz, DEFAULT_TICK_HZ);
     }
 
     #[test]

@@ -1,0 +1,379 @@
+//! virtio-net end to end with traffic: the `netcheck` driver guest on our virtio-net-pci, a tap
+//! in a throw-away network namespace, and a host peer on an `AF_PACKET` socket
+//! (`cpr_tests::netcheck`) sending numbered frames at a steady rate while the VM is live-updated
+//! (through the shim and directly, alternating builds) or handed over by cpr-transfer. Every
+//! host frame must come back exactly once, every guest frame must arrive exactly once and in
+//! order; the largest gap in the echo stream is printed per update (it should be about the
+//! blackout). The tap is passed as `fd=N` (opened by the test inside the namespace, as a
+//! management layer does) or named with `ifname=` (the VMM runs inside the namespace).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use cpr_tests::blkcheck::build_guest_bzimage;
+use cpr_tests::cpr::{alternating_update, cpr_update};
+use cpr_tests::netcheck::*;
+use cpr_tests::netns::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, NetNs};
+use cpr_tests::transfer::{cpr_channel_arg, migrate_cpr_transfer, wait_migration_end};
+use cpr_tests::*;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(120);
+/// The peer sends one frame every 5 ms (200 frames/s); the guest sends 100 frames/s.
+const HOST_PERIOD: Duration = Duration::from_millis(5);
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+
+/// How the VMM gets its tap.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tap {
+    /// `-netdev tap,fd=N`: opened by the test inside the namespace and inherited.
+    Fd,
+    /// `-netdev tap,ifname=NAME`: the VMM runs inside the namespace and opens it.
+    Ifname,
+}
+
+/// A netcheck VM on a tap in its own namespace, with the peer already listening.
+struct NetVm {
+    // Field order is drop order: the VMM and the peer go before the namespace.
+    vmm: VmmProcess,
+    qmp: QmpClient,
+    peer: NetPeer,
+    /// The VMM's own arguments (without `ip netns exec`), for update commands.
+    args: Vec<String>,
+    dir: TempDir,
+    ns: NetNs,
+}
+
+impl NetVm {
+    /// Boots netcheck with the tap given the `tap` way, waits until the guest is ready and
+    /// starts the peer's steady stream. `None` when namespaces are unavailable (skipped).
+    fn start(test: &str, tap: Tap) -> Option<Self> {
+        let ns = NetNs::available(test)?;
+        build_binaries();
+        let dir = TempDir::new("net").unwrap();
+        let socket = dir.join("qmp.sock");
+        // Listening before the guest starts: its frames are all seen, from the first.
+        let peer = NetPeer::start(ns.packet_socket().unwrap(), BROADCAST, HOST_PERIOD).unwrap();
+        let tap_fd: Option<OwnedFd> = (tap == Tap::Fd).then(|| {
+            let fd = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+            // dup(2) leaves FD_CLOEXEC clear: the VMM inherits this copy.
+            nix::unistd::dup(&fd).unwrap()
+        });
+        let netdev = match &tap_fd {
+            Some(fd) => format!("tap,id=n0,fd={}", fd.as_raw_fd()),
+            None => format!("tap,id=n0,ifname={},script=no,downscript=no", ns.tap()),
+        };
+        let args: Vec<String> = [
+            "-m",
+            "32M",
+            "--guest",
+            "netcheck",
+            "-netdev",
+            &netdev,
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"),
+            "-qmp",
+            &qmp_socket_arg(&socket),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut command = match tap {
+            Tap::Fd => vec![],
+            Tap::Ifname => ns.exec_prefix(),
+        };
+        command.push(vmm_bin().display().to_string());
+        command.extend(args.iter().cloned());
+        let vmm = VmmProcess::start(&command[0], &command[1..]).unwrap();
+        drop(tap_fd); // the VMM holds its own copy now
+        vmm.wait_for_path(&socket, LONG).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+        vmm.wait_for_stdout_contains("netcheck: ready", LONG)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", vmm.stdout_text(), vmm.stderr_text()));
+        peer.start_sending();
+        Some(NetVm {
+            vmm,
+            qmp,
+            peer,
+            args,
+            dir,
+            ns,
+        })
+    }
+
+    /// Waits until `n` more echoes than now came back (traffic flows).
+    fn wait_echoes(&self, n: usize) {
+        let target = self.peer.tally().echoes.len() + n;
+        let (t, ok) = self.peer.wait_until(LONG, |t| t.echoes.len() >= target);
+        assert!(
+            ok,
+            "echoes stopped at {} (host sent {}): {}",
+            t.echoes.len(),
+            t.host_sent,
+            self.vmm.stdout_text()
+        );
+    }
+
+    /// Stops the peer's stream, waits for the last echoes, checks everything the peer and the
+    /// guest saw, and quits the VMM. Returns the tally.
+    fn finish(mut self) -> Tally {
+        self.peer.stop_sending();
+        let (t, _) = self.peer.wait_until(LONG, |t| t.unechoed().is_empty());
+        let guest_last = t.guest.last;
+        // A few more guest frames: the last ones before the stop came in order too.
+        let (t, _) = self
+            .peer
+            .wait_until(LONG, |t| t.guest.last >= guest_last + 5);
+        let dump = self
+            .qmp
+            .pmemsave(
+                COUNTERS_ADDR,
+                COUNTERS_SIZE as u64,
+                &self.dir.join("counters"),
+            )
+            .unwrap();
+        let c = NetcheckCounters::parse(&dump).unwrap();
+        self.qmp.execute("quit", Value::Null).unwrap();
+        self.vmm.wait_exit(LONG).unwrap();
+        let console = self.vmm.stdout_text();
+        let problems = t.problems();
+        assert!(problems.is_empty(), "{problems:#?}\nconsole: {console}");
+        assert_eq!(t.guest.first, 1, "the guest's first frame was lost");
+        assert!(t.host_sent > 0 && t.echoes.len() as u64 == t.host_sent);
+        assert!(
+            !console.contains("netcheck: GAP") && !console.contains("netcheck: DUPLICATE"),
+            "{console}"
+        );
+        assert_eq!(
+            (c.get(Counter::Gaps), c.get(Counter::Dups)),
+            (0, 0),
+            "{c:?}"
+        );
+        assert_eq!(c.get(Counter::Echoed), t.host_sent, "{c:?}");
+        t
+    }
+}
+
+/// Live updates of a VM whose guest echoes a steady stream: `updates` of them, alternating
+/// builds, every third one direct and the others through the shim. Prints the largest echo
+/// gap and the blackout per update.
+fn live_updates_keep_every_frame(test: &str, tap: Tap, updates: usize) {
+    let Some(mut vm) = NetVm::start(test, tap) else {
+        return;
+    };
+    let state = vm.dir.join("vm.state");
+    vm.wait_echoes(20);
+    let mut gaps = Vec::new();
+    for i in 0..updates {
+        let (command, how) = alternating_update(i, &vm.args, &state);
+        vm.peer.take_max_echo_gap(); // a new window starts here
+        let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+        if update.status() != "completed" {
+            panic!("update {i} {}: {}", update.status(), update.error_desc());
+        }
+        vm.wait_echoes(20);
+        let gap = vm.peer.take_max_echo_gap();
+        let blackout = update.blackout_ns().unwrap_or(0) as f64 / 1e6;
+        eprintln!(
+            "{test}: update {i:2} ({how}): blackout {blackout:.2} ms, largest echo gap {:.2} ms",
+            gap.as_secs_f64() * 1e3
+        );
+        gaps.push(gap.as_secs_f64() * 1e3);
+    }
+    let t = vm.finish();
+    let (min, median, max) = cpr_tests::cpr::min_median_max(&gaps);
+    eprintln!(
+        "{test}: {updates} updates, {} host frames echoed once each, {} guest frames in order; \
+         largest echo gap per update min {min:.2} median {median:.2} max {max:.2} ms",
+        t.host_sent, t.guest.received
+    );
+}
+
+#[test]
+fn fifty_live_updates_with_a_passed_tap_lose_no_frame() {
+    live_updates_keep_every_frame(
+        "fifty_live_updates_with_a_passed_tap_lose_no_frame",
+        Tap::Fd,
+        50,
+    );
+}
+
+#[test]
+fn live_updates_with_a_tap_named_inside_the_namespace_lose_no_frame() {
+    live_updates_keep_every_frame(
+        "live_updates_with_a_tap_named_inside_the_namespace_lose_no_frame",
+        Tap::Ifname,
+        6,
+    );
+}
+
+/// cpr-transfer: a second VMM (in the namespace too) takes the guest and its tap over the CPR
+/// channel; the stream goes on there with nothing lost or doubled.
+#[test]
+fn cpr_transfer_hands_over_the_tap_without_losing_a_frame() {
+    let test = "cpr_transfer_hands_over_the_tap_without_losing_a_frame";
+    let Some(mut vm) = NetVm::start(test, Tap::Ifname) else {
+        return;
+    };
+    vm.wait_echoes(20);
+    let main = vm.dir.join("main.sock");
+    let cpr = vm.dir.join("cpr.sock");
+    let socket2 = vm.dir.join("qmp2.sock");
+    // The same machine with its own monitor (NetVm's arguments end with `-qmp SOCKET`).
+    let mut args = vm.args[..vm.args.len() - 2].to_vec();
+    args.extend([
+        "-qmp".to_string(),
+        qmp_socket_arg(&socket2),
+        "-incoming".into(),
+        format!("unix:{}", main.display()),
+        "-incoming".into(),
+        cpr_channel_arg(&cpr),
+    ]);
+    let mut command = vm.ns.exec_prefix();
+    command.push(vmm_bin().display().to_string());
+    command.extend(args.iter().cloned());
+    let new = VmmProcess::start(&command[0], &command[1..]).unwrap();
+    new.wait_for_path(&cpr, LONG).unwrap();
+    vm.peer.take_max_echo_gap();
+    migrate_cpr_transfer(&mut vm.qmp, &main, &cpr).unwrap();
+    let statuses = wait_migration_end(&mut vm.qmp, LONG).unwrap();
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("completed"),
+        "{statuses:?}; new VMM: {}",
+        new.stderr_text()
+    );
+    new.wait_for_path(&socket2, LONG).unwrap();
+    let mut qmp2 = QmpClient::connect_and_negotiate(&socket2, LONG).unwrap();
+    qmp2.execute("cont", Value::Null).unwrap(); // paused after the restore, as in QEMU
+    vm.qmp.execute("quit", Value::Null).unwrap();
+    let old = std::mem::replace(&mut vm.vmm, new);
+    vm.qmp = qmp2;
+    old.wait_exit(LONG).unwrap();
+    vm.wait_echoes(20);
+    let gap = vm.peer.take_max_echo_gap();
+    eprintln!(
+        "{test}: largest echo gap across the transfer {:.2} ms",
+        gap.as_secs_f64() * 1e3
+    );
+    vm.vmm
+        .wait_for_stdout_contains("netcheck: sent ", LONG)
+        .unwrap();
+    vm.finish();
+}
+
+/// No network device: the guest (flat, and the bzImage through `-kernel`) says so and ends the
+/// VM with its "no device" status.
+#[test]
+fn without_a_network_device_netcheck_says_so_and_exits() {
+    let dir = TempDir::new("net-nodev").unwrap();
+    let kernel = build_guest_bzimage("netcheck", dir.path()).unwrap();
+    let kernel = kernel.display().to_string();
+    for guest in [["--guest", "netcheck"], ["-kernel", kernel.as_str()]] {
+        let vmm = VmmProcess::start_vmm(["-m", "64M"].iter().chain(&guest));
+        let code = vmm.wait_exit(LONG).unwrap().code();
+        let console = vmm.stdout_text();
+        assert!(
+            console.contains("netcheck: no virtio-net device found\n"),
+            "{console}"
+        );
+        assert_eq!(
+            code,
+            Some(i32::from(EXIT_NO_DEVICE)),
+            "{guest:?}: {console}"
+        );
+    }
+}
+
+/// The same driver (bzImage) on QEMU's own virtio-net-pci, on a tap in a namespace: every host
+/// frame echoed once, every guest frame once and in order, a clean exit. QEMU is not installed
+/// in CI: run with `-- --ignored` after `scripts/bench-setup.sh` (or scripts/netcheck-qemu.sh).
+#[test]
+#[ignore = "needs QEMU (scripts/bench-setup.sh): cargo test --test virtio_net -- --ignored"]
+fn qemu_virtio_net_echoes_every_frame() {
+    let test = "qemu_virtio_net_echoes_every_frame";
+    let qemu = "qemu-system-x86_64";
+    if std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        prerequisite_missing(test, &format!("{qemu} is not installed"));
+        return;
+    }
+    let Some(ns) = NetNs::available(test) else {
+        return;
+    };
+    let dir = TempDir::new("net-qemu").unwrap();
+    let kernel = build_guest_bzimage("netcheck", dir.path()).unwrap();
+    let run = run_on_qemu(qemu, &kernel, &ns, 300, 200, HOST_PERIOD, LONG).unwrap();
+    let problems = run.problems(300, 200);
+    assert!(problems.is_empty(), "{problems:#?}\n{}", run.console);
+    assert!(
+        run.console
+            .contains("netcheck: sent 300 echoed 200 host 200 gaps 0 dups 0")
+    );
+}
+
+/// The linux-probe lists what Linux's PCI core and virtio-pci driver would read: both virtio
+/// functions (net 0x1041 on a tap, blk 0x1042), their memory BAR, the four virtio structures
+/// and the MSI-X capability with its table size.
+#[test]
+fn linux_probe_lists_the_virtio_functions_and_their_capabilities() {
+    let test = "linux_probe_lists_the_virtio_functions_and_their_capabilities";
+    let Some(ns) = NetNs::available(test) else {
+        return;
+    };
+    build_binaries();
+    let dir = TempDir::new("net-probe").unwrap();
+    let kernel = cpr_tests::linux_probe::build_linux_probe(dir.path()).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+    let passed = nix::unistd::dup(&tap).unwrap(); // inherited: FD_CLOEXEC clear
+    let netdev = format!("tap,id=n0,fd={}", passed.as_raw_fd());
+    let drive = format!("file={},format=raw,if=virtio", disk.display());
+    let kernel = kernel.display().to_string();
+    let vmm = VmmProcess::start_vmm([
+        "-m",
+        "64M",
+        "-kernel",
+        &kernel,
+        "-append",
+        "probe.exit_after=1 probe.exit_code=0",
+        "-netdev",
+        &netdev,
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-drive",
+        &drive,
+    ]);
+    drop(passed);
+    let status = vmm.wait_exit(LONG).unwrap();
+    let text = vmm.stdout_text();
+    assert_eq!(status.code(), Some(0), "{text}");
+    let report = cpr_tests::linux_probe::parse_probe_output(&text).unwrap();
+    assert!(report.ready, "{text}");
+    for id in ["1af4:1041", "1af4:1042"] {
+        let Some(head) = report.pci.iter().find(|l| l.ends_with(id)) else {
+            panic!("{id} is not listed: {:#?}", report.pci);
+        };
+        let devfn = head.split(' ').nth(1).unwrap();
+        let lines: Vec<&String> = report
+            .pci
+            .iter()
+            .filter(|l| l.split(' ').nth(1) == Some(devfn) && *l != head)
+            .collect();
+        let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+        assert!(has(" bar 0 0xc") && has(" mem64"), "{id}: {lines:#?}");
+        for cfg_type in 1..=4 {
+            assert!(
+                has(&format!(" virtio type {cfg_type} bar ")),
+                "{id}: {lines:#?}"
+            );
+        }
+        assert!(
+            has(" cap 0x11 at ") && has(" msix table-size "),
+            "{id}: {lines:#?}"
+        );
+    }
+}
