@@ -253,6 +253,66 @@ fn a_passed_tap_is_shown_and_survives_live_updates() {
     process.wait_exit(LONG).unwrap();
 }
 
+/// A new command line without the NIC is refused by the new VMM (the state has a device it
+/// lacks) and the rollback brings the guest back on the old VMM with the same tap.
+#[test]
+fn an_update_that_forgets_the_nic_rolls_back_with_the_tap() {
+    let Some(ns) = NetNs::available("an_update_that_forgets_the_nic_rolls_back_with_the_tap")
+    else {
+        return;
+    };
+    let dir = TempDir::new("net-forget").unwrap();
+    let socket = dir.join("qmp.sock");
+    let mut args = ns.exec_prefix();
+    args.push(vmm_bin().display().to_string());
+    let vmm_args_start = args.len();
+    args.extend(base_args());
+    args.extend(strings(&[
+        "-netdev",
+        &format!("tap,id=n0,ifname={},script=no,downscript=no", ns.tap()),
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-qmp",
+        &qmp_socket_arg(&socket),
+    ]));
+    build_binaries();
+    let process = VmmProcess::start(&args[0], &args[1..]).unwrap();
+    process.wait_for_path(&socket, LONG).unwrap();
+    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    // `ip netns exec` execs the VMM: the process is the VMM from here on.
+    let pid = process.pid();
+    assert_eq!(tun_fds(pid, ns.tap()).len(), 1);
+    let without: Vec<String> = args[vmm_args_start..]
+        .iter()
+        .filter(|a| !a.contains("n0") && *a != "-netdev" && *a != "-device")
+        .cloned()
+        .collect();
+    let state = dir.join("vm.state");
+    let command = shim_command(&shim_bin(), &[], &vmm_bin(), &without, &state);
+    let update = cpr_update(&mut qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "failed");
+    assert!(
+        update.error_desc().contains("virtio-net:n0"),
+        "{}",
+        update.error_desc()
+    );
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    let held = tun_fds(pid, ns.tap());
+    assert_eq!(
+        held.len(),
+        1,
+        "the rolled-back VMM holds the same tap: {held:?}"
+    );
+    assert!(held[0].is_cloexec(), "{held:?}");
+    let text = qmp.hmp("info network").unwrap();
+    assert!(text.contains(&format!("ifname={}", ns.tap())), "{text}");
+    qmp.execute("quit", Value::Null).unwrap();
+    process.wait_exit(LONG).unwrap();
+}
+
 /// cpr-transfer hands the tap to the new VMM by SCM_RIGHTS: the new VMM holds the same tap
 /// (it never had the fd number its command line names), and shows it.
 #[test]
