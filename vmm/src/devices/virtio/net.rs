@@ -1519,4 +1519,105 @@ mod tests {
         assert_eq!(got[VNET_HDR_LEN..], small[..]);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
     }
+
+    #[test]
+    fn the_tap_takes_only_the_offloads_the_guest_negotiated() {
+        let bit = |b: u32| 1u64 << b;
+        assert_eq!(Net::offloads_for(0), 0);
+        assert_eq!(
+            Net::offloads_for(bit(F_GUEST_TSO4)),
+            0,
+            "TSO needs GUEST_CSUM"
+        );
+        assert_eq!(Net::offloads_for(bit(F_GUEST_CSUM)), libc::TUN_F_CSUM);
+        assert_eq!(
+            Net::offloads_for(bit(F_GUEST_CSUM) | bit(F_GUEST_TSO4) | bit(F_GUEST_UFO)),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_UFO
+        );
+    }
+
+    #[test]
+    fn a_restore_takes_the_same_tap_or_refuses() {
+        use crate::devices::HandedOverFds;
+        let pid = std::process::id() % 100_000;
+        let config = |name: &str, mac: [u8; 6]| NetConfig {
+            netdev: "n0".into(),
+            device_id: "net0".into(),
+            source: TapSource::Ifname(name.into()),
+            mac,
+        };
+        let (a, b) = (format!("cpra{pid}"), format!("cprb{pid}"));
+        let (Ok(tap_a), Ok(tap_b)) = (Tap::open_named(&a), Tap::open_named(&b)) else {
+            eprintln!("skipped: cannot make taps here");
+            return;
+        };
+        let net = Net::with_tap(config(&a, DEFAULT_MAC), tap_a);
+        let mut config_space = [0u8; 8];
+        net.read_config(0, &mut config_space);
+        assert_eq!(config_space[..6], DEFAULT_MAC);
+        assert_eq!(
+            u16::from_le_bytes([config_space[6], config_space[7]]),
+            S_LINK_UP
+        );
+        let features = net.device_features();
+        for f in [
+            F_MAC,
+            F_STATUS,
+            F_MRG_RXBUF,
+            VIRTIO_RING_F_EVENT_IDX,
+            F_CSUM,
+        ] {
+            assert_ne!(features & (1 << f), 0, "feature {f}");
+        }
+        let saved = net.save();
+        assert_eq!(saved.ifname, a);
+        let rig = Rig::new();
+        let console =
+            crate::devices::console::Console::open(&crate::cli::SerialSpec::Null, |_, _| None)
+                .unwrap()
+                .output();
+        let drained = Arc::new(EventFd::new(0).unwrap());
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let make_ctx = |host_fds| DeviceContext {
+            vm: &vm,
+            memory: rig.memory.clone(),
+            interrupts: GsiRouter::new(vm.clone()),
+            pci: crate::devices::pci::PciBus::new(),
+            console: &console,
+            input_drained: &drained,
+            serial_irq: None,
+            host_fds,
+        };
+        let handed =
+            |fd: &OwnedFd| HandedOverFds::new(vec![("netdev:n0".into(), fd.try_clone().unwrap())]);
+        // The same tap, handed over: taken as it is.
+        let mut ctx = make_ctx(handed(&net.tap));
+        let restored = Net::restore(&mut ctx, &config(&a, DEFAULT_MAC), &saved).unwrap();
+        assert_eq!(restored.ifname(), a);
+        // Another tap behind the fd: refused, naming both.
+        let other = tap_b.into_fd();
+        let mut ctx = make_ctx(handed(&other));
+        let e = Net::restore(&mut ctx, &config(&a, DEFAULT_MAC), &saved)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains(&a) && e.to_string().contains(&b),
+            "{e}"
+        );
+        // A live update that lost the fd fails instead of opening the tap by name.
+        let mut ctx = make_ctx(HandedOverFds::new(Vec::new()));
+        assert!(matches!(
+            Net::restore(&mut ctx, &config(&a, DEFAULT_MAC), &saved),
+            Err(DeviceError::MissingHostFd(_))
+        ));
+        // Another MAC on the command line than the saved device's: refused.
+        let mut mac = DEFAULT_MAC;
+        mac[5] = 0x99;
+        let mut ctx = make_ctx(handed(&net.tap));
+        let e = Net::restore(&mut ctx, &config(&a, mac), &saved)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("52:54:00:12:34:99"), "{e}");
+    }
 }
