@@ -68,6 +68,10 @@ fn bad_nics_are_refused_at_start_with_one_clear_error() {
             vec!["netdev 'nope' does not exist"],
         ),
         (
+            strings(&["-device", "e1000,netdev=n0"]),
+            vec!["unknown device", "virtio-net-pci"],
+        ),
+        (
             strings(&[
                 "-netdev",
                 "tap,id=n0,ifname=cprx0,script=no,downscript=no",
