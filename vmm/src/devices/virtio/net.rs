@@ -445,9 +445,11 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    /// The tap's offloads are left as they are: the next activation sets them before any
+    /// frame is read, and a VMM that handed the tap over (cpr-transfer) and then ends must
+    /// not change them under the VMM that runs the guest now.
     fn reset(&mut self) {
         self.stop_worker();
-        let _ = Tap::set_offloads_on(self.tap.as_raw_fd(), 0);
     }
 
     fn pause(&mut self) {
