@@ -57,6 +57,49 @@ fn tun_fds(pid: u32, name: &str) -> Vec<OpenFd> {
         .collect()
 }
 
+/// A running VM with a NIC on `ns`'s tap, passed by fd as a management layer does (its copy
+/// closed once the VMM holds its own).
+struct PassedTapVm {
+    dir: TempDir,
+    /// The machine's arguments, without the monitor.
+    machine: Vec<String>,
+    /// All of them.
+    args: Vec<String>,
+    process: VmmProcess,
+    qmp: QmpClient,
+}
+
+impl PassedTapVm {
+    fn start(ns: &NetNs, prefix: &str, device: &str) -> Self {
+        let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+        let dir = TempDir::new(prefix).unwrap();
+        let socket = dir.join("qmp.sock");
+        let mut machine = base_args();
+        machine.extend(strings(&[
+            "-netdev",
+            &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
+            "-device",
+            device,
+        ]));
+        let mut args = machine.clone();
+        args.extend(strings(&["-qmp", &qmp_socket_arg(&socket)]));
+        let process = {
+            let _inherit = Inherited::new(&tap);
+            VmmProcess::start_vmm(&args)
+        };
+        drop(tap);
+        process.wait_for_path(&socket, LONG).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+        PassedTapVm {
+            dir,
+            machine,
+            args,
+            process,
+            qmp,
+        }
+    }
+}
+
 #[test]
 fn bad_nics_are_refused_at_start_with_one_clear_error() {
     let file = std::fs::File::open("/proc/self/status").unwrap();
@@ -189,26 +232,17 @@ fn a_passed_tap_is_shown_and_survives_live_updates() {
     let Some(ns) = NetNs::available("a_passed_tap_is_shown_and_survives_live_updates") else {
         return;
     };
-    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
-    let dir = TempDir::new("net-exec").unwrap();
-    let socket = dir.join("qmp.sock");
-    let mut args = base_args();
-    args.extend(strings(&[
-        "-netdev",
-        &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
-        "-device",
+    let PassedTapVm {
+        dir,
+        args,
+        process,
+        mut qmp,
+        ..
+    } = PassedTapVm::start(
+        &ns,
+        "net-exec",
         "virtio-net-pci,netdev=n0,id=eth0,mac=52:54:00:ab:cd:ef",
-        "-qmp",
-        &qmp_socket_arg(&socket),
-    ]));
-    let process = {
-        let _inherit = Inherited::new(&tap);
-        VmmProcess::start_vmm(&args)
-    };
-    // The management layer's copy is no longer needed: the VMM holds its own.
-    drop(tap);
-    process.wait_for_path(&socket, LONG).unwrap();
-    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    );
     let pid = process.pid();
     let filters = qmp.execute("query-rx-filter", Value::Null).unwrap();
     assert_eq!(filters[0]["name"], "eth0", "{filters}");
@@ -324,25 +358,13 @@ fn a_cpr_transfer_hands_the_same_tap_over() {
     let Some(ns) = NetNs::available("a_cpr_transfer_hands_the_same_tap_over") else {
         return;
     };
-    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
-    let dir = TempDir::new("net-transfer").unwrap();
-    let socket = dir.join("qmp.sock");
-    let mut machine = base_args();
-    machine.extend(strings(&[
-        "-netdev",
-        &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
-        "-device",
-        "virtio-net-pci,netdev=n0,id=eth0",
-    ]));
-    let mut args = machine.clone();
-    args.extend(strings(&["-qmp", &qmp_socket_arg(&socket)]));
-    let old = {
-        let _inherit = Inherited::new(&tap);
-        VmmProcess::start_vmm(&args)
-    };
-    drop(tap);
-    old.wait_for_path(&socket, LONG).unwrap();
-    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    let PassedTapVm {
+        dir,
+        machine,
+        process: old,
+        mut qmp,
+        ..
+    } = PassedTapVm::start(&ns, "net-transfer", "virtio-net-pci,netdev=n0,id=eth0");
     let target = Target::start(
         dir.path(),
         "new",

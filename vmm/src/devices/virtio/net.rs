@@ -1303,73 +1303,48 @@ mod tests {
         assert_eq!(rig.stats().rx_frames, 1);
     }
 
-    #[test]
-    fn a_frame_outside_guest_ram_is_dropped_and_the_device_goes_on() {
+    /// Queues the chain(s) `bad` (descriptor table from index 0), then a good frame: the bad
+    /// one is returned, dropped and counted, the good one sent.
+    fn assert_tx_drops_then_sends(bad: &[RawDescriptor]) {
         let rig = Rig::new();
         let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
         let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
         let good = frame(60, 4);
         rig.memory.write_slice(&good, GuestAddress(BUF)).unwrap();
-        tx.add_desc_chains(
-            &chains(
-                0,
-                &[vec![(BUF, 12, 0), (OUTSIDE_RAM, 60, 0)], vec![(BUF, 72, 0)]],
-            ),
-            0,
-        )
-        .unwrap();
-        let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
-        io.transmit();
-        assert_eq!(rig.host_frames(), [good]);
-        assert_eq!(used(&tx), [(0, 0), (2, 0)], "both chains are returned");
-        assert_eq!(rig.stats().tx_dropped, 1);
-    }
-
-    #[test]
-    fn a_descriptor_loop_is_dropped_and_the_device_goes_on() {
-        let rig = Rig::new();
-        let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
-        let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
-        let good = frame(30, 6);
-        rig.memory.write_slice(&good, GuestAddress(BUF)).unwrap();
-        let descs = [
-            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 1)),
-            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 0)),
-        ];
-        tx.add_desc_chains(&descs, 0).unwrap();
-        tx.add_desc_chains(&chains(2, &[vec![(BUF, 42, 0)]]), 2)
-            .unwrap();
-        let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
-        io.transmit();
-        assert_eq!(rig.host_frames(), [good]);
-        assert_eq!(rig.stats().tx_dropped, 1);
-        assert_eq!(used(&tx).len(), 2);
-    }
-
-    #[test]
-    fn an_oversized_frame_is_dropped_and_the_device_goes_on() {
-        let rig = Rig::new();
-        let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
-        let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
-        let good = frame(1500, 7);
-        rig.memory.write_slice(&good, GuestAddress(BUF)).unwrap();
-        tx.add_desc_chains(
-            &chains(
-                0,
-                &[
-                    // 80 KiB: over 64 KiB + header.
-                    vec![(BUF, 40 << 10, 0), (BUF, 40 << 10, 0)],
-                    vec![(BUF, good.len() as u32, 0)],
-                ],
-            ),
-            0,
-        )
-        .unwrap();
+        tx.add_desc_chains(bad, 0).unwrap();
+        let next = bad.len() as u16;
+        let good_chain = chains(next, &[vec![(BUF, good.len() as u32, 0)]]);
+        tx.add_desc_chains(&good_chain, next).unwrap();
         let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
         io.transmit();
         assert_eq!(rig.host_frames(), [good]);
         assert_eq!(rig.stats().tx_dropped, 1);
         assert_eq!(rig.stats().tx_frames, 1);
+        assert_eq!(used(&tx).len(), 2, "both chains are returned");
+    }
+
+    #[test]
+    fn a_frame_outside_guest_ram_is_dropped_and_the_device_goes_on() {
+        assert_tx_drops_then_sends(&chains(0, &[vec![(BUF, 12, 0), (OUTSIDE_RAM, 60, 0)]]));
+    }
+
+    #[test]
+    fn a_descriptor_loop_is_dropped_and_the_device_goes_on() {
+        assert_tx_drops_then_sends(&[
+            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 0)),
+        ]);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_dropped_and_the_device_goes_on() {
+        // 80 KiB: over 64 KiB + header.
+        assert_tx_drops_then_sends(&chains(0, &[vec![(BUF, 40 << 10, 0), (BUF, 40 << 10, 0)]]));
+    }
+
+    #[test]
+    fn a_device_writable_transmit_buffer_is_dropped_and_the_device_goes_on() {
+        assert_tx_drops_then_sends(&chains(0, &[vec![(BUF, 72, WRITE)]]));
     }
 
     #[test]
