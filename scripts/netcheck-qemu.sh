@@ -16,7 +16,9 @@
 # (falling back to TCG if KVM cannot start), waits for the guest's `netcheck: ready` and its
 # exit (with a timeout, no fixed sleep), and removes the namespace.
 #
-# Environment: QEMU (default qemu-system-x86_64), NETCHECK_TIMEOUT (seconds, default 300).
+# Environment: QEMU (default qemu-system-x86_64), NETCHECK_TIMEOUT (seconds, default 300),
+# NETCHECK_DEVICE_OPTIONS (appended to the -device option, e.g. ",event_idx=off,mrg_rxbuf=off"
+# or ",vectors=0" for a driver without MSI-X).
 #
 # Prints the guest's console, then one summary line:
 #   netcheck-qemu: ok accel A host-sent H echoed E guest-frames G run-seconds S ...

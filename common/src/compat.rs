@@ -8,11 +8,15 @@
 //! Note layout (ELF note, 4-byte aligned, in a `PT_NOTE` segment):
 //!
 //! ```text
-//! namesz u32 = 8 | descsz u32 = 48 | type u32 = 0x43505201 | name "CPR-VMM\0"
+//! namesz u32 = 8 | descsz u32 = 52 | type u32 = 0x43505201 | name "CPR-VMM\0"
 //! desc: oldest readable state-file version u32 | newest u32
 //!       oldest readable CPR-state version u32  | newest u32
 //!       version string, NUL-padded [u8; 32]
+//!       features u32 (bits, see FEATURE_*; absent in notes of 48 bytes: none)
 //! ```
+//!
+//! Readers accept any `descsz` of at least 48 and ignore what they do not know, so the note can
+//! grow at its end.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -20,7 +24,18 @@ use std::os::unix::fs::FileExt;
 pub const NOTE_NAME: [u8; 8] = *b"CPR-VMM\0";
 pub const NOTE_TYPE: u32 = 0x4350_5201;
 pub const VERSION_LEN: usize = 32;
+/// The shortest description a reader accepts (the first release's note).
 pub const DESC_LEN: usize = 16 + VERSION_LEN;
+/// The description this release writes: the first release's plus the feature bits.
+pub const DESC_LEN_WITH_FEATURES: usize = DESC_LEN + 4;
+
+/// The VMM reports to the update's rescue guard: it says when it has resumed the guest (on the
+/// fd named by `VMM_CPR_RESCUE`), and rolls back by itself on SIGUSR2 while it has not.
+pub const FEATURE_RESCUE: u32 = 1;
+/// The VMM keeps SIGTERM, SIGINT and SIGHUP blocked and reads them from a signalfd, so one that
+/// is pending across the update's execs reaches it (see `exec::block_termination_signals`).
+/// A program without it gets them unblocked (and pending ones dropped) before it is executed.
+pub const FEATURE_SIGNALS: u32 = 2;
 
 /// The note as laid out in memory (the VMM places one in its binary).
 #[repr(C, align(4))]
@@ -31,6 +46,7 @@ pub struct CompatNote {
     pub name: [u8; 8],
     pub formats: [u32; 4],
     pub version: [u8; VERSION_LEN],
+    pub features: u32,
 }
 
 impl CompatNote {
@@ -45,12 +61,19 @@ impl CompatNote {
         }
         CompatNote {
             namesz: NOTE_NAME.len() as u32,
-            descsz: DESC_LEN as u32,
+            descsz: DESC_LEN_WITH_FEATURES as u32,
             note_type: NOTE_TYPE,
             name: NOTE_NAME,
             formats: [state.0, state.1, cpr.0, cpr.1],
             version: v,
+            features: 0,
         }
+    }
+
+    /// The same note, claiming `features` (FEATURE_* bits).
+    pub const fn with_features(mut self, features: u32) -> Self {
+        self.features = features;
+        self
     }
 }
 
@@ -60,6 +83,7 @@ pub struct Compat {
     pub state_versions: (u32, u32),
     pub cpr_versions: (u32, u32),
     pub version: String,
+    pub features: u32,
 }
 
 impl Compat {
@@ -69,6 +93,10 @@ impl Compat {
 
     pub fn reads_cpr(&self, v: u32) -> bool {
         (self.cpr_versions.0..=self.cpr_versions.1).contains(&v)
+    }
+
+    pub fn has(&self, feature: u32) -> bool {
+        self.features & feature == feature
     }
 }
 
@@ -156,6 +184,11 @@ fn find_in_notes(mut notes: &[u8]) -> Option<Compat> {
                 state_versions: (le32(d, 0), le32(d, 4)),
                 cpr_versions: (le32(d, 8), le32(d, 12)),
                 version: String::from_utf8_lossy(&v[..end]).into_owned(),
+                features: if descsz >= DESC_LEN_WITH_FEATURES {
+                    le32(d, DESC_LEN)
+                } else {
+                    0
+                },
             });
         }
         notes = &notes[desc_end..];
@@ -177,6 +210,9 @@ mod tests {
             b.extend_from_slice(&f.to_le_bytes());
         }
         b.extend_from_slice(&n.version);
+        if n.descsz as usize >= DESC_LEN_WITH_FEATURES {
+            b.extend_from_slice(&n.features.to_le_bytes());
+        }
         b
     }
 
@@ -195,7 +231,23 @@ mod tests {
         assert!(c.reads_state(2) && !c.reads_state(3));
         assert!(c.reads_cpr(1));
         assert_eq!(c.version, "2.0");
+        assert!(!c.has(FEATURE_RESCUE));
         assert!(find_in_notes(&notes[..notes.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn feature_bits_are_read_and_a_first_release_note_has_none() {
+        let with = CompatNote::new((1, 3), (1, 1), "2.1").with_features(FEATURE_RESCUE);
+        assert!(
+            find_in_notes(&note_bytes(&with))
+                .unwrap()
+                .has(FEATURE_RESCUE)
+        );
+        // The first release's note: 48 bytes of description, no feature word.
+        let mut first = CompatNote::new((1, 2), (1, 1), "0.1.0");
+        first.descsz = DESC_LEN as u32;
+        let c = find_in_notes(&note_bytes(&first)).unwrap();
+        assert_eq!((c.version.as_str(), c.features), ("0.1.0", 0));
     }
 
     #[test]

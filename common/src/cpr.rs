@@ -283,10 +283,12 @@ fn channel_fd_if_memfd() -> Option<OwnedFd> {
 /// and reports `reason`. Fails if a rollback was already attempted (at most one per update).
 ///
 /// `channel` is the channel memfd (rewritten at exec time); without one a new one is created.
+/// `keep` are further fds to pass on, each named by an environment variable.
 pub fn rollback_plan(
     state: &CprState,
     channel: Option<RawFd>,
     reason: &str,
+    keep: &[(&str, RawFd)],
 ) -> Result<ExecPlan, CprError> {
     if let Attempt::Rollback { reason: first } = &state.attempt {
         return Err(CprError::RollbackExhausted {
@@ -309,15 +311,19 @@ pub fn rollback_plan(
     let mut inherit: Vec<RawFd> = state.fds.iter().map(|f| f.fd).collect();
     inherit.push(channel_fd);
     inherit.push(state.fallback.exe_fd);
-    let env = [
+    let mut env = vec![
         (CPR_STATE_ENV, channel_fd.to_string()),
         (FALLBACK_ENV, encode_env_copy(&bytes)),
     ];
+    for (name, fd) in keep {
+        inherit.push(*fd);
+        env.push((*name, fd.to_string()));
+    }
     let plan = ExecPlan::new(
         ExecTarget::Fd(state.fallback.exe_fd),
         &state.fallback.argv,
         &env,
-        &[],
+        &[crate::target::CHECKED_TARGET_ENV],
         inherit,
     )?;
     Ok(plan.with_channel_content(channel_fd, bytes))
@@ -396,7 +402,7 @@ mod tests {
         s.attempt = Attempt::Rollback {
             reason: "first".into(),
         };
-        let err = rollback_plan(&s, Some(3), "second").unwrap_err();
+        let err = rollback_plan(&s, Some(3), "second", &[]).unwrap_err();
         assert!(err.to_string().contains("first") && err.to_string().contains("second"));
     }
 

@@ -359,6 +359,51 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
+/// The signals that ask a VMM to shut down cleanly (SIGHUP as QEMU treats it).
+pub const TERMINATION_SIGNALS: [nix::sys::signal::Signal; 3] = [
+    nix::sys::signal::Signal::SIGTERM,
+    nix::sys::signal::Signal::SIGINT,
+    nix::sys::signal::Signal::SIGHUP,
+];
+
+pub fn termination_sigset() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in TERMINATION_SIGNALS {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks the termination signals in the calling thread (and every thread it starts later).
+/// A VMM does so first thing and reads them from a signalfd: blocked signals stay pending
+/// across `exec`, so one that arrives during a live update is handled by the VMM that runs
+/// after it, instead of being lost or killing the process half-way.
+pub fn block_termination_signals() -> nix::Result<()> {
+    termination_sigset().thread_block()
+}
+
+/// For an exec into a program that does not read them from a signalfd (a VMM of an older
+/// release): drops the pending termination signals and unblocks them, so the program's own
+/// handlers work. Returns the signals dropped.
+pub fn unblock_termination_signals_dropping_pending() -> Vec<nix::sys::signal::Signal> {
+    let set = termination_sigset();
+    let mut dropped = Vec::new();
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        // SAFETY: sigtimedwait with a zero timeout only takes a pending signal of `set`.
+        let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
+        match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) if sig > 0 => dropped.push(s),
+            _ => break,
+        }
+    }
+    let _ = set.thread_unblock();
+    dropped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

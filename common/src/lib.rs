@@ -12,11 +12,13 @@
 //! - [`fds`]: the records of preserved fds ([`fds::PreservedFd`]), fd hygiene (close-on-exec)
 //!   and the checks that an inherited fd is the file its record describes;
 //! - [`state_file`]: the machine state file's magic, versions and section ids;
+//! - [`target`]: resolving and hashing the new VMM binary, and the record of a target checked
+//!   before the stop;
 //! - [`transfer`]: the cpr-transfer wire protocol between two running VMMs;
 //! - [`timing`]: the clock every process uses for blackout accounting.
 //!
 //! Dependencies between the modules go one way: `fds`, `timing` and `compat` depend on nothing
-//! here; `container` uses `timing` and `exec` uses `fds`; `state_file`, `cpr` and `transfer`
+//! here; `container` uses `timing`, `exec` and `target` use `fds`; `state_file`, `cpr` and `transfer`
 //! build on those.
 //!
 //! This crate knows nothing about KVM.
@@ -27,5 +29,6 @@ pub mod cpr;
 pub mod exec;
 pub mod fds;
 pub mod state_file;
+pub mod target;
 pub mod timing;
 pub mod transfer;

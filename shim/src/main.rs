@@ -13,7 +13,10 @@
 //!    and every RAM memfd can be mapped and touched (`--prefault`: fully);
 //! 3. the target resolves (a `current` symlink in a staged layout is resolved once, here), is an
 //!    executable regular file, matches `--sha256`, and reads this state file's and this CPR
-//!    state's format versions (the note in its ELF image, see `cpr_common::compat`).
+//!    state's format versions (the note in its ELF image, see `cpr_common::compat`). With
+//!    `--sha256` the old VMM has normally resolved and hashed the target before the guest
+//!    stopped and hands it over open (`cpr_common::target`); the shim then only verifies that
+//!    the file is unchanged, and hashes it itself otherwise.
 //!
 //! Then it records its timings in the CPR state, appends one JSON line to `--log`, and executes
 //! the target through the fd it checked (no window for the path to change). On any failure it
@@ -30,6 +33,7 @@ use std::process::ExitCode;
 
 use cpr_common::cpr::{self, CprState, Inherited};
 use cpr_common::exec::{ExecError, ExecPlan, ExecTarget};
+use cpr_common::target::CHECKED_TARGET_ENV;
 use cpr_common::timing::{monotonic_ns, realtime_ns};
 
 const USAGE: &str = "usage: cpr-shim [--sha256 HEX] [--log FILE] [--prefault] -- NEW_VMM [ARGS...]
@@ -227,13 +231,24 @@ fn hand_over(
         return ShimError::RecordTimings(e);
     }
     append_log(log, state, Some(checked), "exec", None);
+    if !checked.compat.has(cpr_common::compat::FEATURE_SIGNALS) {
+        // A VMM of an older release handles SIGTERM & co. with handlers of its own: blocked,
+        // they would never reach it.
+        let dropped = cpr_common::exec::unblock_termination_signals_dropping_pending();
+        if !dropped.is_empty() {
+            eprintln!(
+                "cpr-shim: {} cannot take signals pending across the update; dropped {dropped:?}",
+                checked.resolved.display()
+            );
+        }
+    }
     let mut inherit: Vec<i32> = state.fds.iter().map(|f| f.fd).collect();
     inherit.push(channel.as_raw_fd());
     let plan = ExecPlan::new(
         ExecTarget::Fd(checked.file.as_raw_fd()),
         &checked.argv,
         &[],
-        &[],
+        &[CHECKED_TARGET_ENV],
         inherit,
     );
     match plan {
@@ -258,7 +273,7 @@ fn roll_back(
     eprintln!("cpr-shim: live update refused: {reason}; rolling back to the previous VMM");
     append_log(log, state, None, "rollback", Some(reason));
     let channel = inherited.channel.as_ref().map(|c| c.as_raw_fd());
-    let why = match cpr::rollback_plan(state, channel, reason) {
+    let why = match cpr::rollback_plan(state, channel, reason, &[]) {
         Ok(plan) => format!("executing {} failed: {}", plan.program(), plan.exec()),
         Err(e) => e.to_string(),
     };
@@ -292,7 +307,11 @@ fn append_log(
             "requested": c.argv.first(),
             "resolved": c.resolved.display().to_string(),
             "version": c.compat.version,
-            "sha256": c.sha256,
+            "sha256": c.sha256.as_ref().map(|(hash, _)| hash),
+            "sha256_checked_by": c.sha256.as_ref().map(|(_, by)| match by {
+                target::HashedBy::OldVmm => "old-vmm-before-stop",
+                target::HashedBy::Shim => "shim",
+            }),
         })),
         "state_file": state.state_file,
         "phases_ms": phases,

@@ -1,14 +1,14 @@
 //! The target: resolve it once, open it, and check it is a VMM that reads what it is handed.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cpr_common::compat::{self, Compat, CompatError};
 use cpr_common::container::{ContainerError, peek_version};
 use cpr_common::state_file::STATE_FILE_FORMAT;
-use sha2::{Digest, Sha256};
+use cpr_common::target::{
+    CHECKED_TARGET_ENV, CheckedTarget, OpenTarget, TargetError as OpenError, open_target,
+};
 
 /// A target that passed every check, opened: it is executed through this very file.
 pub struct Checked {
@@ -18,37 +18,14 @@ pub struct Checked {
     /// argv for the target: as given, starting with the name it was asked for.
     pub argv: Vec<String>,
     pub compat: Compat,
-    pub sha256: Option<String>,
+    /// The verified SHA-256 and who computed it (None without `--sha256`).
+    pub sha256: Option<(String, HashedBy)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("no target given")]
-    NoTarget,
-    #[error("target {name} was not found in PATH")]
-    NotInPath { name: String },
-    #[error("target {}: {source}", path.display())]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("target {} is not a regular file", path.display())]
-    NotRegularFile { path: PathBuf },
-    #[error("target {} is not executable", path.display())]
-    NotExecutable { path: PathBuf },
-    #[error("hashing {}: {source}", path.display())]
-    Hash {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("target {} has sha256 {actual}, expected {expected}", path.display())]
-    Sha256Mismatch {
-        path: PathBuf,
-        actual: String,
-        expected: String,
-    },
+    #[error(transparent)]
+    Open(#[from] OpenError),
     #[error("target {} cannot take a live update: {source}", path.display())]
     NoCompatNote {
         path: PathBuf,
@@ -88,51 +65,37 @@ pub enum TargetError {
     },
 }
 
+/// How the target's SHA-256 was established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashedBy {
+    /// The old VMM hashed it before the guest stopped; the shim verified it unchanged since.
+    OldVmm,
+    /// The shim hashed it (no record from the old VMM, or the file changed after it).
+    Shim,
+}
+
 pub fn check(
     argv: &[String],
     expected_sha256: Option<&str>,
     state_file: &str,
     cpr_version: u32,
 ) -> Result<Checked, TargetError> {
-    let requested = argv.first().ok_or(TargetError::NoTarget)?;
-    let path = find_program(requested)?;
-    let resolved = std::fs::canonicalize(&path).map_err(|source| TargetError::Open {
-        path: path.clone(),
-        source,
-    })?;
-    let open_err = |source| TargetError::Open {
-        path: resolved.clone(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&resolved)
-        .map_err(open_err)?;
-    let meta = file.metadata().map_err(open_err)?;
-    if !meta.is_file() {
-        return Err(TargetError::NotRegularFile { path: resolved });
-    }
-    if meta.permissions().mode() & 0o111 == 0 {
-        return Err(TargetError::NotExecutable { path: resolved });
-    }
-    let sha256 = match expected_sha256 {
+    let requested = argv.first().ok_or(OpenError::NoTarget)?;
+    let (target, sha256) = match expected_sha256 {
         Some(expected) => {
-            let actual = sha256_of(&file).map_err(|source| TargetError::Hash {
-                path: resolved.clone(),
-                source,
-            })?;
-            if actual != expected {
-                return Err(TargetError::Sha256Mismatch {
-                    path: resolved,
-                    actual,
-                    expected: expected.to_string(),
-                });
-            }
-            Some(actual)
+            let (target, hashed_by) = match adopt_checked(requested, expected) {
+                Some(t) => (t, HashedBy::OldVmm),
+                None => {
+                    let t = open_target(requested)?;
+                    t.verify_sha256(expected)?;
+                    (t, HashedBy::Shim)
+                }
+            };
+            (target, Some((expected.to_string(), hashed_by)))
         }
-        None => None,
+        None => (open_target(requested)?, None),
     };
+    let OpenTarget { file, resolved } = target;
     let compat = compat::read_note(&file).map_err(|source| TargetError::NoCompatNote {
         path: resolved.clone(),
         source,
@@ -171,40 +134,20 @@ pub fn check(
     })
 }
 
-/// `name` itself if it contains a '/', else the first executable `name` in PATH.
-fn find_program(name: &str) -> Result<PathBuf, TargetError> {
-    if name.contains('/') {
-        return Ok(PathBuf::from(name));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable_file(p))
-        .ok_or_else(|| TargetError::NotInPath {
-            name: name.to_string(),
-        })
-}
-
-fn is_executable_file(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn sha256_of(file: &File) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    let mut reader = file;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
+/// The target the old VMM hashed before the stop, if it handed one over for this target and
+/// hash and the file has not changed since (otherwise the shim hashes it again: says why).
+fn adopt_checked(requested: &str, expected: &str) -> Option<OpenTarget> {
+    let value = std::env::var(CHECKED_TARGET_ENV).ok()?;
+    let adopted = CheckedTarget::from_env(&value).and_then(|r| r.adopt(requested, expected));
+    match adopted {
+        Ok(t) => Some(t),
+        Err(why) => {
+            eprintln!(
+                "cpr-shim: hashing the target here: the one checked before the stop is not usable ({why})"
+            );
+            None
         }
-        hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 #[cfg(test)]

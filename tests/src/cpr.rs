@@ -445,7 +445,7 @@ pub fn vmm_claiming_formats(
     let mut image = std::fs::read(vmm).unwrap_or_else(|e| panic!("reading {}: {e}", vmm.display()));
     let mut header = Vec::new();
     header.extend_from_slice(&(NOTE_NAME.len() as u32).to_le_bytes());
-    header.extend_from_slice(&(cpr_common::compat::DESC_LEN as u32).to_le_bytes());
+    header.extend_from_slice(&(cpr_common::compat::DESC_LEN_WITH_FEATURES as u32).to_le_bytes());
     header.extend_from_slice(&NOTE_TYPE.to_le_bytes());
     header.extend_from_slice(&NOTE_NAME);
     let found: Vec<usize> = image

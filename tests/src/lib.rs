@@ -40,6 +40,7 @@ pub mod memcheck;
 pub mod netcheck;
 pub mod netns;
 pub mod prereq;
+pub mod previous_release;
 pub mod process;
 pub mod procfs;
 pub mod qemu_bench;

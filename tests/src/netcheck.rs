@@ -529,20 +529,40 @@ impl QemuRun {
     }
 }
 
-/// Boots the netcheck bzImage `kernel` on QEMU (`qemu`) with its own virtio-net-pci (modern
-/// only) on the tap of `ns`, QEMU running inside the namespace (`ifname=`). The peer listens
-/// from the start; once the guest says `ready` it sends `host_frames` frames every
-/// `host_period`; the guest exits (status 0 when it saw no gap and no duplicate) after sending
-/// `guest_frames` of its own. Tries `-accel kvm`, then `tcg`.
-pub fn run_on_qemu(
-    qemu: &str,
-    kernel: &std::path::Path,
-    ns: &crate::netns::NetNs,
-    guest_frames: u64,
-    host_frames: u64,
-    host_period: Duration,
-    timeout: Duration,
-) -> Result<QemuRun, String> {
+/// What [`run_on_qemu`] runs.
+#[derive(Clone, Copy, Debug)]
+pub struct QemuNet<'a> {
+    /// The QEMU binary.
+    pub qemu: &'a str,
+    /// netcheck's bzImage.
+    pub kernel: &'a std::path::Path,
+    /// The guest exits after sending this many frames.
+    pub guest_frames: u64,
+    /// The peer sends this many frames once the guest is ready...
+    pub host_frames: u64,
+    /// ... one every this long.
+    pub host_period: Duration,
+    /// For the guest to come up, and for it to finish.
+    pub timeout: Duration,
+    /// Appended to `-device virtio-net-pci,...` (e.g. `,event_idx=off,mrg_rxbuf=off`).
+    pub device_options: &'a str,
+}
+
+/// Boots the netcheck bzImage on QEMU with its own virtio-net-pci (modern only) on the tap of
+/// `ns`, QEMU running inside the namespace (`ifname=`). The peer listens from the start; once
+/// the guest says `ready` it sends `host_frames` frames every `host_period`; the guest exits
+/// (status 0 when it saw no gap and no duplicate) after sending `guest_frames` of its own.
+/// Tries `-accel kvm`, then `tcg`.
+pub fn run_on_qemu(ns: &crate::netns::NetNs, opts: &QemuNet<'_>) -> Result<QemuRun, String> {
+    let QemuNet {
+        qemu,
+        kernel,
+        guest_frames,
+        host_frames,
+        host_period,
+        timeout,
+        device_options,
+    } = *opts;
     let mut last_err = String::new();
     for accel in ["kvm", "tcg"] {
         let socket = ns.packet_socket().map_err(|e| e.to_string())?;
@@ -553,7 +573,7 @@ pub fn run_on_qemu(
         // Whitespace-free words, then the ones that may hold anything.
         let words = format!(
             "{qemu} -accel {accel} -m 64M -nographic -no-reboot -monitor none -device \
-             virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:12:34:56 -device \
+             virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:12:34:56{device_options} -device \
              isa-debug-exit,iobase=0x501,iosize=1"
         );
         let mut args: Vec<String> = ns.exec_prefix();

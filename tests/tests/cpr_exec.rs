@@ -505,9 +505,14 @@ fn memcheck_memory_is_consistent_after_rollbacks() {
             LONG,
         )
         .unwrap();
-    let wrong = "0".repeat(64);
-    let refused = vm.via_shim(&strings(&["--sha256", &wrong]), &vmm_bin());
-    assert_failed(&vm.update(&refused), &["sha256"], true);
+    let refused = shim_command(
+        &shim_bin(),
+        &[],
+        Path::new("/bin/true"),
+        &vm.args,
+        &vm.state,
+    );
+    assert_failed(&vm.update(&refused), &["cannot take a live update"], true);
     vm.assert_memcheck_consistent(RAM, "after the shim refused the target");
 
     let mut crashing = vm.via_shim(&[], &vmm_bin());
@@ -1385,12 +1390,94 @@ fn fault_corrupted_cpr_state_is_refused_by_the_shim_and_rolled_back() {
     vm.quit();
 }
 
+/// A `--sha256` the target does not have is refused by `migrate` itself: the old VMM hashes
+/// the target before it stops anything, so the guest never pauses.
 #[test]
-fn fault_sha256_mismatch_is_refused_by_the_shim_and_rolled_back() {
+fn fault_sha256_mismatch_is_refused_before_the_guest_stops() {
     let mut vm = Vm::heartbeat("sha", 1);
+    vm.wait_ticks_advance(1, 3);
     let wrong = "0".repeat(64);
     let command = vm.via_shim(&strings(&["--sha256", &wrong]), &vmm_bin());
-    fault_case(&mut vm, &command, &["sha256", &wrong], true);
+    vm.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"mode": "cpr-exec", "cpr-exec-command": command}),
+        )
+        .unwrap();
+    let error = vm
+        .qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", vm.state.display())}),
+        )
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("sha256") && text.contains(&format!("expected {wrong}")),
+        "{text}"
+    );
+    let events: Vec<Value> = vm.qmp.events();
+    assert!(
+        !events.iter().any(|e| e["event"] == "STOP"),
+        "the guest was stopped: {events:?}"
+    );
+    assert!(!vm.state.exists(), "a state file was written");
+    assert_eq!(vm.status(), "running");
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+/// The SHA-256 of the new VMM is computed by the old VMM before the guest stops, not in the
+/// blackout; the shim executes the file it was handed after checking it is unchanged, and hashes
+/// it again itself when it changed after the check (here: touched between the old VMM and the
+/// shim).
+#[test]
+fn sha256_is_checked_before_the_stop_and_again_by_the_shim_if_the_target_changed() {
+    let mut vm = Vm::heartbeat("shaok", 1);
+    let target = vm.dir.join("vmm-next");
+    std::fs::copy(vmm_bin(), &target).unwrap();
+    let hash = cpr_common::target::sha256_of(&std::fs::File::open(&target).unwrap()).unwrap();
+    // A file changed in the last two seconds is left to the shim (its timestamps may be too
+    // coarse to show a later change): wait until the copy has settled.
+    let settled = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&target)
+        .unwrap()
+        .modified()
+        .unwrap()
+        .elapsed()
+        .unwrap_or_default()
+        < Duration::from_millis(2100)
+    {
+        assert!(Instant::now() < settled, "the copy never settled");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = vm.dir.join("shim.log");
+    let shim_args = strings(&["--sha256", &hash, "--log", log.to_str().unwrap()]);
+    let checked_by = |log: &Path| -> String {
+        let text = std::fs::read_to_string(log).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        last["to"]["sha256_checked_by"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+
+    assert_completed(&vm.update(&vm.via_shim(&shim_args, &target)));
+    assert_eq!(checked_by(&log), "old-vmm-before-stop");
+    vm.wait_ticks_advance(1, 3);
+
+    let mut touched = vec![
+        fault_bin().display().to_string(),
+        "--touch".into(),
+        target.display().to_string(),
+        "--".into(),
+    ];
+    touched.extend(vm.via_shim(&shim_args, &target));
+    assert_completed(&vm.update(&touched));
+    assert_eq!(checked_by(&log), "shim");
+    vm.wait_ticks_advance(1, 3);
+    vm.assert_heartbeat_continuous(1);
     vm.quit();
 }
 
@@ -1610,4 +1697,248 @@ fn update_that_ends_the_process(
         .unwrap();
     let status = vm.process.wait_exit(LONG).unwrap();
     (status, vm.process.stderr_text())
+}
+
+// ---------------------------------------------------------------------------
+// rescue: the program an update executes dies or hangs before the guest runs again
+
+/// The processes whose command line carries `needle` (by /proc/PID/cmdline).
+fn processes_with_arg(needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// The parent of `pid`, from /proc/PID/stat.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('Z')))
+        == Some(false)
+}
+
+/// The one live process that serves the VM's QMP socket, found by its command line (the
+/// socket's peer credentials name the process that created the listener, which a rescue does
+/// not change). A previous address space's teardown helper shares the command line of the
+/// process it was cloned from until it finishes: waited for.
+fn serving_pid(vm: &Vm) -> u32 {
+    let arg = qmp_socket_arg(&vm.socket);
+    let deadline = Instant::now() + LONG;
+    loop {
+        let live: Vec<u32> = processes_with_arg(&arg)
+            .into_iter()
+            .filter(|p| alive(*p))
+            .collect();
+        if live.len() == 1 {
+            return live[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes serving {arg}: {live:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until no rescue guard whose parent is `pid` is left.
+fn assert_no_guard_left(pid: u32) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let guards: Vec<u32> = processes_with_arg("--cpr-rescue-guard")
+            .into_iter()
+            .filter(|g| parent_of(*g) == Some(pid))
+            .collect();
+        if guards.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rescue guards {guards:?} of {pid} are still there"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One update whose program dies or hangs before it resumes the guest: the update fails with
+/// `causes`, the guest runs again on the same QMP socket path (in this process if `same_pid`,
+/// else in the process of the update's rescue guard) from where it stopped, and the VM then
+/// updates normally with no guard left behind. Returns the PID that now runs the VM.
+fn rescued_case(
+    vm: &mut Vm,
+    command: &[String],
+    deadline_ms: u64,
+    causes: &[&str],
+    same_pid: bool,
+) -> u32 {
+    let pid = vm.pid();
+    vm.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"x-cpr-deadline-ms": deadline_ms}),
+        )
+        .unwrap();
+    vm.wait_ticks_advance(1, 3);
+    let update = vm.update(command);
+    eprintln!("rescued as expected: {}", update.error_desc());
+    assert_failed(&update, causes, true);
+    let server = serving_pid(vm);
+    if same_pid {
+        assert_eq!(server, pid, "the VM moved to another process");
+    } else {
+        assert_ne!(server, pid, "the killed process cannot be serving QMP");
+    }
+    assert_eq!(vm.status(), "running");
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+    assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
+    assert_eq!(serving_pid(vm), server, "a live update keeps the PID");
+    assert_no_guard_left(server);
+    vm.wait_ticks_advance(1, 3);
+    vm.assert_heartbeat_continuous(1);
+    server
+}
+
+/// Ends a VM that a guard rescued into another process: `quit`, then that process is gone.
+fn quit_rescued(mut vm: Vm, pid: u32) {
+    vm.qmp.execute("quit", Value::Null).unwrap();
+    let deadline = Instant::now() + LONG;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} did not quit");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The update's program SIGKILLs itself (`sh -c 'kill -9 $$'`): nothing of ours runs in that
+/// process again, and the guard restarts the previous VMM.
+#[test]
+fn rescue_when_the_updates_program_is_killed() {
+    let mut vm = Vm::heartbeat("rsckill", 1);
+    // "-qmp" is sh's $0 here: the command must look like it keeps the monitor.
+    let command = strings(&["/bin/sh", "-c", "kill -9 $$", "-qmp"]);
+    let pid = rescued_case(
+        &mut vm,
+        &command,
+        60_000,
+        &["ended before the guest ran again", "guard restarted"],
+        false,
+    );
+    quit_rescued(vm, pid);
+}
+
+/// The update's program never resumes the guest (not our VMM): at the deadline the guard kills
+/// it and restarts the previous VMM.
+#[test]
+fn rescue_when_the_updates_program_hangs() {
+    let mut vm = Vm::heartbeat("rschang", 1);
+    let command = strings(&["/bin/sh", "-c", "exec sleep 600", "-qmp"]);
+    let pid = rescued_case(
+        &mut vm,
+        &command,
+        1000,
+        &["had not resumed the guest", "the guard killed it"],
+        false,
+    );
+    quit_rescued(vm, pid);
+}
+
+/// The new VMM is SIGKILLed right after it read the CPR state, and (next update) with the
+/// machine restored just before it resumes: both times the guard restarts the previous VMM,
+/// with guest memory consistent.
+#[test]
+fn rescue_when_the_new_vmm_is_killed_before_resume() {
+    const RAM: u64 = 64 << 20;
+    let mut vm = Vm::start("rscvmm", &["-m", "64M", "-smp", "2", "--guest", "memcheck"]);
+    vm.process
+        .wait_for_output(
+            |text| text.starts_with('A') && text.matches('B').count() >= 2,
+            LONG,
+        )
+        .unwrap();
+    for fault in ["kill-at-start", "kill-before-resume"] {
+        vm.qmp
+            .execute(
+                "migrate-set-parameters",
+                json!({"x-cpr-deadline-ms": 60_000}),
+            )
+            .unwrap();
+        let mut command = vm.via_shim(&[], &vmm_bin());
+        let at = command.len() - 2;
+        command.splice(at..at, strings(&["--cpr-test-fault", fault]));
+        let update = vm.update(&command);
+        assert_failed(&update, &["ended before the guest ran again"], true);
+        vm.assert_memcheck_consistent(RAM, &format!("after the rescue from {fault}"));
+    }
+    let server = serving_pid(&vm);
+    assert_ne!(server, vm.pid());
+    quit_rescued(vm, server);
+}
+
+/// A new VMM of this release that hangs before it resumes is asked at the deadline to roll
+/// back by itself: the guest comes back in the same process.
+#[test]
+fn rescue_when_the_new_vmm_hangs_rolls_back_in_the_same_process() {
+    let mut vm = Vm::heartbeat("rscself", 1);
+    let mut command = vm.via_shim(&[], &vmm_bin());
+    let at = command.len() - 2;
+    command.splice(at..at, strings(&["--cpr-test-fault", "hang-before-resume"]));
+    rescued_case(
+        &mut vm,
+        &command,
+        1000,
+        &["had not resumed the guest by the update's deadline"],
+        true,
+    );
+    vm.quit();
+}
+
+/// SIGTERM in the middle of an update (here between the old VMM's exec and the shim) is neither
+/// lost nor fatal: the update completes, then the VMM shuts down cleanly (SHUTDOWN event,
+/// socket removed, exit status 0).
+#[test]
+fn sigterm_during_an_update_shuts_down_cleanly_after_it() {
+    let mut vm = Vm::heartbeat("sigterm", 1);
+    vm.wait_ticks_advance(1, 3);
+    let command = with_fault(&vm, &strings(&["--sigterm"]));
+    set_cpr_exec_command(&mut vm.qmp, &command).unwrap();
+    vm.qmp
+        .execute(
+            "migrate",
+            json!({"uri": format!("file:{}", vm.state.display())}),
+        )
+        .unwrap();
+    let shutdown = vm.qmp.wait_event("SHUTDOWN", LONG).unwrap();
+    assert_eq!(shutdown["data"]["reason"], "host-signal", "{shutdown}");
+    let statuses: Vec<String> = vm
+        .qmp
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("completed"),
+        "the update finished before the shutdown: {statuses:?}"
+    );
+    let status = vm.process.wait_exit(LONG).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.process.stderr_text());
+    assert!(!vm.socket.exists(), "the QMP socket file was left behind");
 }

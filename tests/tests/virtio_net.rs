@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use cpr_tests::blkcheck::build_guest_bzimage;
-use cpr_tests::cpr::{alternating_update, cpr_update};
+use cpr_tests::cpr::{alternating_update, cpr_update, direct_command, shim_command};
 use cpr_tests::netcheck::*;
 use cpr_tests::netns::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, NetNs};
 use cpr_tests::transfer::{cpr_channel_arg, migrate_cpr_transfer, wait_migration_end};
@@ -206,6 +206,37 @@ fn live_updates_with_a_tap_named_inside_the_namespace_lose_no_frame() {
     );
 }
 
+/// A rollback in the middle of the stream (the new VMM crashes just before it resumes the
+/// guest): the previous VMM takes the guest and the same tap back, and nothing is lost or
+/// doubled; then an exec that fails (no such program) leaves the old VMM running it on.
+#[test]
+fn a_rollback_and_a_failed_exec_lose_no_frame() {
+    let test = "a_rollback_and_a_failed_exec_lose_no_frame";
+    let Some(mut vm) = NetVm::start(test, Tap::Fd) else {
+        return;
+    };
+    let state = vm.dir.join("vm.state");
+    vm.wait_echoes(20);
+    let mut crashing = vm.args.clone();
+    crashing.extend(["--cpr-test-fault".to_string(), "crash-before-resume".into()]);
+    let missing = vm.dir.join("no-such-vmm");
+    for command in [
+        shim_command(&shim_bin(), &[], &vmm_bin(), &crashing, &state),
+        direct_command(&missing, &vm.args, &state),
+    ] {
+        vm.peer.take_max_echo_gap();
+        let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+        assert_eq!(update.status(), "failed", "{command:?}");
+        vm.wait_echoes(20);
+        eprintln!(
+            "{test}: {}: largest echo gap {:.2} ms",
+            update.error_desc(),
+            vm.peer.take_max_echo_gap().as_secs_f64() * 1e3
+        );
+    }
+    vm.finish();
+}
+
 /// cpr-transfer: a second VMM (in the namespace too) takes the guest and its tap over the CPR
 /// channel; the stream goes on there with nothing lost or doubled.
 #[test]
@@ -305,13 +336,34 @@ fn qemu_virtio_net_echoes_every_frame() {
     };
     let dir = TempDir::new("net-qemu").unwrap();
     let kernel = build_guest_bzimage("netcheck", dir.path()).unwrap();
-    let run = run_on_qemu(qemu, &kernel, &ns, 300, 200, HOST_PERIOD, LONG).unwrap();
-    let problems = run.problems(300, 200);
-    assert!(problems.is_empty(), "{problems:#?}\n{}", run.console);
-    assert!(
-        run.console
-            .contains("netcheck: sent 300 echoed 200 host 200 gaps 0 dups 0")
-    );
+    // As offered; without EVENT_IDX and MRG_RXBUF; without MSI-X (the driver polls).
+    for (device_options, features) in [
+        ("", "event-idx 1 mrg-rxbuf 1"),
+        (",event_idx=off,mrg_rxbuf=off", "event-idx 0 mrg-rxbuf 0"),
+        (",vectors=0", "msix unavailable, polling"),
+    ] {
+        let opts = QemuNet {
+            qemu,
+            kernel: &kernel,
+            guest_frames: 300,
+            host_frames: 200,
+            host_period: HOST_PERIOD,
+            timeout: LONG,
+            device_options,
+        };
+        let run = run_on_qemu(&ns, &opts).unwrap();
+        let problems = run.problems(300, 200);
+        assert!(problems.is_empty(), "{problems:#?}\n{}", run.console);
+        assert!(
+            run.console.contains(features),
+            "{device_options}: {}",
+            run.console
+        );
+        assert!(
+            run.console
+                .contains("netcheck: sent 300 echoed 200 host 200 gaps 0 dups 0")
+        );
+    }
 }
 
 /// The linux-probe lists what Linux's PCI core and virtio-pci driver would read: both virtio

@@ -31,9 +31,25 @@ pub fn version_string() -> String {
 
 fn main() -> ExitCode {
     let started_ns = cpr_common::timing::monotonic_ns();
+    // The rescue guard of a live update is this same program in another role.
+    let raw_args: Vec<String> = std::env::args_os()
+        .take(3)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if raw_args.get(1).map(String::as_str) == Some(migration::rescue::GUARD_ARG) {
+        return migration::rescue::guard_main(&raw_args);
+    }
+    // Before any thread exists, so that every thread inherits it: termination signals are read
+    // from a signalfd by the control loop, and one that arrives during a live update stays
+    // pending across its execs for the VMM that runs the guest afterwards.
+    if let Err(e) = cpr_common::exec::block_termination_signals() {
+        eprintln!("vmm: blocking SIGTERM/SIGINT/SIGHUP: {e}");
+        return ExitCode::from(1);
+    }
     // A live update hands over its state first: read it before anything else, and clear the
     // channel variables while this process is still single-threaded.
     let inherited = cpr_common::cpr::inherited_from_env();
+    let guard = migration::rescue::GuardLink::take_from_env();
     migration::cpr_exec::clear_channel_env();
     // Every argument must be text: a lossy conversion could turn a path into another one.
     let argv: Vec<String> = std::env::args_os()
@@ -66,8 +82,14 @@ fn main() -> ExitCode {
     let incoming = match inherited {
         Ok(None) => None,
         Ok(Some(inherited)) => match migration::cpr_exec::Incoming::new(inherited, started_ns) {
-            Ok(incoming) => Some(incoming),
-            Err((incoming, problem)) => return give_up(incoming.roll_back(&problem)),
+            Ok(mut incoming) => {
+                incoming.set_guard(guard);
+                Some(incoming)
+            }
+            Err((mut incoming, problem)) => {
+                incoming.set_guard(guard);
+                return give_up(incoming.roll_back(&problem));
+            }
         },
         Err(e) => {
             // Nothing says where the previous version is: the guest cannot be recovered.
@@ -101,6 +123,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if incoming.is_some() && config.cpr_test_fault == Some(cli::CprTestFault::KillAtStart) {
+        log::error!("test fault injected: SIGKILL at start");
+        // SAFETY: raising a signal; the process ends here.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
     // Disk images are looked at only by a VMM that opens them by path; a live update's (and
     // cpr-transfer's) disks come with the update, and their paths may be long gone.
     if incoming.is_none()

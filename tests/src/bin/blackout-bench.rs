@@ -19,6 +19,8 @@
 //! - with `--dist`, the cpr-exec blackout again with the deployment build of `vmm` and
 //!   `cpr-shim` (scripts/build-dist.sh: statically linked, which spares each of the update's two
 //!   execs the dynamic loader, and whole-program optimised);
+//! - at the first size, cpr-exec through `cpr-shim --sha256` against the same update without
+//!   it, alternating (the deployment build with `--dist`);
 //! - QEMU's cpr-transfer and cpr-exec pauses for the same size, when `scripts/bench-setup.sh`
 //!   has installed them (see `cpr_tests::qemu_bench`).
 //!
@@ -300,13 +302,16 @@ impl SweepingVm {
     }
 }
 
-/// One cpr-exec update through the shim; returns the measurements.
-fn one_update(vm: &mut SweepingVm, bins: &Binaries, state: &Path) -> Result<Value, String> {
-    let mut command: Vec<String> = vec![
-        bins.shim.display().to_string(),
-        "--".into(),
-        bins.vmm.display().to_string(),
-    ];
+/// One cpr-exec update through the shim (given `shim_args`); returns the measurements.
+fn one_update(
+    vm: &mut SweepingVm,
+    bins: &Binaries,
+    state: &Path,
+    shim_args: &[String],
+) -> Result<Value, String> {
+    let mut command: Vec<String> = vec![bins.shim.display().to_string()];
+    command.extend(shim_args.iter().cloned());
+    command.extend(["--".into(), bins.vmm.display().to_string()]);
     command.extend(vm.args.iter().cloned());
     command.extend(["-incoming".into(), format!("file:{}", state.display())]);
     vm.qmp
@@ -413,7 +418,7 @@ fn bench_cpr_exec(
     let mut samples = Samples::default();
     for i in 0..updates {
         vm.wait_quiet();
-        let m = one_update(&mut vm, bins, &state)?;
+        let m = one_update(&mut vm, bins, &state, &[])?;
         samples.record(
             m["blackout_ms"].as_f64().unwrap_or(f64::NAN),
             m["events_ms"].as_f64().unwrap_or(f64::NAN),
@@ -429,6 +434,59 @@ fn bench_cpr_exec(
     let _ = vm.qmp.execute("quit", Value::Null);
     let _ = vm.vmm.wait_exit(WAIT);
     Ok(samples.summarize(steady, "first_sweep_after_update_ms"))
+}
+
+/// cpr-exec through `cpr-shim --sha256 HASH` against the same update without it, alternating
+/// on one machine. The old VMM hashes the target before the guest stops, so the difference is
+/// what the shim's check of the handed-over target adds to the blackout.
+fn bench_sha256(
+    bins: &Binaries,
+    dir: &Path,
+    ram_mib: u64,
+    updates: usize,
+) -> Result<Value, String> {
+    let hash = std::fs::File::open(&bins.vmm)
+        .and_then(|f| cpr_common::target::sha256_of(&f))
+        .map_err(|e| format!("hashing {}: {e}", bins.vmm.display()))?;
+    let mut vm = SweepingVm::start(bins, dir, ram_mib, false, None)?;
+    let state = dir.join("vm.state");
+    let with_hash = ["--sha256".to_string(), hash];
+    let (mut plain, mut hashed) = (Samples::default(), Samples::default());
+    for i in 0..updates * 2 {
+        vm.wait_quiet();
+        let (args, into) = if i % 2 == 0 {
+            (&[][..], &mut plain)
+        } else {
+            (&with_hash[..], &mut hashed)
+        };
+        let m = one_update(&mut vm, bins, &state, args)?;
+        into.record(
+            m["blackout_ms"].as_f64().unwrap_or(f64::NAN),
+            m["events_ms"].as_f64().unwrap_or(f64::NAN),
+            &m["phases"],
+        );
+        eprint!(
+            "\r  {ram_mib} MiB cpr-exec with and without --sha256: update {}/{}",
+            i + 1,
+            updates * 2
+        );
+    }
+    eprintln!();
+    let _ = vm.qmp.execute("quit", Value::Null);
+    let _ = vm.vmm.wait_exit(WAIT);
+    // The shim's own phase is the direct measure of what --sha256 costs it; the blackouts
+    // also carry whatever else the host was doing.
+    let shim_checks = |s: &Samples| {
+        s.phases
+            .get("shim checks")
+            .map_or(f64::NAN, |p| median(&p.1))
+    };
+    Ok(json!({
+        "without": summary(&plain.blackouts_ms),
+        "with_sha256": summary(&hashed.blackouts_ms),
+        "median_difference_ms": median(&hashed.blackouts_ms) - median(&plain.blackouts_ms),
+        "shim_checks_ms": {"without": shim_checks(&plain), "with_sha256": shim_checks(&hashed)},
+    }))
 }
 
 /// cpr-exec with the guest's disk busy: `blkcheck` keeping 8 requests in flight on a
@@ -482,7 +540,7 @@ fn bench_disk_io(
         let mut blackouts = Vec::new();
         for i in 0..updates {
             vm.wait_quiet();
-            let m = one_update(&mut vm, bins, &state)?;
+            let m = one_update(&mut vm, bins, &state, &[])?;
             blackouts.push(m["blackout_ms"].as_f64().unwrap_or(f64::NAN));
             eprint!(
                 "\r  {ram_mib} MiB cpr-exec, disk {key}: update {}/{updates}",
@@ -1031,6 +1089,38 @@ fn main() {
             fmt_ms(&b["busy"]["p99"])
         );
     }
+    let sha_bins = dist_bins.as_ref().unwrap_or(&default_bins);
+    let sha256 = match o.sizes_mib.first() {
+        Some(&ram_mib) => TempDir::new("blackout-sha256")
+            .map_err(|e| e.to_string())
+            .and_then(|d| bench_sha256(sha_bins, d.path(), ram_mib, o.updates))
+            .map(|mut v| {
+                v["ram_mib"] = json!(ram_mib);
+                v
+            })
+            .unwrap_or_else(|e| json!({"error": e})),
+        None => Value::Null,
+    };
+    if let Some(e) = sha256["error"].as_str() {
+        println!("\ncpr-exec with cpr-shim --sha256: not measured: {e}");
+    } else if !sha256.is_null() {
+        println!(
+            "\ncpr-exec at {} MiB ({} build) through cpr-shim: median {} ms without --sha256, \
+             {} ms with it (difference {} ms); the shim's checks: median {} ms without, {} ms with \
+             (the old VMM hashes the target before the stop)",
+            sha256["ram_mib"],
+            if dist_bins.is_some() {
+                "deployment"
+            } else {
+                "default"
+            },
+            fmt_ms(&sha256["without"]["median"]),
+            fmt_ms(&sha256["with_sha256"]["median"]),
+            fmt_ms(&sha256["median_difference_ms"]),
+            fmt_ms(&sha256["shim_checks_ms"]["without"]),
+            fmt_ms(&sha256["shim_checks_ms"]["with_sha256"]),
+        );
+    }
     match exec_floor["error"].as_str() {
         Some(e) => println!("\nexec of a minimal static program: not measured: {e}"),
         None => println!(
@@ -1040,7 +1130,7 @@ fn main() {
             fmt_ms(&exec_floor["median"])
         ),
     }
-    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results, "disk_io": disk_io});
+    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results, "disk_io": disk_io, "sha256": sha256});
     let path = o.json.clone().unwrap_or_else(|| {
         cpr_tests::target_dir().join("bench").join(format!(
             "blackout-{}.json",

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cpr-fault [--swap A,B] [--move FD] [--replace-ram FD] [--corrupt-channel]
-//!           [--corrupt-file PATH] [--close-exe PATH] -- PROGRAM [ARGS...]
+//!           [--corrupt-file PATH] [--close-exe PATH] [--touch PATH] [--sigterm]
+//!           -- PROGRAM [ARGS...]
 //! ```
 //!
 //! Put it first in `cpr-exec-command`, in front of `cpr-shim` (or the new VMM): the
@@ -20,6 +21,11 @@
 //! - `--corrupt-file PATH`: flips one byte in the middle of PATH (the state file).
 //! - `--close-exe PATH`: closes every fd open on the file PATH (the previous VMM's binary,
 //!   which the old VMM keeps open for a rollback), so a rollback cannot execute it.
+//! - `--touch PATH`: sets PATH's modification time to now (its change time follows), as a
+//!   write would, without changing its bytes: the new VMM binary the old VMM hashed before the
+//!   stop then looks changed to the shim, which must hash it again.
+//! - `--sigterm`: sends SIGTERM to its own process (the VMM's) in the middle of the update, as
+//!   an operator or a service manager might; the VMM keeps it blocked, so it stays pending.
 //!
 //! Each action is reported on stderr. Exit status 2 means the wrapper itself failed.
 
@@ -40,6 +46,8 @@ enum Action {
     CorruptChannel,
     CorruptFile(String),
     CloseExe(String),
+    Touch(String),
+    SigTerm,
 }
 
 fn parse_fd(text: &str) -> Result<RawFd, String> {
@@ -74,6 +82,8 @@ fn parse_args(args: &[String]) -> Result<(Vec<Action>, Vec<String>), String> {
             "--corrupt-channel" => actions.push(Action::CorruptChannel),
             "--corrupt-file" => actions.push(Action::CorruptFile(value()?)),
             "--close-exe" => actions.push(Action::CloseExe(value()?)),
+            "--touch" => actions.push(Action::Touch(value()?)),
+            "--sigterm" => actions.push(Action::SigTerm),
             other => return Err(format!("unknown option {other}")),
         }
         i += 1;
@@ -230,6 +240,21 @@ fn run(action: &Action) -> Result<(), String> {
         Action::CorruptChannel => corrupt_channel(),
         Action::CorruptFile(path) => flip_middle(path, "file"),
         Action::CloseExe(path) => close_exe(path),
+        Action::SigTerm => {
+            // SAFETY: sending a signal to this process; no memory involved.
+            if unsafe { libc::kill(libc::getpid(), libc::SIGTERM) } != 0 {
+                return Err(os_error("kill(SIGTERM)"));
+            }
+            eprintln!("cpr-fault: sent SIGTERM to pid {}", std::process::id());
+            Ok(())
+        }
+        Action::Touch(path) => {
+            std::fs::File::open(path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .map_err(|e| format!("touching {path}: {e}"))?;
+            eprintln!("cpr-fault: touched {path}");
+            Ok(())
+        }
     }
 }
 

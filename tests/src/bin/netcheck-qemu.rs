@@ -6,14 +6,16 @@
 //! every host frame was echoed exactly once, every guest frame came once and in order, and the
 //! guest exited cleanly; 1 otherwise; 2 on bad usage or when QEMU or namespaces are missing.
 //!
-//! Environment: QEMU (default qemu-system-x86_64), NETCHECK_TIMEOUT (seconds, default 300).
+//! Environment: QEMU (default qemu-system-x86_64), NETCHECK_TIMEOUT (seconds, default 300),
+//! NETCHECK_DEVICE_OPTIONS (appended to `-device virtio-net-pci,...`, e.g.
+//! `,event_idx=off,mrg_rxbuf=off` or `,vectors=0`).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use cpr_tests::TempDir;
 use cpr_tests::blkcheck::build_guest_bzimage;
-use cpr_tests::netcheck::run_on_qemu;
+use cpr_tests::netcheck::{QemuNet, run_on_qemu};
 use cpr_tests::netns::NetNs;
 
 fn main() -> ExitCode {
@@ -57,15 +59,17 @@ fn main() -> ExitCode {
         }
     };
     let period = Duration::from_nanos(1_000_000_000 / rate);
-    let run = match run_on_qemu(
-        &qemu,
-        &kernel,
-        &ns,
+    let device_options = std::env::var("NETCHECK_DEVICE_OPTIONS").unwrap_or_default();
+    let opts = QemuNet {
+        qemu: &qemu,
+        kernel: &kernel,
         guest_frames,
         host_frames,
-        period,
-        Duration::from_secs(timeout),
-    ) {
+        host_period: period,
+        timeout: Duration::from_secs(timeout),
+        device_options: &device_options,
+    };
+    let run = match run_on_qemu(&ns, &opts) {
         Ok(run) => run,
         Err(e) => {
             eprintln!("netcheck-qemu: FAILED: {e}");

@@ -313,6 +313,12 @@ pub enum CliError {
 pub enum CprTestFault {
     ExitBeforeResume,
     CrashBeforeResume,
+    /// SIGKILL right after the CPR state is read: no code of ours can roll back.
+    KillAtStart,
+    /// SIGKILL with the machine restored, just before the resume.
+    KillBeforeResume,
+    /// Never resume: only the update's deadline ends the wait.
+    HangBeforeResume,
 }
 
 /// What runs in the VM.

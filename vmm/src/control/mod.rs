@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
@@ -188,7 +190,8 @@ pub fn run(
 pub(crate) struct Vmm {
     pub(crate) config: Config,
     pub(crate) epoll: Epoll,
-    pub(crate) signals: UnixStream,
+    /// SIGTERM, SIGINT, SIGHUP (kept blocked; see `exec::block_termination_signals`).
+    pub(crate) signals: SignalFd,
     /// SIGCHLD: children this process did not start itself (a previous version's teardown
     /// helper) are reaped as they exit.
     pub(crate) children: UnixStream,
@@ -227,17 +230,15 @@ impl Vmm {
         mut incoming: Option<&mut Incoming>,
     ) -> Result<Self, StartError> {
         let epoll = Epoll::new().map_err(StartError::Setup)?;
-        let (signals, signal_writer) = UnixStream::pair().map_err(StartError::Setup)?;
-        signals.set_nonblocking(true).map_err(StartError::Setup)?;
-        // SIGHUP as QEMU treats it: a clean shutdown like SIGTERM.
-        for sig in [
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGHUP,
-        ] {
-            let writer = signal_writer.try_clone().map_err(StartError::Setup)?;
-            signal_hook::low_level::pipe::register(sig, writer).map_err(StartError::Setup)?;
-        }
+        // SIGTERM, SIGINT and SIGHUP (as QEMU treats it): a clean shutdown. main() blocked them
+        // before any thread existed; one that arrived during a live update is still pending
+        // here and is read now, once this VMM runs the guest.
+        let _ = cpr_common::exec::block_termination_signals();
+        let signals = SignalFd::with_flags(
+            &cpr_common::exec::termination_sigset(),
+            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+        )
+        .map_err(|e| StartError::Setup(e.into()))?;
         let (children, child_writer) = UnixStream::pair().map_err(StartError::Setup)?;
         children.set_nonblocking(true).map_err(StartError::Setup)?;
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, child_writer)
@@ -490,9 +491,14 @@ impl Vmm {
     pub(crate) fn dispatch(&mut self, token: u64, events: EventSet) {
         match token {
             T_SIGNAL => {
-                let mut buf = [0u8; 64];
-                while matches!(self.signals.read(&mut buf), Ok(n) if n > 0) {}
-                log::info!("terminated by signal");
+                let mut names = Vec::new();
+                while let Ok(Some(info)) = self.signals.read_signal() {
+                    names.push(
+                        nix::sys::signal::Signal::try_from(info.ssi_signo as i32)
+                            .map_or("a signal", |s| s.as_str()),
+                    );
+                }
+                log::info!("terminated by {}", names.join(", "));
                 self.shutdown(ShutdownCause::HostSignal, 0);
             }
             T_CHILD => {

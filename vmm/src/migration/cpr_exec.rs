@@ -27,6 +27,7 @@ use cpr_common::cpr::{Attempt, FdKind};
 use cpr_common::exec::TeardownHelper;
 use cpr_common::exec::{ExecPlan, ExecTarget};
 use cpr_common::fds;
+use cpr_common::target::{CHECKED_TARGET_ENV, CheckedTarget};
 use cpr_common::timing::{PhaseLog, monotonic_ns};
 
 use crate::cli::CprTestFault;
@@ -38,6 +39,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::migration::MigrationError;
 use crate::migration::format::{RamContents, SavedRun, StateFile, StateFileError};
 use crate::migration::format::{encode_state, write_state_bytes};
+use crate::migration::rescue::{GuardLink, RESCUE_ENV, RescueGuard};
 use crate::migration::{MigrationRecord, MigrationStatus};
 use crate::qmp::protocol::{CprPhase, CprUpdateInfo, EventKind, QmpError, RunState};
 
@@ -55,7 +57,8 @@ pub static COMPAT_NOTE: CompatNote = CompatNote::new(
         cpr::CPR_STATE_FORMAT.current_version,
     ),
     crate::VERSION,
-);
+)
+.with_features(cpr_common::compat::FEATURE_RESCUE | cpr_common::compat::FEATURE_SIGNALS);
 
 const fn oldest(versions: &[u32]) -> u32 {
     let mut min = u32::MAX;
@@ -178,6 +181,24 @@ fn same_file_path(a: &Path, b: &str) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
+/// The `--sha256` value given to cpr-shim in a cpr-exec command, if any: `Some(None)` when the
+/// option is there without a value. The shim's options are those before its `--`.
+fn shim_sha256(shim_args: &[String]) -> Option<Option<&str>> {
+    let mut args = shim_args.iter();
+    while let Some(a) = args.next() {
+        match a.strip_prefix("--sha256") {
+            Some("") => return Some(args.next().map(String::as_str)),
+            Some(rest) if rest.starts_with('=') => return Some(rest.strip_prefix('=')),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn is_sha256_hex(v: &str) -> bool {
+    v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// `migrate-set-parameters`' check of a cpr-exec command: a malformed `--sha256` for the shim is
 /// refused now, not after the guest has stopped.
 pub fn check_command_syntax(command: &[String]) -> Result<(), CprExecError> {
@@ -185,22 +206,76 @@ pub fn check_command_syntax(command: &[String]) -> Result<(), CprExecError> {
         .iter()
         .position(|a| a == "--")
         .map_or(command, |i| &command[..i]);
-    let mut args = shim_part.iter();
-    while let Some(a) = args.next() {
-        let value = match a.strip_prefix("--sha256") {
-            Some("") => args.next().map(String::as_str),
-            Some(rest) => rest.strip_prefix('='),
-            None => continue,
-        };
-        let ok = value.is_some_and(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !ok {
-            return Err(CprExecError::CommandLine(format!(
+    match shim_sha256(shim_part) {
+        Some(value) if !value.is_some_and(is_sha256_hex) => {
+            Err(CprExecError::CommandLine(format!(
                 "gives cpr-shim --sha256 {}: it takes the target binary's SHA-256 as 64 hex digits",
                 value.unwrap_or("(nothing)")
-            )));
+            )))
         }
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Where cpr-shim is in a cpr-exec command (possibly behind a wrapper), with its own options
+/// and the target's argv.
+fn shim_invocation(command: &[String]) -> Option<(&[String], &[String])> {
+    let at = command.iter().position(|a| {
+        Path::new(a)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("cpr-shim"))
+    })?;
+    let rest = &command[at + 1..];
+    let dashes = rest.iter().position(|a| a == "--")?;
+    Some((&rest[..dashes], &rest[dashes + 1..]))
+}
+
+/// Whether the first program of a cpr-exec command reads termination signals left pending (and
+/// blocked) across the exec: cpr-shim does and decides for its own target; a VMM whose note has
+/// `FEATURE_SIGNALS` does; a VMM of an older release does not, and gets them unblocked. A
+/// program that is not a VMM (a wrapper that executes one) keeps them as they are.
+pub fn keeps_signals_blocked(command: &[String]) -> bool {
+    if shim_invocation(command).is_some() {
+        return true;
+    }
+    let Some(program) = command.first() else {
+        return true;
+    };
+    match cpr_common::target::open_target(program) {
+        Ok(t) => cpr_common::compat::read_note(&t.file)
+            .map_or(true, |c| c.has(cpr_common::compat::FEATURE_SIGNALS)),
+        Err(_) => true,
+    }
+}
+
+/// The slow part of the shim's check, done before the guest stops: with `cpr-shim --sha256`,
+/// resolve the target and hash it now. A mismatch refuses the update with the guest still
+/// running. A match is handed to the shim open, with the file's stamp, so the shim only checks
+/// that it is unchanged and executes exactly those bytes (see `cpr_common::target`). A target
+/// modified in the last seconds is left for the shim to hash (its stamp cannot be trusted yet).
+pub fn precheck_target(command: &[String]) -> Result<Option<(CheckedTarget, File)>, CprExecError> {
+    let Some((shim_args, target)) = shim_invocation(command) else {
+        return Ok(None);
+    };
+    let Some(Some(expected)) = shim_sha256(shim_args) else {
+        return Ok(None);
+    };
+    let Some(requested) = target.first() else {
+        return Ok(None);
+    };
+    let hashed_at = SystemTime::now();
+    let (record, file) =
+        CheckedTarget::check(requested, &expected.to_ascii_lowercase()).map_err(|e| {
+            CprExecError::CommandLine(format!("names a target cpr-shim would refuse: {e}"))
+        })?;
+    if !record.settled(hashed_at) {
+        log::info!(
+            "live update: {} changed in the last seconds; cpr-shim will hash it again during the update",
+            record.resolved
+        );
+        return Ok(None);
+    }
+    Ok(Some((record, file)))
 }
 
 /// The old side's check of a cpr-exec command before it stops anything: an `-incoming
@@ -290,6 +365,7 @@ pub struct PreparedExec {
     channel: OwnedFd,
     own_exe: OwnedFd,
     _state_copy: OwnedFd,
+    _checked_target: Option<File>,
 }
 
 /// Inputs for the CPR state, gathered by the caller from the machine, monitor and console.
@@ -307,6 +383,10 @@ pub struct ExecInputs<'a> {
     pub other_fds: Vec<(FdKind, String, RawFd)>,
     /// The host fds the machine's devices own.
     pub device_fds: Vec<HostFd>,
+    /// The target binary, hashed before the stop ([`precheck_target`]), for the shim.
+    pub checked_target: Option<(CheckedTarget, File)>,
+    /// The rescue guard started before the stop, and its deadline (0: none).
+    pub guard: Option<(&'a RescueGuard, u64)>,
 }
 
 /// Builds the CPR state and the exec plan. Nothing is changed yet: the fds stay close-on-exec
@@ -380,15 +460,29 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
             what: "the program name".into(),
         }
     })?;
-    let env = [
+    let mut env = vec![
         (CPR_STATE_ENV, channel.as_raw_fd().to_string()),
         (FALLBACK_ENV, cpr::encode_env_copy(&bytes)),
     ];
+    let checked_target = inputs.checked_target.map(|(record, file)| {
+        inherit.push(file.as_raw_fd());
+        env.push((CHECKED_TARGET_ENV, record.to_env()));
+        file
+    });
+    if let Some((guard, deadline_ms)) = inputs.guard {
+        match guard.hand_over(&state, &bytes, deadline_ms) {
+            Ok(fd) => {
+                inherit.push(fd);
+                env.push((RESCUE_ENV, fd.to_string()));
+            }
+            Err(e) => log::warn!("{e}; this update goes on without a rescue guard"),
+        }
+    }
     let plan = ExecPlan::new(
         ExecTarget::Path(program),
         inputs.command,
         &env,
-        &[],
+        &[CHECKED_TARGET_ENV, RESCUE_ENV],
         inherit,
     )?;
     Ok(PreparedExec {
@@ -396,6 +490,7 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
         channel,
         own_exe,
         _state_copy: state_copy,
+        _checked_target: checked_target,
     })
 }
 
@@ -470,6 +565,29 @@ extern "C" fn rollback_on_fatal_signal(sig: libc::c_int) {
     }
 }
 
+/// The rollback the update's rescue guard asks for (SIGUSR2) when its deadline passes.
+static ARMED_DEADLINE_ROLLBACK: AtomicPtr<ExecPlan> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn rollback_on_deadline(_sig: libc::c_int) {
+    let plan = ARMED_DEADLINE_ROLLBACK.swap(std::ptr::null_mut(), Ordering::SeqCst);
+    if !plan.is_null() {
+        // `exec` only makes async-signal-safe syscalls.
+        // SAFETY: the pointer came from Box::into_raw in `arm` and was swapped out: we own it.
+        let _ = unsafe { &*plan }.exec();
+    }
+    // Nothing armed (the guest already runs) or the exec failed: the guard decides next.
+}
+
+/// Installs `plan` in `slot`, freeing what was there.
+fn install_plan(slot: &AtomicPtr<ExecPlan>, plan: Option<ExecPlan>) {
+    let new = plan.map_or(std::ptr::null_mut(), |p| Box::into_raw(Box::new(p)));
+    let old = slot.swap(new, Ordering::SeqCst);
+    if !old.is_null() {
+        // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
+        drop(unsafe { Box::from_raw(old) });
+    }
+}
+
 const FATAL_SIGNALS: [libc::c_int; 5] = [
     libc::SIGSEGV,
     libc::SIGBUS,
@@ -487,6 +605,8 @@ pub struct Incoming {
     /// VMM did with its duplicates.
     fds: HashMap<String, (PreservedFd, OwnedFd, bool)>,
     pub phases: PhaseLog,
+    /// The update's rescue guard, told when the guest runs (and passed on by a rollback).
+    guard: Option<GuardLink>,
 }
 
 impl Incoming {
@@ -561,6 +681,7 @@ impl Incoming {
             channel,
             fds,
             phases,
+            guard: None,
         };
         match problem {
             Some(p) => Err((incoming, p)),
@@ -568,20 +689,24 @@ impl Incoming {
         }
     }
 
-    /// Arms the rollback for crashes (fatal signals and panics) until [`Incoming::disarm`].
+    /// The update's rescue guard (see [`super::rescue`]), if the old VMM started one.
+    pub fn set_guard(&mut self, guard: Option<GuardLink>) {
+        self.guard = guard;
+    }
+
+    /// Arms the rollback for crashes (fatal signals and panics), and for the rescue guard's
+    /// request at its deadline (SIGUSR2), until [`Incoming::disarm`].
     pub fn arm(&self) {
-        let reason = format!(
-            "the new VMM (version {}) crashed before resuming the guest",
-            crate::version_string()
-        );
-        let Ok(plan) = self.rollback_plan(&reason) else {
+        let version = crate::version_string();
+        let crashed = format!("the new VMM (version {version}) crashed before resuming the guest");
+        let Ok(plan) = self.rollback_plan(&crashed) else {
             return;
         };
-        let old = ARMED_ROLLBACK.swap(Box::into_raw(Box::new(plan)), Ordering::SeqCst);
-        if !old.is_null() {
-            // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
-            drop(unsafe { Box::from_raw(old) });
-        }
+        install_plan(&ARMED_ROLLBACK, Some(plan));
+        let late = format!(
+            "the new VMM (version {version}) had not resumed the guest by the update's deadline (x-cpr-deadline-ms)"
+        );
+        install_plan(&ARMED_DEADLINE_ROLLBACK, self.rollback_plan(&late).ok());
         for sig in FATAL_SIGNALS {
             // SAFETY: installing a plain handler; it only makes async-signal-safe calls.
             unsafe {
@@ -591,6 +716,13 @@ impl Incoming {
                 )
             };
         }
+        // SAFETY: as above.
+        unsafe {
+            libc::signal(
+                libc::SIGUSR2,
+                rollback_on_deadline as *const () as libc::sighandler_t,
+            )
+        };
         let default_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default_hook(info);
@@ -600,23 +732,29 @@ impl Incoming {
 
     /// The guest runs: no rollback from here on.
     pub fn disarm(&self) {
-        let old = ARMED_ROLLBACK.swap(std::ptr::null_mut(), Ordering::SeqCst);
-        if !old.is_null() {
-            // SAFETY: `old` came from Box::into_raw and was swapped out, so we own it.
-            drop(unsafe { Box::from_raw(old) });
-        }
+        install_plan(&ARMED_ROLLBACK, None);
+        install_plan(&ARMED_DEADLINE_ROLLBACK, None);
         for sig in FATAL_SIGNALS {
             // SAFETY: restoring the default disposition.
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
+        // A guard's request that crosses the guest's resume must not kill the VMM.
+        // SAFETY: ignoring a signal.
+        unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
         let _ = std::panic::take_hook();
     }
 
     fn rollback_plan(&self, reason: &str) -> Result<ExecPlan, cpr::CprError> {
+        let keep: Vec<(&str, RawFd)> = self
+            .guard
+            .iter()
+            .map(|g| (super::rescue::RESCUE_ENV, g.fd()))
+            .collect();
         cpr::rollback_plan(
             &self.state,
             self.channel.as_ref().map(|c| c.as_raw_fd()),
             reason,
+            &keep,
         )
     }
 
@@ -698,6 +836,9 @@ impl Incoming {
     /// new VMM owns duplicates of what it uses), the channel and the previous executable.
     pub fn finish(&mut self) {
         self.disarm();
+        if let Some(guard) = self.guard.take() {
+            guard.report_resumed();
+        }
         for (name, (rec, original, taken)) in self.fds.drain() {
             if !taken {
                 log::debug!(
@@ -759,12 +900,17 @@ pub fn clear_channel_env() {
     unsafe {
         std::env::remove_var(CPR_STATE_ENV);
         std::env::remove_var(FALLBACK_ENV);
+        std::env::remove_var(cpr_common::target::CHECKED_TARGET_ENV);
     }
 }
 
 /// A cpr-exec update ready to exec once the `migrate` reply is out.
 pub(crate) struct PendingExec {
     prepared: PreparedExec,
+    /// Its socket crosses the exec; released if the exec fails.
+    guard: Option<RescueGuard>,
+    /// The program executed is a VMM of an older release that handles SIGTERM & co. itself.
+    unblock_signals: bool,
     /// Keeps the old address space and KVM VM alive past the exec, so tearing them down is not
     /// part of the blackout.
     _teardown: Option<TeardownHelper>,
@@ -795,6 +941,10 @@ impl Vmm {
         check_ram_shareable(machine.ram()).map_err(|e| QmpError::generic(e.to_string()))?;
         check_exec_command(&command, &state_file, self.monitor.is_some())
             .map_err(|e| QmpError::generic(e.to_string()))?;
+        // Hashing the target takes milliseconds: here, not in the blackout.
+        let checked_target =
+            precheck_target(&command).map_err(|e| QmpError::generic(e.to_string()))?;
+        let unblock_signals = !keeps_signals_blocked(&command);
         // Output still queued for slow clients goes out now, while the guest runs: waiting for
         // it after the stop would lengthen the blackout.
         if let Some(m) = &mut self.monitor {
@@ -805,7 +955,14 @@ impl Vmm {
                 "Guest is waiting for an incoming migration",
             ));
         };
-        // Before the guest stops: the helper costs nothing to the blackout when made here.
+        // Before the guest stops: the guard and the helper cost the blackout nothing here.
+        let guard = RescueGuard::spawn()
+            .map_err(|e| log::warn!("no rescue guard for this update: {e}"))
+            .ok();
+        let deadline_ms = self
+            .params
+            .x_cpr_deadline_ms
+            .unwrap_or(super::rescue::DEFAULT_DEADLINE_MS);
         let teardown = TeardownHelper::spawn()
             .map_err(|e| {
                 log::warn!("no teardown helper ({e}); the exec will tear down RAM mappings itself")
@@ -857,6 +1014,8 @@ impl Vmm {
                 ram: machine.ram(),
                 other_fds,
                 device_fds,
+                checked_target,
+                guard: guard.as_ref().map(|g| (g, deadline_ms)),
             })
             .map_err(MigrationError::from)
         });
@@ -873,6 +1032,8 @@ impl Vmm {
                 });
                 self.pending_exec = Some(PendingExec {
                     prepared,
+                    guard,
+                    unblock_signals,
                     _teardown: teardown,
                     state_file,
                     guest_was_running,
@@ -898,12 +1059,25 @@ impl Vmm {
             m.flush_nonblocking();
         }
         log::info!("live update: executing {}", pending.prepared.program());
+        let dropped = if pending.unblock_signals {
+            cpr_common::exec::unblock_termination_signals_dropping_pending()
+        } else {
+            Vec::new()
+        };
         let (err, prepared) = pending.prepared.exec();
+        let _ = cpr_common::exec::block_termination_signals();
         let reason = format!("exec of {} failed: {err}", prepared.program());
         log::error!("live update failed: {reason}; resuming the guest");
         prepared.undo();
+        if let Some(guard) = pending.guard {
+            guard.release();
+        }
         let _ = std::fs::remove_file(&pending.state_file);
         self.fail_migration(&reason, pending.guest_was_running);
+        if !dropped.is_empty() {
+            log::info!("terminated by {dropped:?} during the failed update");
+            self.shutdown(crate::qmp::protocol::ShutdownCause::HostSignal, 0);
+        }
     }
 
     /// cpr-exec, new side: restore over the inherited RAM and resume the guest.
@@ -958,7 +1132,18 @@ impl Vmm {
                 log::error!("test fault injected: crashing before resume");
                 std::process::abort();
             }
-            None => {}
+            Some(CprTestFault::KillBeforeResume) => {
+                log::error!("test fault injected: SIGKILL before resume");
+                // SAFETY: raising a signal; the process ends here.
+                unsafe { libc::raise(libc::SIGKILL) };
+            }
+            Some(CprTestFault::HangBeforeResume) => {
+                log::error!("test fault injected: hanging before resume");
+                loop {
+                    std::thread::park();
+                }
+            }
+            Some(CprTestFault::KillAtStart) | None => {}
         }
         let state = &incoming.state;
         let guest_was_running = state.guest_was_running;
@@ -1135,6 +1320,45 @@ mod command_tests {
         assert!(check_command_syntax(&v(&["cpr-shim", "--sha256"])).is_err());
         // After `--` it is the VMM's argument list, not the shim's.
         assert!(check_command_syntax(&v(&["cpr-shim", "--", "vmm", "--sha256", "x"])).is_ok());
+    }
+
+    #[test]
+    fn the_shim_and_its_target_are_found_behind_a_wrapper() {
+        let cmd = v(&[
+            "/opt/cpr-fault",
+            "--touch",
+            "x",
+            "--",
+            "/usr/bin/cpr-shim",
+            "--sha256",
+            "ab",
+            "--",
+            "/opt/vmm-2",
+            "-m",
+            "1G",
+        ]);
+        let (shim_args, target) = shim_invocation(&cmd).unwrap();
+        assert_eq!(shim_args, v(&["--sha256", "ab"]));
+        assert_eq!(target[0], "/opt/vmm-2");
+        assert_eq!(shim_sha256(shim_args), Some(Some("ab")));
+        // A direct exec of a VMM has no shim: nothing is hashed before the stop.
+        assert!(shim_invocation(&v(&["/opt/vmm-2", "-m", "1G"])).is_none());
+        assert!(matches!(
+            precheck_target(&v(&["/opt/vmm-2", "-m", "1G"])),
+            Ok(None)
+        ));
+        // A target that does not exist is refused before the stop, naming it.
+        let e = precheck_target(&v(&[
+            "cpr-shim",
+            "--sha256",
+            &"ab".repeat(32),
+            "--",
+            "/nonexistent/vmm",
+        ]))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("/nonexistent/vmm"), "{e}");
     }
 
     #[test]

@@ -7,11 +7,15 @@
 //!   new VMM in the same process;
 //! - [`cpr_transfer`]: pass RAM memfds to a separately started VMM over a UNIX socket, then
 //!   stream the state.
+//!
+//! [`rescue`] is the guard process that keeps a cpr-exec update's guest when the new program
+//! dies or hangs before it resumes the guest.
 
 pub mod cpr_exec;
 pub mod cpr_transfer;
 pub mod file;
 pub mod format;
+pub mod rescue;
 pub mod state;
 
 use std::os::fd::BorrowedFd;

@@ -224,6 +224,7 @@ pub static MIGRATE_SET_PARAMETERS: &[Member] = &[
     opt("zero-page-detection", Ty::Enum(&ZERO_PAGE_DETECTION)),
     opt("direct-io", Ty::Bool),
     opt("cpr-exec-command", Ty::List(&Ty::Str)),
+    opt("x-cpr-deadline-ms", Ty::Uint64),
 ];
 
 /// Every `MigrationParameter` name QEMU 10.2 knows (HMP tells "unknown"
@@ -259,6 +260,8 @@ pub static QEMU_MIGRATION_PARAMETERS: &[&str] = &[
     "zero-page-detection",
     "direct-io",
     "cpr-exec-command",
+    // Ours, not QEMU's: the cpr-exec rescue guard's deadline.
+    "x-cpr-deadline-ms",
 ];
 
 fn de<T: DeserializeOwned>(v: Value) -> Result<T, QmpError> {

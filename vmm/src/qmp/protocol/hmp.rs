@@ -399,6 +399,10 @@ fn info_migrate_parameters(p: &MigrationParameters) -> String {
     );
     line("mode", p.mode.map(|v| v.as_str().to_owned()));
     line("direct-io", p.direct_io.map(onoff));
+    line(
+        "x-cpr-deadline-ms",
+        p.x_cpr_deadline_ms.map(|v| format!("{v} ms")),
+    );
     if let Some(cmd) = &p.cpr_exec_command {
         out.push_str("cpr-exec-command:");
         for a in cmd {

@@ -609,6 +609,10 @@ pub struct MigrateSetParameters {
     pub direct_io: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpr_exec_command: Option<Vec<String>>,
+    /// How long a cpr-exec update may take to resume the guest before its rescue guard rolls
+    /// it back (0: only a process that dies is rescued). Our own member, hence `x-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_cpr_deadline_ms: Option<u64>,
 }
 
 /// Result of `query-migrate-parameters` (`MigrationParameters`), for the
@@ -662,6 +666,10 @@ pub struct MigrationParameters {
     pub direct_io: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpr_exec_command: Option<Vec<String>>,
+    /// How long a cpr-exec update may take to resume the guest before its rescue guard rolls
+    /// it back (0: only a process that dies is rescued). Our own member, hence `x-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_cpr_deadline_ms: Option<u64>,
 }
 
 impl MigrationParameters {
@@ -692,12 +700,14 @@ impl MigrationParameters {
             mode: Some(MigMode::Normal),
             direct_io: Some(false),
             cpr_exec_command: Some(Vec::new()),
+            x_cpr_deadline_ms: Some(crate::migration::rescue::DEFAULT_DEADLINE_MS),
         }
     }
 
     /// Members that change what a migration does here; every other member is stored and
     /// reported only.
-    pub const EFFECTIVE: &'static [&'static str] = &["mode", "cpr-exec-command"];
+    pub const EFFECTIVE: &'static [&'static str] =
+        &["mode", "cpr-exec-command", "x-cpr-deadline-ms"];
 
     /// Refuse a request that would change a member this VMM does not act on (bandwidth
     /// limits, multifd, TLS, throttling...): accepting it would promise behaviour that does not
@@ -770,6 +780,7 @@ impl MigrationParameters {
         set(&mut self.mode, &p.mode);
         set(&mut self.direct_io, &p.direct_io);
         set(&mut self.cpr_exec_command, &p.cpr_exec_command);
+        set(&mut self.x_cpr_deadline_ms, &p.x_cpr_deadline_ms);
     }
 }
 
