@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use cpr_tests::cpr::{cpr_update, direct_command, shim_command};
 use cpr_tests::netns::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, NetNs};
+use cpr_tests::transfer::{
+    CprSpelling, MainChannel, Target, migrate_cpr_transfer, wait_migration_end,
+};
 use cpr_tests::*;
 use serde_json::Value;
 
@@ -54,6 +57,49 @@ fn tun_fds(pid: u32, name: &str) -> Vec<OpenFd> {
         .collect()
 }
 
+/// A running VM with a NIC on `ns`'s tap, passed by fd as a management layer does (its copy
+/// closed once the VMM holds its own).
+struct PassedTapVm {
+    dir: TempDir,
+    /// The machine's arguments, without the monitor.
+    machine: Vec<String>,
+    /// All of them.
+    args: Vec<String>,
+    process: VmmProcess,
+    qmp: QmpClient,
+}
+
+impl PassedTapVm {
+    fn start(ns: &NetNs, prefix: &str, device: &str) -> Self {
+        let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+        let dir = TempDir::new(prefix).unwrap();
+        let socket = dir.join("qmp.sock");
+        let mut machine = base_args();
+        machine.extend(strings(&[
+            "-netdev",
+            &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
+            "-device",
+            device,
+        ]));
+        let mut args = machine.clone();
+        args.extend(strings(&["-qmp", &qmp_socket_arg(&socket)]));
+        let process = {
+            let _inherit = Inherited::new(&tap);
+            VmmProcess::start_vmm(&args)
+        };
+        drop(tap);
+        process.wait_for_path(&socket, LONG).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+        PassedTapVm {
+            dir,
+            machine,
+            args,
+            process,
+            qmp,
+        }
+    }
+}
+
 #[test]
 fn bad_nics_are_refused_at_start_with_one_clear_error() {
     let file = std::fs::File::open("/proc/self/status").unwrap();
@@ -63,6 +109,10 @@ fn bad_nics_are_refused_at_start_with_one_clear_error() {
         (
             strings(&["-device", "virtio-net-pci,netdev=nope"]),
             vec!["netdev 'nope' does not exist"],
+        ),
+        (
+            strings(&["-device", "e1000,netdev=n0"]),
+            vec!["unknown device", "virtio-net-pci"],
         ),
         (
             strings(&[
@@ -182,26 +232,17 @@ fn a_passed_tap_is_shown_and_survives_live_updates() {
     let Some(ns) = NetNs::available("a_passed_tap_is_shown_and_survives_live_updates") else {
         return;
     };
-    let tap = ns.open_tap(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
-    let dir = TempDir::new("net-exec").unwrap();
-    let socket = dir.join("qmp.sock");
-    let mut args = base_args();
-    args.extend(strings(&[
-        "-netdev",
-        &format!("tap,id=n0,fd={}", tap.as_raw_fd()),
-        "-device",
+    let PassedTapVm {
+        dir,
+        args,
+        process,
+        mut qmp,
+        ..
+    } = PassedTapVm::start(
+        &ns,
+        "net-exec",
         "virtio-net-pci,netdev=n0,id=eth0,mac=52:54:00:ab:cd:ef",
-        "-qmp",
-        &qmp_socket_arg(&socket),
-    ]));
-    let process = {
-        let _inherit = Inherited::new(&tap);
-        VmmProcess::start_vmm(&args)
-    };
-    // The management layer's copy is no longer needed: the VMM holds its own.
-    drop(tap);
-    process.wait_for_path(&socket, LONG).unwrap();
-    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    );
     let pid = process.pid();
     let filters = qmp.execute("query-rx-filter", Value::Null).unwrap();
     assert_eq!(filters[0]["name"], "eth0", "{filters}");
@@ -248,6 +289,109 @@ fn a_passed_tap_is_shown_and_survives_live_updates() {
     );
     qmp.execute("quit", Value::Null).unwrap();
     process.wait_exit(LONG).unwrap();
+}
+
+/// A new command line without the NIC is refused by the new VMM (the state has a device it
+/// lacks) and the rollback brings the guest back on the old VMM with the same tap.
+#[test]
+fn an_update_that_forgets_the_nic_rolls_back_with_the_tap() {
+    let Some(ns) = NetNs::available("an_update_that_forgets_the_nic_rolls_back_with_the_tap")
+    else {
+        return;
+    };
+    let dir = TempDir::new("net-forget").unwrap();
+    let socket = dir.join("qmp.sock");
+    let mut args = ns.exec_prefix();
+    args.push(vmm_bin().display().to_string());
+    let vmm_args_start = args.len();
+    args.extend(base_args());
+    args.extend(strings(&[
+        "-netdev",
+        &format!("tap,id=n0,ifname={},script=no,downscript=no", ns.tap()),
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-qmp",
+        &qmp_socket_arg(&socket),
+    ]));
+    build_binaries();
+    let process = VmmProcess::start(&args[0], &args[1..]).unwrap();
+    process.wait_for_path(&socket, LONG).unwrap();
+    let mut qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+    // `ip netns exec` execs the VMM: the process is the VMM from here on.
+    let pid = process.pid();
+    assert_eq!(tun_fds(pid, ns.tap()).len(), 1);
+    let without: Vec<String> = args[vmm_args_start..]
+        .iter()
+        .filter(|a| !a.contains("n0") && *a != "-netdev" && *a != "-device")
+        .cloned()
+        .collect();
+    let state = dir.join("vm.state");
+    let command = shim_command(&shim_bin(), &[], &vmm_bin(), &without, &state);
+    let update = cpr_update(&mut qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "failed");
+    assert!(
+        update.error_desc().contains("virtio-net:n0"),
+        "{}",
+        update.error_desc()
+    );
+    assert_eq!(
+        qmp.execute("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    let held = tun_fds(pid, ns.tap());
+    assert_eq!(
+        held.len(),
+        1,
+        "the rolled-back VMM holds the same tap: {held:?}"
+    );
+    assert!(held[0].is_cloexec(), "{held:?}");
+    let text = qmp.hmp("info network").unwrap();
+    assert!(text.contains(&format!("ifname={}", ns.tap())), "{text}");
+    qmp.execute("quit", Value::Null).unwrap();
+    process.wait_exit(LONG).unwrap();
+}
+
+/// cpr-transfer hands the tap to the new VMM by SCM_RIGHTS: the new VMM holds the same tap
+/// (it never had the fd number its command line names), and shows it.
+#[test]
+fn a_cpr_transfer_hands_the_same_tap_over() {
+    let Some(ns) = NetNs::available("a_cpr_transfer_hands_the_same_tap_over") else {
+        return;
+    };
+    let PassedTapVm {
+        dir,
+        machine,
+        process: old,
+        mut qmp,
+        ..
+    } = PassedTapVm::start(&ns, "net-transfer", "virtio-net-pci,netdev=n0,id=eth0");
+    let target = Target::start(
+        dir.path(),
+        "new",
+        &machine,
+        MainChannel::Unix,
+        CprSpelling::KeyValue,
+        LONG,
+    )
+    .unwrap();
+    migrate_cpr_transfer(&mut qmp, &target.main_path, &target.cpr_path).unwrap();
+    let statuses = wait_migration_end(&mut qmp, LONG).unwrap();
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("completed"),
+        "{statuses:?}"
+    );
+    let held = tun_fds(target.vmm.pid(), ns.tap());
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].is_cloexec(), "{held:?}");
+    let mut new_qmp = target.connect_qmp(LONG).unwrap();
+    let text = new_qmp.hmp("info network").unwrap();
+    assert!(text.contains(&format!("ifname={}", ns.tap())), "{text}");
+    new_qmp.execute("quit", Value::Null).unwrap();
+    target.vmm.wait_exit(LONG).unwrap();
+    // The old VMM may already have ended once the guest was handed over.
+    let _ = qmp.execute("quit", Value::Null);
+    old.wait_exit(LONG).unwrap();
 }
 
 /// `ifname=` inside a namespace: the VMM attaches to the operator's tap by name.

@@ -47,7 +47,7 @@ pub enum DriveError {
     DriveInUse(String),
     #[error("two drives are both named '{0}'")]
     DuplicateId(String),
-    #[error("-device {0}: unknown device; this VMM has virtio-blk-pci")]
+    #[error("-device {0}: unknown device; this VMM has virtio-blk-pci and virtio-net-pci")]
     UnknownDevice(String),
     #[error("file=/dev/fdset/{0}: no -add-fd put an fd in set {0}")]
     NoFdSet(u32),

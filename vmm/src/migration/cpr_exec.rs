@@ -1120,7 +1120,7 @@ impl Vmm {
         incoming.phases.mark("map memory");
         let host_fds = HandedOverFds::new(
             incoming
-                .take_all(|k| matches!(k, FdKind::DeviceBackend { .. }))
+                .take_all(FdKind::is_device_backend)
                 .into_iter()
                 .map(|(rec, fd)| (rec.name, fd))
                 .collect(),

@@ -54,6 +54,11 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// The largest Ethernet frame with segmentation offloads: 64 KiB of payload + its header.
 pub const MAX_FRAME: usize = 65535 + 14;
+/// The largest frame without segmentation offloads: 1500 bytes of payload, the Ethernet
+/// header and a VLAN tag.
+const ETHERNET_FRAME: usize = 1500 + 14 + 4;
+/// Frames received between two interrupts, at most.
+const RX_BATCH: u32 = 32;
 /// A TX chain longer than this is dropped.
 pub const MAX_TX_CHAIN: usize = VNET_HDR_LEN + MAX_FRAME;
 /// Buffers the kernel takes in one readv/writev.
@@ -425,6 +430,11 @@ impl VirtioDevice for Net {
             counters: self.counters.clone(),
             control: control.clone(),
             mrg_rxbuf: features & (1 << F_MRG_RXBUF) != 0,
+            rx_frame_max: if Self::offloads_for(features) & !libc::TUN_F_CSUM != 0 {
+                VNET_HDR_LEN + MAX_FRAME
+            } else {
+                VNET_HDR_LEN + ETHERNET_FRAME
+            },
             warned: 0,
         };
         let thread = std::thread::Builder::new()
@@ -435,9 +445,11 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    /// The tap's offloads are left as they are: the next activation sets them before any
+    /// frame is read, and a VMM that handed the tap over (cpr-transfer) and then ends must
+    /// not change them under the VMM that runs the guest now.
     fn reset(&mut self) {
         self.stop_worker();
-        let _ = Tap::set_offloads_on(self.tap.as_raw_fd(), 0);
     }
 
     fn pause(&mut self) {
@@ -546,6 +558,9 @@ struct NetIo {
     counters: Arc<NetCounters>,
     control: Arc<Control>,
     mrg_rxbuf: bool,
+    /// The largest frame the tap can hand over, vnet header included: 64 KiB + header once
+    /// the guest takes segmentation offloads, an Ethernet frame (with a VLAN tag) otherwise.
+    rx_frame_max: usize,
     /// Hostile-descriptor warnings logged so far (a guest must not flood the log).
     warned: u32,
 }
@@ -794,14 +809,20 @@ impl NetIo {
         let mem = memory.as_ref();
         let mut used_before = queue.next_used();
         let mut watch = true;
+        let mut batch = 0;
         while self.control.running() {
             match self.receive_frame(&mut queue) {
                 RxOutcome::Frame => {
-                    // Interrupt per frame when the driver asks (EVENT_IDX says when).
-                    if queue.next_used() != used_before {
-                        used_before = queue.next_used();
-                        if queue.needs_notification(mem).unwrap_or(true) {
-                            self.interrupt.notify_queue(RX);
+                    // One interrupt per batch (if the driver wants one, EVENT_IDX says), so
+                    // a long burst does not keep the guest waiting for the first frames.
+                    batch += 1;
+                    if batch == RX_BATCH {
+                        batch = 0;
+                        if queue.next_used() != used_before {
+                            used_before = queue.next_used();
+                            if queue.needs_notification(mem).unwrap_or(true) {
+                                self.interrupt.notify_queue(RX);
+                            }
                         }
                     }
                 }
@@ -832,7 +853,7 @@ impl NetIo {
         let mut buffers: Vec<RxBuffer> = Vec::new();
         let mut base = queue.next_avail();
         let mut capacity = 0usize;
-        while capacity < VNET_HDR_LEN + MAX_FRAME {
+        while capacity < self.rx_frame_max {
             let before = queue.next_avail();
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
@@ -1094,6 +1115,7 @@ mod tests {
                 counters: self.counters.clone(),
                 control,
                 mrg_rxbuf,
+                rx_frame_max: VNET_HDR_LEN + MAX_FRAME,
                 warned: 0,
             }
         }
@@ -1281,73 +1303,48 @@ mod tests {
         assert_eq!(rig.stats().rx_frames, 1);
     }
 
-    #[test]
-    fn a_frame_outside_guest_ram_is_dropped_and_the_device_goes_on() {
+    /// Queues the chain(s) `bad` (descriptor table from index 0), then a good frame: the bad
+    /// one is returned, dropped and counted, the good one sent.
+    fn assert_tx_drops_then_sends(bad: &[RawDescriptor]) {
         let rig = Rig::new();
         let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
         let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
         let good = frame(60, 4);
         rig.memory.write_slice(&good, GuestAddress(BUF)).unwrap();
-        tx.add_desc_chains(
-            &chains(
-                0,
-                &[vec![(BUF, 12, 0), (OUTSIDE_RAM, 60, 0)], vec![(BUF, 72, 0)]],
-            ),
-            0,
-        )
-        .unwrap();
-        let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
-        io.transmit();
-        assert_eq!(rig.host_frames(), [good]);
-        assert_eq!(used(&tx), [(0, 0), (2, 0)], "both chains are returned");
-        assert_eq!(rig.stats().tx_dropped, 1);
-    }
-
-    #[test]
-    fn a_descriptor_loop_is_dropped_and_the_device_goes_on() {
-        let rig = Rig::new();
-        let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
-        let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
-        let good = frame(30, 6);
-        rig.memory.write_slice(&good, GuestAddress(BUF)).unwrap();
-        let descs = [
-            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 1)),
-            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 0)),
-        ];
-        tx.add_desc_chains(&descs, 0).unwrap();
-        tx.add_desc_chains(&chains(2, &[vec![(BUF, 42, 0)]]), 2)
-            .unwrap();
-        let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
-        io.transmit();
-        assert_eq!(rig.host_frames(), [good]);
-        assert_eq!(rig.stats().tx_dropped, 1);
-        assert_eq!(used(&tx).len(), 2);
-    }
-
-    #[test]
-    fn an_oversized_frame_is_dropped_and_the_device_goes_on() {
-        let rig = Rig::new();
-        let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
-        let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
-        let good = frame(1500, 7);
-        rig.memory.write_slice(&good, GuestAddress(BUF)).unwrap();
-        tx.add_desc_chains(
-            &chains(
-                0,
-                &[
-                    // 80 KiB: over 64 KiB + header.
-                    vec![(BUF, 40 << 10, 0), (BUF, 40 << 10, 0)],
-                    vec![(BUF, good.len() as u32, 0)],
-                ],
-            ),
-            0,
-        )
-        .unwrap();
+        tx.add_desc_chains(bad, 0).unwrap();
+        let next = bad.len() as u16;
+        let good_chain = chains(next, &[vec![(BUF, good.len() as u32, 0)]]);
+        tx.add_desc_chains(&good_chain, next).unwrap();
         let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
         io.transmit();
         assert_eq!(rig.host_frames(), [good]);
         assert_eq!(rig.stats().tx_dropped, 1);
         assert_eq!(rig.stats().tx_frames, 1);
+        assert_eq!(used(&tx).len(), 2, "both chains are returned");
+    }
+
+    #[test]
+    fn a_frame_outside_guest_ram_is_dropped_and_the_device_goes_on() {
+        assert_tx_drops_then_sends(&chains(0, &[vec![(BUF, 12, 0), (OUTSIDE_RAM, 60, 0)]]));
+    }
+
+    #[test]
+    fn a_descriptor_loop_is_dropped_and_the_device_goes_on() {
+        assert_tx_drops_then_sends(&[
+            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(BUF, 42, NEXT, 0)),
+        ]);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_dropped_and_the_device_goes_on() {
+        // 80 KiB: over 64 KiB + header.
+        assert_tx_drops_then_sends(&chains(0, &[vec![(BUF, 40 << 10, 0), (BUF, 40 << 10, 0)]]));
+    }
+
+    #[test]
+    fn a_device_writable_transmit_buffer_is_dropped_and_the_device_goes_on() {
+        assert_tx_drops_then_sends(&chains(0, &[vec![(BUF, 72, WRITE)]]));
     }
 
     #[test]
@@ -1381,5 +1378,223 @@ mod tests {
         control.set(WANT_STOP);
         thread.join().unwrap();
         control.pause();
+    }
+
+    /// A real tap, up, without IPv6 (so the kernel sends nothing of its own into it), and an
+    /// AF_PACKET socket on it for the host's side. None where taps cannot be made.
+    fn real_tap() -> Option<(Tap, OwnedFd)> {
+        let name = format!("cprn{}", std::process::id() % 100_000);
+        let tap = Tap::open_named(&name).ok()?;
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "dev", &name, "up"])
+            .status()
+            .ok()?;
+        if !up.success() {
+            return None;
+        }
+        let cname = std::ffi::CString::new(name.as_str()).ok()?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string alive for the call.
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if index == 0 {
+            return None;
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just returned by socket(2) and has no other owner.
+        let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: bind reads a sockaddr_ll of the given size, alive for the call.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        (rc == 0).then_some((tap, sock))
+    }
+
+    const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+    /// A broadcast frame of `len` bytes with the test's ethertype.
+    fn ethernet(len: usize, seed: u8) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        f.extend(ETHERTYPE);
+        f.extend((14..len).map(|i| (i as u8).wrapping_add(seed)));
+        f
+    }
+
+    #[test]
+    fn frames_cross_a_real_tap_with_the_vnet_header_and_oversized_ones_are_caught() {
+        let Some((tap, sock)) = real_tap() else {
+            eprintln!("skipped: cannot make a tap here");
+            return;
+        };
+        let mut rig = Rig::new();
+        rig.tap = Arc::new(tap.into_fd());
+        // TX: header + frame from guest memory reach the interface as the frame alone.
+        let out = ethernet(60, 1);
+        let mut chain = vec![0u8; VNET_HDR_LEN];
+        chain.extend(&out);
+        rig.memory.write_slice(&chain, GuestAddress(BUF)).unwrap();
+        let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
+        let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
+        tx.add_desc_chains(&chains(0, &[vec![(BUF, chain.len() as u32, 0)]]), 0)
+            .unwrap();
+        // One 200-byte buffer, then one of 2000 (no merging).
+        rx.add_desc_chains(
+            &chains(
+                0,
+                &[
+                    vec![(BUF + 0x1000, 200, WRITE)],
+                    vec![(BUF + 0x2000, 2000, WRITE)],
+                ],
+            ),
+            0,
+        )
+        .unwrap();
+        let mut io = rig.io(
+            rx.create_queue().unwrap(),
+            tx.create_queue().unwrap(),
+            false,
+        );
+        io.transmit();
+        let mut buf = vec![0u8; 4096];
+        let seen = loop {
+            let n = nix::unistd::read(&sock, &mut buf).unwrap();
+            if buf[12..14] == ETHERTYPE {
+                break buf[..n].to_vec();
+            }
+        };
+        assert_eq!(seen, out);
+        // RX: a 1000-byte frame does not fit the 200-byte buffer: dropped, the buffer kept;
+        // the next frame lands in it with its vnet header.
+        let big = ethernet(1000, 2);
+        let small = ethernet(100, 3);
+        for f in [&big, &small] {
+            assert_eq!(nix::unistd::write(&sock, f).unwrap(), f.len());
+        }
+        while io.receive() && rig.stats().rx_frames == 0 {
+            std::thread::yield_now();
+        }
+        assert_eq!(rig.stats().rx_dropped, 1);
+        assert_eq!(used(&rx), [(0, (VNET_HDR_LEN + 100) as u32)]);
+        let mut got = vec![0u8; VNET_HDR_LEN + 100];
+        rig.memory
+            .read_slice(&mut got, GuestAddress(BUF + 0x1000))
+            .unwrap();
+        assert_eq!(got[VNET_HDR_LEN..], small[..]);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    }
+
+    #[test]
+    fn the_tap_takes_only_the_offloads_the_guest_negotiated() {
+        let bit = |b: u32| 1u64 << b;
+        assert_eq!(Net::offloads_for(0), 0);
+        assert_eq!(
+            Net::offloads_for(bit(F_GUEST_TSO4)),
+            0,
+            "TSO needs GUEST_CSUM"
+        );
+        assert_eq!(Net::offloads_for(bit(F_GUEST_CSUM)), libc::TUN_F_CSUM);
+        assert_eq!(
+            Net::offloads_for(bit(F_GUEST_CSUM) | bit(F_GUEST_TSO4) | bit(F_GUEST_UFO)),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_UFO
+        );
+    }
+
+    #[test]
+    fn a_restore_takes_the_same_tap_or_refuses() {
+        use crate::devices::HandedOverFds;
+        let pid = std::process::id() % 100_000;
+        let config = |name: &str, mac: [u8; 6]| NetConfig {
+            netdev: "n0".into(),
+            device_id: "net0".into(),
+            source: TapSource::Ifname(name.into()),
+            mac,
+        };
+        let (a, b) = (format!("cpra{pid}"), format!("cprb{pid}"));
+        let (Ok(tap_a), Ok(tap_b)) = (Tap::open_named(&a), Tap::open_named(&b)) else {
+            eprintln!("skipped: cannot make taps here");
+            return;
+        };
+        let net = Net::with_tap(config(&a, DEFAULT_MAC), tap_a);
+        let mut config_space = [0u8; 8];
+        net.read_config(0, &mut config_space);
+        assert_eq!(config_space[..6], DEFAULT_MAC);
+        assert_eq!(
+            u16::from_le_bytes([config_space[6], config_space[7]]),
+            S_LINK_UP
+        );
+        let features = net.device_features();
+        for f in [
+            F_MAC,
+            F_STATUS,
+            F_MRG_RXBUF,
+            VIRTIO_RING_F_EVENT_IDX,
+            F_CSUM,
+        ] {
+            assert_ne!(features & (1 << f), 0, "feature {f}");
+        }
+        let saved = net.save();
+        assert_eq!(saved.ifname, a);
+        let rig = Rig::new();
+        let console =
+            crate::devices::console::Console::open(&crate::cli::SerialSpec::Null, |_, _| None)
+                .unwrap()
+                .output();
+        let drained = Arc::new(EventFd::new(0).unwrap());
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let make_ctx = |host_fds| DeviceContext {
+            vm: &vm,
+            memory: rig.memory.clone(),
+            interrupts: GsiRouter::new(vm.clone()),
+            pci: crate::devices::pci::PciBus::new(),
+            console: &console,
+            input_drained: &drained,
+            serial_irq: None,
+            host_fds,
+        };
+        let handed =
+            |fd: &OwnedFd| HandedOverFds::new(vec![("netdev:n0".into(), fd.try_clone().unwrap())]);
+        // The same tap, handed over: taken as it is.
+        let mut ctx = make_ctx(handed(&net.tap));
+        let restored = Net::restore(&mut ctx, &config(&a, DEFAULT_MAC), &saved).unwrap();
+        assert_eq!(restored.ifname(), a);
+        // Another tap behind the fd: refused, naming both.
+        let other = tap_b.into_fd();
+        let mut ctx = make_ctx(handed(&other));
+        let e = Net::restore(&mut ctx, &config(&a, DEFAULT_MAC), &saved)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains(&a) && e.to_string().contains(&b),
+            "{e}"
+        );
+        // A live update that lost the fd fails instead of opening the tap by name.
+        let mut ctx = make_ctx(HandedOverFds::new(Vec::new()));
+        assert!(matches!(
+            Net::restore(&mut ctx, &config(&a, DEFAULT_MAC), &saved),
+            Err(DeviceError::MissingHostFd(_))
+        ));
+        // Another MAC on the command line than the saved device's: refused.
+        let mut mac = DEFAULT_MAC;
+        mac[5] = 0x99;
+        let mut ctx = make_ctx(handed(&net.tap));
+        let e = Net::restore(&mut ctx, &config(&a, mac), &saved)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("52:54:00:12:34:99"), "{e}");
     }
 }
