@@ -45,6 +45,7 @@ pub mod process;
 pub mod procfs;
 pub mod qemu_bench;
 pub mod qmp;
+pub mod stats;
 pub mod tempdir;
 pub mod transfer;
 
@@ -58,7 +59,9 @@ pub use heartbeat::{
 };
 pub use memcheck::{MEMCHECK_BASE, MEMCHECK_LIMIT, check_memcheck_dump, dump_memcheck_range};
 pub use prereq::{in_ci, prerequisite_missing, require_root};
-pub use process::{Stream, TimeoutError, VmmProcess, assert_vmm_startup_error, wait_for_path};
+pub use process::{
+    Stream, TimeoutError, VmmProcess, assert_vmm_startup_error, run_vmm_as_nobody, wait_for_path,
+};
 pub use procfs::{
     Holdings, O_CLOEXEC_FLAG, OpenFd, holdings, list_fds, read_proc_fd_flags, wait_until,
 };

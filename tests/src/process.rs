@@ -594,6 +594,31 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// Runs `vmm ARGS` as the unprivileged user `nobody` (uid and gid 65534, no groups, no
+/// capabilities) through `setpriv`, waits for it to end, and returns its exit code and stderr.
+/// The caller must be root (see [`crate::prereq::require_root`]).
+pub fn run_vmm_as_nobody(
+    args: &[String],
+    timeout: std::time::Duration,
+) -> io::Result<(Option<i32>, String)> {
+    let mut all: Vec<String> = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    all.push(crate::binaries::vmm_bin().display().to_string());
+    all.extend(args.iter().cloned());
+    let vmm = VmmProcess::start("setpriv", &all)?;
+    let status = vmm
+        .wait_exit(timeout)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok((status.code(), vmm.stderr_text()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

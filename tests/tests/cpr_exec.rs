@@ -1284,6 +1284,17 @@ fn fault_missing_command_is_refused_without_stopping_the_guest() {
     vm.qmp
         .execute("migrate-set-parameters", json!({"mode": "cpr-exec"}))
         .unwrap();
+    assert_migrate_refused_with_the_guest_running(&mut vm, &["cpr-exec-command"]);
+    // Setting the command now makes the same request work.
+    assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
+    vm.wait_ticks_advance(1, 5);
+    vm.assert_heartbeat_continuous(1);
+    vm.quit();
+}
+
+/// `migrate` (with the parameters already set) is refused with a GenericError naming `needles`,
+/// before anything stops: no STOP or RESUME event, no state file, the guest ticking on.
+fn assert_migrate_refused_with_the_guest_running(vm: &mut Vm, needles: &[&str]) {
     let error = vm
         .qmp
         .execute(
@@ -1292,7 +1303,9 @@ fn fault_missing_command_is_refused_without_stopping_the_guest() {
         )
         .unwrap_err();
     assert_eq!(error.class(), Some("GenericError"), "{error}");
-    assert!(error.to_string().contains("cpr-exec-command"), "{error}");
+    for needle in needles {
+        assert!(error.to_string().contains(needle), "{error}");
+    }
     assert_eq!(vm.status(), "running");
     // Events precede the reply they belong to; none may have come.
     let events: Vec<Value> = vm.qmp.events();
@@ -1304,11 +1317,6 @@ fn fault_missing_command_is_refused_without_stopping_the_guest() {
     );
     assert!(!vm.state.exists(), "a state file was written");
     vm.wait_ticks_advance(1, 5);
-    // Setting the command now makes the same request work.
-    assert_completed(&vm.update(&vm.via_shim(&[], &vmm_bin())));
-    vm.wait_ticks_advance(1, 5);
-    vm.assert_heartbeat_continuous(1);
-    vm.quit();
 }
 
 #[test]
@@ -1398,32 +1406,11 @@ fn fault_sha256_mismatch_is_refused_before_the_guest_stops() {
     vm.wait_ticks_advance(1, 3);
     let wrong = "0".repeat(64);
     let command = vm.via_shim(&strings(&["--sha256", &wrong]), &vmm_bin());
-    vm.qmp
-        .execute(
-            "migrate-set-parameters",
-            json!({"mode": "cpr-exec", "cpr-exec-command": command}),
-        )
-        .unwrap();
-    let error = vm
-        .qmp
-        .execute(
-            "migrate",
-            json!({"uri": format!("file:{}", vm.state.display())}),
-        )
-        .unwrap_err();
-    let text = error.to_string();
-    assert!(
-        text.contains("sha256") && text.contains(&format!("expected {wrong}")),
-        "{text}"
+    set_cpr_exec_command(&mut vm.qmp, &command).unwrap();
+    assert_migrate_refused_with_the_guest_running(
+        &mut vm,
+        &["sha256", &format!("expected {wrong}")],
     );
-    let events: Vec<Value> = vm.qmp.events();
-    assert!(
-        !events.iter().any(|e| e["event"] == "STOP"),
-        "the guest was stopped: {events:?}"
-    );
-    assert!(!vm.state.exists(), "a state file was written");
-    assert_eq!(vm.status(), "running");
-    vm.wait_ticks_advance(1, 5);
     vm.assert_heartbeat_continuous(1);
     vm.quit();
 }

@@ -596,11 +596,10 @@ fn blkcheck_completes_a_pass_with_two_vcpus() {
 #[test]
 fn a_disk_without_permission_is_one_clear_error_at_start() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::geteuid().is_root() {
-        prerequisite_missing(
-            "a_disk_without_permission_is_one_clear_error_at_start",
-            "needs root to drop to another user",
-        );
+    if !require_root(
+        "a_disk_without_permission_is_one_clear_error_at_start",
+        "dropping to another user",
+    ) {
         return;
     }
     build_binaries();
@@ -608,25 +607,19 @@ fn a_disk_without_permission_is_one_clear_error_at_start() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let disk = image(dir.path(), "root-only.img", 8);
     std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut args = strings(&[
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-    ]);
-    args.push(vmm_bin().display().to_string());
-    args.extend(strings(&[
-        "-m",
-        "16M",
-        "--guest",
-        "heartbeat",
-        "-drive",
-        &format!("file={},format=raw,if=virtio", disk.display()),
-    ]));
-    let vmm = VmmProcess::start("setpriv", &args).unwrap();
-    let status = vmm.wait_exit(LONG).unwrap();
-    let stderr = vmm.stderr_text();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let (code, stderr) = run_vmm_as_nobody(
+        &strings(&[
+            "-m",
+            "16M",
+            "--guest",
+            "heartbeat",
+            "-drive",
+            &format!("file={},format=raw,if=virtio", disk.display()),
+        ]),
+        LONG,
+    )
+    .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains(&disk.display().to_string()) && stderr.contains("Permission denied"),

@@ -181,24 +181,15 @@ fn no_permission_on_dev_net_tun_is_one_clear_error() {
         return;
     }
     build_binaries();
-    let mut args = strings(&[
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-    ]);
-    args.push(vmm_bin().display().to_string());
-    args.extend(base_args());
+    let mut args = base_args();
     args.extend(strings(&[
         "-netdev",
         "tap,id=n0,ifname=cprx1,script=no,downscript=no",
         "-device",
         "virtio-net-pci,netdev=n0",
     ]));
-    let vmm = VmmProcess::start("setpriv", &args).unwrap();
-    let status = vmm.wait_exit(LONG).unwrap();
-    let stderr = vmm.stderr_text();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let (code, stderr) = run_vmm_as_nobody(&args, LONG).unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("vmm: netdev 'n0': "), "{stderr}");
     assert!(

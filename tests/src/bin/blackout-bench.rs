@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use cpr_tests::hugepages::HugePageReservation;
 use cpr_tests::qemu_bench::{Measurement, QemuInstall, qemu_cpr_exec, qemu_cpr_transfer};
+use cpr_tests::stats::{median, summary};
 use cpr_tests::{
     QmpClient, TempDir, VmmProcess, build_binaries, event_timestamp, shim_bin, vmm_bin,
 };
@@ -112,30 +113,6 @@ fn parse_options() -> Result<Options, String> {
         }
     }
     Ok(o)
-}
-
-/// min, median, p99 (nearest rank) of `v` (sorted here).
-fn summary(v: &[f64]) -> Value {
-    if v.is_empty() {
-        return Value::Null;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = |p: f64| s[((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
-    json!({"min": s[0], "median": median(&s), "p99": rank(0.99), "max": s[s.len() - 1], "n": s.len()})
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 /// What this ran on, for every figure's label.

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use cpr_tests::blkcheck::{check_image, mismatch_lines, parse_pass_lines};
 use cpr_tests::cpr::{alt_vmm_bin, cpr_update, direct_command, shim_command};
 use cpr_tests::heartbeat::{assert_ticks_consecutive, parse_heartbeat_ticks};
+use cpr_tests::stats::summary;
 use cpr_tests::*;
 use serde_json::{Value, json};
 
@@ -269,16 +270,6 @@ impl SoakVm {
         }
         Ok(())
     }
-}
-
-fn summary(v: &[f64]) -> Value {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return Value::Null;
-    }
-    let at = |q: f64| s[((s.len() as f64 * q).ceil() as usize).clamp(1, s.len()) - 1];
-    json!({"n": s.len(), "min": s[0], "median": at(0.5), "p99": at(0.99), "max": s[s.len() - 1]})
 }
 
 fn run(o: &Options) -> Result<Value, (String, Value)> {
