@@ -170,7 +170,11 @@ impl SoakVm {
     }
 
     fn update(&mut self, n: usize) -> Result<(), String> {
-        let target = if n.is_multiple_of(2) { vmm_bin() } else { alt_vmm_bin() };
+        let target = if n.is_multiple_of(2) {
+            vmm_bin()
+        } else {
+            alt_vmm_bin()
+        };
         let command = if (n / 2).is_multiple_of(2) {
             shim_command(&shim_bin(), &[], &target, &self.args, &self.state)
         } else {
