@@ -48,7 +48,7 @@ fn file_backend_json(ram: &Path, bytes: u64) -> Vec<String> {
                "share": true, "x-use-canonical-path-for-ramblock-id": false, "size": bytes})
         .to_string(),
         "-machine".into(),
-        "pc,usb=off,memory-backend=pc.ram".into(),
+        "pc-i440fx-9.2,usb=off,dump-guest-core=off,memory-backend=pc.ram".into(),
     ]
 }
 
@@ -250,8 +250,16 @@ fn every_bad_case_is_one_error_and_leaves_the_ram_file_alone() {
     restore_fails(&args, &state, &ram, &["resized or truncated", "8388608"]);
     drop(f);
 
-    // Replaced by another file of the right size and content.
-    std::fs::remove_file(&ram).unwrap();
+    // Restored to the saved size, but written since: its change time moved on.
+    let f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
+    f.set_len(16 << 20).unwrap();
+    drop(f);
+    restore_fails(&args, &state, &ram, &["replaced or written since the save"]);
+
+    // Replaced by another file of the right size and content (kept open, so its inode number
+    // cannot be the saved one's; a reused number is the case above).
+    let moved = dir.join("moved.ram");
+    std::fs::rename(&ram, &moved).unwrap();
     std::fs::write(&ram, &saved).unwrap();
     restore_fails(&args, &state, &ram, &["was replaced", "inode"]);
 

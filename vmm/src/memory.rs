@@ -173,10 +173,13 @@ pub struct RamFileIdentity {
     pub device: u64,
     pub inode: u64,
     pub size: u64,
+    /// The inode's change time (ns since the epoch): a file deleted and recreated may get the
+    /// same inode number back, and any write, truncation or replacement moves this on.
+    pub changed_ns: i64,
 }
 
 impl RamFileIdentity {
-    fn of(path: &std::path::Path, file: &File) -> std::io::Result<Self> {
+    pub fn of(path: &std::path::Path, file: &File) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let m = file.metadata()?;
         Ok(RamFileIdentity {
@@ -184,6 +187,7 @@ impl RamFileIdentity {
             device: m.dev(),
             inode: m.ino(),
             size: m.len(),
+            changed_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
         })
     }
 }
@@ -296,11 +300,12 @@ impl GuestRam {
             .map(|(path, file)| RamFileIdentity::of(path, file))
     }
 
-    /// Writes RAM-file pages the guest dirtied to the file's storage (for a RAM file that must
+    /// Writes RAM-file pages the guest dirtied, and the file's metadata, to its storage (for a RAM file that must
     /// survive a host reboot). A no-op for memfd RAM.
     pub fn sync_file(&self) -> std::io::Result<()> {
         match &self.file {
-            Some((_, file)) => file.sync_data(),
+            // fsync, not fdatasync: the change time recorded afterwards must be on disk too.
+            Some((_, file)) => file.sync_all(),
             None => Ok(()),
         }
     }
@@ -495,6 +500,54 @@ mod tests {
         let v: u32 = again.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
         assert_eq!(again.memory().num_regions(), 1);
+    }
+
+    #[test]
+    fn file_ram_is_created_sized_shared_and_never_resized() {
+        let dir = std::env::temp_dir().join(format!("vmm-ramfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.ram");
+        let _ = std::fs::remove_file(&path);
+        let shared = FileRamOptions {
+            share: true,
+            prealloc: false,
+        };
+        let ram = GuestRam::open_file(&path, 16 << 20, shared).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+        ram.memory()
+            .write_obj(0x5a5a_1234u32, GuestAddress(0x2000))
+            .unwrap();
+        ram.sync_file().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[0x2000..0x2004], &0x5a5a_1234u32.to_ne_bytes());
+        let id = ram.file_identity().unwrap().unwrap();
+        assert_eq!(id.size, 16 << 20);
+        drop(ram);
+        // Reopened: the same content, nothing truncated.
+        let again = GuestRam::open_file(&path, 16 << 20, shared).unwrap();
+        let v: u32 = again.memory().read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(v, 0x5a5a_1234);
+        // share=off: the guest's writes do not reach the file.
+        let private = GuestRam::open_file(
+            &path,
+            16 << 20,
+            FileRamOptions {
+                share: false,
+                prealloc: false,
+            },
+        )
+        .unwrap();
+        private
+            .memory()
+            .write_obj(7u32, GuestAddress(0x2000))
+            .unwrap();
+        let v: u32 = again.memory().read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(v, 0x5a5a_1234);
+        // Another size: refused, the file untouched.
+        let e = GuestRam::open_file(&path, 32 << 20, shared).unwrap_err();
+        assert!(e.to_string().contains("not resized"), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Pages of `[host, host + len)` that are resident (mincore), for a shared memfd mapping:

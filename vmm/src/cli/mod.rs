@@ -892,6 +892,10 @@ fn parse_machine(spec: &str) -> Result<Option<String>, CliError> {
         match opt.split_once('=') {
             Some(("memory-backend", id)) if !id.is_empty() => backend = Some(id.to_string()),
             Some(("aux-ram-share", "on" | "off")) => {}
+            // What libvirt writes on every -machine; nothing to do here.
+            Some(("usb", "off")) | Some(("dump-guest-core", "on" | "off")) => {}
+            // Versioned machine types (libvirt pins one): the same minimal PC here.
+            None if opt.starts_with("pc-i440fx-") || opt.starts_with("pc-q35-") => {}
             Some(("accel", "kvm")) => {}
             // QEMU's machine type names; this VMM has one machine, a minimal PC.
             Some(("type", "pc" | "q35" | "microvm")) => {}
@@ -1115,6 +1119,79 @@ mod tests {
         ] {
             let e = parse(args).unwrap_err();
             assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn memory_backend_objects_and_m_agree() {
+        let memfd = "memory-backend-memfd,id=pc.ram,size=1G,share=on,hugetlb=on,prealloc=on";
+        let c = parse(&["-object", memfd, "-machine", "pc,memory-backend=pc.ram"]).unwrap();
+        assert_eq!(c.ram_size, 1 << 30);
+        assert!(c.hugepages && c.prealloc && c.ram_share && c.ram_file.is_none());
+        assert_eq!(c.ram_backend_id, "pc.ram");
+        // -m may repeat the size, in any spelling.
+        let c = parse(&[
+            "-m",
+            "1024",
+            "-object",
+            memfd,
+            "-M",
+            "memory-backend=pc.ram",
+        ])
+        .unwrap();
+        assert_eq!(c.ram_size, 1 << 30);
+        let file = "memory-backend-file,id=m,size=64M,mem-path=/tmp/x.ram";
+        let c = parse(&["-object", file, "-machine", "memory-backend=m"]).unwrap();
+        assert_eq!(
+            c.ram_file.as_deref(),
+            Some(std::path::Path::new("/tmp/x.ram"))
+        );
+        assert!(!c.ram_share, "QEMU's default is share=off");
+        // Without a backend, -m alone: shared memfd, 128 MiB by default.
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.ram_size, 128 << 20);
+        assert!(c.ram_share && c.ram_file.is_none());
+        for (args, needle) in [
+            (
+                &[
+                    "-m",
+                    "2G",
+                    "-object",
+                    memfd,
+                    "-machine",
+                    "memory-backend=pc.ram",
+                ][..],
+                "-m says 2048 MiB",
+            ),
+            (
+                &[
+                    "-m",
+                    "1G,hugepages=on",
+                    "-object",
+                    memfd,
+                    "-machine",
+                    "memory-backend=pc.ram",
+                ][..],
+                "give hugepages on the -object",
+            ),
+            (&["-object", memfd][..], "-machine memory-backend=pc.ram"),
+            (
+                &["-machine", "memory-backend=nope"][..],
+                "no -object with id 'nope'",
+            ),
+            (
+                &[
+                    "-object",
+                    "memory-backend-file,id=m,size=8M,mem-path=/x",
+                    "-machine",
+                    "memory-backend=m",
+                ][..],
+                "too small",
+            ),
+            (&["-machine", "memory-backend="][..], "memory-backend=ID"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
         }
     }
 

@@ -3,8 +3,8 @@
 //! to a state file, and the VMM started afterwards maps the same RAM file in place.
 //!
 //! `migrate-set-parameters {"mode":"cpr-reboot"}` + `migrate file:PATH`: stop, write the RAM
-//! file's dirty pages to its storage (fdatasync), write the state without RAM pages but with a
-//! `ram-file` section naming the RAM file by path, device, inode and size, and stay in
+//! file's dirty pages to its storage (fsync), write the state without RAM pages but with a
+//! `ram-file` section naming the RAM file by path, device, inode, size and change time, and stay in
 //! `postmigrate` until `quit`. `vmm <same options> -incoming file:PATH` then checks the machine,
 //! checks that the RAM file is still that very file of that size, opens it without creating or
 //! resizing it, and resumes. Any mismatch is one error and the RAM file is left as it is.
@@ -30,7 +30,7 @@ pub enum CprRebootError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cpr-reboot: writing guest RAM to its file {path} (fdatasync): {source}")]
+    #[error("cpr-reboot: writing guest RAM to its file {path} (fsync): {source}")]
     Sync {
         path: String,
         #[source]
@@ -66,6 +66,10 @@ pub enum CprRebootError {
         "guest RAM file {path} was resized or truncated since the save ({saved} bytes then, {now} now): the saved guest's memory is not intact; nothing was changed"
     )]
     Resized { path: String, saved: u64, now: u64 },
+    #[error(
+        "guest RAM file {path} was replaced or written since the save (same inode number, but its change time moved on): it may not hold the saved guest's memory; nothing was changed"
+    )]
+    Changed { path: String },
     #[error(
         "the state file's guest RAM file {path} is {size} bytes but the machine has {ram_size} bytes of RAM"
     )]
@@ -213,7 +217,7 @@ impl Vmm {
     /// Opened read-write without creating or resizing it; nothing is written before the
     /// checks pass.
     pub(crate) fn reboot_ram(&self, saved: &RamFileIdentity) -> Result<GuestRam, CprRebootError> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         let ours = self.config.ram_file.as_ref().ok_or_else(|| {
             CprRebootError::NoRamFileOnCommandLine {
                 saved: saved.path.clone(),
@@ -242,25 +246,28 @@ impl Vmm {
                 path: path.clone(),
                 source,
             })?;
-        let meta = file.metadata().map_err(|source| CprRebootError::Identity {
+        let now = RamFileIdentity::of(ours, &file).map_err(|source| CprRebootError::Identity {
             path: path.clone(),
             source,
         })?;
-        if (meta.dev(), meta.ino()) != (saved.device, saved.inode) {
+        if (now.device, now.inode) != (saved.device, saved.inode) {
             return Err(CprRebootError::Replaced {
                 path,
                 saved_dev: saved.device,
                 saved_ino: saved.inode,
-                dev: meta.dev(),
-                ino: meta.ino(),
+                dev: now.device,
+                ino: now.inode,
             });
         }
-        if meta.len() != saved.size {
+        if now.size != saved.size {
             return Err(CprRebootError::Resized {
                 path,
                 saved: saved.size,
-                now: meta.len(),
+                now: now.size,
             });
+        }
+        if now.changed_ns != saved.changed_ns {
+            return Err(CprRebootError::Changed { path });
         }
         if saved.size != self.config.ram_size {
             return Err(CprRebootError::SizeNotRam {
