@@ -138,11 +138,12 @@ pub fn parse_object(spec: &str) -> Result<MemoryBackend, ObjectError> {
             (_, "size") => {
                 // JSON gives bytes; keyval takes QEMU's suffixes (a bare number is bytes).
                 let bytes = if v.bytes().all(|b| b.is_ascii_digit()) {
-                    v.parse::<u64>().ok()
+                    v.parse::<u64>()
+                        .map_err(|_| invalid(spec, format!("size={v} is not a size")))?
                 } else {
-                    super::parse_memory(v).ok()
+                    super::parse_memory(v).map_err(|e| invalid(spec, e.to_string()))?
                 };
-                size = Some(bytes.ok_or_else(|| invalid(spec, format!("size={v} is not a size")))?);
+                size = Some(bytes);
             }
             (_, "share") => share = on_off(spec, k, v)?,
             (_, "prealloc") => prealloc = on_off(spec, k, v)?,
@@ -294,7 +295,14 @@ mod tests {
             ),
             ("memory-backend-ram,id=a,size=1G", "not supported"),
             ("{\"qom-type\":\"memory-backend-memfd\"", "bad JSON"),
-            ("memory-backend-memfd,id=a,size=lots", "not a size"),
+            (
+                "memory-backend-memfd,id=a,size=lots",
+                "invalid memory size 'lots'",
+            ),
+            (
+                "memory-backend-memfd,id=a,size=99999999999999999999999",
+                "not a size",
+            ),
         ] {
             let e = parse_object(spec).unwrap_err().to_string();
             assert!(e.contains(needle), "{spec}: {e}");
