@@ -14,17 +14,12 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn file_uri(path: &Path) -> String {
-    format!("file:{}", path.display())
-}
-
 fn connect(socket: &Path) -> QmpClient {
     QmpClient::connect_and_negotiate(socket, LONG).expect("QMP connection")
 }
 
 fn status(qmp: &mut QmpClient) -> String {
-    let reply = qmp.execute("query-status", Value::Null).unwrap();
-    reply["status"].as_str().unwrap().to_string()
+    qmp.run_state().unwrap()
 }
 
 /// The RAM backend as an operator writes it, keyval form.

@@ -150,11 +150,7 @@ impl Vmm {
         });
         match self.save_for_reboot(&path, guest_was_running) {
             Ok(size) => {
-                let ms = self.migration.elapsed_ms();
-                self.migration.total_time_ms = Some(ms);
-                self.migration.downtime_ms = Some(ms);
-                self.migration.status = MigrationStatus::Completed;
-                let _ = self.set_run_state(RunState::Postmigrate);
+                let ms = self.complete_stopped_save();
                 log::info!(
                     "cpr-reboot: state saved to {} ({size} bytes, no RAM) in {ms} ms; quit, then start with -incoming file:{}",
                     path.display(),

@@ -190,12 +190,7 @@ impl Vmm {
         });
         match result {
             Ok(size) => {
-                let ms = self.migration.elapsed_ms();
-                self.migration.total_time_ms = Some(ms);
-                // The guest was stopped for the whole save.
-                self.migration.downtime_ms = Some(ms);
-                self.migration.status = MigrationStatus::Completed;
-                let _ = self.set_run_state(RunState::Postmigrate);
+                let ms = self.complete_stopped_save();
                 log::info!("migration to file completed: {size} bytes in {ms} ms");
                 self.emit(&EventKind::Migration {
                     status: MigrationStatus::Completed,
@@ -210,6 +205,17 @@ impl Vmm {
                 self.fail_migration(&e.to_string(), out.guest_was_running);
             }
         }
+    }
+
+    /// A save that kept the guest stopped throughout has completed: the record says so and the
+    /// VM is in `postmigrate`. Returns the save's duration in ms (the caller emits the event).
+    pub(crate) fn complete_stopped_save(&mut self) -> u64 {
+        let ms = self.migration.elapsed_ms();
+        self.migration.total_time_ms = Some(ms);
+        self.migration.downtime_ms = Some(ms);
+        self.migration.status = MigrationStatus::Completed;
+        let _ = self.set_run_state(RunState::Postmigrate);
+        ms
     }
 
     /// `migrate_cancel`: a save to a file in flight stops at its next chunk (`cancelling`,
