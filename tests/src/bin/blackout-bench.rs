@@ -12,6 +12,9 @@
 //! - the guest's first full memcheck sweep after each update against steady-state sweeps (the
 //!   cost of rebuilding page tables lazily);
 //! - normal `migrate` to a file plus `-incoming` restore of the same VM (copy-everything);
+//! - cpr-reboot of the same VM with its RAM in a `memory-backend-file` (in the bench's temporary
+//!   directory): save device state (the RAM file fsynced), quit, start a new process, restore
+//!   mapping the RAM file in place (no RAM copy);
 //! - KVM alone creating a VM and registering that much RAM (`KVM reg`): a floor under any
 //!   exec-based update on this host, since the new process must do it while the guest waits;
 //!   and, once, how long one exec of a minimal static C program takes (the floor under each of
