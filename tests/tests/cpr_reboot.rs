@@ -309,3 +309,78 @@ fn a_ram_file_of_another_size_is_refused_at_start() {
     assert_vmm_startup_error(&args, &["is 4096 bytes", "not resized"], LONG);
     assert_eq!(std::fs::read(&ram).unwrap(), vec![7u8; 4096]);
 }
+
+/// Inodes of the files mapped by process `pid` at `path` (from /proc/PID/maps).
+fn mapped_inodes(pid: u32, path: &Path) -> Vec<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let wanted = path.display().to_string();
+    maps.lines()
+        .filter(|l| l.ends_with(&wanted))
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .collect()
+}
+
+/// cpr-exec with a memory-backend-file: the file's fd crosses the exec (checked by device,
+/// inode and size) and the new VMM maps the same file in place; memcheck stays consistent.
+#[test]
+fn cpr_exec_hands_over_a_ram_file_in_place() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("cprreboot-exec").unwrap();
+    let ram = dir.join("guest.ram");
+    let bytes: u64 = 64 << 20;
+    let mut args = file_backend(&ram, "64M");
+    args.extend(["--guest", "memcheck"].map(String::from));
+    let (vmm, socket) = start(&args, &dir, "vm", &[]);
+    vmm.wait_for_output(|t| sweeps(t) >= 2, LONG).unwrap();
+    let inode = std::fs::metadata(&ram).unwrap().ino();
+    assert!(mapped_inodes(vmm.pid(), &ram).contains(&inode));
+    let mut qmp = connect(&socket);
+    let mut vmm_args = args.clone();
+    vmm_args.extend(["-qmp".to_string(), qmp_socket_arg(&socket)]);
+    let command =
+        cpr_tests::cpr::shim_command(&shim_bin(), &[], &vmm_bin(), &vmm_args, &dir.join("state"));
+    let update =
+        cpr_tests::cpr::cpr_update(&mut qmp, &command, &dir.join("state"), true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.info);
+    let before = sweeps(&vmm.stdout_text());
+    vmm.wait_for_output(|t| sweeps(t) >= before + 2, LONG)
+        .unwrap();
+    // The same process (exec keeps the pid), the same file, mapped again in place.
+    let maps = mapped_inodes(vmm.pid(), &ram);
+    assert!(
+        !maps.is_empty() && maps.iter().all(|i| *i == inode),
+        "{maps:?}"
+    );
+    assert_eq!(std::fs::metadata(&ram).unwrap().len(), bytes);
+    qmp.execute("stop", Value::Null).unwrap();
+    let dump = dump_memcheck_range(&mut qmp, bytes, &dir.join("dump")).unwrap();
+    check_memcheck_dump(&dump).unwrap();
+    assert!(
+        !vmm.stdout_text()[1..].contains('A'),
+        "memcheck restarted after the update"
+    );
+    quit(&vmm, &mut qmp);
+}
+
+#[test]
+fn cpr_transfer_refuses_a_ram_file_clearly() {
+    let dir = TempDir::new("cprreboot-xfer").unwrap();
+    let mut args = file_backend(&dir.join("guest.ram"), "16M");
+    args.extend(["--guest", "heartbeat,hz=100"].map(String::from));
+    let (vmm, socket) = start(&args, &dir, "vm", &[]);
+    vmm.wait_for_all_ticks(1, 3, LONG).unwrap();
+    let mut qmp = connect(&socket);
+    qmp.execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
+        .unwrap();
+    let chan = |t: &str, p: &str| json!({"channel-type": t, "addr": {"transport": "socket", "type": "unix", "path": dir.join(p).display().to_string()}});
+    let e = qmp
+        .execute(
+            "migrate",
+            json!({"channels": [chan("main", "m.sock"), chan("cpr", "c.sock")]}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("memory-backend-file is not handed over"), "{e}");
+    assert_eq!(status(&mut qmp), "running");
+    quit(&vmm, &mut qmp);
+}

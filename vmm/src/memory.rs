@@ -20,6 +20,8 @@ pub const LOW_RAM_LIMIT: u64 = 3 << 30;
 pub const HIGH_RAM_START: u64 = 4 << 30;
 pub const LOW_REGION_NAME: &str = "guest-ram-low";
 pub const HIGH_REGION_NAME: &str = "guest-ram-high";
+/// The preserved-fd name of a `memory-backend-file`'s file (all regions in one fd).
+pub const RAM_FILE_NAME: &str = "guest-ram-file";
 const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// Where one RAM region sits; part of the machine description.
@@ -291,6 +293,12 @@ impl GuestRam {
             ram.prefault()?;
         }
         Ok(ram)
+    }
+
+    /// The RAM file, for `memory-backend-file` RAM (one fd for every region).
+    pub fn backing_file(&self) -> Option<BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.file.as_ref().map(|(_, f)| f.as_fd())
     }
 
     /// The RAM file's path and identity (device, inode, size), for `memory-backend-file` RAM.
