@@ -384,3 +384,51 @@ fn cpr_transfer_refuses_a_ram_file_clearly() {
     assert_eq!(status(&mut qmp), "running");
     quit(&vmm, &mut qmp);
 }
+
+/// `-object memory-backend-memfd,...,hugetlb=on,hugetlbsize=2M` (JSON, as libvirt writes it):
+/// guest RAM on 2 MiB pages, kept across a cpr-exec update. Needs huge pages reserved
+/// (`prerequisite_missing` otherwise).
+#[test]
+fn hugetlb_memfd_backend_object_updates() {
+    use cpr_tests::hugepages::{HugePageReservation, mapping_page_size_kib};
+    let _reservation = match HugePageReservation::reserve(16 + 4) {
+        Ok(r) => r,
+        Err(e) => {
+            prerequisite_missing("hugetlb_memfd_backend_object_updates", &e);
+            return;
+        }
+    };
+    let dir = TempDir::new("cprreboot-huge").unwrap();
+    let object = json!({"qom-type": "memory-backend-memfd", "id": "pc.ram", "hugetlb": true,
+                        "hugetlbsize": 2097152, "share": true, "size": 16u64 << 20});
+    let args: Vec<String> = [
+        "-object",
+        &object.to_string(),
+        "-machine",
+        "pc,memory-backend=pc.ram",
+        "--guest",
+        "heartbeat,hz=100",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (vmm, socket) = start(&args, &dir, "vm", &[]);
+    vmm.wait_for_all_ticks(1, 3, LONG).unwrap();
+    assert_eq!(
+        mapping_page_size_kib(vmm.pid(), "guest-ram-low"),
+        Some(2048)
+    );
+    let mut qmp = connect(&socket);
+    let mut vmm_args = args.clone();
+    vmm_args.extend(["-qmp".to_string(), qmp_socket_arg(&socket)]);
+    let state = dir.join("state");
+    let command = cpr_tests::cpr::shim_command(&shim_bin(), &[], &vmm_bin(), &vmm_args, &state);
+    let update = cpr_tests::cpr::cpr_update(&mut qmp, &command, &state, true, LONG).unwrap();
+    assert_eq!(update.status(), "completed", "{}", update.info);
+    assert_eq!(
+        mapping_page_size_kib(vmm.pid(), "guest-ram-low"),
+        Some(2048)
+    );
+    let t = vmm.last_tick(0).unwrap();
+    vmm.wait_for_tick(0, t + 3, LONG).unwrap();
+    quit(&vmm, &mut qmp);
+}
