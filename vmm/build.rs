@@ -18,15 +18,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Guest sources, assembled to `<name>.bin`.
-const GUESTS: &[&str] = &["heartbeat", "memcheck", "blkcheck"];
-/// Guests also built as a bzImage: (name, linker script).
-const BZIMAGE_GUESTS: &[(&str, &str)] = &[("blkcheck", "blkcheck-bz.ld")];
+const GUESTS: &[&str] = &["heartbeat", "memcheck", "blkcheck", "netcheck"];
+/// Guests also built as a bzImage: (name, linker script; blkcheck-bz.ld serves every driver guest).
+const BZIMAGE_GUESTS: &[(&str, &str)] = &[
+    ("blkcheck", "blkcheck-bz.ld"),
+    ("netcheck", "blkcheck-bz.ld"),
+];
 /// Files the guests include or are linked with.
 const SHARED_INPUTS: &[&str] = &[
     "abi.inc",
     "lib.inc",
     "console.inc",
     "heartbeat.inc",
+    "pci.inc",
+    "virtio.inc",
+    "bzimage.inc",
     "guest.ld",
 ];
 /// Where the images are linked and loaded (see guests/abi.inc, src/boot.rs).

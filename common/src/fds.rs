@@ -41,6 +41,11 @@ pub enum FdKind {
     /// A host fd an emulated device owns (a disk image, a tap, a socket); `name` is the one
     /// the device declared, and the file type is recorded so the receiver checks it too.
     DeviceBackend { file_type: u32 },
+    /// A device's tap (a `/dev/net/tun` fd attached to a tap interface). Every such fd has the
+    /// same device and inode, so the interface name (NUL-padded) and flags that `TUNGETIFF`
+    /// reports are what say it is still the same tap. [`describe`] records a device backend
+    /// that is a tap this way. Appended last, so every other record encodes as before.
+    TapDevice { ifname: [u8; 16], flags: u16 },
     /// All guest RAM in one regular file (`memory-backend-file`): no memfd name and no seals,
     /// but its size, device and inode are checked. Appended last so a CPR state without it
     /// keeps its encoding (the previous release decodes it).
@@ -62,7 +67,16 @@ impl FdKind {
             | FdKind::ConsoleClient => Some(libc::S_IFSOCK),
             FdKind::TeardownRelease => Some(libc::S_IFIFO),
             FdKind::DeviceBackend { file_type } => Some(file_type),
+            FdKind::TapDevice { .. } => Some(libc::S_IFCHR),
         }
+    }
+
+    /// Whether a device owns it (handed back to the device by name at restore).
+    pub fn is_device_backend(self) -> bool {
+        matches!(
+            self,
+            FdKind::DeviceBackend { .. } | FdKind::TapDevice { .. }
+        )
     }
 }
 
@@ -133,6 +147,15 @@ pub enum FdError {
         name: String,
         expected: u32,
         found: u32,
+    },
+    #[error(
+        "fd {fd} ({name}) is tap {found}, expected tap {expected}: the fd was swapped for another tap"
+    )]
+    WrongTap {
+        fd: RawFd,
+        name: String,
+        expected: String,
+        found: String,
     },
     #[error("fd {fd} ({name}) has the wrong file type: expected {expected}, found {found}")]
     WrongType {
@@ -253,10 +276,48 @@ pub fn memfd_name(link: &str) -> Option<&str> {
     Some(rest.strip_suffix(" (deleted)").unwrap_or(rest))
 }
 
-/// Records what `fd` is now, so that a receiver can check it later.
+/// The interface a `/dev/net/tun` fd is attached to: its name (NUL-padded) and flags.
+pub fn tap_interface(fd: RawFd, name: &str) -> Result<([u8; 16], u16), FdError> {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // Raw, as in `identity`: `fd` is a recorded number that may be closed or reused by now.
+    // SAFETY: TUNGETIFF writes an ifreq into `req`, which lives for the call; other files
+    // refuse it (ENOTTY, EBADFD).
+    let rc = unsafe { libc::ioctl(fd, libc::TUNGETIFF as _, &mut req) };
+    if rc < 0 {
+        return Err(sys_err(fd, name, "TUNGETIFF", nix::errno::Errno::last()));
+    }
+    let mut ifname = [0u8; 16];
+    for (d, s) in ifname.iter_mut().zip(req.ifr_name.iter()) {
+        *d = *s as u8;
+    }
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags } as u16;
+    Ok((ifname, flags))
+}
+
+fn tap_text(ifname: &[u8; 16], flags: u16) -> String {
+    let end = ifname.iter().position(|b| *b == 0).unwrap_or(ifname.len());
+    format!(
+        "'{}' (flags {flags:#x})",
+        String::from_utf8_lossy(&ifname[..end])
+    )
+}
+
+/// Records what `fd` is now, so that a receiver can check it later. A character-device
+/// backend that is a tap is recorded as [`FdKind::TapDevice`].
 pub fn describe(fd: BorrowedFd<'_>, name: &str, kind: FdKind) -> Result<PreservedFd, FdError> {
     let raw = fd.as_raw_fd();
     let id = identity(raw, name)?;
+    let kind = match kind {
+        FdKind::DeviceBackend {
+            file_type: libc::S_IFCHR,
+        } => match tap_interface(raw, name) {
+            Ok((ifname, flags)) => FdKind::TapDevice { ifname, flags },
+            Err(_) => kind,
+        },
+        other => other,
+    };
     let seals = if kind == FdKind::GuestRam {
         seals(raw, name)?
     } else {
@@ -335,6 +396,17 @@ pub fn check_preserved(expected: &PreservedFd) -> Result<FdIdentity, FdError> {
             found_dev: found.dev,
             found_ino: found.ino,
         });
+    }
+    if let FdKind::TapDevice { ifname, flags } = expected.kind {
+        let (found_name, found_flags) = tap_interface(fd, name)?;
+        if (found_name, found_flags) != (ifname, flags) {
+            return Err(FdError::WrongTap {
+                fd,
+                name: name.to_string(),
+                expected: tap_text(&ifname, flags),
+                found: tap_text(&found_name, found_flags),
+            });
+        }
     }
     if matches!(expected.kind, FdKind::GuestRam | FdKind::GuestRamFile)
         && found.size != expected.size
@@ -480,5 +552,86 @@ mod tests {
         );
         assert_eq!(memfd_name("/memfd:x"), Some("x"));
         assert_eq!(memfd_name("/tmp/file"), None);
+    }
+
+    /// A tap attached to `name` (non-persistent: gone when the fd closes), or None where taps
+    /// cannot be made (no /dev/net/tun, no permission).
+    fn tap(name: &str) -> Option<OwnedFd> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .ok()?;
+        // SAFETY: ifreq is plain data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads an ifreq that lives for the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
+        (rc == 0).then(|| OwnedFd::from(file))
+    }
+
+    #[test]
+    fn a_tap_is_recorded_by_name_and_flags_and_a_swapped_tap_is_caught() {
+        let pid = std::process::id() % 100_000;
+        let (Some(a), Some(b)) = (tap(&format!("cfa{pid}")), tap(&format!("cfb{pid}"))) else {
+            eprintln!("skipped: cannot create taps here");
+            return;
+        };
+        let rec = describe(
+            a.as_fd(),
+            "netdev:n0",
+            FdKind::DeviceBackend {
+                file_type: libc::S_IFCHR,
+            },
+        )
+        .unwrap();
+        let FdKind::TapDevice { ifname, flags } = rec.kind else {
+            panic!("a tap is recorded as a tap: {rec:?}");
+        };
+        assert!(ifname.starts_with(format!("cfa{pid}").as_bytes()));
+        assert_ne!(flags & libc::IFF_TAP as u16, 0);
+        assert!(rec.kind.is_device_backend());
+        check_preserved(&rec).unwrap();
+        // Same device and inode (every /dev/net/tun fd has them), another tap: caught.
+        nix::unistd::dup2(&b, &mut unsafe_clone(&a)).unwrap();
+        let err = check_preserved(&rec).unwrap_err();
+        assert!(matches!(err, FdError::WrongTap { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("cfb{pid}")), "{err}");
+    }
+
+    /// A second owner of `fd`'s number, for dup2 to replace what it refers to; forgotten
+    /// afterwards so that the number is closed once, by `fd`'s owner.
+    fn unsafe_clone(fd: &OwnedFd) -> std::mem::ManuallyDrop<OwnedFd> {
+        // SAFETY: the clone is never dropped (ManuallyDrop), so the number is closed once.
+        std::mem::ManuallyDrop::new(unsafe {
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd.as_raw_fd())
+        })
+    }
+
+    #[test]
+    fn records_of_the_earlier_kinds_encode_as_before() {
+        // The tap kind was appended last: a device backend still has index 9, so a record
+        // written before it existed decodes the same.
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(
+            FdKind::DeviceBackend {
+                file_type: libc::S_IFREG,
+            },
+            config,
+        )
+        .unwrap();
+        assert_eq!(bytes[0], 9);
+        let bytes = bincode::serde::encode_to_vec(
+            FdKind::TapDevice {
+                ifname: [0; 16],
+                flags: 0,
+            },
+            config,
+        )
+        .unwrap();
+        assert_eq!(bytes[0], 10);
     }
 }

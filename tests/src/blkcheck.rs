@@ -339,12 +339,19 @@ impl BlkcheckCounters {
 /// by `blkcheck-bz.ld`) into `out_dir/blkcheck.bzImage` with GNU binutils, as vmm/build.rs
 /// and scripts/blkcheck-qemu.sh do, and returns its path.
 pub fn build_blkcheck_bzimage(out_dir: &Path) -> Result<PathBuf, String> {
+    build_guest_bzimage("blkcheck", out_dir)
+}
+
+/// Assembles the bzImage flavour of the driver guest `name` (`vmm/guests/NAME.S` with
+/// `--defsym BZIMAGE=1`, linked by `blkcheck-bz.ld`, which serves every driver guest) into
+/// `out_dir/NAME.bzImage`, and returns its path.
+pub fn build_guest_bzimage(name: &str, out_dir: &Path) -> Result<PathBuf, String> {
     let guests = workspace_root().join("vmm").join("guests");
     std::fs::create_dir_all(out_dir)
         .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-    let obj = out_dir.join("blkcheck-bz.o");
-    let elf = out_dir.join("blkcheck-bz.elf");
-    let image = out_dir.join("blkcheck.bzImage");
+    let obj = out_dir.join(format!("{name}-bz.o"));
+    let elf = out_dir.join(format!("{name}-bz.elf"));
+    let image = out_dir.join(format!("{name}.bzImage"));
     let p = |path: &Path| path.display().to_string();
     let steps: [(&str, Vec<String>); 3] = [
         (
@@ -357,7 +364,7 @@ pub fn build_blkcheck_bzimage(out_dir: &Path) -> Result<PathBuf, String> {
                 p(&guests),
                 "-o".into(),
                 p(&obj),
-                p(&guests.join("blkcheck.S")),
+                p(&guests.join(format!("{name}.S"))),
             ],
         ),
         (
@@ -400,6 +407,48 @@ pub fn build_blkcheck_bzimage(out_dir: &Path) -> Result<PathBuf, String> {
         }
     }
     Ok(image)
+}
+
+/// QEMU's arguments to boot the blkcheck bzImage `kernel` with kernel command line `append` on
+/// the raw image `disk` behind a modern-only `-device virtio-blk-pci`: `drive_opts` and
+/// `device_opts` are appended to the `-drive` and `-device` options. The guest exits through
+/// isa-debug-exit (QEMU's status is then `(code << 1) | 1`). `accels` are tried in order.
+pub fn qemu_blkcheck_args(
+    accels: &[&str],
+    kernel: &Path,
+    append: &str,
+    disk: &Path,
+    [drive_opts, device_opts]: [&str; 2],
+) -> Vec<String> {
+    let mut args: Vec<String> = accels
+        .iter()
+        .flat_map(|a| ["-accel".to_string(), a.to_string()])
+        .collect();
+    args.extend(
+        [
+            "-m",
+            "64M",
+            "-nographic",
+            "-no-reboot",
+            "-monitor",
+            "none",
+            "-kernel",
+            &kernel.display().to_string(),
+            "-append",
+            append,
+            "-drive",
+            &format!(
+                "file={},format=raw,if=none,id=d0{drive_opts}",
+                disk.display()
+            ),
+            "-device",
+            &format!("virtio-blk-pci,drive=d0,disable-legacy=on{device_opts}"),
+            "-device",
+            "isa-debug-exit,iobase=0x501,iosize=1",
+        ]
+        .map(String::from),
+    );
+    args
 }
 
 #[cfg(test)]

@@ -265,6 +265,27 @@ pub fn shim_command(
     command
 }
 
+/// Update number `i` of a series that alternates builds (even: the second build, odd:
+/// `target/release/vmm`) and ways (every third one direct, the others through the shim), as the
+/// many-update tests do; returns the command and "direct" or "shim".
+pub fn alternating_update(
+    i: usize,
+    vmm_args: &[String],
+    state: &Path,
+) -> (Vec<String>, &'static str) {
+    let target = if i.is_multiple_of(2) {
+        alt_vmm_bin()
+    } else {
+        crate::vmm_bin()
+    };
+    if i.is_multiple_of(3) {
+        (direct_command(&target, vmm_args, state), "direct")
+    } else {
+        let command = shim_command(&crate::shim_bin(), &[], &target, vmm_args, state);
+        (command, "shim")
+    }
+}
+
 /// The command line of a direct update (no shim): `VMM VMM_ARGS -incoming file:STATE`.
 pub fn direct_command(vmm: &Path, vmm_args: &[String], state: &Path) -> Vec<String> {
     let mut command = vec![vmm.display().to_string()];

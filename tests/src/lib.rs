@@ -37,6 +37,8 @@ pub mod heartbeat;
 pub mod hugepages;
 pub mod linux_probe;
 pub mod memcheck;
+pub mod netcheck;
+pub mod netns;
 pub mod prereq;
 pub mod previous_release;
 pub mod process;

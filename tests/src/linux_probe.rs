@@ -169,6 +169,9 @@ pub struct ProbeReport {
     pub hz: Option<u32>,
     /// `(vCPU index, APIC id, started)` per AP it tried to start.
     pub aps: Vec<(u32, u32, bool)>,
+    /// The `probe: pci ...` lines (without `probe: `): every function on bus 0 with its BARs
+    /// and capabilities.
+    pub pci: Vec<String>,
     /// `probe: ready` was printed (all probe lines are complete).
     pub ready: bool,
     /// `probe: reset` was printed: vCPU 0 is about to reset the machine through the i8042
@@ -314,6 +317,7 @@ pub fn parse_probe_output(text: &str) -> Result<ProbeReport, String> {
                     .aps
                     .push((dec(cpu).map_err(bad)?, dec(apic).map_err(bad)?, false))
             }
+            ["pci", _, ..] => report.pci.push(rest.to_string()),
             ["ready"] => report.ready = true,
             ["reset"] => report.reset = true,
             // Fault reports and messages from the unsupported entry points.

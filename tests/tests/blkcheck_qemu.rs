@@ -119,33 +119,13 @@ fn run_in_qemu(
     device_opts: &str,
 ) -> (i32, String) {
     let kernel: PathBuf = build_blkcheck_bzimage(dir.path()).unwrap();
-    let drive = format!(
-        "file={},format=raw,if=none,id=d0{drive_opts}",
-        disk.display()
-    );
-    let args = [
-        "-accel",
-        "kvm",
-        "-accel",
-        "tcg",
-        "-m",
-        "64M",
-        "-nographic",
-        "-no-reboot",
-        "-monitor",
-        "none",
-        "-kernel",
-        &kernel.display().to_string(),
-        "-append",
+    let args = qemu_blkcheck_args(
+        &["kvm", "tcg"],
+        &kernel,
         append,
-        "-drive",
-        &drive,
-        "-device",
-        &format!("virtio-blk-pci,drive=d0,disable-legacy=on{device_opts}"),
-        "-device",
-        "isa-debug-exit,iobase=0x501,iosize=1",
-    ]
-    .map(String::from);
+        disk,
+        [drive_opts, device_opts],
+    );
     let qemu = VmmProcess::start(QEMU, &args).unwrap();
     let status = qemu.wait_exit(QEMU_TIMEOUT).unwrap_or_else(|e| {
         panic!(

@@ -559,3 +559,77 @@ fn cpr_transfer_with_io_in_flight_loses_no_write() {
         .unwrap();
     vm.finish();
 }
+
+/// With a second vCPU (which sets up the shared IDT after vCPU 0 may already drive the disk),
+/// blkcheck completes a pass and exits with success: the queue interrupt's gate survives.
+#[test]
+fn blkcheck_completes_a_pass_with_two_vcpus() {
+    build_binaries();
+    let dir = TempDir::new("blk2cpu").unwrap();
+    let disk = image(dir.path(), "disk.img", 65536);
+    let process = VmmProcess::start(
+        vmm_bin(),
+        strings(&[
+            "-m",
+            "64M",
+            "-smp",
+            "2",
+            "--guest",
+            "blkcheck,depth=8,exit-after=1",
+            "-drive",
+            &format!("file={},format=raw,if=virtio", disk.display()),
+        ]),
+    )
+    .unwrap();
+    let status = process.wait_exit(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}\n{}",
+        process.stdout_text(),
+        process.stderr_text()
+    );
+    assert!(process.stdout_text().contains("blkcheck: pass 1 done"));
+}
+
+/// A disk image the VMM's user may not open is one clear error at start, naming the image.
+#[test]
+fn a_disk_without_permission_is_one_clear_error_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        prerequisite_missing(
+            "a_disk_without_permission_is_one_clear_error_at_start",
+            "needs root to drop to another user",
+        );
+        return;
+    }
+    build_binaries();
+    let dir = TempDir::new("blk-perm").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let disk = image(dir.path(), "root-only.img", 8);
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut args = strings(&[
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ]);
+    args.push(vmm_bin().display().to_string());
+    args.extend(strings(&[
+        "-m",
+        "16M",
+        "--guest",
+        "heartbeat",
+        "-drive",
+        &format!("file={},format=raw,if=virtio", disk.display()),
+    ]));
+    let vmm = VmmProcess::start("setpriv", &args).unwrap();
+    let status = vmm.wait_exit(LONG).unwrap();
+    let stderr = vmm.stderr_text();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&disk.display().to_string()) && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+}

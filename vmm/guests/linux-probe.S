@@ -18,6 +18,10 @@
  *   probe: mptable cpus N ioapic ID 0xADDR checksum ok|bad   (or "probe: mptable none")
  *   probe: acpi rsdp 0xADDR madt cpus N ioapic ID 0xADDR checksum ok|bad
  *                                               (or "probe: acpi none"; from acpi_rsdp_addr)
+ *   probe: pci 00:DD.F VVVV:DDDD                (every function on PCI bus 0, then:)
+ *   probe: pci 00:DD.F bar I 0xADDR mem32|mem64|io   (each BAR that is set)
+ *   probe: pci 00:DD.F cap 0xID at 0xOFF [msix table-size N table bar B +0xOFF pba bar B
+ *          +0xOFF | virtio type T bar B +0xOFF len 0xLEN]   (each capability)
  *   probe: heartbeat hz HZ
  *   probe: cpu I apic A started                 (one per AP; "did not start" on timeout)
  *   probe: ready
@@ -85,6 +89,7 @@
     .set G_EXIT_CODE,       0x18        /* u32 */
     .set G_CMDLINE,         0x20        /* u64 command line address, 0 if none */
     .set G_RESET_AFTER,     0x28        /* u64 */
+    .set G_PCI_BDF,         0x30        /* u32 PCI function being listed (pci.inc S_BDF) */
     .set G_APIC_IDS,        0x40        /* u8[MAX_CPUS] APIC id of vCPU i */
     .set GLOBALS_SIZE,      0x100
     .set PERCPU_BASE,       0x5000
@@ -141,6 +146,8 @@
 
     .include "console.inc"              /* print lock, puts, put_dec, put_hex_digits */
     .include "heartbeat.inc"            /* the heartbeat, shared with heartbeat.S */
+    .set S_BDF,             GLOBALS + G_PCI_BDF
+    .include "pci.inc"                  /* PCI bus 0 enumeration, shared with the driver guests */
 
 /* ------------------------------------------------------------------------------------------
  * Real-mode setup: boot sector and the setup header. A 16-bit bootloader that runs the setup
@@ -279,6 +286,7 @@ startup_64:
     call    probe_initrd
     call    probe_mptable
     call    probe_acpi
+    call    probe_pci
     call    read_options
 
     /* The BSP's own heartbeat, then the APs. */
@@ -955,6 +963,156 @@ build_idt:
     jb      1b
     ret
 
+/*
+ * probe_pci - list every function on PCI bus 0 (pci.inc's scan) with its BARs and capabilities:
+ * what Linux's PCI core and virtio-pci driver would read (BARs as assigned, not sized).
+ *   clobbers: rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r11
+ */
+probe_pci:
+    xor     %ebp, %ebp
+    lea     pci_describe(%rip), %rsi
+    jmp     pci_scan                    /* the callback takes no function: all are listed */
+
+/* pci_describe - pci_scan's callback: the BAR and capability lines of S_BDF. out: CF set */
+pci_describe:
+    xor     %ebx, %ebx                  /* ebx = BAR index */
+1:  lea     0x10(,%rbx,4), %eax
+    call    pci_read32
+    mov     %eax, %r9d                  /* r9 = the BAR register */
+    test    $~0xf, %eax
+    jz      5f                          /* not set */
+    call    pci_line_start
+    lea     msg_pci_bar(%rip), %rsi
+    call    puts
+    mov     %ebx, %eax
+    call    put_dec
+    call    space
+    lea     msg_pci_io(%rip), %rdi
+    mov     %r9d, %eax
+    and     $~3, %eax
+    test    $1, %r9b
+    jnz     3f                          /* I/O BAR */
+    mov     %ebx, %eax
+    call    bar_address                 /* 64-bit BARs: both halves */
+    lea     msg_pci_mem32(%rip), %rdi
+    mov     %r9d, %ecx
+    and     $6, %ecx
+    cmp     $4, %ecx
+    jne     3f
+    lea     msg_pci_mem64(%rip), %rdi
+    inc     %ebx                        /* the upper half is not a BAR of its own */
+3:  call    put_hex
+    mov     %rdi, %rsi
+    call    puts
+    call    newline
+5:  inc     %ebx
+    cmp     $6, %ebx
+    jb      1b
+
+    mov     $PCI_STATUS, %eax           /* capabilities */
+    call    pci_read16
+    test    $PCI_STATUS_CAPS, %al
+    jz      9f
+    mov     $PCI_CAP_PTR, %eax
+    call    pci_read8
+    mov     %eax, %ebx                  /* ebx = capability offset */
+    mov     $48, %r10d                  /* at most 48: no endless loop */
+6:  and     $0xfc, %ebx
+    cmp     $0x40, %ebx
+    jb      9f
+    dec     %r10d
+    jz      9f
+    mov     %ebx, %eax
+    call    pci_read32
+    mov     %eax, %r9d                  /* r9 = id, next, control / len, cfg_type */
+    call    pci_line_start
+    movzbl  %r9b, %eax
+    lea     msg_pci_cap(%rip), %rsi
+    call    puts_hex
+    mov     %ebx, %eax
+    lea     msg_pci_at(%rip), %rsi
+    call    puts_hex
+    cmp     $CAP_MSIX, %r9b
+    je      7f
+    cmp     $CAP_VENDOR, %r9b
+    je      8f
+    jmp     2f
+7:  mov     %r9d, %eax                  /* MSI-X: table size, table and PBA */
+    shr     $16, %eax
+    and     $0x7ff, %eax
+    inc     %eax
+    lea     msg_pci_msix(%rip), %rsi
+    call    puts_dec
+    lea     msg_pci_table(%rip), %rsi
+    lea     4(%rbx), %eax
+    call    put_bir_offset
+    lea     msg_pci_pba(%rip), %rsi
+    lea     8(%rbx), %eax
+    call    put_bir_offset
+    jmp     2f
+8:  lea     4(%rbx), %eax               /* a virtio structure: type, bar, offset, length */
+    call    pci_read8
+    mov     %eax, %r11d                 /* r11 = bar */
+    mov     %r9d, %eax
+    shr     $24, %eax
+    lea     msg_pci_virtio(%rip), %rsi
+    call    puts_dec
+    mov     %r11d, %eax
+    lea     msg_pci_bar(%rip), %rsi
+    call    puts_dec
+    lea     8(%rbx), %eax
+    lea     msg_pci_plus(%rip), %rsi
+    call    puts_cfg32
+    lea     12(%rbx), %eax
+    lea     msg_pci_len(%rip), %rsi
+    call    puts_cfg32
+2:  call    newline
+    mov     %r9d, %ebx
+    shr     $8, %ebx                    /* next */
+    jmp     6b
+9:  stc
+    ret
+
+/* pci_line_start - "probe: pci 00:DD.F". clobbers: rax, rcx, rdx, rsi, r8 */
+pci_line_start:
+    lea     msg_pci(%rip), %rsi
+    call    puts
+    jmp     put_devfn
+
+/* put_bir_offset - rsi, then " bar B +0xOFF" of the table/PBA register at config offset eax. */
+put_bir_offset:
+    push    %rsi
+    call    pci_read32
+    mov     %eax, %r11d
+    pop     %rsi
+    call    puts
+    mov     %r11d, %eax
+    and     $7, %eax
+    lea     msg_pci_bar(%rip), %rsi
+    call    puts_dec
+    mov     %r11d, %eax
+    and     $~7, %eax
+    lea     msg_pci_plus(%rip), %rsi
+    jmp     puts_hex
+
+/* puts_cfg32 - the string at rsi, then the configuration dword at offset eax in hex. */
+puts_cfg32:
+    call    pci_read32
+
+/* puts_hex, puts_dec - the string at rsi, then rax (put_hex / put_dec). clobbers: theirs */
+puts_hex:
+    push    %rax
+    call    puts
+    pop     %rax
+    jmp     put_hex
+puts_dec:
+    push    %rax
+    call    puts
+    pop     %rax
+    jmp     put_dec
+
+    PCI_ROUTINES "probe: "
+
 /* print_lock, print_unlock, puts, put_dec, put_hex_digits (see console.inc). */
     CONSOLE_ROUTINES GLOBALS+G_PRINT_LOCK
 
@@ -1133,6 +1291,18 @@ msg_apic:           .asciz  " apic "
 msg_ap_started:     .asciz  " started\n"
 msg_ap_failed:      .asciz  " did not start\n"
 msg_ready:          .asciz  "probe: ready\n"
+msg_pci_bar:        .asciz  " bar "
+msg_pci_io:         .asciz  " io"
+msg_pci_mem32:      .asciz  " mem32"
+msg_pci_mem64:      .asciz  " mem64"
+msg_pci_cap:        .asciz  " cap "
+msg_pci_at:         .asciz  " at "
+msg_pci_msix:       .asciz  " msix table-size "
+msg_pci_table:      .asciz  " table"
+msg_pci_pba:        .asciz  " pba"
+msg_pci_virtio:     .asciz  " virtio type "
+msg_pci_plus:       .asciz  " +"
+msg_pci_len:        .asciz  " len "
     HEARTBEAT_STRINGS
 msg_fault_cpu:      .asciz  "\nprobe: cpu "
 msg_fault_vector:   .asciz  ": unexpected exception/interrupt, vector "

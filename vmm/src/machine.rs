@@ -29,6 +29,7 @@ use crate::devices::pci::{
 use crate::devices::rtc::{RTC_BASE_PORT, RTC_PORT_COUNT, Rtc};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, SerialDevice};
 use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::net::{Net, NetConfig, NetStats};
 use crate::devices::virtio::pci::VirtioPciDevice;
 use crate::devices::{
     DeviceContext, DeviceDescription, DeviceSet, DeviceSetError, DeviceSpec, HandedOverFds, HostFd,
@@ -104,11 +105,13 @@ pub struct Hardware {
     pub guest: GuestBoot,
     /// Disks, each behind a virtio-blk-pci function, from PCI slot 1 on.
     pub disks: Vec<BlockConfig>,
+    /// NICs, each behind a virtio-net-pci function, in the PCI slots after the disks.
+    pub nics: Vec<NetConfig>,
 }
 
 /// The machine's devices, one line each: its id in the saved state, its type and its place on
 /// the bus. A new device is one more line here (and its own file under `devices/`).
-fn device_specs(disks: &[BlockConfig]) -> Vec<DeviceSpec> {
+fn device_specs(disks: &[BlockConfig], nics: &[NetConfig]) -> Vec<DeviceSpec> {
     let mut specs = vec![
         DeviceSpec::port::<SerialDevice>("serial", COM1_PORT, COM1_PORT_COUNT, ()),
         DeviceSpec::port::<I8042>("i8042", I8042_BASE_PORT, I8042_PORT_COUNT, ()),
@@ -131,12 +134,20 @@ fn device_specs(disks: &[BlockConfig]) -> Vec<DeviceSpec> {
             disk.clone(),
         ));
     }
+    let first_nic_slot = 1 + disks.len() as u8;
+    for (slot, nic) in (first_nic_slot..).zip(nics) {
+        specs.push(DeviceSpec::pci::<VirtioPciDevice<Net>>(
+            &nic.state_id(),
+            slot,
+            nic.clone(),
+        ));
+    }
     specs
 }
 
 /// The devices a machine built from this command line has, as its description lists them.
-pub fn device_descriptions(disks: &[BlockConfig]) -> Vec<DeviceDescription> {
-    device_specs(disks)
+pub fn device_descriptions(disks: &[BlockConfig], nics: &[NetConfig]) -> Vec<DeviceDescription> {
+    device_specs(disks, nics)
         .iter()
         .map(DeviceSpec::description)
         .collect()
@@ -159,6 +170,7 @@ pub struct Machine {
     console: ConsoleOutput,
     guest: GuestBoot,
     disks: Vec<BlockConfig>,
+    nics: Vec<NetConfig>,
     vcpu_count: u32,
     events: EventSink,
     wakers: MachineWakers,
@@ -181,6 +193,7 @@ pub struct PreparedMachine {
     vcpu_count: u32,
     guest: GuestBoot,
     disks: Vec<BlockConfig>,
+    nics: Vec<NetConfig>,
     console: ConsoleOutput,
     events: EventSink,
     rx: Receiver<VcpuEvent>,
@@ -219,7 +232,7 @@ impl Machine {
         console: ConsoleOutput,
         phases: &mut Option<&mut PhaseLog>,
     ) -> Result<PreparedMachine, MachineError> {
-        let Hardware { guest, disks } = hardware;
+        let Hardware { guest, disks, nics } = hardware;
         let kvm = Kvm::new().map_err(MachineError::KvmOpen)?;
         let vcpu_events = Arc::new(
             EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MachineError::EventFd)?,
@@ -240,6 +253,7 @@ impl Machine {
             vcpu_count,
             guest,
             disks,
+            nics,
             console,
             events,
             rx,
@@ -356,7 +370,13 @@ impl Machine {
     pub fn description(&self) -> MachineDescription {
         MachineDescription {
             devices: self.devices.descriptions().to_vec(),
-            ..describe(&self.ram, self.vcpu_count, &self.guest, &self.disks)
+            ..describe(
+                &self.ram,
+                self.vcpu_count,
+                &self.guest,
+                &self.disks,
+                &self.nics,
+            )
         }
     }
 
@@ -371,6 +391,20 @@ impl Machine {
                         (pci.device().config().clone(), pci.device().capacity_bytes())
                     },
                 )
+            })
+            .collect()
+    }
+
+    /// Each NIC as the machine has it now: its configuration, its tap's name, its counters.
+    pub fn nics(&self) -> Vec<(NetConfig, String, NetStats)> {
+        self.nics
+            .iter()
+            .filter_map(|n| {
+                self.devices
+                    .with(&n.state_id(), |pci: &mut VirtioPciDevice<Net>| {
+                        let net = pci.device();
+                        (net.config().clone(), net.ifname().to_string(), net.stats())
+                    })
             })
             .collect()
     }
@@ -470,6 +504,7 @@ impl Machine {
                 &vm,
                 &self.ram,
                 &self.disks,
+                &self.nics,
                 serial_irq,
                 &self.console,
                 &self.wakers,
@@ -573,6 +608,7 @@ impl PreparedMachine {
             &self.vm,
             &self.ram,
             &self.disks,
+            &self.nics,
             self.serial_irq,
             &self.console,
             &self.wakers,
@@ -588,6 +624,7 @@ impl PreparedMachine {
             console: self.console,
             guest: self.guest,
             disks: self.disks,
+            nics: self.nics,
             vcpu_count: self.vcpu_count,
             events: self.events,
             wakers: self.wakers,
@@ -646,13 +683,14 @@ pub fn describe(
     vcpus: u32,
     guest: &GuestBoot,
     disks: &[BlockConfig],
+    nics: &[NetConfig],
 ) -> MachineDescription {
     MachineDescription {
         vcpus,
         ram_size: ram.total_size(),
         regions: ram.layouts(),
         guest: GuestKind::of(guest),
-        devices: device_descriptions(disks),
+        devices: device_descriptions(disks, nics),
     }
 }
 
@@ -737,6 +775,7 @@ fn attach_devices(
     vm: &Arc<VmFd>,
     ram: &GuestRam,
     disks: &[BlockConfig],
+    nics: &[NetConfig],
     serial_irq: EventFd,
     console: &ConsoleOutput,
     wakers: &MachineWakers,
@@ -753,7 +792,7 @@ fn attach_devices(
         serial_irq: Some(serial_irq),
         host_fds,
     };
-    let set = DeviceSet::build(device_specs(disks), &mut ctx, saved)?;
+    let set = DeviceSet::build(device_specs(disks, nics), &mut ctx, saved)?;
     let unclaimed = ctx.host_fds.names();
     if !unclaimed.is_empty() {
         log::warn!(

@@ -137,6 +137,14 @@ fn main() -> ExitCode {
         eprintln!("vmm: {e}");
         return ExitCode::from(1);
     }
+    // Taps likewise: a live update's new VMM takes the one handed over.
+    if incoming.is_none()
+        && config.cpr_channel.is_none()
+        && let Err(e) = cli::nics::check_taps(&config.nics)
+    {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(1);
+    }
     let mut incoming = incoming;
     if let Some(i) = &mut incoming {
         i.phases.mark("read CPR state and check fds");

@@ -102,6 +102,20 @@ pub const BLKCHECK_EXIT_DEVICE_ERROR: u8 = 0x21;
 /// mismatched (otherwise it exits with `exit_code`).
 #[allow(dead_code)] // guest ABI, for callers that interpret exit statuses
 pub const BLKCHECK_EXIT_DATA_ERROR: u8 = 0x22;
+/// Guest-physical address of netcheck's counters block (u64 each): `+0x00` magic "NETCHECK",
+/// `+0x08` host frames received, `+0x10` echoes sent, `+0x18` own frames sent, `+0x20` last
+/// host sequence number, `+0x28` host sequence numbers missing, `+0x30` host duplicates,
+/// `+0x38` other frames, `+0x40` timer ticks, `+0x48` state (0 starting, 1 running, 2 no
+/// device, 3 failed), `+0x50` queue interrupts, `+0x58` frames in more than one buffer,
+/// `+0x60` transmissions completed, `+0x68` first host sequence number. See
+/// guests/netcheck.S; the same address as blkcheck's (one driver guest runs at a time).
+#[allow(dead_code)] // guest ABI, for callers that read netcheck's counters
+pub const NETCHECK_COUNTERS_ADDR: u64 = 0x30000;
+/// netcheck's exit status when no virtio-net device is on PCI bus 0.
+#[allow(dead_code)] // guest ABI, for callers that interpret exit statuses
+pub const NETCHECK_EXIT_NO_DEVICE: u8 = 0x20;
+/// netcheck's timer rate (and so its sending rate, one frame per tick) without `hz=`.
+pub const NETCHECK_DEFAULT_HZ: u32 = 100;
 /// u32: 1 when memcheck sweeps sampled pages of all RAM (`sweep=sampled`), 0 otherwise.
 const PB_MEMCHECK_SAMPLED: usize = 0x24;
 /// u64: end of the RAM that starts at 4 GiB, or 0 when there is none.
@@ -154,10 +168,12 @@ const EFER_LMA: u64 = 1 << 10;
 static HEARTBEAT_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.bin"));
 static MEMCHECK_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memcheck.bin"));
 static BLKCHECK_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkcheck.bin"));
+static NETCHECK_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/netcheck.bin"));
 // build.rs checks this too; keep the load-time guarantee at compile time.
 const _: () = assert!(HEARTBEAT_IMAGE.len() <= MAX_GUEST_IMAGE_SIZE);
 const _: () = assert!(MEMCHECK_IMAGE.len() <= MAX_GUEST_IMAGE_SIZE);
 const _: () = assert!(BLKCHECK_IMAGE.len() <= MAX_GUEST_IMAGE_SIZE);
+const _: () = assert!(NETCHECK_IMAGE.len() <= MAX_GUEST_IMAGE_SIZE);
 // The per-vCPU areas of all vCPUs lie in the page the load writes (and zeroes).
 const _: () = assert!(
     PERCPU_AREA_ADDR + MAX_BUILTIN_VCPUS as u64 * PERCPU_AREA_SIZE
@@ -177,6 +193,9 @@ pub enum BuiltinGuest {
         /// Requests in flight, `0..=BLKCHECK_MAX_DEPTH` (0 = [`BLKCHECK_DEFAULT_DEPTH`]).
         depth: u32,
     },
+    /// virtio-net driver: echoes the host's numbered frames and sends its own, one per timer
+    /// tick, counting gaps and duplicates (guests/netcheck.S).
+    Netcheck,
     /// memcheck sweeping one sampled page every [`MEMCHECK_SAMPLE_STRIDE`] of all RAM, above
     /// 4 GiB too (`--guest memcheck,sweep=sampled`); same image, same name.
     MemcheckSampled,
@@ -184,10 +203,11 @@ pub enum BuiltinGuest {
 
 impl BuiltinGuest {
     /// All built-in guests.
-    pub const ALL: [BuiltinGuest; 3] = [
+    pub const ALL: [BuiltinGuest; 4] = [
         BuiltinGuest::Heartbeat,
         BuiltinGuest::Memcheck,
         BuiltinGuest::Blkcheck { depth: 0 },
+        BuiltinGuest::Netcheck,
     ];
 
     /// The guest's name as used on the command line.
@@ -196,6 +216,7 @@ impl BuiltinGuest {
             BuiltinGuest::Heartbeat => "heartbeat",
             BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled => "memcheck",
             BuiltinGuest::Blkcheck { .. } => "blkcheck",
+            BuiltinGuest::Netcheck => "netcheck",
         }
     }
 
@@ -210,6 +231,15 @@ impl BuiltinGuest {
             BuiltinGuest::Heartbeat => HEARTBEAT_IMAGE,
             BuiltinGuest::Memcheck | BuiltinGuest::MemcheckSampled => MEMCHECK_IMAGE,
             BuiltinGuest::Blkcheck { .. } => BLKCHECK_IMAGE,
+            BuiltinGuest::Netcheck => NETCHECK_IMAGE,
+        }
+    }
+
+    /// The timer rate without `hz=`: `default` (the command line's), or netcheck's own.
+    pub fn default_tick_hz(self, default: u32) -> u32 {
+        match self {
+            BuiltinGuest::Netcheck => NETCHECK_DEFAULT_HZ,
+            _ => default,
         }
     }
 }

@@ -413,6 +413,7 @@ impl TestVm {
             crate::machine::Hardware {
                 guest: guest.clone(),
                 disks: Vec::new(),
+                nics: Vec::new(),
             },
             console,
             Source::Boot,
@@ -559,6 +560,7 @@ impl TestVm {
             crate::machine::Hardware {
                 guest: guest.clone(),
                 disks: Vec::new(),
+                nics: Vec::new(),
             },
             console,
             Source::Restore {

@@ -1,6 +1,6 @@
 //! Disks on the command line, in QEMU's spellings:
 //!
-//! - `-drive file=PATH,format=raw,if=virtio[,id=ID][,readonly=on][,cache=MODE][,serial=S]`: a
+//! - `-drive file=PATH,format=raw,if=virtio[,id=ID][,readonly=on][,cache=MODE][,aio=A][,serial=S]`: a
 //!   disk and its virtio-blk-pci device in one;
 //! - `-drive if=none,id=ID,file=PATH,format=raw` or `-blockdev driver=file,node-name=ID,filename=PATH`
 //!   (also libvirt's JSON form, with a `raw` format node on top of the file node), plus
@@ -19,7 +19,7 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
-use crate::devices::virtio::block::{BlockConfig, DiskSource};
+use crate::devices::virtio::block::{AioMode, BlockConfig, DiskSource};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DriveError {
@@ -47,7 +47,7 @@ pub enum DriveError {
     DriveInUse(String),
     #[error("two drives are both named '{0}'")]
     DuplicateId(String),
-    #[error("-device {0}: unknown device; this VMM has virtio-blk-pci")]
+    #[error("-device {0}: unknown device; this VMM has virtio-blk-pci and virtio-net-pci")]
     UnknownDevice(String),
     #[error("file=/dev/fdset/{0}: no -add-fd put an fd in set {0}")]
     NoFdSet(u32),
@@ -126,6 +126,7 @@ pub fn parse_disks(
             read_only: d.read_only,
             serial: serial.or_else(|| d.serial.clone()).unwrap_or_default(),
             format_stated: d.format.is_some(),
+            aio: d.aio,
         });
     }
     for d in &pending {
@@ -155,6 +156,8 @@ struct PendingDrive {
     format: Option<String>,
     read_only: bool,
     serial: Option<String>,
+    /// `aio=`: the I/O path.
+    aio: AioMode,
     /// `if=virtio`: a virtio-blk-pci device comes with it.
     attach_now: bool,
 }
@@ -168,7 +171,10 @@ fn push_unique(list: &mut Vec<PendingDrive>, d: PendingDrive) -> Result<(), Driv
 }
 
 /// `key=value,key=value` (QEMU's option syntax; `,,` is a literal comma in a value).
-fn split_options(option: &'static str, spec: &str) -> Result<Vec<(String, String)>, DriveError> {
+pub(crate) fn split_options(
+    option: &'static str,
+    spec: &str,
+) -> Result<Vec<(String, String)>, DriveError> {
     let mut out = Vec::new();
     let mut current = String::new();
     let mut chars = spec.chars().peekable();
@@ -240,6 +246,7 @@ fn parse_drive(spec: &str, index: usize) -> Result<PendingDrive, DriveError> {
     let mut format = None;
     let mut read_only = false;
     let mut serial = None;
+    let mut aio = AioMode::default();
     let mut interface = "virtio".to_string();
     for (k, v) in split_options("-drive", spec)? {
         match k.as_str() {
@@ -249,10 +256,11 @@ fn parse_drive(spec: &str, index: usize) -> Result<PendingDrive, DriveError> {
             "id" => id = Some(v),
             "readonly" | "read-only" => read_only = on_off("-drive", spec, &k, &v)?,
             "serial" => serial = Some(v),
+            "aio" => aio = parse_aio("-drive", spec, &v)?,
             // Host caching policy: every mode reads and writes through the page cache here, and
             // FLUSH reaches the disk, which is what the guest's flushes need.
-            "cache" | "aio" | "discard" | "detect-zeroes" | "media" | "cache.direct"
-            | "cache.no-flush" => {}
+            "cache" | "discard" | "detect-zeroes" | "media" | "cache.direct" | "cache.no-flush" => {
+            }
             other => return Err(bad(format!("unknown option '{other}'"))),
         }
     }
@@ -275,7 +283,16 @@ fn parse_drive(spec: &str, index: usize) -> Result<PendingDrive, DriveError> {
         format,
         read_only,
         serial,
+        aio,
         attach_now,
+    })
+}
+
+fn parse_aio(option: &'static str, spec: &str, value: &str) -> Result<AioMode, DriveError> {
+    AioMode::parse(value).ok_or_else(|| DriveError::Syntax {
+        option,
+        spec: spec.to_string(),
+        detail: format!("aio={value}: use aio=io_uring, aio=native or aio=threads"),
     })
 }
 
@@ -319,6 +336,10 @@ fn parse_blockdev(spec: &str) -> Result<Blockdev, DriveError> {
         Some(v) => on_off("-blockdev", spec, "read-only", &v)?,
         None => false,
     };
+    let aio = match get("aio") {
+        Some(v) => parse_aio("-blockdev", spec, &v)?,
+        None => AioMode::default(),
+    };
     match get("driver").as_deref() {
         Some("file") | Some("host_device") => {
             let filename = get("filename").ok_or_else(|| bad("filename= is missing".into()))?;
@@ -328,6 +349,7 @@ fn parse_blockdev(spec: &str) -> Result<Blockdev, DriveError> {
                 format: Some("raw".into()),
                 read_only,
                 serial: None,
+                aio,
                 attach_now: false,
             }))
         }
@@ -507,6 +529,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d[0].id, "libvirt-1-storage");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn aio_picks_the_io_path_in_both_spellings_and_bad_values_are_refused() {
+        let p = image("aio", &[0u8; 4096]);
+        let path = p.display().to_string();
+        let drive = |aio: &str| {
+            parse_disks(
+                &strs(&[&format!("file={path},format=raw,if=virtio{aio}")]),
+                &[],
+                &[],
+                &[],
+            )
+        };
+        assert_eq!(drive("").unwrap()[0].aio, AioMode::Auto);
+        assert_eq!(drive(",aio=threads").unwrap()[0].aio, AioMode::Threads);
+        assert_eq!(drive(",aio=io_uring").unwrap()[0].aio, AioMode::IoUring);
+        assert_eq!(drive(",aio=native").unwrap()[0].aio, AioMode::IoUring);
+        let e = drive(",aio=posix").unwrap_err().to_string();
+        assert!(e.contains("aio=posix") && e.contains("aio=threads"), "{e}");
+        let b = parse_disks(
+            &[],
+            &strs(&[&format!(
+                "driver=file,node-name=n1,filename={path},aio=threads"
+            )]),
+            &strs(&["virtio-blk-pci,drive=n1"]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(b[0].aio, AioMode::Threads);
         std::fs::remove_file(p).unwrap();
     }
 

@@ -6,6 +6,7 @@
 //! are parsed into typed settings here, so every later stage works with checked values.
 
 pub mod drives;
+pub mod nics;
 pub mod objects;
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
     ("blockdev", "blockdev"),
     ("device", "device"),
     ("add-fd", "add-fd"),
+    ("netdev", "netdev"),
+    ("nic", "nic"),
     ("object", "object"),
 ];
 
@@ -125,10 +128,11 @@ pub struct Args {
     #[arg(long = "smp", value_name = "N", default_value = "1")]
     pub smp: String,
 
-    /// Built-in guest: heartbeat, memcheck or blkcheck, with options
+    /// Built-in guest: heartbeat, memcheck, blkcheck or netcheck, with options
     /// NAME[,hz=N][,exit-after=N][,exit-code=N] (memcheck also [,sweep=dense|sampled]: sampled
     /// touches one page every 16 MiB of all RAM; blkcheck also [,depth=N], and its exit-after
-    /// counts passes).
+    /// counts passes; netcheck sends one frame per tick, hz=100 by default, and its exit-after
+    /// counts frames sent).
     #[arg(long, value_name = "NAME[,OPTS]")]
     pub guest: Option<String>,
 
@@ -230,7 +234,7 @@ pub struct Args {
     #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
     pub blockdev: Vec<String>,
 
-    /// A device: virtio-blk-pci,drive=ID[,serial=S].
+    /// A device: virtio-blk-pci,drive=ID[,serial=S] or virtio-net-pci,netdev=ID[,mac=M].
     #[arg(long, value_name = "DEVICE,OPTS", action = ArgAction::Append)]
     pub device: Vec<String>,
 
@@ -238,6 +242,14 @@ pub struct Args {
     /// file=/dev/fdset/S).
     #[arg(long = "add-fd", value_name = "fd=N,set=S", action = ArgAction::Append)]
     pub add_fd: Vec<String>,
+
+    /// A network backend: tap,id=ID,ifname=NAME,script=no,downscript=no or tap,id=ID,fd=N.
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub netdev: Vec<String>,
+
+    /// A NIC and its backend in one: tap,ifname=NAME|fd=N[,model=virtio-net-pci][,mac=M].
+    #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
+    pub nic: Vec<String>,
 
     /// Refused: QEMU's -chardev.
     #[arg(long, hide = true, value_name = "SPEC", action = ArgAction::Append)]
@@ -260,7 +272,7 @@ pub enum CliError {
     Smp(String),
     #[error("-smp {got}: this VMM supports 1 to {max} vCPUs")]
     SmpRange { got: u32, max: u32 },
-    #[error("unknown guest '{0}': built-in guests are heartbeat, memcheck and blkcheck")]
+    #[error("unknown guest '{0}': built-in guests are heartbeat, memcheck, blkcheck and netcheck")]
     UnknownGuest(String),
     #[error(
         "invalid guest option '{0}': the guests take hz=N, exit-after=N, exit-code=N; \
@@ -300,6 +312,8 @@ pub enum CliError {
     Conflict(String),
     #[error("{0}")]
     Drive(#[from] drives::DriveError),
+    #[error("{0}")]
+    Nic(#[from] nics::NicError),
 }
 
 /// Faults a test can inject into the new side of a live update.
@@ -394,6 +408,8 @@ pub struct Config {
     pub log_timestamps: crate::logger::Timestamps,
     /// Disks, each behind a virtio-blk-pci device, in PCI slot order.
     pub disks: Vec<crate::devices::virtio::block::BlockConfig>,
+    /// NICs, each behind a virtio-net-pci device, in the PCI slots after the disks.
+    pub nics: Vec<crate::devices::virtio::net::NetConfig>,
     /// The argv this process was started with (for the rollback fallback).
     pub argv: Vec<String>,
 }
@@ -525,7 +541,13 @@ impl Config {
         // All guest RAM is mapped shared, so aux-ram-share=on (which QEMU needs for cpr) is
         // what this VMM always does; the option is checked (above) and accepted.
         let (incoming, cpr_channel) = parse_incoming_channels(&args.incoming)?;
-        let disks = drives::parse_disks(&args.drive, &args.blockdev, &args.device, &args.add_fd)?;
+        let (nic_devices, disk_devices): (Vec<String>, Vec<String>) = args
+            .device
+            .iter()
+            .cloned()
+            .partition(|d| nics::is_nic_device(d));
+        let disks = drives::parse_disks(&args.drive, &args.blockdev, &disk_devices, &args.add_fd)?;
+        let nics = nics::parse_nics(&args.netdev, &nic_devices, &args.nic, disks.len())?;
         Ok(Config {
             ram_size,
             prealloc: args.prealloc || memory.prealloc == Some(true),
@@ -548,6 +570,7 @@ impl Config {
             pidfile: args.pidfile.clone(),
             log_timestamps: args.log_timestamps,
             disks,
+            nics,
             argv,
         })
     }
@@ -784,7 +807,7 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
         BuiltinGuest::from_name(name).ok_or_else(|| CliError::UnknownGuest(name.to_string()))?;
     let mut g = GuestSpec {
         guest,
-        tick_hz: DEFAULT_TICK_HZ,
+        tick_hz: guest.default_tick_hz(DEFAULT_TICK_HZ),
         exit_after_ticks: 0,
         exit_code: 0,
     };
@@ -1200,7 +1223,10 @@ mod tests {
         let e = parse(&["-smp", "0"]).unwrap_err();
         assert!(e.contains("1 to"), "{e}");
         let e = parse(&["--guest", "doom"]).unwrap_err();
-        assert!(e.contains("heartbeat, memcheck and blkcheck"), "{e}");
+        assert!(
+            e.contains("heartbeat, memcheck, blkcheck and netcheck"),
+            "{e}"
+        );
         let e = parse(&["-serial", "tcp:1.2.3.4:5"]).unwrap_err();
         assert!(e.contains("stdio, file:PATH"), "{e}");
         let e = parse(&["-qmp", "tcp:localhost:4444"]).unwrap_err();
@@ -1311,6 +1337,18 @@ mod tests {
         }
         // Only blkcheck has a depth.
         assert!(parse_guest("heartbeat,depth=8").is_err());
+    }
+
+    #[test]
+    fn netcheck_guest_sends_at_100_hz_unless_told() {
+        let g = parse_guest("netcheck").unwrap();
+        assert_eq!(g.guest, BuiltinGuest::Netcheck);
+        assert_eq!(g.tick_hz, 100);
+        let g = parse_guest("netcheck,hz=50,exit-after=20").unwrap();
+        assert_eq!((g.tick_hz, g.exit_after_ticks), (50, 20));
+        assert!(parse_guest("netcheck,depth=8").is_err());
+        // The other guests keep the command line's default.
+        assert_eq!(parse_guest("heartbeat").unwrap().tick_hz, DEFAULT_TICK_HZ);
     }
 
     #[test]

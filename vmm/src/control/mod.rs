@@ -43,10 +43,10 @@ use crate::migration::state::{GuestKind, MachineDescription};
 use crate::migration::{MigMode, MigrationRecord};
 use crate::qmp::protocol::hmp::{self, HmpAction};
 use crate::qmp::protocol::{
-    Command, CpuInfoFast, CpuInstanceProperties, EventKind, HumanReadableText, KvmInfo,
-    MigrationParameters, NameInfo, PmemsaveArgs, QmpError, Response, RunState, ShutdownCause,
-    StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands, query_events,
-    query_qmp_schema, registers,
+    Command, CprCommandLine, CpuInfoFast, CpuInstanceProperties, EventKind, HumanReadableText,
+    KvmInfo, MigrationParameters, NameInfo, PmemsaveArgs, QmpError, Response, RunState,
+    ShutdownCause, StatusInfo, TARGET_X86_64, VersionInfo, migrate_capabilities, query_commands,
+    query_events, query_qmp_schema, registers,
 };
 use crate::qmp::server::{ClientId, Monitor};
 use crate::vcpu::{VcpuEvent, VcpuEventKind};
@@ -395,6 +395,7 @@ impl Vmm {
         crate::machine::Hardware {
             guest: self.config.guest.clone(),
             disks: self.config.disks.clone(),
+            nics: self.config.nics.clone(),
         }
     }
 
@@ -405,7 +406,7 @@ impl Vmm {
             ram_size: self.config.ram_size,
             regions: memory::layout(self.config.ram_size),
             guest: GuestKind::of(&self.config.guest),
-            devices: crate::machine::device_descriptions(&self.config.disks),
+            devices: crate::machine::device_descriptions(&self.config.disks, &self.config.nics),
         }
     }
 
@@ -843,7 +844,81 @@ impl Vmm {
             )),
             Command::QueryQmpSchema => to_value(&query_qmp_schema()),
             Command::QueryRegisters(args) => self.registers(args.cpu_index),
+            Command::QueryRxFilter(args) => to_value(&self.query_rx_filter(args.name.as_deref())?),
+            Command::QueryNetwork => to_value(&HumanReadableText {
+                human_readable_text: self.network_text(),
+            }),
+            Command::QueryCprCommandLine => to_value(&self.cpr_command_line()),
         }
+    }
+
+    /// `x-query-cpr-command-line`: the argv this VMM was started with, minus `-incoming ...`
+    /// (the rollback's argv without its own `-incoming`), and the QMP socket path.
+    fn cpr_command_line(&self) -> CprCommandLine {
+        let mut argv =
+            crate::migration::cpr_exec::fallback_argv(&self.config.argv, std::path::Path::new(""));
+        argv.truncate(argv.len().saturating_sub(2));
+        CprCommandLine {
+            argv,
+            qmp_socket: self
+                .config
+                .qmp
+                .as_ref()
+                .map(|q| q.path.display().to_string()),
+        }
+    }
+
+    /// `query-rx-filter`: every NIC, or the one named (QEMU's errors for other names).
+    fn query_rx_filter(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<crate::qmp::protocol::RxFilterInfo>, QmpError> {
+        let nics = self.machine.as_ref().map(|m| m.nics()).unwrap_or_default();
+        let out: Vec<_> = nics
+            .iter()
+            .filter(|(c, _, _)| name.is_none_or(|n| n == c.device_id))
+            .map(|(c, _, _)| {
+                crate::qmp::protocol::RxFilterInfo::open_filter(
+                    &c.device_id,
+                    &crate::devices::virtio::net::format_mac(&c.mac),
+                )
+            })
+            .collect();
+        if let Some(n) = name
+            && out.is_empty()
+        {
+            return Err(QmpError::generic(format!("invalid net client name: {n}")));
+        }
+        Ok(out)
+    }
+
+    /// HMP `info network`, laid out as QEMU's, with each NIC's frame counters.
+    fn network_text(&self) -> String {
+        let nics = self.machine.as_ref().map(|m| m.nics()).unwrap_or_default();
+        let mut text = String::new();
+        for (index, (c, ifname, s)) in nics.iter().enumerate() {
+            let source = match &c.source {
+                crate::devices::virtio::net::TapSource::Ifname(_) => {
+                    format!("ifname={ifname},script=no,downscript=no")
+                }
+                crate::devices::virtio::net::TapSource::Fd(fd) => {
+                    format!("fd={fd},ifname={ifname}")
+                }
+            };
+            text.push_str(&format!(
+                "{}: index={index},type=nic,model=virtio-net-pci,macaddr={}\n \\ {}: index={index},type=tap,{source}\n    rx {} frames {} bytes {} dropped, tx {} frames {} bytes {} dropped\n",
+                c.device_id,
+                crate::devices::virtio::net::format_mac(&c.mac),
+                c.netdev,
+                s.rx_frames,
+                s.rx_bytes,
+                s.rx_dropped,
+                s.tx_frames,
+                s.tx_bytes,
+                s.tx_dropped,
+            ));
+        }
+        text
     }
 
     /// `x-query-registers` (HMP `info registers`): each vCPU's registers, read while the vCPUs

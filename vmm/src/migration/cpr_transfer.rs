@@ -80,7 +80,7 @@ impl IncomingTransfer {
     pub fn take_device_fds(&mut self) -> HandedOverFds {
         let (devices, rest) = std::mem::take(&mut self.ram)
             .into_iter()
-            .partition(|(rec, _)| matches!(rec.kind, FdKind::DeviceBackend { .. }));
+            .partition(|(rec, _)| rec.kind.is_device_backend());
         self.ram = rest;
         HandedOverFds::new(
             devices

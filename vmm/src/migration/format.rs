@@ -634,7 +634,7 @@ pub mod legacy {
             regions: d.regions,
             guest: d.guest,
             // Versions 1 and 2 had no disks.
-            devices: crate::machine::device_descriptions(&[]),
+            devices: crate::machine::device_descriptions(&[], &[]),
         };
         Ok((description, saved))
     }

@@ -462,7 +462,7 @@ mod tests {
             ram_size: ram,
             regions: crate::memory::layout(ram),
             guest: GuestKind::Builtin(guest.into()),
-            devices: crate::machine::device_descriptions(&[]),
+            devices: crate::machine::device_descriptions(&[], &[]),
         }
     }
 

@@ -10,7 +10,9 @@
 //! device gets back the same queues after any migration mode.
 
 pub mod block;
+pub mod net;
 pub mod pci;
+pub mod tap;
 
 use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};

@@ -929,42 +929,96 @@ mod tests {
         assert_eq!(dev.device().resets, 1);
     }
 
+    fn probe(m: &Machine) -> VirtioPciDevice<Probe> {
+        m.with(|ctx| VirtioPciDevice::<Probe>::power_on(ctx, &()))
+            .unwrap()
+    }
+
     #[test]
-    fn drivers_that_break_the_rules_do_not_start_the_device() {
+    fn features_that_were_not_offered_do_not_start_the_device() {
         let m = Machine::new();
-        // Features that were not offered: FEATURES_OK does not stick, DRIVER_OK fails.
-        let mut dev = m
-            .with(|ctx| VirtioPciDevice::<Probe>::power_on(ctx, &()))
-            .unwrap();
-        // Notifications before the driver set it up go nowhere.
-        w(&mut dev, NOTIFY_OFFSET, 0, 2);
-        assert!(dev.device().activations.is_empty());
+        let mut dev = probe(&m);
         driver_setup(&mut dev, 1 << 32 | 1 << 5, 8);
         assert_eq!(r(&mut dev, 0x14, 1) as u8 & STATUS_FEATURES_OK, 0);
         w(&mut dev, 0x14, u64::from(ALL_OK), 1);
         assert_ne!(r(&mut dev, 0x14, 1) as u8 & STATUS_FAILED, 0);
         assert!(dev.device().activations.is_empty());
-        // A legacy driver (no VERSION_1) is refused the same way.
-        w(&mut dev, 0x14, 0, 1);
+    }
+
+    #[test]
+    fn a_legacy_driver_without_version_1_is_refused() {
+        let m = Machine::new();
+        let mut dev = probe(&m);
         driver_setup(&mut dev, 1 << 29, 8);
         assert_eq!(r(&mut dev, 0x14, 1) as u8 & STATUS_FEATURES_OK, 0);
-        // A queue size that is not a power of two: the device needs a reset, nothing runs.
-        w(&mut dev, 0x14, 0, 1);
+        w(&mut dev, 0x14, u64::from(ALL_OK), 1);
+        assert!(dev.device().activations.is_empty());
+    }
+
+    #[test]
+    fn a_queue_size_that_is_not_a_power_of_two_needs_a_reset_and_nothing_runs() {
+        let m = Machine::new();
+        let mut dev = probe(&m);
         driver_setup(&mut dev, 1 << 32, 6);
         w(&mut dev, 0x14, u64::from(ALL_OK), 1);
         assert_ne!(r(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
         assert!(dev.device().activations.is_empty());
-        // Rings outside guest RAM (1 MiB here).
+        assert!(!dev.device().running);
+        // After a reset, the same driver with a good size starts it.
         w(&mut dev, 0x14, 0, 1);
         driver_setup(&mut dev, 1 << 32, 8);
+        w(&mut dev, 0x14, u64::from(ALL_OK), 1);
+        assert_eq!(dev.device().activations.len(), 1);
+    }
+
+    #[test]
+    fn a_queue_larger_than_offered_keeps_the_offered_size() {
+        let m = Machine::new();
+        let mut dev = probe(&m);
+        driver_setup(&mut dev, 1 << 32, 32);
+        assert_eq!(r(&mut dev, 0x18, 2), 16);
+    }
+
+    #[test]
+    fn rings_outside_guest_ram_need_a_reset_and_nothing_runs() {
+        let m = Machine::new();
+        let mut dev = probe(&m);
+        driver_setup(&mut dev, 1 << 32, 8);
+        // Guest RAM is 1 MiB here.
         w(&mut dev, 0x30, 0x4000_0000, 4);
         w(&mut dev, 0x14, u64::from(ALL_OK), 1);
         assert_ne!(r(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
         assert!(dev.device().activations.is_empty());
-        // Selecting a queue that does not exist reads as size 0 and takes no writes.
+    }
+
+    #[test]
+    fn notifications_before_driver_ok_go_nowhere() {
+        let m = Machine::new();
+        let mut dev = probe(&m);
+        // Before anything, and with the queue set up but DRIVER_OK not yet written.
+        w(&mut dev, NOTIFY_OFFSET, 0, 2);
+        driver_setup(&mut dev, 1 << 32, 8);
+        w(&mut dev, NOTIFY_OFFSET, 0, 2);
+        w(&mut dev, NOTIFY_OFFSET + u64::from(NOTIFY_MULTIPLIER), 1, 2);
+        assert!(dev.device().activations.is_empty());
+        assert!(!dev.device().running);
+        assert!(dev.active.is_none(), "no queue exists to be notified");
+        // DRIVER_OK then starts it once.
+        w(&mut dev, 0x14, u64::from(ALL_OK), 1);
+        assert_eq!(dev.device().activations, [(1 << 32, 1)]);
+        assert!(dev.device().running);
+    }
+
+    #[test]
+    fn a_queue_that_does_not_exist_reads_as_size_0_and_takes_no_writes() {
+        let m = Machine::new();
+        let mut dev = probe(&m);
         w(&mut dev, 0x16, 9, 2);
         assert_eq!(r(&mut dev, 0x18, 2), 0);
         w(&mut dev, 0x18, 4, 2);
+        assert_eq!(r(&mut dev, 0x18, 2), 0);
+        w(&mut dev, 0x1c, 1, 2);
+        assert_eq!(r(&mut dev, 0x1c, 2), 0);
     }
 
     #[test]

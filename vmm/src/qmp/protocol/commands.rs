@@ -45,6 +45,9 @@ pub enum Command {
     SystemPowerdown,
     QueryQmpSchema,
     QueryRegisters(QueryRegistersArgs),
+    QueryRxFilter(QueryRxFilterArgs),
+    QueryNetwork,
+    QueryCprCommandLine,
 }
 
 impl Command {
@@ -77,6 +80,9 @@ impl Command {
             Command::SystemPowerdown => "system_powerdown",
             Command::QueryQmpSchema => "query-qmp-schema",
             Command::QueryRegisters(_) => "x-query-registers",
+            Command::QueryRxFilter(_) => "query-rx-filter",
+            Command::QueryNetwork => "x-query-network",
+            Command::QueryCprCommandLine => "x-query-cpr-command-line",
         }
     }
 }
@@ -447,6 +453,25 @@ static CHARDEV_INFO: Ty = Ty::Object(&Body::Struct(&[
     req("frontend-open", Ty::Bool),
 ]));
 static CHARDEV_INFO_LIST: Ty = Ty::List(&CHARDEV_INFO);
+static RX_STATE: EnumDef = EnumDef {
+    name: "RxState",
+    values: &["normal", "none", "all"],
+};
+static RX_FILTER_INFO: Ty = Ty::Object(&Body::Struct(&[
+    req("name", Ty::Str),
+    req("promiscuous", Ty::Bool),
+    req("multicast", Ty::Enum(&RX_STATE)),
+    req("unicast", Ty::Enum(&RX_STATE)),
+    req("vlan", Ty::Enum(&RX_STATE)),
+    req("broadcast-allowed", Ty::Bool),
+    req("multicast-overflow", Ty::Bool),
+    req("unicast-overflow", Ty::Bool),
+    req("main-mac", Ty::Str),
+    req("vlan-table", Ty::List(&Ty::Int)),
+    req("unicast-table", Ty::List(&Ty::Str)),
+    req("multicast-table", Ty::List(&Ty::Str)),
+]));
+static RX_FILTER_INFO_LIST: Ty = Ty::List(&RX_FILTER_INFO);
 static MIGRATION_CAPABILITY: EnumDef = EnumDef {
     name: "MigrationCapability",
     values: MIGRATION_CAPABILITIES,
@@ -456,6 +481,11 @@ static MIGRATION_CAPABILITY_STATUS: Ty = Ty::Object(&Body::Struct(&[
     req("state", Ty::Bool),
 ]));
 static MIGRATION_CAPABILITY_STATUS_LIST: Ty = Ty::List(&MIGRATION_CAPABILITY_STATUS);
+/// `x-query-cpr-command-line`: what a rollout tool needs to build a VM's `cpr-exec-command`.
+static CPR_COMMAND_LINE: Ty = Ty::Object(&Body::Struct(&[
+    req("argv", Ty::List(&Ty::Str)),
+    opt("qmp-socket", Ty::Str),
+]));
 static HUMAN_READABLE_TEXT: Ty = Ty::Object(&Body::Struct(&[req("human-readable-text", Ty::Str)]));
 /// `SchemaInfo` is described loosely (as `any` elements): it is the schema of the schema.
 static SCHEMA_INFO_LIST: Ty = Ty::List(&Ty::Any);
@@ -775,6 +805,24 @@ pub static COMMANDS: &[CommandSpec] = &[
         args: &[opt("cpu-index", Ty::Int)],
         ret: &HUMAN_READABLE_TEXT,
         build: |v| Ok(Command::QueryRegisters(de(v)?)),
+    },
+    CommandSpec {
+        name: "query-rx-filter",
+        args: &[opt("name", Ty::Str)],
+        ret: &RX_FILTER_INFO_LIST,
+        build: |v| Ok(Command::QueryRxFilter(de(v)?)),
+    },
+    CommandSpec {
+        name: "x-query-network",
+        args: &[],
+        ret: &HUMAN_READABLE_TEXT,
+        build: |_| Ok(Command::QueryNetwork),
+    },
+    CommandSpec {
+        name: "x-query-cpr-command-line",
+        args: &[],
+        ret: &CPR_COMMAND_LINE,
+        build: |_| Ok(Command::QueryCprCommandLine),
     },
 ];
 

@@ -104,6 +104,8 @@ pub enum HmpRender {
     InfoBlock,
     /// `info registers`: the text of `x-query-registers`.
     InfoRegisters,
+    /// `info network`: the text of `x-query-network`.
+    InfoNetwork,
     /// `migrate [-d]`: without `-d` QEMU would wait, which a QMP-driven HMP
     /// monitor cannot, so it says so and continues detached.
     Migrate { detach: bool },
@@ -145,7 +147,9 @@ impl HmpRender {
                     format!("kvm support: {state}\n")
                 }),
                 HmpRender::InfoBlock => typed(v, |disks: Vec<BlockInfo>| info_block(&disks)),
-                HmpRender::InfoRegisters => typed(v, |t: HumanReadableText| t.human_readable_text),
+                HmpRender::InfoRegisters | HmpRender::InfoNetwork => {
+                    typed(v, |t: HumanReadableText| t.human_readable_text)
+                }
                 HmpRender::Migrate { detach: true } => String::new(),
                 HmpRender::Migrate { detach: false } => {
                     "terminal does not allow synchronous migration, continuing detached\n".into()
@@ -434,6 +438,7 @@ enum Kind {
     InfoKvm,
     InfoBlock,
     InfoRegisters,
+    InfoNetwork,
     Pmemsave,
 }
 
@@ -552,6 +557,13 @@ static INFO_COMMANDS: &[HmpCmd] = &[
     cmd("name", "", "", "show the current VM name", Kind::InfoName),
     cmd("kvm", "", "", "show KVM information", Kind::InfoKvm),
     cmd("block", "", "", "show the block devices", Kind::InfoBlock),
+    cmd(
+        "network",
+        "",
+        "",
+        "show the network state",
+        Kind::InfoNetwork,
+    ),
     cmd(
         "registers",
         "cpustate_all:-a,vcpu:i?",
@@ -672,6 +684,7 @@ pub fn parse(line: &str, cpu_index: Option<i64>) -> HmpAction {
         Kind::InfoName => run(Command::QueryName, HmpRender::InfoName),
         Kind::InfoKvm => run(Command::QueryKvm, HmpRender::InfoKvm),
         Kind::InfoBlock => run(Command::QueryBlock, HmpRender::InfoBlock),
+        Kind::InfoNetwork => run(Command::QueryNetwork, HmpRender::InfoNetwork),
         Kind::InfoRegisters => {
             // -a: every vCPU; a number: that one; neither: the monitor's current vCPU.
             let cpu = if flag("cpustate_all") {

@@ -1602,6 +1602,7 @@ fn new_query_commands_parse() {
         ),
         ("system_powerdown", Command::SystemPowerdown),
         ("query-qmp-schema", Command::QueryQmpSchema),
+        ("x-query-cpr-command-line", Command::QueryCprCommandLine),
     ] {
         let c = command(&format!(r#"{{"execute":"{name}"}}"#));
         assert_eq!(c, expect);
@@ -1713,6 +1714,14 @@ fn results_match_their_schema() {
         }
     };
     check("stop", json!({}));
+    check(
+        "x-query-cpr-command-line",
+        serde_json::to_value(CprCommandLine {
+            argv: vec!["vmm".into(), "-m".into(), "64M".into()],
+            qmp_socket: Some("/run/vm1.qmp".into()),
+        })
+        .unwrap(),
+    );
     check(
         "query-status",
         serde_json::to_value(StatusInfo::from_state(RunState::Running)).unwrap(),

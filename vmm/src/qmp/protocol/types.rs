@@ -209,6 +209,67 @@ pub struct HumanReadableText {
     pub human_readable_text: String,
 }
 
+/// `RxFilterInfo`, one element of `query-rx-filter`: a NIC's receive filter. This device has
+/// no control queue, so the guest cannot narrow it: it takes every frame the tap gives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RxFilterInfo {
+    pub name: String,
+    pub promiscuous: bool,
+    pub multicast: String,
+    pub unicast: String,
+    pub vlan: String,
+    pub broadcast_allowed: bool,
+    pub multicast_overflow: bool,
+    pub unicast_overflow: bool,
+    pub main_mac: String,
+    pub vlan_table: Vec<i64>,
+    pub unicast_table: Vec<String>,
+    pub multicast_table: Vec<String>,
+}
+
+impl RxFilterInfo {
+    /// A NIC that receives everything, with its MAC.
+    pub fn open_filter(name: &str, mac: &str) -> Self {
+        RxFilterInfo {
+            name: name.to_string(),
+            promiscuous: true,
+            multicast: "normal".into(),
+            unicast: "normal".into(),
+            vlan: "none".into(),
+            broadcast_allowed: true,
+            multicast_overflow: false,
+            unicast_overflow: false,
+            main_mac: mac.to_string(),
+            vlan_table: Vec::new(),
+            unicast_table: Vec::new(),
+            multicast_table: Vec::new(),
+        }
+    }
+}
+
+/// Arguments of `query-rx-filter`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryRxFilterArgs {
+    /// One NIC (its `-device ...,id=`), or (absent) all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// The result of `x-query-cpr-command-line` (this VMM's): the argv the VMM was started with,
+/// without `-incoming` and its value, and the QMP socket it listens on, so that a rollout tool
+/// (`cpr-ctl`) builds the new VMM's command line without the operator retyping it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CprCommandLine {
+    pub argv: Vec<String>,
+    #[serde(
+        rename = "qmp-socket",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub qmp_socket: Option<String>,
+}
+
 /// Arguments of `x-query-registers`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryRegistersArgs {

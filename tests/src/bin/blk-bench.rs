@@ -1,0 +1,236 @@
+//! blk-bench: the guest-visible request rate of virtio-blk, this VMM against QEMU, same run.
+//!
+//! ```text
+//! cargo run --release -p cpr-tests --bin blk-bench -- [--passes 6] [--depth 8]
+//!     [--disk-mib 16] [--runs 3] [--no-qemu]
+//! ```
+//!
+//! The `blkcheck` driver guest (4 KiB requests, `--depth` in flight: a write pass over its
+//! region, a read-back pass, a flush, per generation) runs on a fresh raw image of
+//! `--disk-mib` MiB, once on this VMM with each I/O path (`aio=io_uring`, `aio=threads`) and
+//! once on QEMU (`qemu-system-x86_64 -kernel blkcheck.bzImage -device virtio-blk-pci`, with
+//! `aio=threads`, QEMU's default, and `aio=io_uring`). The rate counts the requests the guest
+//! completed between its first and its last `pass G done` console line (boot and the first
+//! pass are left out) over the wall time between those two lines as seen by this process; the
+//! image is checked after every run. Each configuration runs `--runs` times, interleaved, and
+//! the median is printed. Timings are reported, never asserted.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cpr_tests::blkcheck::{
+    build_blkcheck_bzimage, check_image, mismatch_lines, parse_pass_lines, qemu_blkcheck_args,
+};
+use cpr_tests::{TempDir, VmmProcess, build_binaries, vmm_bin};
+
+const QEMU: &str = "qemu-system-x86_64";
+const WAIT: Duration = Duration::from_secs(600);
+
+struct Options {
+    passes: u64,
+    depth: u64,
+    disk_mib: u64,
+    runs: usize,
+    qemu: bool,
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut o = Options {
+        passes: 6,
+        depth: 8,
+        disk_mib: 16,
+        runs: 3,
+        qemu: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> Result<u64, String> {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v| v > 0)
+                .ok_or_else(|| format!("{name} needs a positive number"))
+        };
+        match a.as_str() {
+            "--passes" => o.passes = num("--passes")?.max(2),
+            "--depth" => o.depth = num("--depth")?,
+            "--disk-mib" => o.disk_mib = num("--disk-mib")?,
+            "--runs" => o.runs = num("--runs")? as usize,
+            "--no-qemu" => o.qemu = false,
+            other => {
+                return Err(format!(
+                    "unknown option '{other}'; usage: blk-bench [--passes N] [--depth N] \
+                     [--disk-mib N] [--runs N] [--no-qemu]"
+                ));
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// One configuration: a name and how to start it on a disk.
+struct Config {
+    name: String,
+    start: Box<dyn Fn(&Path) -> VmmProcess>,
+}
+
+/// One run's figures.
+struct Run {
+    requests_per_s: f64,
+    requests: u64,
+    seconds: f64,
+    /// Queue interrupts the guest took per request over the timed passes.
+    irqs_per_request: f64,
+}
+
+/// Runs one configuration on a fresh disk until the guest exits; measures and checks.
+fn run_once(config: &Config, dir: &Path, o: &Options) -> Result<Run, String> {
+    let disk = dir.join(format!("{}.img", config.name.replace([' ', '='], "-")));
+    std::fs::write(&disk, vec![0u8; (o.disk_mib << 20) as usize]).map_err(|e| e.to_string())?;
+    let vm = (config.start)(&disk);
+    let pass_done = |g: u64| format!("blkcheck: pass {g} done");
+    vm.wait_for_stdout_contains(&pass_done(1), WAIT)
+        .map_err(|e| format!("{}: {e}", config.name))?;
+    let first_at = Instant::now();
+    vm.wait_for_stdout_contains(&pass_done(o.passes), WAIT)
+        .map_err(|e| format!("{}: {e}", config.name))?;
+    let last_at = Instant::now();
+    let _ = vm.wait_exit(WAIT);
+    let console = vm.stdout_text().replace('\r', "");
+    if !mismatch_lines(&console).is_empty() {
+        return Err(format!(
+            "{}: the guest saw mismatches:\n{console}",
+            config.name
+        ));
+    }
+    let passes = parse_pass_lines(&console);
+    let (Some(first), Some(last)) = (passes.first(), passes.last()) else {
+        return Err(format!("{}: no pass lines:\n{console}", config.name));
+    };
+    if last.errors > 0 {
+        return Err(format!("{}: {} I/O errors", config.name, last.errors));
+    }
+    check_image(&disk, last.generation).map_err(|e| format!("{}: image: {e}", config.name))?;
+    let _ = std::fs::remove_file(&disk);
+    let seconds = (last_at - first_at).as_secs_f64();
+    let requests = last.total - first.total;
+    Ok(Run {
+        requests_per_s: requests as f64 / seconds,
+        requests,
+        seconds,
+        irqs_per_request: (last.irqs - first.irqs) as f64 / requests.max(1) as f64,
+    })
+}
+
+/// This VMM running blkcheck, given as `--guest GUEST`.
+fn ours(aio: &'static str, guest: String) -> Config {
+    Config {
+        name: format!("vmm aio={aio}"),
+        start: Box::new(move |disk| {
+            let drive = format!("file={},format=raw,if=virtio,aio={aio}", disk.display());
+            VmmProcess::start(
+                vmm_bin(),
+                ["-m", "64M", "--guest", &guest, "-drive", &drive],
+            )
+            .unwrap_or_else(|e| panic!("cannot start the VMM: {e}"))
+        }),
+    }
+}
+
+/// QEMU booting blkcheck's bzImage `kernel` with the kernel command line `append`.
+fn qemu(aio: &'static str, kernel: &Path, append: String) -> Config {
+    let kernel = kernel.to_path_buf();
+    let drive_opts = format!(",aio={aio}");
+    Config {
+        name: format!("QEMU aio={aio}"),
+        start: Box::new(move |disk| {
+            let args = qemu_blkcheck_args(&["kvm"], &kernel, &append, disk, [&drive_opts, ""]);
+            VmmProcess::start(QEMU, args).unwrap_or_else(|e| panic!("cannot start {QEMU}: {e}"))
+        }),
+    }
+}
+
+fn qemu_version() -> Option<String> {
+    let out = std::process::Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let o = match parse_options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("blk-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    build_binaries();
+    let dir = TempDir::new("blk-bench").unwrap_or_else(|e| panic!("temporary directory: {e}"));
+    let guest = |passes, depth| format!("blkcheck,depth={depth},exit-after={passes},exit-code=0");
+    let append = |passes, depth| {
+        format!("blkcheck.passes={passes} blkcheck.depth={depth} blkcheck.exit_code=0")
+    };
+    let mut configs = vec![
+        ours("io_uring", guest(o.passes, o.depth)),
+        ours("threads", guest(o.passes, o.depth)),
+    ];
+    if o.qemu {
+        match qemu_version() {
+            Some(v) => {
+                eprintln!("blk-bench: {v}");
+                let kernel: PathBuf = build_blkcheck_bzimage(dir.path())
+                    .unwrap_or_else(|e| panic!("building blkcheck.bzImage: {e}"));
+                configs.push(qemu("threads", &kernel, append(o.passes, o.depth)));
+                configs.push(qemu("io_uring", &kernel, append(o.passes, o.depth)));
+            }
+            None => eprintln!("blk-bench: {QEMU} is not installed; this VMM only"),
+        }
+    }
+    eprintln!(
+        "blk-bench: blkcheck depth {} on a {} MiB raw image, passes 2..={} timed, {} runs each",
+        o.depth, o.disk_mib, o.passes, o.runs
+    );
+    let mut rates: Vec<Vec<f64>> = configs.iter().map(|_| Vec::new()).collect();
+    let mut failed = false;
+    for run in 0..o.runs {
+        for (config, rates) in configs.iter().zip(&mut rates) {
+            match run_once(config, dir.path(), &o) {
+                Ok(r) => {
+                    eprintln!(
+                        "  run {run} {:<18} {:>8.0} requests/s ({} requests in {:.2} s, \
+                         {:.2} interrupts per request)",
+                        config.name, r.requests_per_s, r.requests, r.seconds, r.irqs_per_request
+                    );
+                    rates.push(r.requests_per_s);
+                }
+                Err(e) => {
+                    eprintln!("  run {run} {}: FAILED: {e}", config.name);
+                    failed = true;
+                }
+            }
+        }
+    }
+    println!("configuration        requests/s (median of {})", o.runs);
+    for (config, rates) in configs.iter().zip(rates) {
+        if rates.is_empty() {
+            println!("{:<20} failed", config.name);
+        } else {
+            println!("{:<20} {:>10.0}", config.name, median(rates));
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
