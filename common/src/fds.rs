@@ -46,15 +46,21 @@ pub enum FdKind {
     /// reports are what say it is still the same tap. [`describe`] records a device backend
     /// that is a tap this way. Appended last, so every other record encodes as before.
     TapDevice { ifname: [u8; 16], flags: u16 },
+    /// All guest RAM in one regular file (`memory-backend-file`): no memfd name and no seals,
+    /// but its size, device and inode are checked. Appended last so a CPR state without it
+    /// keeps its encoding (the previous release decodes it).
+    GuestRamFile,
 }
 
 impl FdKind {
     /// The file type an fd of this kind must have (None: any).
     pub fn file_type(self) -> Option<u32> {
         match self {
-            FdKind::GuestRam | FdKind::FallbackExe | FdKind::ConsoleFile | FdKind::StateCopy => {
-                Some(libc::S_IFREG)
-            }
+            FdKind::GuestRam
+            | FdKind::GuestRamFile
+            | FdKind::FallbackExe
+            | FdKind::ConsoleFile
+            | FdKind::StateCopy => Some(libc::S_IFREG),
             FdKind::QmpListener
             | FdKind::QmpClient { .. }
             | FdKind::ConsoleListener
@@ -402,15 +408,17 @@ pub fn check_preserved(expected: &PreservedFd) -> Result<FdIdentity, FdError> {
             });
         }
     }
+    if matches!(expected.kind, FdKind::GuestRam | FdKind::GuestRamFile)
+        && found.size != expected.size
+    {
+        return Err(FdError::WrongSize {
+            fd,
+            name: name.to_string(),
+            expected: expected.size,
+            found: found.size,
+        });
+    }
     if expected.kind == FdKind::GuestRam {
-        if found.size != expected.size {
-            return Err(FdError::WrongSize {
-                fd,
-                name: name.to_string(),
-                expected: expected.size,
-                found: found.size,
-            });
-        }
         let found_seals = seals(fd, name)?;
         if found_seals != expected.seals || found_seals & RAM_SEALS != RAM_SEALS {
             return Err(FdError::WrongSeals {
@@ -439,6 +447,26 @@ mod tests {
             fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
         }
         fd
+    }
+
+    #[test]
+    fn a_ram_file_is_checked_by_identity_and_size_without_seals() {
+        let path = std::env::temp_dir().join(format!("fds-ramfile-{}", std::process::id()));
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        let rec = describe(file.as_fd(), "guest-ram-file", FdKind::GuestRamFile).unwrap();
+        assert_eq!((rec.size, rec.seals), (1 << 20, 0));
+        check_preserved(&rec).unwrap();
+        file.set_len(2 << 20).unwrap();
+        let e = check_preserved(&rec).unwrap_err();
+        assert!(matches!(e, FdError::WrongSize { .. }), "{e}");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub const SECTION_VCPUS: u32 = 3;
 pub const SECTION_VM: u32 = 4;
 pub const SECTION_DEVICES: u32 = 5;
 pub const SECTION_RAM: u32 = 6;
+/// cpr-reboot: which file holds guest RAM (path, device, inode, size). Optional and new in
+/// version 3 files: readers that do not know it ignore it (no version bump).
+pub const SECTION_RAM_FILE: u32 = 7;
 
 /// Version 2 added the i8042, RTC and PCI-configuration device states; version 3 stores every
 /// device's state as an opaque blob under its id and lists the devices in the description.
@@ -33,5 +36,6 @@ pub static STATE_FILE_FORMAT: FormatSpec = FormatSpec {
         (SECTION_VM, "vm"),
         (SECTION_DEVICES, "devices"),
         (SECTION_RAM, "ram"),
+        (SECTION_RAM_FILE, "ram-file"),
     ],
 };

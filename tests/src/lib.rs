@@ -65,7 +65,7 @@ pub use process::{
 pub use procfs::{
     Holdings, O_CLOEXEC_FLAG, OpenFd, holdings, list_fds, read_proc_fd_flags, wait_until,
 };
-pub use qmp::{QmpClient, QmpError, event_timestamp, qmp_socket_arg};
+pub use qmp::{QmpClient, QmpError, event_timestamp, file_uri, qmp_socket_arg};
 pub use tempdir::TempDir;
 
 /// Re-exported so tests can name signals without depending on `nix` themselves.

@@ -24,6 +24,11 @@ pub fn qmp_socket_arg(path: &Path) -> String {
     format!("unix:{},server=on,wait=off", path.display())
 }
 
+/// A `file:` migration URI for `path`.
+pub fn file_uri(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
 /// Everything that can go wrong talking QMP.
 ///
 /// `Debug` prints the same as `Display` so `.unwrap()` output stays readable.
@@ -185,6 +190,12 @@ impl QmpClient {
     /// `arguments` is sent as `"arguments"` unless it is `Value::Null`.
     /// Events that arrive before the reply are queued for
     /// [`QmpClient::wait_event`] and [`QmpClient::events`].
+    /// `query-status`'s run state (`running`, `postmigrate`, ...).
+    pub fn run_state(&mut self) -> Result<String, QmpError> {
+        let reply = self.execute("query-status", Value::Null)?;
+        Ok(reply["status"].as_str().unwrap_or_default().to_string())
+    }
+
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let timeout = self.timeout;
         self.execute_with_timeout(command, arguments, timeout)

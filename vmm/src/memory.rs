@@ -20,6 +20,8 @@ pub const LOW_RAM_LIMIT: u64 = 3 << 30;
 pub const HIGH_RAM_START: u64 = 4 << 30;
 pub const LOW_REGION_NAME: &str = "guest-ram-low";
 pub const HIGH_REGION_NAME: &str = "guest-ram-high";
+/// The preserved-fd name of a `memory-backend-file`'s file (all regions in one fd).
+pub const RAM_FILE_NAME: &str = "guest-ram-file";
 const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// Where one RAM region sits; part of the machine description.
@@ -94,6 +96,25 @@ pub enum MemoryError {
         "with huge pages, the RAM size must be a multiple of 2 MiB (region '{name}' is {size} bytes)"
     )]
     HugePageAlignment { name: String, size: u64 },
+    #[error("guest RAM file {path}: {what}: {source}")]
+    File {
+        path: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "guest RAM file {0} is not a regular file: mem-path must name a file (on tmpfs, hugetlbfs, a DAX or an ordinary filesystem)"
+    )]
+    NotRegular(String),
+    #[error(
+        "guest RAM file {path} is {len} bytes but the memory backend's size is {ram_size}: it is not resized (it may hold a saved guest's memory); give size={len} or remove the file"
+    )]
+    FileSize {
+        path: String,
+        len: u64,
+        ram_size: u64,
+    },
     #[error("no inherited memfd for RAM region '{0}'")]
     MissingRegion(String),
     #[error(transparent)]
@@ -113,7 +134,7 @@ impl RamView {
     }
 }
 
-/// One region: where it sits in the guest, and its memfd.
+/// One region: where it sits in the guest, and its memfd (or the RAM file and the offset in it).
 #[derive(Debug)]
 pub struct RamRegion {
     pub layout: RegionLayout,
@@ -133,6 +154,44 @@ impl RamRegion {
 pub struct GuestRam {
     regions: Vec<RamRegion>,
     memory: Arc<GuestMemoryMmap>,
+    /// For `memory-backend-file`: the file holding all of RAM, and where it was opened.
+    file: Option<(std::path::PathBuf, Arc<File>)>,
+}
+
+/// How `memory-backend-file` RAM is mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRamOptions {
+    /// `share=on`: `MAP_SHARED`, the guest writes the file; off: `MAP_PRIVATE`, the file is
+    /// only read (copy on write).
+    pub share: bool,
+    pub prealloc: bool,
+}
+
+/// Which file held guest RAM when it was saved: the cpr-reboot state file names it, and the
+/// restoring VMM maps it only if it is still that very file, unchanged in size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamFileIdentity {
+    pub path: String,
+    pub device: u64,
+    pub inode: u64,
+    pub size: u64,
+    /// The inode's change time (ns since the epoch): a file deleted and recreated may get the
+    /// same inode number back, and any write, truncation or replacement moves this on.
+    pub changed_ns: i64,
+}
+
+impl RamFileIdentity {
+    pub fn of(path: &std::path::Path, file: &File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(RamFileIdentity {
+            path: path.display().to_string(),
+            device: m.dev(),
+            inode: m.ino(),
+            size: m.len(),
+            changed_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        })
+    }
 }
 
 impl GuestRam {
@@ -144,9 +203,9 @@ impl GuestRam {
         let mut files = Vec::new();
         for region in layout(ram_size) {
             let file = create_memfd(&region, hugepages)?;
-            files.push((region, file));
+            files.push((region, Arc::new(file), 0));
         }
-        let ram = Self::map(files)?;
+        let ram = Self::map(files, libc::MAP_SHARED)?;
         if prealloc {
             ram.prefault()?;
         }
@@ -161,21 +220,113 @@ impl GuestRam {
         let mut files = Vec::new();
         for region in regions {
             let fd = take(region).ok_or_else(|| MemoryError::MissingRegion(region.name.clone()))?;
-            files.push((region.clone(), File::from(fd)));
+            files.push((region.clone(), Arc::new(File::from(fd)), 0));
         }
-        Self::map(files)
+        Self::map(files, libc::MAP_SHARED)
     }
 
-    fn map(files: Vec<(RegionLayout, File)>) -> Result<Self, MemoryError> {
+    /// `memory-backend-file`: opens (or creates) `path` and maps all of RAM from it, the low
+    /// region at offset 0 and the high one right after it. A missing or empty file is created
+    /// and sized to `ram_size`; an existing file of another size is refused, never resized or
+    /// truncated (it may hold a saved guest's memory).
+    pub fn open_file(
+        path: &std::path::Path,
+        ram_size: u64,
+        opts: FileRamOptions,
+    ) -> Result<Self, MemoryError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file_err = |what: &'static str| {
+            let path = path.display().to_string();
+            move |source| MemoryError::File { path, what, source }
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(file_err("opening (read-write, created if missing)"))?;
+        let meta = file.metadata().map_err(file_err("reading its size"))?;
+        if !meta.file_type().is_file() {
+            return Err(MemoryError::NotRegular(path.display().to_string()));
+        }
+        match meta.len() {
+            0 => file
+                .set_len(ram_size)
+                .map_err(file_err("sizing it to the RAM size"))?,
+            len if len == ram_size => {}
+            len => {
+                return Err(MemoryError::FileSize {
+                    path: path.display().to_string(),
+                    len,
+                    ram_size,
+                });
+            }
+        }
+        Self::map_file(path, file, ram_size, opts)
+    }
+
+    /// Maps an already opened RAM file of exactly `ram_size` bytes (checked by the caller).
+    pub fn map_file(
+        path: &std::path::Path,
+        file: File,
+        ram_size: u64,
+        opts: FileRamOptions,
+    ) -> Result<Self, MemoryError> {
+        let file = Arc::new(file);
+        let mut offset = 0;
+        let mut files = Vec::new();
+        for region in layout(ram_size) {
+            let size = region.size;
+            files.push((region, file.clone(), offset));
+            offset += size;
+        }
+        let flags = if opts.share {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let mut ram = Self::map(files, flags)?;
+        ram.file = Some((path.to_path_buf(), file));
+        if opts.prealloc {
+            ram.prefault()?;
+        }
+        Ok(ram)
+    }
+
+    /// The RAM file, for `memory-backend-file` RAM (one fd for every region).
+    pub fn backing_file(&self) -> Option<BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.file.as_ref().map(|(_, f)| f.as_fd())
+    }
+
+    /// The RAM file's path and identity (device, inode, size), for `memory-backend-file` RAM.
+    pub fn file_identity(&self) -> Option<std::io::Result<RamFileIdentity>> {
+        self.file
+            .as_ref()
+            .map(|(path, file)| RamFileIdentity::of(path, file))
+    }
+
+    /// Writes RAM-file pages the guest dirtied, and the file's metadata, to its storage (for a RAM file that must
+    /// survive a host reboot). A no-op for memfd RAM.
+    pub fn sync_file(&self) -> std::io::Result<()> {
+        match &self.file {
+            // fsync, not fdatasync: the change time recorded afterwards must be on disk too.
+            Some((_, file)) => file.sync_all(),
+            None => Ok(()),
+        }
+    }
+
+    fn map(files: Vec<(RegionLayout, Arc<File>, u64)>, flags: i32) -> Result<Self, MemoryError> {
         let mut mapped = Vec::new();
         let mut regions = Vec::new();
-        for (layout, file) in files {
-            let file = Arc::new(file);
+        for (layout, file, file_offset) in files {
             let mapping = MmapRegion::build(
-                Some(FileOffset::from_arc(file.clone(), 0)),
+                Some(FileOffset::from_arc(file.clone(), file_offset)),
                 layout.size as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                flags | libc::MAP_NORESERVE,
             )
             .map_err(|source| MemoryError::Map {
                 name: layout.name.clone(),
@@ -195,6 +346,7 @@ impl GuestRam {
         Ok(GuestRam {
             regions,
             memory: Arc::new(memory),
+            file: None,
         })
     }
 
@@ -356,6 +508,54 @@ mod tests {
         let v: u32 = again.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
         assert_eq!(again.memory().num_regions(), 1);
+    }
+
+    #[test]
+    fn file_ram_is_created_sized_shared_and_never_resized() {
+        let dir = std::env::temp_dir().join(format!("vmm-ramfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.ram");
+        let _ = std::fs::remove_file(&path);
+        let shared = FileRamOptions {
+            share: true,
+            prealloc: false,
+        };
+        let ram = GuestRam::open_file(&path, 16 << 20, shared).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+        ram.memory()
+            .write_obj(0x5a5a_1234u32, GuestAddress(0x2000))
+            .unwrap();
+        ram.sync_file().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[0x2000..0x2004], &0x5a5a_1234u32.to_ne_bytes());
+        let id = ram.file_identity().unwrap().unwrap();
+        assert_eq!(id.size, 16 << 20);
+        drop(ram);
+        // Reopened: the same content, nothing truncated.
+        let again = GuestRam::open_file(&path, 16 << 20, shared).unwrap();
+        let v: u32 = again.memory().read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(v, 0x5a5a_1234);
+        // share=off: the guest's writes do not reach the file.
+        let private = GuestRam::open_file(
+            &path,
+            16 << 20,
+            FileRamOptions {
+                share: false,
+                prealloc: false,
+            },
+        )
+        .unwrap();
+        private
+            .memory()
+            .write_obj(7u32, GuestAddress(0x2000))
+            .unwrap();
+        let v: u32 = again.memory().read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(v, 0x5a5a_1234);
+        // Another size: refused, the file untouched.
+        let e = GuestRam::open_file(&path, 32 << 20, shared).unwrap_err();
+        assert!(e.to_string().contains("not resized"), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Pages of `[host, host + len)` that are resident (mincore), for a shared memfd mapping:

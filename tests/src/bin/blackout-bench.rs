@@ -12,6 +12,9 @@
 //! - the guest's first full memcheck sweep after each update against steady-state sweeps (the
 //!   cost of rebuilding page tables lazily);
 //! - normal `migrate` to a file plus `-incoming` restore of the same VM (copy-everything);
+//! - cpr-reboot of the same VM with its RAM in a `memory-backend-file` (in the bench's temporary
+//!   directory): save device state (the RAM file fsynced), quit, start a new process, restore
+//!   mapping the RAM file in place (no RAM copy);
 //! - KVM alone creating a VM and registering that much RAM (`KVM reg`): a floor under any
 //!   exec-based update on this host, since the new process must do it while the guest waits;
 //!   and, once, how long one exec of a minimal static C program takes (the floor under each of
@@ -191,24 +194,33 @@ impl SweepingVm {
         hugepages: bool,
         incoming: Option<&str>,
     ) -> Result<Self, String> {
+        let mut memory: Vec<String> = vec!["-m".into(), format!("{ram_mib}M"), "--prealloc".into()];
+        if hugepages {
+            memory.push("--hugepages".into());
+        }
+        Self::start_with(bins, dir, memory, incoming)
+    }
+
+    /// The memcheck VM with guest RAM as `memory` (command-line arguments) describes it.
+    fn start_with(
+        bins: &Binaries,
+        dir: &Path,
+        memory: Vec<String>,
+        incoming: Option<&str>,
+    ) -> Result<Self, String> {
         let socket = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&socket);
-        let mut args: Vec<String> = vec![
-            "-m".into(),
-            format!("{ram_mib}M"),
+        let mut args: Vec<String> = memory;
+        args.extend([
             "-smp".into(),
             "1".into(),
             "--guest".into(),
             "memcheck".into(),
-            "--prealloc".into(),
             "-name".into(),
             "bench".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", socket.display()),
-        ];
-        if hugepages {
-            args.push("--hugepages".into());
-        }
+        ]);
         let mut run_args = args.clone();
         if let Some(inc) = incoming {
             run_args.push("-incoming".into());
@@ -843,14 +855,47 @@ fn bench_kvm_floor(ram_mib: u64, reps: usize) -> Result<Value, String> {
 
 /// Normal migration to a file, then `-incoming defer` + `migrate-incoming` in a new process.
 fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
+    bench_via_file(dir, ram_mib, None)
+}
+
+/// cpr-reboot: guest RAM in a memory-backend-file (in `dir`), device state only to the state
+/// file, the process quits, a new one maps the same RAM file in place (no RAM copy).
+fn bench_cpr_reboot(dir: &Path, ram_mib: u64) -> Result<Value, String> {
+    let ram = dir.join("guest.ram");
+    let _ = std::fs::remove_file(&ram);
+    let result = bench_via_file(dir, ram_mib, Some(&ram));
+    let _ = std::fs::remove_file(&ram);
+    result
+}
+
+/// Save to a file and restore in a new process: normal mode (RAM copied into the state file)
+/// or, with `ram_file`, cpr-reboot (RAM stays in that file).
+fn bench_via_file(dir: &Path, ram_mib: u64, ram_file: Option<&Path>) -> Result<Value, String> {
     let src_dir = dir.join("src");
     let dst_dir = dir.join("dst");
     std::fs::create_dir_all(&src_dir).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&dst_dir).map_err(|e| e.to_string())?;
     let bins = Binaries::default_build();
-    let mut src = SweepingVm::start(&bins, &src_dir, ram_mib, false, None)?;
+    let memory = || match ram_file {
+        Some(path) => vec![
+            "-object".to_string(),
+            format!(
+                "memory-backend-file,id=pc.ram,size={ram_mib}M,mem-path={},share=on,prealloc=on",
+                path.display()
+            ),
+            "-machine".to_string(),
+            "memory-backend=pc.ram".to_string(),
+        ],
+        None => vec!["-m".into(), format!("{ram_mib}M"), "--prealloc".into()],
+    };
+    let mut src = SweepingVm::start_with(&bins, &src_dir, memory(), None)?;
     src.steady_sweep_ms(1)?;
-    let state = dir.join("normal.state");
+    let state = dir.join("bench.state");
+    if ram_file.is_some() {
+        src.qmp
+            .execute("migrate-set-parameters", json!({"mode": "cpr-reboot"}))
+            .map_err(|e| e.to_string())?;
+    }
     let _ = src.qmp.events();
     src.qmp
         .execute(
@@ -869,7 +914,7 @@ fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
             .map_err(|e| e.to_string())?;
         match ev["data"]["status"].as_str() {
             Some("completed") => break,
-            Some("failed") => return Err(format!("normal migration failed: {ev}")),
+            Some("failed") => return Err(format!("migration to a file failed: {ev}")),
             _ => {}
         }
     }
@@ -882,7 +927,7 @@ fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
     let file_mib = std::fs::metadata(&state)
         .map(|m| m.len() as f64 / 1048576.0)
         .unwrap_or(0.0);
-    let mut dst = SweepingVm::start(&bins, &dst_dir, ram_mib, false, Some("defer"))?;
+    let mut dst = SweepingVm::start_with(&bins, &dst_dir, memory(), Some("defer"))?;
     let t = Instant::now();
     dst.qmp
         .execute(
@@ -898,6 +943,8 @@ fn bench_normal(dir: &Path, ram_mib: u64) -> Result<Value, String> {
     let _ = dst.qmp.execute("quit", Value::Null);
     let _ = dst.vmm.wait_exit(WAIT);
     let _ = std::fs::remove_file(&state);
+    let _ = std::fs::remove_dir_all(&src_dir);
+    let _ = std::fs::remove_dir_all(&dst_dir);
     Ok(json!({
         "save_ms": saved["total-time"],
         "restore_ms": restore_ms,
@@ -946,7 +993,7 @@ fn fmt_ms(v: &Value) -> String {
 fn print_table(results: &[Value]) {
     println!();
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
+        "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11}",
         "RAM",
         "min ms",
         "median",
@@ -957,6 +1004,7 @@ fn print_table(results: &[Value]) {
         "sweep x",
         "xfer ms",
         "normal ms",
+        "reboot ms",
         "QEMU xfer",
         "QEMU exec"
     );
@@ -964,7 +1012,7 @@ fn print_table(results: &[Value]) {
         let c = &r["cpr_exec"];
         let b = &c["blackout_ms"];
         println!(
-            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
+            "{:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11}",
             r["label"].as_str().unwrap_or("?"),
             fmt_ms(&b["min"]),
             fmt_ms(&b["median"]),
@@ -978,6 +1026,7 @@ fn print_table(results: &[Value]) {
                 .unwrap_or("-".into()),
             fmt_ms(&r["cpr_transfer"]["blackout_ms"]["median"]),
             fmt_ms(&r["normal"]["stop_to_resume_ms"]),
+            fmt_ms(&r["cpr_reboot"]["stop_to_resume_ms"]),
             fmt_ms(&r["qemu"]["qemu_cpr_transfer_pause_ms"]["median"]),
             fmt_ms(&r["qemu"]["qemu_cpr_exec_pause_ms"]["median"]),
         );
@@ -1097,11 +1146,16 @@ fn main() {
         } else {
             bench_normal(dir.path(), ram_mib).unwrap_or_else(|e| json!({"error": e}))
         };
+        let cpr_reboot = if hugepages {
+            Value::Null
+        } else {
+            bench_cpr_reboot(dir.path(), ram_mib).unwrap_or_else(|e| json!({"error": e}))
+        };
         let qemu = match &qemu {
             Some(q) if !hugepages => bench_qemu(q, ram_mib, o.qemu_reps, dir.path()),
             _ => Value::Null,
         };
-        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "kvm_floor": kvm_floor, "normal": normal, "qemu": qemu}));
+        results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "kvm_floor": kvm_floor, "normal": normal, "cpr_reboot": cpr_reboot, "qemu": qemu}));
     }
     print_table(&results);
     let disk_io = match (o.disk, o.sizes_mib.first()) {

@@ -7,6 +7,7 @@
 
 pub mod drives;
 pub mod nics;
+pub mod objects;
 
 use std::path::PathBuf;
 
@@ -44,6 +45,7 @@ const QEMU_LONG_OPTIONS: &[(&str, &str)] = &[
     ("add-fd", "add-fd"),
     ("netdev", "netdev"),
     ("nic", "nic"),
+    ("object", "object"),
 ];
 
 /// Rewrites `-smp 2` to `--smp 2` etc. Arguments after `--` are left alone.
@@ -103,14 +105,16 @@ Not supported (refused with a message saying what to use instead):
 )]
 pub struct Args {
     /// Guest RAM size: N with an optional K/M/G/T suffix (no suffix = MiB), or size=N; then
-    /// optionally ,hugepages=on|off and ,prealloc=on|off (e.g. -m 64G,hugepages=on).
-    #[arg(
-        short = 'm',
-        long = "memory",
-        value_name = "SIZE",
-        default_value = "128M"
-    )]
-    pub memory: String,
+    /// optionally ,hugepages=on|off and ,prealloc=on|off (e.g. -m 64G,hugepages=on). Default
+    /// 128M, or the size of the -machine memory-backend=ID object.
+    #[arg(short = 'm', long = "memory", value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// A memory backend: memory-backend-memfd,id=ID,size=S,share=on[,hugetlb=on][,prealloc=on]
+    /// or memory-backend-file,id=ID,size=S,mem-path=PATH,share=on (or QEMU's JSON form),
+    /// selected by -machine memory-backend=ID.
+    #[arg(long, value_name = "TYPE,OPTS", action = ArgAction::Append)]
+    pub object: Vec<String>,
 
     /// Pre-fault all guest RAM at start (QEMU's prealloc=on / -mem-prealloc).
     #[arg(long)]
@@ -140,7 +144,7 @@ pub struct Args {
     #[arg(long, value_name = "SPEC")]
     pub qmp: Option<String>,
 
-    /// Machine options: aux-ram-share=on|off.
+    /// Machine options: aux-ram-share=on|off, memory-backend=ID.
     #[arg(long, value_name = "OPTS", action = ArgAction::Append)]
     pub machine: Vec<String>,
 
@@ -294,8 +298,12 @@ pub enum CliError {
         option: &'static str,
         instead: &'static str,
     },
-    #[error("invalid -machine option '{0}': supported is aux-ram-share=on|off")]
+    #[error(
+        "invalid -machine option '{0}': supported are aux-ram-share=on|off and memory-backend=ID"
+    )]
     Machine(String),
+    #[error(transparent)]
+    Object(#[from] objects::ObjectError),
     #[error(
         "invalid -incoming '{0}': use file:PATH, unix:PATH, defer, or a channel such as cpr,addr.transport=socket,addr.type=unix,addr.path=PATH"
     )]
@@ -376,6 +384,12 @@ pub struct Config {
     pub ram_size: u64,
     pub prealloc: bool,
     pub hugepages: bool,
+    /// `memory-backend-file`'s mem-path: all of RAM lives in this file.
+    pub ram_file: Option<PathBuf>,
+    /// `share=on` (always for `-m`): required by every CPR mode.
+    pub ram_share: bool,
+    /// The id of the memory backend object (QEMU's RAM block name in messages).
+    pub ram_backend_id: String,
     pub vcpus: u32,
     pub guest: GuestBoot,
     pub serial: SerialSpec,
@@ -401,6 +415,7 @@ pub struct Config {
 }
 
 pub const MIN_RAM: u64 = 16 << 20;
+pub const DEFAULT_RAM: u64 = 128 << 20;
 /// The most any guest supports (Linux; built-in guests stop at 32).
 pub const MAX_VCPUS: u32 = MAX_LINUX_VCPUS;
 pub const DEFAULT_TICK_HZ: u32 = 10;
@@ -441,7 +456,50 @@ impl Config {
                 "-display {display}: there is no display; only -display none is accepted"
             )));
         }
-        let memory = parse_memory_spec(&args.memory)?;
+        let mut machine_backend = None;
+        for opts in &args.machine {
+            if let Some(id) = parse_machine(opts)? {
+                machine_backend = Some(id);
+            }
+        }
+        let backend = objects::select_backend(&args.object, machine_backend.as_deref())?;
+        let mut memory = match &args.memory {
+            Some(m) => parse_memory_spec(m)?,
+            None => MemorySpec {
+                size: DEFAULT_RAM,
+                hugepages: None,
+                prealloc: None,
+            },
+        };
+        if let Some(b) = &backend {
+            if args.memory.is_some() && memory.size != b.size {
+                return Err(objects::ObjectError::SizeMismatch {
+                    m: memory.size >> 20,
+                    id: b.id.clone(),
+                    backend: b.size >> 20,
+                }
+                .into());
+            }
+            if memory.hugepages.is_some() || args.hugepages {
+                return Err(objects::ObjectError::MemoryOptionWithBackend {
+                    option: "hugepages",
+                }
+                .into());
+            }
+            if memory.prealloc.is_some() {
+                return Err(
+                    objects::ObjectError::MemoryOptionWithBackend { option: "prealloc" }.into(),
+                );
+            }
+            memory = MemorySpec {
+                size: b.size,
+                hugepages: Some(b.kind == objects::BackendKind::Memfd { hugetlb: true }),
+                prealloc: Some(b.prealloc),
+            };
+            if memory.size < MIN_RAM {
+                return Err(CliError::MemoryTooSmall(memory.size));
+            }
+        }
         let ram_size = memory.size;
         for (name, flag, option) in [
             ("hugepages", args.hugepages, memory.hugepages),
@@ -480,11 +538,8 @@ impl Config {
         }
         let serial = parse_serial(&args.serial)?;
         let qmp = args.qmp.as_deref().map(parse_qmp).transpose()?;
-        // All guest RAM is a shareable memfd, so aux-ram-share=on (which QEMU needs for cpr) is
-        // what this VMM always does; the option is checked and accepted.
-        for opts in &args.machine {
-            parse_machine(opts)?;
-        }
+        // All guest RAM is mapped shared, so aux-ram-share=on (which QEMU needs for cpr) is
+        // what this VMM always does; the option is checked (above) and accepted.
         let (incoming, cpr_channel) = parse_incoming_channels(&args.incoming)?;
         let (nic_devices, disk_devices): (Vec<String>, Vec<String>) = args
             .device
@@ -497,6 +552,12 @@ impl Config {
             ram_size,
             prealloc: args.prealloc || memory.prealloc == Some(true),
             hugepages: args.hugepages || memory.hugepages == Some(true),
+            ram_file: backend.as_ref().and_then(|b| match &b.kind {
+                objects::BackendKind::File { mem_path } => Some(mem_path.clone()),
+                objects::BackendKind::Memfd { .. } => None,
+            }),
+            ram_share: backend.as_ref().is_none_or(|b| b.share),
+            ram_backend_id: backend.map_or_else(|| "pc.ram".to_string(), |b| b.id),
             vcpus,
             guest,
             serial,
@@ -552,6 +613,16 @@ impl Config {
             (true, false) => "hugetlb memfd (2 MiB pages)",
             (false, true) => "memfd, preallocated",
             (false, false) => "memfd",
+        };
+        let backing = match &self.ram_file {
+            Some(f) if self.prealloc => format!("file {}, preallocated", f.display()),
+            Some(f) => format!("file {}", f.display()),
+            None => backing.to_string(),
+        };
+        let backing = if self.ram_share {
+            backing
+        } else {
+            format!("{backing}, share=off")
         };
         let qmp = match &self.qmp {
             Some(q) => format!("unix:{}", q.path.display()),
@@ -837,10 +908,17 @@ pub fn parse_qmp(spec: &str) -> Result<QmpSpec, CliError> {
     })
 }
 
-fn parse_machine(spec: &str) -> Result<(), CliError> {
+/// Checks one `-machine` value; returns its `memory-backend=ID`, if any.
+fn parse_machine(spec: &str) -> Result<Option<String>, CliError> {
+    let mut backend = None;
     for opt in spec.split(',').filter(|o| !o.is_empty()) {
         match opt.split_once('=') {
+            Some(("memory-backend", id)) if !id.is_empty() => backend = Some(id.to_string()),
             Some(("aux-ram-share", "on" | "off")) => {}
+            // What libvirt writes on every -machine; nothing to do here.
+            Some(("usb", "off")) | Some(("dump-guest-core", "on" | "off")) => {}
+            // Versioned machine types (libvirt pins one): the same minimal PC here.
+            None if opt.starts_with("pc-i440fx-") || opt.starts_with("pc-q35-") => {}
             Some(("accel", "kvm")) => {}
             // QEMU's machine type names; this VMM has one machine, a minimal PC.
             Some(("type", "pc" | "q35" | "microvm")) => {}
@@ -848,7 +926,7 @@ fn parse_machine(spec: &str) -> Result<(), CliError> {
             _ => return Err(CliError::Machine(opt.to_string())),
         }
     }
-    Ok(())
+    Ok(backend)
 }
 
 /// One `-incoming` value.
@@ -1064,6 +1142,79 @@ mod tests {
         ] {
             let e = parse(args).unwrap_err();
             assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn memory_backend_objects_and_m_agree() {
+        let memfd = "memory-backend-memfd,id=pc.ram,size=1G,share=on,hugetlb=on,prealloc=on";
+        let c = parse(&["-object", memfd, "-machine", "pc,memory-backend=pc.ram"]).unwrap();
+        assert_eq!(c.ram_size, 1 << 30);
+        assert!(c.hugepages && c.prealloc && c.ram_share && c.ram_file.is_none());
+        assert_eq!(c.ram_backend_id, "pc.ram");
+        // -m may repeat the size, in any spelling.
+        let c = parse(&[
+            "-m",
+            "1024",
+            "-object",
+            memfd,
+            "-M",
+            "memory-backend=pc.ram",
+        ])
+        .unwrap();
+        assert_eq!(c.ram_size, 1 << 30);
+        let file = "memory-backend-file,id=m,size=64M,mem-path=/tmp/x.ram";
+        let c = parse(&["-object", file, "-machine", "memory-backend=m"]).unwrap();
+        assert_eq!(
+            c.ram_file.as_deref(),
+            Some(std::path::Path::new("/tmp/x.ram"))
+        );
+        assert!(!c.ram_share, "QEMU's default is share=off");
+        // Without a backend, -m alone: shared memfd, 128 MiB by default.
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.ram_size, 128 << 20);
+        assert!(c.ram_share && c.ram_file.is_none());
+        for (args, needle) in [
+            (
+                &[
+                    "-m",
+                    "2G",
+                    "-object",
+                    memfd,
+                    "-machine",
+                    "memory-backend=pc.ram",
+                ][..],
+                "-m says 2048 MiB",
+            ),
+            (
+                &[
+                    "-m",
+                    "1G,hugepages=on",
+                    "-object",
+                    memfd,
+                    "-machine",
+                    "memory-backend=pc.ram",
+                ][..],
+                "give hugepages on the -object",
+            ),
+            (&["-object", memfd][..], "-machine memory-backend=pc.ram"),
+            (
+                &["-machine", "memory-backend=nope"][..],
+                "no -object with id 'nope'",
+            ),
+            (
+                &[
+                    "-object",
+                    "memory-backend-file,id=m,size=8M,mem-path=/x",
+                    "-machine",
+                    "memory-backend=m",
+                ][..],
+                "too small",
+            ),
+            (&["-machine", "memory-backend="][..], "memory-backend=ID"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
         }
     }
 

@@ -346,11 +346,7 @@ impl Vmm {
         }
         match self.config.incoming.clone() {
             None => {
-                let ram = GuestRam::create(
-                    self.config.ram_size,
-                    self.config.hugepages,
-                    self.config.prealloc,
-                )?;
+                let ram = self.fresh_ram()?;
                 let (machine, rx) = self.build_machine(ram, Source::Boot, None)?;
                 self.install_machine(machine, rx)
                     .map_err(StartError::Setup)?;
@@ -799,11 +795,14 @@ impl Vmm {
                 if let Some(mode) = p.mode
                     && !matches!(
                         mode,
-                        MigMode::Normal | MigMode::CprExec | MigMode::CprTransfer
+                        MigMode::Normal
+                            | MigMode::CprExec
+                            | MigMode::CprTransfer
+                            | MigMode::CprReboot
                     )
                 {
                     return Err(QmpError::generic(format!(
-                        "migration mode '{}' is not supported by this VMM; supported: normal, cpr-exec, cpr-transfer",
+                        "migration mode '{}' is not supported by this VMM; supported: normal, cpr-exec, cpr-transfer, cpr-reboot",
                         mode.as_str()
                     )));
                 }

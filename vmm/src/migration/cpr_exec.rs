@@ -35,7 +35,7 @@ use crate::control::{IncomingError, StartError, Vmm};
 use crate::devices::{HandedOverFds, HostFd};
 use crate::machine::Source;
 use crate::memory::RegionLayout;
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{GuestRam, MemoryError, RAM_FILE_NAME};
 use crate::migration::MigrationError;
 use crate::migration::format::{RamContents, SavedRun, StateFile, StateFileError};
 use crate::migration::format::{encode_state, write_state_bytes};
@@ -92,6 +92,10 @@ pub enum CprExecError {
     FdCheck(#[from] fds::FdError),
     #[error("the CPR state lists no memfd for RAM region '{0}'")]
     MissingRegion(String),
+    #[error(
+        "the previous VMM handed over guest RAM in a memory-backend-file, but this command line has none: give the same -object memory-backend-file,...,share=on and -machine memory-backend=ID"
+    )]
+    RamFileNotOnCommandLine,
     #[error("inherited RAM region '{name}' is {found} bytes, the state file says {expected}")]
     RegionSize {
         name: String,
@@ -329,6 +333,10 @@ pub fn check_exec_command(
 
 /// Refuses cpr-exec when any RAM region is not a sealed memfd that can be inherited.
 pub fn check_ram_shareable(ram: &GuestRam) -> Result<(), CprExecError> {
+    // A RAM file (memory-backend-file, share=on) is handed over as one fd, checked by identity.
+    if ram.backing_file().is_some() {
+        return Ok(());
+    }
     for region in ram.regions() {
         let rec =
             fds::describe(region.fd(), &region.layout.name, FdKind::GuestRam).map_err(|e| {
@@ -407,12 +415,20 @@ pub fn prepare_exec(inputs: ExecInputs<'_>) -> Result<PreparedExec, CprExecError
         .unwrap_or_else(|_| "vmm".into());
     let own_exe = OwnedFd::from(own_exe);
     let mut preserved = Vec::new();
-    for region in inputs.ram.regions() {
+    if let Some(file) = inputs.ram.backing_file() {
         preserved.push(describe(
-            region.fd().as_raw_fd(),
-            &region.layout.name,
-            FdKind::GuestRam,
+            file.as_raw_fd(),
+            RAM_FILE_NAME,
+            FdKind::GuestRamFile,
         )?);
+    } else {
+        for region in inputs.ram.regions() {
+            preserved.push(describe(
+                region.fd().as_raw_fd(),
+                &region.layout.name,
+                FdKind::GuestRam,
+            )?);
+        }
     }
     for (kind, name, fd) in &inputs.other_fds {
         preserved.push(describe(*fd, name, *kind)?);
@@ -785,8 +801,37 @@ impl Incoming {
     }
 
     /// Maps the inherited RAM memfds for `regions` (from the state file), checking that the
-    /// CPR state lists each one with the same size.
-    pub fn take_ram(&mut self, regions: &[RegionLayout]) -> Result<GuestRam, CprExecError> {
+    /// CPR state lists each one with the same size; or the inherited RAM file, in place, when
+    /// the previous VMM had `memory-backend-file` RAM (`ram_file`: this command line's
+    /// mem-path, which must name it too).
+    pub fn take_ram(
+        &mut self,
+        regions: &[RegionLayout],
+        ram_file: Option<&std::path::Path>,
+    ) -> Result<GuestRam, CprExecError> {
+        let total: u64 = regions.iter().map(|r| r.size).sum();
+        if let Some((rec, _, _)) = self
+            .fds
+            .get(RAM_FILE_NAME)
+            .filter(|(rec, _, _)| rec.kind == FdKind::GuestRamFile)
+        {
+            if rec.size != total {
+                return Err(CprExecError::RegionSize {
+                    name: RAM_FILE_NAME.to_string(),
+                    expected: total,
+                    found: rec.size,
+                });
+            }
+            let path = ram_file.ok_or(CprExecError::RamFileNotOnCommandLine)?;
+            let fd = self
+                .take_fd(FdKind::GuestRamFile, RAM_FILE_NAME)
+                .ok_or_else(|| CprExecError::MissingRegion(RAM_FILE_NAME.to_string()))?;
+            let options = crate::memory::FileRamOptions {
+                share: true,
+                prealloc: false,
+            };
+            return Ok(GuestRam::map_file(path, File::from(fd), total, options)?);
+        }
         for region in regions {
             let (rec, _, _) = self
                 .fds
@@ -1116,7 +1161,10 @@ impl Vmm {
         file.check_machine(&self.described_machine())
             .map_err(IncomingError::from)?;
         incoming.phases.mark("read state file");
-        let ram = incoming.take_ram(&file.state.description.regions)?;
+        let ram = incoming.take_ram(
+            &file.state.description.regions,
+            self.config.ram_file.as_deref(),
+        )?;
         incoming.phases.mark("map memory");
         let host_fds = HandedOverFds::new(
             incoming

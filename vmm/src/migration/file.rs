@@ -17,7 +17,7 @@ use super::state::MachineState;
 use crate::control::{IncomingError, Vmm};
 use crate::machine::{MachineError, Source};
 use crate::memory::RamView;
-use crate::memory::{self, GuestRam, MemoryError};
+use crate::memory::{self, MemoryError};
 use crate::migration::MigrationError;
 use crate::migration::format::{RamContents, RamProgress, SavedRun, StateFile, StateFileError};
 use crate::migration::{MigrationRecord, MigrationStatus};
@@ -48,17 +48,8 @@ pub enum IncomingRamError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     File(#[from] StateFileError),
-}
-
-/// Creates fresh RAM for the saved machine and fills it from the file (checksum verified).
-pub fn load_ram(
-    file: &StateFile,
-    hugepages: bool,
-    prealloc: bool,
-) -> Result<GuestRam, IncomingRamError> {
-    let ram = GuestRam::create(file.state.description.ram_size, hugepages, prealloc)?;
-    file.load_ram(&ram.view())?;
-    Ok(ram)
+    #[error(transparent)]
+    Reboot(#[from] super::cpr_reboot::CprRebootError),
 }
 
 /// A `migrate` to a file in flight.
@@ -74,7 +65,19 @@ impl Vmm {
         let started = Instant::now();
         let file = StateFile::open(path)?;
         file.check_machine(&self.described_machine())?;
-        let ram = load_ram(&file, self.config.hugepages, self.config.prealloc)?;
+        let ram = match file.ram_file()? {
+            // cpr-reboot: RAM was never copied; the saved RAM file is mapped in place.
+            Some(saved) if !file.has_ram() => {
+                self.reboot_ram(&saved).map_err(IncomingRamError::from)?
+            }
+            // Fresh RAM as the command line says (memfds or the RAM file), filled from the file
+            // (checksum verified).
+            _ => {
+                let ram = self.fresh_ram().map_err(IncomingRamError::from)?;
+                file.load_ram(&ram.view())?;
+                ram
+            }
+        };
         let (machine, rx) = self.build_machine(
             ram,
             // A new process on the same host: devices open their backends from the command line.
@@ -187,12 +190,7 @@ impl Vmm {
         });
         match result {
             Ok(size) => {
-                let ms = self.migration.elapsed_ms();
-                self.migration.total_time_ms = Some(ms);
-                // The guest was stopped for the whole save.
-                self.migration.downtime_ms = Some(ms);
-                self.migration.status = MigrationStatus::Completed;
-                let _ = self.set_run_state(RunState::Postmigrate);
+                let ms = self.complete_stopped_save();
                 log::info!("migration to file completed: {size} bytes in {ms} ms");
                 self.emit(&EventKind::Migration {
                     status: MigrationStatus::Completed,
@@ -207,6 +205,17 @@ impl Vmm {
                 self.fail_migration(&e.to_string(), out.guest_was_running);
             }
         }
+    }
+
+    /// A save that kept the guest stopped throughout has completed: the record says so and the
+    /// VM is in `postmigrate`. Returns the save's duration in ms (the caller emits the event).
+    pub(crate) fn complete_stopped_save(&mut self) -> u64 {
+        let ms = self.migration.elapsed_ms();
+        self.migration.total_time_ms = Some(ms);
+        self.migration.downtime_ms = Some(ms);
+        self.migration.status = MigrationStatus::Completed;
+        let _ = self.set_run_state(RunState::Postmigrate);
+        ms
     }
 
     /// `migrate_cancel`: a save to a file in flight stops at its next chunk (`cancelling`,

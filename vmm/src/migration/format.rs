@@ -11,7 +11,11 @@
 //! 4   vm           VmState: PIC master/slave, IOAPIC, PIT, kvmclock
 //! 5   devices      Vec<SavedDevice>: each device's id and its own state, bincode-encoded
 //! 6   ram          only in "normal" mode; absent when RAM stays in preserved memfds
+//! 7   ram-file     only in cpr-reboot mode: RamFileIdentity, the file that holds guest RAM
 //! ```
+//!
+//! Section 7 is optional and was added without a version bump: it changes no existing payload,
+//! and a reader that does not know it skips it (such a reader then finds no RAM and says so).
 //!
 //! The `ram` section is a sequence of runs of non-zero pages (zero pages are skipped; fresh
 //! memfds read as zeros):
@@ -50,8 +54,8 @@ const RUN_HEADER_LEN: usize = 24;
 const PAGES_PER_CHUNK: u64 = 256;
 
 pub use cpr_common::state_file::{
-    SECTION_DESCRIPTION, SECTION_DEVICES, SECTION_RAM, SECTION_RUN, SECTION_VCPUS, SECTION_VM,
-    STATE_FILE_FORMAT, STATE_FORMAT_VERSION,
+    SECTION_DESCRIPTION, SECTION_DEVICES, SECTION_RAM, SECTION_RAM_FILE, SECTION_RUN,
+    SECTION_VCPUS, SECTION_VM, STATE_FILE_FORMAT, STATE_FORMAT_VERSION,
 };
 
 /// How the machine was when it was saved.
@@ -128,6 +132,8 @@ pub enum RamContents<'a> {
     Preserved,
     /// Copy every non-zero page.
     Pages(&'a RamView, &'a RamProgress),
+    /// cpr-reboot: RAM stays in this file; the state names it.
+    InFile(&'a crate::memory::RamFileIdentity),
 }
 
 /// Writes `state` to `path` atomically (temporary file, mode 0600, renamed when complete).
@@ -193,6 +199,10 @@ pub fn encode_state<W: Write>(
             stream.finish();
         }
         RamContents::Preserved => {}
+        RamContents::InFile(identity) => {
+            w.write_section(SECTION_RAM_FILE, identity)
+                .map_err(fmt_err)?;
+        }
     }
     w.finish().map_err(io_err)
 }
@@ -358,6 +368,20 @@ impl<R: ReadAt> StateFile<R> {
 
     pub fn has_ram(&self) -> bool {
         self.reader.has_section(SECTION_RAM)
+    }
+
+    /// The RAM file a cpr-reboot save names, if this is one.
+    pub fn ram_file(&self) -> Result<Option<crate::memory::RamFileIdentity>, StateFileError> {
+        if !self.reader.has_section(SECTION_RAM_FILE) {
+            return Ok(None);
+        }
+        self.reader
+            .read_section(SECTION_RAM_FILE)
+            .map(Some)
+            .map_err(|source| StateFileError::Format {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Checks that `ours` (from this process's command line) is the saved machine.

@@ -12,6 +12,7 @@
 //! dies or hangs before it resumes the guest.
 
 pub mod cpr_exec;
+pub mod cpr_reboot;
 pub mod cpr_transfer;
 pub mod file;
 pub mod format;
@@ -162,6 +163,7 @@ impl Vmm {
             .into());
         }
         let mode = self.params.mode.unwrap_or_default();
+        self.check_cpr_ram(mode)?;
         if mode == MigMode::CprTransfer {
             return self.migrate_cpr_transfer(&targets);
         }
@@ -181,6 +183,7 @@ impl Vmm {
         };
         match mode {
             MigMode::CprExec => self.migrate_cpr_exec(path),
+            MigMode::CprReboot => self.migrate_cpr_reboot(path),
             _ => self.start_outgoing_save(path),
         }
     }
