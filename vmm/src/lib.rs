@@ -6,6 +6,7 @@ pub mod cli;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod fuzzing;
 pub mod logger;
 pub mod machine;
 pub mod memory;
