@@ -166,7 +166,8 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-fn find_in_notes(mut notes: &[u8]) -> Option<Compat> {
+/// The compatibility note among the ELF notes `notes` (a PT_NOTE segment's bytes), if any.
+pub fn find_in_notes(mut notes: &[u8]) -> Option<Compat> {
     while notes.len() >= 12 {
         let namesz = le32(notes, 0) as usize;
         let descsz = le32(notes, 4) as usize;

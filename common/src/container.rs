@@ -462,7 +462,7 @@ impl<R: ReadAt> ContainerReader<R> {
             return Err(malformed(format!("section count {count} is implausible")));
         }
         let table_len = u64::from(count) * ENTRY_LEN;
-        if table_off < HEADER_LEN || table_off + table_len != len - FOOTER_LEN {
+        if table_off < HEADER_LEN || table_off.checked_add(table_len) != Some(len - FOOTER_LEN) {
             return Err(malformed(format!(
                 "section table at {table_off} with {count} entries does not end at the footer"
             )));
@@ -737,6 +737,19 @@ mod tests {
         assert!(matches!(
             r.read_section::<u32>(7),
             Err(ContainerError::MissingSection { .. })
+        ));
+    }
+
+    /// Found by fuzzing (fuzz/corpus/cpr_state/crash-…): a table offset near u64::MAX in the
+    /// footer overflowed the check that the table ends at the footer.
+    #[test]
+    fn a_table_offset_near_the_top_is_refused() {
+        let mut bytes = sample();
+        let footer = bytes.len() - FOOTER_LEN as usize;
+        bytes[footer..footer + 8].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        assert!(matches!(
+            ContainerReader::open(bytes, &SPEC),
+            Err(ContainerError::Malformed { .. })
         ));
     }
 

@@ -214,7 +214,8 @@ pub fn encode_env_copy(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn decode_env_copy(text: &str) -> Option<Vec<u8>> {
+/// Bytes of a [`FALLBACK_ENV`] value (hex), or `None` if it is not hex of whole bytes.
+pub fn decode_env_copy(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
     }

@@ -26,6 +26,8 @@ use crate::fds;
 /// Names the environment variable (set by the old VMM for the shim only) that describes a
 /// target already resolved and hashed, and the fd that holds it open.
 pub const CHECKED_TARGET_ENV: &str = "VMM_CPR_CHECKED_TARGET";
+/// The largest record [`CheckedTarget::from_env`] decodes: two paths and a hash, with room.
+const MAX_CHECKED_TARGET_LEN: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -247,7 +249,7 @@ impl CheckedTarget {
     }
 
     pub fn from_env(value: &str) -> Result<CheckedTarget, AdoptError> {
-        if !value.len().is_multiple_of(2) {
+        if !value.len().is_multiple_of(2) || value.len() > 2 * MAX_CHECKED_TARGET_LEN {
             return Err(AdoptError::Malformed);
         }
         let bytes: Option<Vec<u8>> = (0..value.len())
@@ -255,7 +257,9 @@ impl CheckedTarget {
             .map(|i| u8::from_str_radix(value.get(i..i + 2)?, 16).ok())
             .collect();
         let bytes = bytes.ok_or(AdoptError::Malformed)?;
-        match bincode::serde::decode_from_slice(&bytes, bincode::config::standard()) {
+        // The limit bounds what a length inside the record can make the decoder allocate.
+        let config = bincode::config::standard().with_limit::<MAX_CHECKED_TARGET_LEN>();
+        match bincode::serde::decode_from_slice(&bytes, config) {
             Ok((record, used)) if used == bytes.len() => Ok(record),
             _ => Err(AdoptError::Malformed),
         }
@@ -298,6 +302,40 @@ impl CheckedTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (fuzz/corpus/checked_target/crash-84f8c811…): a string length of 7e18
+    /// in the record made the decoder try to allocate it and abort the process.
+    #[test]
+    fn from_env_refuses_a_huge_length_without_allocating_it() {
+        let mut bytes = vec![0u8, 0xfd];
+        bytes.extend_from_slice(&0x6061_6261_6261_6261u64.to_le_bytes());
+        bytes.extend_from_slice(b"abab");
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(CheckedTarget::from_env(&hex), Err(AdoptError::Malformed));
+        let too_long = "00".repeat(MAX_CHECKED_TARGET_LEN + 1);
+        assert_eq!(
+            CheckedTarget::from_env(&too_long),
+            Err(AdoptError::Malformed)
+        );
+    }
+
+    #[test]
+    fn from_env_reads_what_to_env_wrote() {
+        let record = CheckedTarget {
+            fd: 9,
+            requested: "vmm".into(),
+            resolved: "/opt/vmm/vmm".into(),
+            sha256: "ab".repeat(32),
+            stamp: FileStamp {
+                dev: 1,
+                ino: 2,
+                size: 3,
+                mtime_ns: 4,
+                ctime_ns: 5,
+            },
+        };
+        assert_eq!(CheckedTarget::from_env(&record.to_env()), Ok(record));
+    }
 
     fn executable(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
         let p = dir.join(name);

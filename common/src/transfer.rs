@@ -269,6 +269,13 @@ impl FrameReader {
         }
     }
 
+    /// Adds bytes as if read from the socket and returns the next complete frame, if any (what
+    /// [`FrameReader::poll`] does with each read; the fuzz target drives it this way).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<Frame>, TransferError> {
+        self.buf.extend_from_slice(bytes);
+        self.take()
+    }
+
     fn take(&mut self) -> Result<Option<Frame>, TransferError> {
         if self.buf.len() < HEADER_LEN {
             return Ok(None);

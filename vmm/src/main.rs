@@ -3,31 +3,12 @@
 //! Start-up follows the flow in docs/ARCHITECTURE.md: parse the command line, then either boot a built-in
 //! guest, or restore a saved machine (`-incoming`), and hand the machine to the control loop
 //! ([`control`]), which serves the QMP monitor and carries out migrations.
-
-mod boot;
-mod cli;
-mod control;
-mod cpuid;
-mod devices;
-mod logger;
-mod machine;
-mod memory;
-mod migration;
-mod qmp;
-mod unix_socket;
-mod vcpu;
+//! The modules live in the `vmm` library (src/lib.rs), which the fuzz targets also use.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// "0.1.0", or "0.1.0+TAG" for a build made with CPR_VMM_BUILD_TAG=TAG (see build.rs), which
-/// tells apart two builds of one release; reported by `query-version`, logs and live updates.
-pub const VERSION: &str = env!("CPR_VMM_VERSION");
-
-pub fn version_string() -> String {
-    VERSION.to_string()
-}
+use vmm::{cli, control, logger, migration};
 
 fn main() -> ExitCode {
     let started_ns = cpr_common::timing::monotonic_ns();
