@@ -215,14 +215,16 @@ pub fn guard_main(args: &[String]) -> ExitCode {
         // The update failed before its exec (or never came): nothing to guard.
         Err(_) => return ExitCode::SUCCESS,
     };
-    let order: GuardOrder =
-        match bincode::serde::decode_from_slice(&frame.payload, bincode::config::standard()) {
-            Ok((o, _)) => o,
-            Err(e) => {
-                eprintln!("vmm rescue guard: unreadable order ({e}); not guarding this update");
-                return ExitCode::from(1);
-            }
-        };
+    // Bounded like every decoder here: a length in the payload never makes the guard allocate
+    // more than the frame could hold.
+    let limited = bincode::config::standard().with_limit::<{ transfer::MAX_PAYLOAD as usize }>();
+    let order: GuardOrder = match bincode::serde::decode_from_slice(&frame.payload, limited) {
+        Ok((o, _)) => o,
+        Err(e) => {
+            eprintln!("vmm rescue guard: unreadable order ({e}); not guarding this update");
+            return ExitCode::from(1);
+        }
+    };
     match watch(&socket, &order) {
         Outcome::Resumed => ExitCode::SUCCESS,
         Outcome::LetGo(why) => {
