@@ -662,6 +662,47 @@ fn unknown_access(kind: &str, addr: u64, len: usize) {
     }
 }
 
+/// What a device's unit test needs to build a [`DeviceContext`] outside a machine: a KVM VM, a
+/// console that discards, and the input-drained eventfd.
+#[cfg(test)]
+pub(crate) struct TestContext {
+    vm: Arc<VmFd>,
+    console: ConsoleOutput,
+    drained: Arc<EventFd>,
+}
+
+#[cfg(test)]
+impl TestContext {
+    pub(crate) fn new() -> Self {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        TestContext {
+            vm: Arc::new(kvm.create_vm().unwrap()),
+            console: console::Console::open(&crate::cli::SerialSpec::Null, |_, _| None)
+                .unwrap()
+                .output(),
+            drained: Arc::new(EventFd::new(0).unwrap()),
+        }
+    }
+
+    /// A context over `memory` with `host_fds` handed over.
+    pub(crate) fn context(
+        &self,
+        memory: Arc<GuestMemoryMmap>,
+        host_fds: HandedOverFds,
+    ) -> DeviceContext<'_> {
+        DeviceContext {
+            vm: &self.vm,
+            memory,
+            interrupts: interrupts::GsiRouter::new(self.vm.clone()),
+            pci: pci::PciBus::new(),
+            console: &self.console,
+            input_drained: &self.drained,
+            serial_irq: None,
+            host_fds,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

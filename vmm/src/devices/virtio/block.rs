@@ -2244,23 +2244,8 @@ mod tests {
         let rig = Rig::new(16);
         let block = rig.block(false);
         let saved = block.save();
-        let console =
-            crate::devices::console::Console::open(&crate::cli::SerialSpec::Null, |_, _| None)
-                .unwrap()
-                .output();
-        let drained = Arc::new(EventFd::new(0).unwrap());
-        let kvm = kvm_ioctls::Kvm::new().unwrap();
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        let make_ctx = |host_fds| DeviceContext {
-            vm: &vm,
-            memory: rig.memory.clone(),
-            interrupts: GsiRouter::new(vm.clone()),
-            pci: crate::devices::pci::PciBus::new(),
-            console: &console,
-            input_drained: &drained,
-            serial_irq: None,
-            host_fds,
-        };
+        let test_context = crate::devices::TestContext::new();
+        let make_ctx = |host_fds| test_context.context(rig.memory.clone(), host_fds);
         // A live update carried the fd: the image's path no longer matters.
         let dup = block.disk.try_clone().unwrap();
         let moved = rig.disk.path.with_extension("moved");

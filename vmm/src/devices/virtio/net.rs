@@ -1549,23 +1549,8 @@ mod tests {
         let saved = net.save();
         assert_eq!(saved.ifname, a);
         let rig = Rig::new();
-        let console =
-            crate::devices::console::Console::open(&crate::cli::SerialSpec::Null, |_, _| None)
-                .unwrap()
-                .output();
-        let drained = Arc::new(EventFd::new(0).unwrap());
-        let kvm = kvm_ioctls::Kvm::new().unwrap();
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        let make_ctx = |host_fds| DeviceContext {
-            vm: &vm,
-            memory: rig.memory.clone(),
-            interrupts: GsiRouter::new(vm.clone()),
-            pci: crate::devices::pci::PciBus::new(),
-            console: &console,
-            input_drained: &drained,
-            serial_irq: None,
-            host_fds,
-        };
+        let test_context = crate::devices::TestContext::new();
+        let make_ctx = |host_fds| test_context.context(rig.memory.clone(), host_fds);
         let handed =
             |fd: &OwnedFd| HandedOverFds::new(vec![("netdev:n0".into(), fd.try_clone().unwrap())]);
         // The same tap, handed over: taken as it is.
