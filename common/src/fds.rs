@@ -281,8 +281,9 @@ pub fn tap_interface(fd: RawFd, name: &str) -> Result<([u8; 16], u16), FdError> 
     // SAFETY: ifreq is plain data; all zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     // Raw, as in `identity`: `fd` is a recorded number that may be closed or reused by now.
-    // SAFETY: TUNGETIFF writes an ifreq into `req`, which lives for the call; other files
-    // refuse it (ENOTTY, EBADFD).
+    // TUNGETIFF writes an ifreq into `req`, which lives for the call; other files refuse it
+    // (ENOTTY, EBADFD).
+    // SAFETY: as just said, the kernel writes only into `req`.
     let rc = unsafe { libc::ioctl(fd, libc::TUNGETIFF as _, &mut req) };
     if rc < 0 {
         return Err(sys_err(fd, name, "TUNGETIFF", nix::errno::Errno::last()));

@@ -404,8 +404,9 @@ fn rescue(order: GuardOrder, received: Vec<OwnedFd>, reason: &str) -> ExitCode {
     }
     for (name, fd) in high {
         if let Some(rec) = state.fds.iter().find(|f| f.name == name) {
-            // SAFETY: dup2 onto the recorded number; the previous VMM finds it there (and, being
-            // a rollback, also by device and inode wherever it is).
+            // The previous VMM finds the fd at its recorded number (and, being a rollback, also
+            // by device and inode wherever it is).
+            // SAFETY: dup2 between two fds; no memory is involved.
             unsafe { libc::dup2(fd.as_raw_fd(), rec.fd) };
         }
         // The high copy is close-on-exec and goes; the copy at the recorded number stays.

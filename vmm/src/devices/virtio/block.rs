@@ -817,10 +817,10 @@ impl Uring {
             expect,
             _iovecs: iovecs,
         });
-        // SAFETY: the entry's iovec array lives in `slots[slot]` (a Vec's heap buffer does not
-        // move with it) until its completion is reaped, and the guest memory the iovecs point
-        // into stays mapped for the life of the I/O thread, which drains the ring before it
-        // ends.
+        // The entry's iovec array lives in `slots[slot]` (a Vec's heap buffer does not move
+        // with it) until its completion is reaped, and the guest memory the iovecs point into
+        // stays mapped for the life of the I/O thread, which drains the ring before it ends.
+        // SAFETY: so every pointer the entry carries stays valid until the kernel is done.
         let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         if !pushed && self.ring.submit().is_ok() {
             // SAFETY: as above.
@@ -867,8 +867,9 @@ fn transfer_all(
         let count = rest.len().min(1024) as libc::c_int;
         let at = libc::off_t::try_from(offset)
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: every iovec points into mapped guest RAM (checked when it was built, and the
-        // mapping outlives this call) with its length; the kernel only reads or writes there.
+        // Every iovec points into mapped guest RAM (checked when it was built, and the mapping
+        // outlives this call) with its length.
+        // SAFETY: so the kernel only reads or writes memory that is valid for the call.
         let n = unsafe {
             if write {
                 libc::pwritev(fd, rest.as_ptr(), count, at)

@@ -777,8 +777,8 @@ impl NetIo {
             ));
             return;
         }
-        // SAFETY: every iovec points into guest RAM mapped by `mem`, which is alive for the
-        // call; writev only reads them.
+        // Every iovec points into guest RAM mapped by `mem`, which is alive for the call.
+        // SAFETY: so writev only reads memory that is valid for the call.
         let n = unsafe {
             libc::writev(
                 self.tap.as_raw_fd(),
@@ -905,8 +905,9 @@ impl NetIo {
             iov_base: overflow.as_mut_ptr().cast(),
             iov_len: overflow.len(),
         });
-        // SAFETY: every iovec points into guest RAM mapped by `mem` (alive for the call), at
-        // buffers the driver gave the device to write, or at `overflow`.
+        // Every iovec points into guest RAM mapped by `mem` (alive for the call), at buffers
+        // the driver gave the device to write, or at `overflow`.
+        // SAFETY: so readv only writes memory that is valid for the call and ours to write.
         let n = unsafe {
             libc::readv(
                 self.tap.as_raw_fd(),
