@@ -447,13 +447,7 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let space = self.config_space();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| space.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_space(&space, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

@@ -120,3 +120,15 @@ impl VirtioInterrupt {
         self.isr.swap(0, Ordering::AcqRel)
     }
 }
+
+/// Copies the bytes of a device's configuration space at `offset` into `data`; bytes past its
+/// end read as zero (a driver reading too far gets zeros, not a fault).
+pub(crate) fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| space.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}

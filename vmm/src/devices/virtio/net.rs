@@ -383,13 +383,7 @@ impl VirtioDevice for Net {
         space[0..6].copy_from_slice(&self.config.mac);
         space[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
         space[8..10].copy_from_slice(&1u16.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| space.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_space(&space, offset, data);
     }
 
     /// The MAC is read-only for a virtio 1.x driver.
