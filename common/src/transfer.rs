@@ -76,6 +76,19 @@ pub struct Hello {
     pub fds: Vec<PreservedFd>,
     /// Monotonic time at which the sender started the transfer, for the report.
     pub started_ns: u64,
+    /// With guest RAM in a `memory-backend-file`: its mem-path (absolute) on the sender's
+    /// command line, which the receiver's must name too. The file itself is the fd recorded
+    /// as `FdKind::GuestRamFile`. Encoded only when present, so that a HELLO with memfd RAM
+    /// is byte for byte the first release's (see [`encode_hello`]).
+    pub ram_file: Option<String>,
+}
+
+/// HELLO as the first release encoded it (no `ram_file`).
+#[derive(Serialize, Deserialize)]
+struct HelloV1 {
+    sender_version: String,
+    fds: Vec<PreservedFd>,
+    started_ns: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -314,19 +327,42 @@ pub fn check_peer(stream: &UnixStream) -> Result<(), TransferError> {
     }
 }
 
+/// HELLO's payload. Without a RAM file it is the first release's encoding (a VMM of that
+/// release can still take memfd RAM from this one); with one, the RAM file's path follows.
 pub fn encode_hello(hello: &Hello) -> Result<Vec<u8>, TransferError> {
-    crate::container::encode_payload(hello).map_err(TransferError::EncodeHello)
+    match &hello.ram_file {
+        Some(_) => crate::container::encode_payload(hello),
+        None => crate::container::encode_payload(&HelloV1 {
+            sender_version: hello.sender_version.clone(),
+            fds: hello.fds.clone(),
+            started_ns: hello.started_ns,
+        }),
+    }
+    .map_err(TransferError::EncodeHello)
 }
 
+/// Decodes HELLO in either encoding ([`encode_hello`]).
 pub fn decode_hello(payload: &[u8]) -> Result<Hello, TransferError> {
-    let config = bincode::config::standard()
-        .with_limit::<{ crate::container::MAX_DECODED_SECTION as usize }>();
-    let (hello, used): (Hello, usize) = bincode::serde::decode_from_slice(payload, config)
-        .map_err(|e| TransferError::Malformed(format!("HELLO: {e}")))?;
-    if used != payload.len() {
-        return Err(TransferError::Malformed("HELLO has trailing bytes".into()));
+    fn whole<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, TransferError> {
+        let config = bincode::config::standard()
+            .with_limit::<{ crate::container::MAX_DECODED_SECTION as usize }>();
+        let (value, used): (T, usize) = bincode::serde::decode_from_slice(payload, config)
+            .map_err(|e| TransferError::Malformed(format!("HELLO: {e}")))?;
+        if used != payload.len() {
+            return Err(TransferError::Malformed("HELLO has trailing bytes".into()));
+        }
+        Ok(value)
     }
-    Ok(hello)
+    match whole::<HelloV1>(payload) {
+        Ok(v1) => Ok(Hello {
+            sender_version: v1.sender_version,
+            fds: v1.fds,
+            started_ns: v1.started_ns,
+            ram_file: None,
+        }),
+        // Trailing bytes after the first release's fields: the RAM file's path.
+        Err(_) => whole::<Hello>(payload),
+    }
 }
 
 #[cfg(test)]
@@ -393,12 +429,28 @@ mod tests {
 
     #[test]
     fn hello_round_trips_and_garbage_is_refused() {
-        let h = Hello {
+        let mut h = Hello {
             sender_version: "1.0".into(),
             fds: vec![],
             started_ns: 5,
+            ram_file: None,
         };
         assert_eq!(decode_hello(&encode_hello(&h).unwrap()).unwrap(), h);
+        // Without a RAM file, the first release's bytes: its VMMs still read them.
+        let v1 = crate::container::encode_payload(&HelloV1 {
+            sender_version: "1.0".into(),
+            fds: vec![],
+            started_ns: 5,
+        })
+        .unwrap();
+        assert_eq!(encode_hello(&h).unwrap(), v1);
+        h.ram_file = Some("/var/lib/vm1/guest.ram".into());
+        let with_file = encode_hello(&h).unwrap();
+        assert_ne!(with_file, v1);
+        assert_eq!(decode_hello(&with_file).unwrap(), h);
+        let mut trailing = with_file;
+        trailing.push(0);
+        assert!(decode_hello(&trailing).is_err());
         assert!(decode_hello(b"\xff\xff\xff").is_err());
     }
 

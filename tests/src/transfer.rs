@@ -478,6 +478,7 @@ pub fn hello_payload(records: Vec<PreservedFd>) -> Vec<u8> {
         sender_version: "fake-old-side".into(),
         fds: records,
         started_ns: cpr_common::timing::monotonic_ns(),
+        ram_file: None,
     })
     .expect("encoding HELLO")
 }
@@ -886,6 +887,60 @@ impl Drop for ForeignListener {
         let _ = kill(self.child, Signal::SIGKILL);
         let _ = wait_child(self.child);
     }
+}
+
+/// Starts a new side called `name` in `dir` (`-incoming unix:MAIN`, the CPR channel in
+/// key=value form) with `machine_args`, then asks the old VMM behind `old` to hand its guest
+/// over (its earlier events are dropped, so that what `migrate` brings can be checked).
+pub fn start_transfer_to(
+    dir: &Path,
+    name: &str,
+    machine_args: &[String],
+    old: &mut QmpClient,
+    timeout: Duration,
+) -> Target {
+    let target = Target::start(
+        dir,
+        name,
+        machine_args,
+        MainChannel::Unix,
+        CprSpelling::KeyValue,
+        timeout,
+    )
+    .unwrap_or_else(|e| panic!("starting the new VMM {name}: {e}"));
+    let _ = old.events();
+    migrate_cpr_transfer(old, &target.main_path, &target.cpr_path)
+        .unwrap_or_else(|e| panic!("migrate to {name}: {e}"));
+    target
+}
+
+/// Guest RAM in the file `ram` as operators write it: `-object memory-backend-file,id=pc.ram,
+/// size=SIZE,mem-path=RAM,share=on -machine pc,memory-backend=pc.ram`.
+pub fn memory_backend_file(ram: &Path, size: &str) -> Vec<String> {
+    vec![
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=pc.ram,size={size},mem-path={},share=on",
+            ram.display()
+        ),
+        "-machine".into(),
+        "pc,memory-backend=pc.ram".into(),
+    ]
+}
+
+/// The lines of /proc/PID/maps that map the file with inode `ino` (whatever its name is now):
+/// how a test sees which process maps a RAM file, and that it is the very same file.
+pub fn mappings_of_inode(pid: u32, ino: u64) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .and_then(|i| i.parse::<u64>().ok())
+                == Some(ino)
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 #[cfg(test)]

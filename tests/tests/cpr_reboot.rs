@@ -24,15 +24,7 @@ fn status(qmp: &mut QmpClient) -> String {
 
 /// The RAM backend as an operator writes it, keyval form.
 fn file_backend(ram: &Path, size: &str) -> Vec<String> {
-    vec![
-        "-object".into(),
-        format!(
-            "memory-backend-file,id=pc.ram,size={size},mem-path={},share=on",
-            ram.display()
-        ),
-        "-machine".into(),
-        "pc,memory-backend=pc.ram".into(),
-    ]
+    cpr_tests::transfer::memory_backend_file(ram, size)
 }
 
 /// The same as libvirt writes it: JSON `-object`, size in bytes.
@@ -158,10 +150,36 @@ fn memcheck_memory_is_consistent_across_save_exit_restart_json_object() {
     memcheck_consistent(&dir, &dir.join("guest.ram"));
 }
 
-/// A tmpfs the test mounts (root only), unmounted when dropped.
-struct TmpfsMount(PathBuf);
+/// A filesystem the test mounts (root only), unmounted when dropped (also when the test
+/// fails).
+struct TestMount(PathBuf);
 
-impl Drop for TmpfsMount {
+impl TestMount {
+    /// Mounts `fstype` with `options` on `dir/mnt`; None (the test skipped, saying why) when
+    /// it cannot.
+    fn mount(test: &str, dir: &TempDir, fstype: &str, options: &str) -> Option<TestMount> {
+        let mnt = dir.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let output = std::process::Command::new("mount")
+            .args(["-t", fstype, "-o", options, fstype])
+            .arg(&mnt)
+            .output();
+        match output {
+            Ok(o) if o.status.success() => Some(TestMount(mnt)),
+            Ok(o) => {
+                let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                prerequisite_missing(test, &format!("mount -t {fstype} failed: {why}"));
+                None
+            }
+            Err(e) => {
+                prerequisite_missing(test, &format!("cannot run mount: {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for TestMount {
     fn drop(&mut self) {
         let ok = std::process::Command::new("umount")
             .arg(&self.0)
@@ -183,28 +201,70 @@ fn memcheck_with_the_ram_file_on_a_tmpfs() {
         return;
     }
     let dir = TempDir::new("cprreboot-tmpfs").unwrap();
-    let mnt = dir.join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let output = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=128m,mode=0700", "tmpfs"])
-        .arg(&mnt)
-        .output();
-    match output {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
-            prerequisite_missing(test, &format!("mount -t tmpfs failed: {why}"));
-            return;
-        }
-        Err(e) => {
-            prerequisite_missing(test, &format!("cannot run mount: {e}"));
-            return;
-        }
-    }
-    let guard = TmpfsMount(mnt.clone());
+    let Some(guard) = TestMount::mount(test, &dir, "tmpfs", "size=128m,mode=0700") else {
+        return;
+    };
+    let mnt = guard.0.clone();
     memcheck_consistent(&dir, &mnt.join("guest.ram"));
     drop(guard);
     assert!(!mnt.join("guest.ram").exists(), "tmpfs still mounted");
+}
+
+/// The RAM file on hugetlbfs (2 MiB pages, mounted by the test): the file is sized in whole
+/// huge pages, its pages stay in the filesystem while no process runs, and the restarted VMM
+/// maps them in place. Needs root and 2 MiB pages it can reserve (skipped, saying so,
+/// otherwise); the pool goes back to its size afterwards.
+#[test]
+fn memcheck_with_the_ram_file_on_hugetlbfs() {
+    use cpr_tests::hugepages::{HugePageReservation, mapping_page_size_kib};
+    let test = "memcheck_with_the_ram_file_on_hugetlbfs";
+    if !require_root(test, "mounting hugetlbfs") {
+        return;
+    }
+    // Declared first, dropped last: after the file is gone with the mount.
+    let _reservation = match HugePageReservation::reserve(64 + 4) {
+        Ok(r) => r,
+        Err(e) => {
+            prerequisite_missing(test, &e);
+            return;
+        }
+    };
+    let dir = TempDir::new("cprreboot-huge-file").unwrap();
+    let Some(guard) = TestMount::mount(test, &dir, "hugetlbfs", "pagesize=2M,mode=0700") else {
+        return;
+    };
+    let ram = guard.0.join("guest.ram");
+    memcheck_consistent(&dir, &ram);
+    let (kib, size) = {
+        use std::os::unix::fs::MetadataExt;
+        let (vmm, socket) = start(
+            &[
+                file_backend_json(&ram, 64 << 20),
+                vec!["--guest".into(), "memcheck".into()],
+            ]
+            .concat(),
+            &dir,
+            "again",
+            &[],
+        );
+        vmm.wait_for_output(|t| t.contains('A'), LONG).unwrap();
+        let kib = mapping_page_size_kib(vmm.pid(), "guest.ram");
+        quit(&vmm, &mut connect(&socket));
+        (kib, std::fs::metadata(&ram).unwrap().size())
+    };
+    assert_eq!(kib, Some(2048), "guest RAM not on 2 MiB pages");
+    assert_eq!(size, 64 << 20);
+    // Not a whole number of huge pages: one clear error, nothing created.
+    let odd = guard.0.join("odd.ram");
+    let mut args = file_backend(&odd, "17M");
+    args.extend(["--guest", "heartbeat"].map(String::from));
+    assert_vmm_startup_error(
+        &args,
+        &["hugetlbfs", "2 MiB pages", "whole huge pages"],
+        LONG,
+    );
+    drop(guard);
+    assert!(!ram.exists(), "hugetlbfs still mounted");
 }
 
 /// A saved 16 MiB heartbeat VM, for the bad cases. Returns its args and state file.
@@ -359,29 +419,6 @@ fn cpr_exec_hands_over_a_ram_file_in_place() {
         !vmm.stdout_text()[1..].contains('A'),
         "memcheck restarted after the update"
     );
-    quit(&vmm, &mut qmp);
-}
-
-#[test]
-fn cpr_transfer_refuses_a_ram_file_clearly() {
-    let dir = TempDir::new("cprreboot-xfer").unwrap();
-    let mut args = file_backend(&dir.join("guest.ram"), "16M");
-    args.extend(["--guest", "heartbeat,hz=100"].map(String::from));
-    let (vmm, socket) = start(&args, &dir, "vm", &[]);
-    vmm.wait_for_all_ticks(1, 3, LONG).unwrap();
-    let mut qmp = connect(&socket);
-    qmp.execute("migrate-set-parameters", json!({"mode": "cpr-transfer"}))
-        .unwrap();
-    let chan = |t: &str, p: &str| json!({"channel-type": t, "addr": {"transport": "socket", "type": "unix", "path": dir.join(p).display().to_string()}});
-    let e = qmp
-        .execute(
-            "migrate",
-            json!({"channels": [chan("main", "m.sock"), chan("cpr", "c.sock")]}),
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("memory-backend-file is not handed over"), "{e}");
-    assert_eq!(status(&mut qmp), "running");
     quit(&vmm, &mut qmp);
 }
 

@@ -115,6 +115,11 @@ pub enum MemoryError {
         len: u64,
         ram_size: u64,
     },
+    #[error(
+        "guest RAM file {path} is on hugetlbfs with {page_mib} MiB pages, and the memory backend's size ({size} bytes) is not a multiple of that: give a size in whole huge pages",
+        page_mib = page >> 20
+    )]
+    HugeFileAlignment { path: String, size: u64, page: u64 },
     #[error("no inherited memfd for RAM region '{0}'")]
     MissingRegion(String),
     #[error(transparent)]
@@ -198,7 +203,7 @@ impl GuestRam {
     /// Creates fresh, zeroed RAM (new memfds), optionally pre-faulted.
     pub fn create(ram_size: u64, hugepages: bool, prealloc: bool) -> Result<Self, MemoryError> {
         if hugepages {
-            check_huge_pages(std::path::Path::new(HUGE_PAGES_2M), ram_size)?;
+            check_huge_pages(&huge_page_pool(HUGE_PAGE_SIZE), ram_size, HUGE_PAGE_SIZE)?;
         }
         let mut files = Vec::new();
         for region in layout(ram_size) {
@@ -251,6 +256,8 @@ impl GuestRam {
         if !meta.file_type().is_file() {
             return Err(MemoryError::NotRegular(path.display().to_string()));
         }
+        // Before sizing it: hugetlbfs refuses a size that is not a whole number of pages.
+        check_hugetlbfs_file(path, &file, ram_size)?;
         match meta.len() {
             0 => file
                 .set_len(ram_size)
@@ -274,6 +281,7 @@ impl GuestRam {
         ram_size: u64,
         opts: FileRamOptions,
     ) -> Result<Self, MemoryError> {
+        check_hugetlbfs_file(path, &file, ram_size)?;
         let file = Arc::new(file);
         let mut offset = 0;
         let mut files = Vec::new();
@@ -299,6 +307,12 @@ impl GuestRam {
     pub fn backing_file(&self) -> Option<BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         self.file.as_ref().map(|(_, f)| f.as_fd())
+    }
+
+    /// Where the RAM file was opened (the command line's mem-path), for `memory-backend-file`
+    /// RAM.
+    pub fn backing_path(&self) -> Option<&std::path::Path> {
+        self.file.as_ref().map(|(path, _)| path.as_path())
     }
 
     /// The RAM file's path and identity (device, inode, size), for `memory-backend-file` RAM.
@@ -406,6 +420,48 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+/// For a RAM file on hugetlbfs: checks that `ram_size` is a whole number of its pages, and
+/// that the pool can give the pages the file does not hold yet (a hugetlb mapping without
+/// pages behind it kills the process with SIGBUS at the guest's first touch). Nothing to
+/// check on other filesystems.
+fn check_hugetlbfs_file(
+    path: &std::path::Path,
+    file: &File,
+    ram_size: u64,
+) -> Result<(), MemoryError> {
+    use nix::sys::statfs::{HUGETLBFS_MAGIC, fstatfs};
+    use std::os::unix::fs::MetadataExt;
+    let file_err = |what: &'static str| {
+        let path = path.display().to_string();
+        move |source| MemoryError::File { path, what, source }
+    };
+    let fs = fstatfs(file)
+        .map_err(std::io::Error::from)
+        .map_err(file_err("reading its filesystem (fstatfs)"))?;
+    if fs.filesystem_type() != HUGETLBFS_MAGIC {
+        return Ok(());
+    }
+    let page = fs.block_size() as u64;
+    if page == 0 || !ram_size.is_multiple_of(page) {
+        return Err(MemoryError::HugeFileAlignment {
+            path: path.display().to_string(),
+            size: ram_size,
+            page,
+        });
+    }
+    // hugetlbfs counts a file's pages in 512-byte blocks, as every filesystem does.
+    let held = file
+        .metadata()
+        .map_err(file_err("reading its size"))?
+        .blocks()
+        * 512;
+    let missing = ram_size.saturating_sub(held);
+    if missing > 0 {
+        check_huge_pages(&huge_page_pool(page), missing, page)?;
+    }
+    Ok(())
 }
 
 fn create_memfd(region: &RegionLayout, hugepages: bool) -> Result<File, MemoryError> {
@@ -584,8 +640,13 @@ mod tests {
 
 // --- huge pages: enough of them before any is mapped ---------------------------------------
 
-/// The kernel's pool of 2 MiB huge pages.
-const HUGE_PAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+/// The kernel's pool of huge pages of `page_size` bytes (`hugepages-2048kB` for 2 MiB pages).
+fn huge_page_pool(page_size: u64) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!(
+        "/sys/kernel/mm/hugepages/hugepages-{}kB",
+        page_size >> 10
+    ))
+}
 
 /// Guest RAM on huge pages needs them reserved up front: a hugetlb mapping with too few pages
 /// behind it does not fail when it is made, it kills the process with SIGBUS when the guest
@@ -593,15 +654,18 @@ const HUGE_PAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 #[derive(Debug, thiserror::Error)]
 pub enum HugePagesError {
     #[error(
-        "huge pages: guest RAM needs {needed} free 2 MiB huge pages but only {available} are available; reserve them first (as root): echo {suggested} > /proc/sys/vm/nr_hugepages"
+        "huge pages: guest RAM needs {needed} free {page_mib} MiB huge pages but only {available} are available; reserve them first (as root): echo {suggested} > {sysctl}",
+        page_mib = page_size >> 20,
+        sysctl = nr_hugepages_knob(*page_size)
     )]
     TooFew {
+        page_size: u64,
         needed: u64,
         available: u64,
         suggested: u64,
     },
     #[error(
-        "huge pages: cannot read the 2 MiB huge page pool ({path}): {source}; this kernel may not offer 2 MiB huge pages (see /proc/sys/vm/nr_hugepages)"
+        "huge pages: cannot read the huge page pool ({path}): {source}; this kernel may not offer huge pages of that size (see /proc/sys/vm/nr_hugepages)"
     )]
     Pool {
         path: String,
@@ -610,10 +674,27 @@ pub enum HugePagesError {
     },
 }
 
-/// Checks that `pool` (a `/sys/kernel/mm/hugepages/hugepages-2048kB` directory) can give
-/// `ram_size` bytes of pages now: free and not promised to another mapping, plus what
+/// Where the size of the pool of `page_size` pages is set: the sysctl for the default 2 MiB
+/// pages, the pool's own file for other sizes.
+fn nr_hugepages_knob(page_size: u64) -> String {
+    if page_size == HUGE_PAGE_SIZE {
+        "/proc/sys/vm/nr_hugepages".to_string()
+    } else {
+        huge_page_pool(page_size)
+            .join("nr_hugepages")
+            .display()
+            .to_string()
+    }
+}
+
+/// Checks that `pool` (a `/sys/kernel/mm/hugepages/hugepages-NkB` directory of `page_size`
+/// pages) can give `bytes` of pages now: free and not promised to another mapping, plus what
 /// overcommit may still add.
-fn check_huge_pages(pool: &std::path::Path, ram_size: u64) -> Result<(), HugePagesError> {
+fn check_huge_pages(
+    pool: &std::path::Path,
+    bytes: u64,
+    page_size: u64,
+) -> Result<(), HugePagesError> {
     let read = |name: &str| {
         let path = pool.join(name);
         std::fs::read_to_string(&path)
@@ -627,7 +708,7 @@ fn check_huge_pages(pool: &std::path::Path, ram_size: u64) -> Result<(), HugePag
                 source,
             })
     };
-    let needed = ram_size.div_ceil(HUGE_PAGE_SIZE);
+    let needed = bytes.div_ceil(page_size);
     let free = read("free_hugepages")?.saturating_sub(read("resv_hugepages")?);
     let overcommit = read("nr_overcommit_hugepages")?.saturating_sub(read("surplus_hugepages")?);
     let available = free + overcommit;
@@ -635,6 +716,7 @@ fn check_huge_pages(pool: &std::path::Path, ram_size: u64) -> Result<(), HugePag
         return Ok(());
     }
     Err(HugePagesError::TooFew {
+        page_size,
         needed,
         available,
         suggested: read("nr_hugepages")? + (needed - available),
@@ -674,7 +756,7 @@ mod huge_page_tests {
 
     #[test]
     fn too_few_pages_names_the_sysctl_and_the_count() {
-        let e = check_huge_pages(&with(0, 0, 0, 0, 0), 64 << 20).unwrap_err();
+        let e = check_huge_pages(&with(0, 0, 0, 0, 0), 64 << 20, HUGE_PAGE_SIZE).unwrap_err();
         let text = e.to_string();
         assert!(
             text.contains("needs 32 free 2 MiB huge pages but only 0"),
@@ -685,20 +767,24 @@ mod huge_page_tests {
             "{text}"
         );
         // Reserved pages belong to someone else; the suggestion adds to the pool.
-        let e = check_huge_pages(&with(10, 4, 20, 0, 0), 32 << 20).unwrap_err();
+        let e = check_huge_pages(&with(10, 4, 20, 0, 0), 32 << 20, HUGE_PAGE_SIZE).unwrap_err();
         assert!(e.to_string().contains("only 6 are available"), "{e}");
         assert!(e.to_string().contains("echo 30 >"), "{e}");
     }
 
     #[test]
     fn enough_pages_or_overcommit_pass() {
-        assert!(check_huge_pages(&with(32, 0, 32, 0, 0), 64 << 20).is_ok());
-        assert!(check_huge_pages(&with(0, 0, 0, 40, 8), 64 << 20).is_ok());
+        assert!(check_huge_pages(&with(32, 0, 32, 0, 0), 64 << 20, HUGE_PAGE_SIZE).is_ok());
+        assert!(check_huge_pages(&with(0, 0, 0, 40, 8), 64 << 20, HUGE_PAGE_SIZE).is_ok());
     }
 
     #[test]
     fn no_pool_is_an_error_not_a_crash() {
-        let e = check_huge_pages(std::path::Path::new("/nonexistent/hugepages"), 2 << 20);
+        let e = check_huge_pages(
+            std::path::Path::new("/nonexistent/hugepages"),
+            2 << 20,
+            HUGE_PAGE_SIZE,
+        );
         assert!(
             e.unwrap_err()
                 .to_string()

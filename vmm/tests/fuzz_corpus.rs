@@ -146,6 +146,7 @@ fn write_seeds() {
         sender_version: "0.1.0".into(),
         fds: vec![ram],
         started_ns: 42,
+        ram_file: None,
     })
     .unwrap();
     let state_bytes = fs::read(golden.join("state-v3.bin")).unwrap();

@@ -125,11 +125,6 @@ impl Vmm {
         if mode == MigMode::CprReboot && self.config.ram_file.is_none() {
             return Err(QmpError::generic(CprRebootError::NotFileBacked.to_string()));
         }
-        if mode == MigMode::CprTransfer && self.config.ram_file.is_some() {
-            return Err(QmpError::generic(
-                "cpr-transfer: guest RAM in a memory-backend-file is not handed over by this mode yet; use cpr-exec or cpr-reboot (the RAM file is mapped in place by the new VMM) or memory-backend-memfd",
-            ));
-        }
         Ok(())
     }
 

@@ -60,6 +60,26 @@ pub enum CprTransferError {
     },
     #[error("cpr-transfer: the old VMM sent no memfd for RAM region '{0}'")]
     MissingRegion(String),
+    #[error(
+        "cpr-transfer: the old VMM's guest RAM is in a memory-backend-file (mem-path={theirs}) but this VMM's command line has none: start it with the old VMM's -object memory-backend-file,...,mem-path={theirs},share=on and -machine memory-backend=ID"
+    )]
+    RamFileNotOnCommandLine { theirs: String },
+    #[error(
+        "cpr-transfer: this VMM's command line has a memory-backend-file (mem-path={ours}) but the old VMM's guest RAM is in memfds: give this VMM the old VMM's memory backend (-m, or memory-backend-memfd)"
+    )]
+    RamFileNotSent { ours: String },
+    #[error(
+        "cpr-transfer: the old VMM's guest RAM is the memory-backend-file mem-path={theirs}, this VMM's command line names mem-path={ours}: give the same mem-path (the file is handed over open, never opened again by path)"
+    )]
+    RamFileOtherPath { theirs: String, ours: String },
+    #[error(
+        "cpr-transfer: the old VMM's guest RAM file {path} is {got} bytes, this VMM's memory backend has size={expected}: give the old VMM's size"
+    )]
+    RamFileSize {
+        path: String,
+        got: u64,
+        expected: u64,
+    },
     #[error("cpr-transfer: mapping received RAM: {0}")]
     Memory(#[from] MemoryError),
     #[error("cpr-transfer: the devices' host fds: {0}")]
@@ -150,11 +170,70 @@ fn receive_hello(
     Ok((hello, ram))
 }
 
-/// Maps the received RAM for `regions` (this VMM's layout for its `-m`).
+/// The form in which a mem-path is compared across the hand-over: absolute, not resolved (the
+/// file may have been renamed since the old VMM opened it; it is never opened again here).
+fn absolute_mem_path(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Maps the received RAM for `regions` (this VMM's layout for its `-m`), or, when the old VMM
+/// sent its `memory-backend-file`'s file, that very file in place: `ram_file` (this command
+/// line's mem-path) must name the same path and `regions` add up to its size.
 pub fn take_ram(
     incoming: &mut IncomingTransfer,
     regions: &[RegionLayout],
+    ram_file: Option<&Path>,
 ) -> Result<GuestRam, CprTransferError> {
+    let sent_file = incoming
+        .ram
+        .iter()
+        .position(|(rec, _)| rec.kind == FdKind::GuestRamFile);
+    match (sent_file, ram_file) {
+        (Some(i), Some(ours)) => {
+            let theirs = incoming.hello.ram_file.clone().unwrap_or_default();
+            let ours_text = absolute_mem_path(ours);
+            if ours_text != theirs {
+                return Err(CprTransferError::RamFileOtherPath {
+                    theirs,
+                    ours: ours_text,
+                });
+            }
+            let total: u64 = regions.iter().map(|r| r.size).sum();
+            let size = incoming.ram[i].0.size;
+            if size != total {
+                return Err(CprTransferError::RamFileSize {
+                    path: theirs,
+                    got: size,
+                    expected: total,
+                });
+            }
+            let (_, fd) = incoming.ram.remove(i);
+            let options = memory::FileRamOptions {
+                share: true,
+                prealloc: false,
+            };
+            return Ok(GuestRam::map_file(
+                ours,
+                std::fs::File::from(fd),
+                total,
+                options,
+            )?);
+        }
+        (Some(_), None) => {
+            return Err(CprTransferError::RamFileNotOnCommandLine {
+                theirs: incoming.hello.ram_file.clone().unwrap_or_default(),
+            });
+        }
+        (None, Some(ours)) => {
+            return Err(CprTransferError::RamFileNotSent {
+                ours: ours.display().to_string(),
+            });
+        }
+        (None, None) => {}
+    }
     for region in regions {
         let (rec, _) = incoming
             .ram
@@ -206,7 +285,7 @@ pub fn connect(channel: &'static str, path: &Path) -> Result<UnixStream, CprTran
     Ok(stream)
 }
 
-/// Sends HELLO with every RAM memfd.
+/// Sends HELLO with every RAM memfd, or the RAM file (one fd for all regions) with its path.
 pub fn send_hello(
     stream: &UnixStream,
     ram: &GuestRam,
@@ -215,7 +294,20 @@ pub fn send_hello(
 ) -> Result<(), CprTransferError> {
     let mut records = Vec::new();
     let mut raw = Vec::new();
-    for region in ram.regions() {
+    if let Some(file) = ram.backing_file() {
+        records.push(fds::describe(
+            file,
+            memory::RAM_FILE_NAME,
+            FdKind::GuestRamFile,
+        )?);
+        raw.push(file.as_raw_fd());
+    }
+    let memfds = if ram.backing_file().is_some() {
+        &[][..]
+    } else {
+        ram.regions()
+    };
+    for region in memfds {
         records.push(fds::describe(
             region.fd(),
             &region.layout.name,
@@ -231,6 +323,7 @@ pub fn send_hello(
         sender_version: crate::version_string(),
         fds: records,
         started_ns,
+        ram_file: ram.backing_path().map(absolute_mem_path),
     };
     transfer::send(stream, Kind::Hello, &transfer::encode_hello(&hello)?, &raw)?;
     Ok(())
@@ -617,17 +710,21 @@ impl Vmm {
             "cpr-transfer: RAM received from vmm {}",
             t.hello.sender_version
         );
-        let prepared = take_ram(&mut t, &memory::layout(self.config.ram_size))
+        let prepared = take_ram(
+            &mut t,
+            &memory::layout(self.config.ram_size),
+            self.config.ram_file.as_deref(),
+        )
+        .map_err(StartError::from)
+        .and_then(|ram| {
+            Machine::prepare(
+                ram,
+                self.config.vcpus,
+                self.hardware(),
+                self.console.output(),
+            )
             .map_err(StartError::from)
-            .and_then(|ram| {
-                Machine::prepare(
-                    ram,
-                    self.config.vcpus,
-                    self.hardware(),
-                    self.console.output(),
-                )
-                .map_err(StartError::from)
-            });
+        });
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -818,7 +915,7 @@ mod tests {
             ram: fds,
             cpr_stream: None,
         };
-        let copy = take_ram(&mut incoming, &ram.layouts()).unwrap();
+        let copy = take_ram(&mut incoming, &ram.layouts(), None).unwrap();
         let v: u8 = copy.memory().read_obj(GuestAddress(0x3000)).unwrap();
         assert_eq!(v, 0xab);
     }
@@ -842,7 +939,7 @@ mod tests {
             cpr_stream: None,
         };
         // RAM is taken first on the new side; the disk must still be there after it.
-        assert!(take_ram(&mut incoming, &ram.layouts()).is_ok());
+        assert!(take_ram(&mut incoming, &ram.layouts(), None).is_ok());
         let mut devices = incoming.take_device_fds();
         assert_eq!(devices.names(), vec!["drive0".to_string()]);
         // The very same open file, not a re-opened path: writes through one show in the other.
@@ -882,11 +979,81 @@ mod tests {
         };
         let bigger = crate::memory::layout(32 << 20);
         assert!(matches!(
-            take_ram(&mut incoming, &bigger),
+            take_ram(&mut incoming, &bigger, None),
             Err(CprTransferError::RegionSize { .. })
         ));
         let two = crate::memory::layout(5 << 30);
-        assert!(take_ram(&mut incoming, &two).is_err());
+        assert!(take_ram(&mut incoming, &two, None).is_err());
+    }
+
+    #[test]
+    fn a_ram_file_travels_as_one_fd_with_its_path_and_is_mapped_in_place() {
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = std::env::temp_dir().join(format!("cpr-xfer-ramfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.ram");
+        let _ = std::fs::remove_file(&path);
+        let shared = memory::FileRamOptions {
+            share: true,
+            prealloc: false,
+        };
+        let ram = GuestRam::open_file(&path, 16 << 20, shared).unwrap();
+        ram.memory()
+            .write_obj(0xcdu8, GuestAddress(0x5000))
+            .unwrap();
+        let receive = || {
+            let (a, b) = UnixStream::pair().unwrap();
+            send_hello(&a, &ram, &[], 1).unwrap();
+            let (hello, fds) = receive_hello(&b).unwrap();
+            IncomingTransfer {
+                hello,
+                ram: fds,
+                cpr_stream: None,
+            }
+        };
+        let mut incoming = receive();
+        assert_eq!(incoming.ram.len(), 1);
+        assert_eq!(incoming.ram[0].0.kind, FdKind::GuestRamFile);
+        let theirs = incoming.hello.ram_file.clone().unwrap();
+        assert!(theirs.starts_with('/') && theirs.ends_with("guest.ram"));
+        // The path is gone: only the fd can give the file now.
+        let moved = dir.join("moved.ram");
+        std::fs::rename(&path, &moved).unwrap();
+        let layouts = ram.layouts();
+        let copy = take_ram(&mut incoming, &layouts, Some(&path)).unwrap();
+        let v: u8 = copy.memory().read_obj(GuestAddress(0x5000)).unwrap();
+        assert_eq!(v, 0xcd);
+        copy.memory()
+            .write_obj(0xefu8, GuestAddress(0x5001))
+            .unwrap();
+        let v: u8 = ram.memory().read_obj(GuestAddress(0x5001)).unwrap();
+        assert_eq!(v, 0xef, "the same pages, not a copy");
+        assert!(!path.exists(), "the path was opened again");
+        // Another mem-path, another size, no file or memfds on this side: refused.
+        let other = dir.join("other.ram");
+        let e = take_ram(&mut receive(), &layouts, Some(&other)).unwrap_err();
+        assert!(
+            matches!(e, CprTransferError::RamFileOtherPath { .. }),
+            "{e}"
+        );
+        let bigger = memory::layout(32 << 20);
+        let e = take_ram(&mut receive(), &bigger, Some(&path)).unwrap_err();
+        assert!(matches!(e, CprTransferError::RamFileSize { .. }), "{e}");
+        let e = take_ram(&mut receive(), &layouts, None).unwrap_err();
+        assert!(e.to_string().contains(&theirs), "{e}");
+        let memfd = GuestRam::create(16 << 20, false, false).unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        send_hello(&a, &memfd, &[], 1).unwrap();
+        let (hello, fds) = receive_hello(&b).unwrap();
+        assert_eq!(hello.ram_file, None);
+        let mut incoming = IncomingTransfer {
+            hello,
+            ram: fds,
+            cpr_stream: None,
+        };
+        let e = take_ram(&mut incoming, &layouts, Some(&path)).unwrap_err();
+        assert!(matches!(e, CprTransferError::RamFileNotSent { .. }), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
