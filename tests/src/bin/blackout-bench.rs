@@ -3,7 +3,12 @@
 //! ```text
 //! cargo run --release -p cpr-tests --bin blackout-bench -- [--sizes 256M,1G,4G,16G]
 //!     [--updates 20] [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--json FILE]
+//!     [--file-modes-only]
 //! ```
+//!
+//! `--file-modes-only` measures only the migration to a file and cpr-reboot (one run each per
+//! size); with 16G, set TMPDIR to a directory on a disk: the state file and the RAM file are
+//! as large as guest RAM.
 //!
 //! For each size, with guest RAM pre-faulted (`--prealloc`) and the `memcheck` guest sweeping:
 //! - cpr-exec through `cpr-shim`, `--updates` times: blackout from the VMM's own figure (old VMM
@@ -60,6 +65,8 @@ struct Options {
     /// Also measure frames lost and the echo gap across updates with network traffic.
     net: bool,
     json: Option<PathBuf>,
+    /// Only migrate-to-file and cpr-reboot (`--file-modes-only`).
+    file_modes_only: bool,
 }
 
 fn parse_size_mib(s: &str) -> Result<u64, String> {
@@ -85,6 +92,7 @@ fn parse_options() -> Result<Options, String> {
         disk: true,
         net: true,
         json: None,
+        file_modes_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -104,11 +112,12 @@ fn parse_options() -> Result<Options, String> {
             "--no-disk" => o.disk = false,
             "--no-net" => o.net = false,
             "--json" => o.json = Some(PathBuf::from(value()?)),
+            "--file-modes-only" => o.file_modes_only = true,
             "--help" | "-h" => {
                 return Err(
                     "usage: blackout-bench [--sizes 256M,1G,4G,16G] [--updates 20] \
                             [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--no-disk] [--no-net] \
-                            [--json FILE]"
+                            [--json FILE] [--file-modes-only]"
                         .into(),
                 );
             }
@@ -1087,10 +1096,14 @@ fn main() {
     }
     let machine = machine_label();
     eprintln!("blackout-bench on {machine}");
-    let exec_floor = TempDir::new("exec-floor")
-        .map_err(|e| e.to_string())
-        .and_then(|d| bench_exec_floor(d.path(), o.updates))
-        .unwrap_or_else(|e| json!({"error": e}));
+    let skipped = json!({"error": "skipped (--file-modes-only)"});
+    let exec_floor = match o.file_modes_only {
+        true => skipped.clone(),
+        false => TempDir::new("exec-floor")
+            .map_err(|e| e.to_string())
+            .and_then(|d| bench_exec_floor(d.path(), o.updates))
+            .unwrap_or_else(|e| json!({"error": e})),
+    };
     let default_bins = Binaries::default_build();
     let dist_bins = o.dist_build.then(Binaries::dist_build);
     let qemu = o.qemu.then(QemuInstall::detect);
@@ -1121,11 +1134,13 @@ fn main() {
         };
         let reservation = hugepages.then(|| HugePageReservation::reserve(ram_mib + 16));
         let cpr = match &reservation {
+            _ if o.file_modes_only => Value::Null,
             Some(Err(e)) => json!({"error": e}),
             _ => bench_cpr_exec(&default_bins, dir.path(), ram_mib, o.updates, hugepages)
                 .unwrap_or_else(|e| json!({"error": e})),
         };
         let transfer = match &reservation {
+            _ if o.file_modes_only => Value::Null,
             Some(Err(e)) => json!({"error": e}),
             _ => bench_cpr_transfer(dir.path(), ram_mib, o.updates, hugepages)
                 .unwrap_or_else(|e| json!({"error": e})),
@@ -1136,7 +1151,7 @@ fn main() {
                 .unwrap_or_else(|e| json!({"error": e})),
             _ => Value::Null,
         };
-        let kvm_floor = if hugepages {
+        let kvm_floor = if hugepages || o.file_modes_only {
             Value::Null
         } else {
             bench_kvm_floor(ram_mib, o.updates).unwrap_or_else(|e| json!({"error": e}))
@@ -1204,6 +1219,7 @@ fn main() {
     }
     let sha_bins = dist_bins.as_ref().unwrap_or(&default_bins);
     let sha256 = match o.sizes_mib.first() {
+        Some(_) if o.file_modes_only => skipped.clone(),
         Some(&ram_mib) => TempDir::new("blackout-sha256")
             .map_err(|e| e.to_string())
             .and_then(|d| bench_sha256(sha_bins, d.path(), ram_mib, o.updates))
