@@ -303,6 +303,14 @@ impl GuestRam {
         Ok(ram)
     }
 
+    /// Whether every byte of `file` has storage behind it (no holes): such a file needs no
+    /// preallocation, its pages are there to be mapped.
+    pub fn file_is_allocated(file: &File) -> std::io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(m.blocks() * 512 >= m.len())
+    }
+
     /// The RAM file, for `memory-backend-file` RAM (one fd for every region).
     pub fn backing_file(&self) -> Option<BorrowedFd<'_>> {
         use std::os::fd::AsFd;
@@ -578,10 +586,17 @@ mod tests {
         };
         let ram = GuestRam::open_file(&path, 16 << 20, shared).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+        let file = std::fs::File::open(&path).unwrap();
+        assert!(
+            !GuestRam::file_is_allocated(&file).unwrap(),
+            "a fresh file has holes"
+        );
         ram.memory()
             .write_obj(0x5a5a_1234u32, GuestAddress(0x2000))
             .unwrap();
         ram.sync_file().unwrap();
+        ram.prefault().unwrap();
+        assert!(GuestRam::file_is_allocated(&file).unwrap());
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[0x2000..0x2004], &0x5a5a_1234u32.to_ne_bytes());
         let id = ram.file_identity().unwrap().unwrap();
