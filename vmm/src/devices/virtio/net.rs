@@ -26,6 +26,12 @@
 //! tap is always placed before the pause completes, because it is only read into buffers
 //! already in hand.
 //!
+//! A resume looks at both queues and the tap at once (frames that waited in the tap through a
+//! live update's blackout go to the guest before its vCPUs run again), and raises each queue's
+//! interrupt once: the old VMM of a live update saves the vCPUs'
+//! interrupt state before it pauses its devices, so an interrupt for buffers used in between
+//! would be lost with the old VM, and the driver would see those frames only at its next wake.
+//!
 //! Hostile descriptors (outside RAM, loops, write-only TX or read-only RX buffers, a TX frame
 //! over 64 KiB + header, a received frame larger than the buffers) drop that frame; the drop is
 //! counted (`info network`, `query-rx-filter` does not show it) and logged with a rate limit,
@@ -595,6 +601,8 @@ impl NetIo {
             }
         };
         let mut tap_watched = false;
+        // The thread starts paused: its first run is a resume too (after a restore).
+        let mut resuming = true;
         let mut events = [EpollEvent::default(); 8];
         loop {
             match self.control.want.load(Ordering::SeqCst) {
@@ -606,12 +614,16 @@ impl NetIo {
                 _ => {
                     self.watch_tap(&epoll, &mut tap_watched, false);
                     self.control.acknowledge_pauses();
+                    resuming = true;
                 }
             }
             if self.control.running() {
                 // Whatever the guest queued while paused, and whatever waits in the tap.
                 self.transmit();
                 let want_tap = self.receive();
+                if std::mem::take(&mut resuming) {
+                    self.notify_used_queues();
+                }
                 self.watch_tap(&epoll, &mut tap_watched, want_tap);
                 if !self.control.running() {
                     continue;
@@ -634,6 +646,15 @@ impl NetIo {
                     _ => Ok(0),
                 };
             }
+        }
+    }
+
+    /// Raises both queues' interrupts (after a resume, see the module documentation). A
+    /// driver that finds nothing new in a used ring takes it as the spurious interrupt the
+    /// virtio spec allows.
+    fn notify_used_queues(&self) {
+        for index in [RX, TX] {
+            self.interrupt.notify_queue(index);
         }
     }
 
@@ -1373,6 +1394,39 @@ mod tests {
         control.set(WANT_STOP);
         thread.join().unwrap();
         control.pause();
+    }
+
+    #[test]
+    fn a_resume_raises_the_interrupts_a_live_update_may_have_lost() {
+        let rig = Rig::new();
+        let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
+        let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
+        let f = frame(20, 8);
+        rig.memory.write_slice(&f, GuestAddress(BUF)).unwrap();
+        tx.add_desc_chains(&chains(0, &[vec![(BUF, 32, 0)]]), 0)
+            .unwrap();
+        let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
+        // The old VMM used the chain; its interrupt went to a VM that is gone.
+        io.transmit();
+        assert_eq!(rig.host_frames(), [f]);
+        assert_ne!(rig.interrupt.take_isr(), 0);
+        // The new VMM's thread starts paused and is resumed with nothing new to do.
+        io.control.want.store(WANT_PAUSE, Ordering::SeqCst);
+        let control = io.control.clone();
+        let thread = std::thread::spawn(move || io.run());
+        control.pause();
+        assert_eq!(rig.interrupt.take_isr(), 0, "no interrupt while paused");
+        control.set(WANT_RUN);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut isr = 0;
+        while isr == 0 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            isr = rig.interrupt.take_isr();
+        }
+        assert_ne!(isr, 0, "the resume raised the queue interrupt again");
+        control.set(WANT_STOP);
+        thread.join().unwrap();
+        assert!(rig.host_frames().is_empty(), "nothing was sent twice");
     }
 
     /// A real tap, up, without IPv6 (so the kernel sends nothing of its own into it), and an
