@@ -19,6 +19,8 @@
 //! `kind` 1 HOST (seq = the host's), 2 ECHO (seq and stamp of the host frame, echo = the
 //! guest's echo counter), 3 GUEST (seq = the guest's).
 
+pub mod bench;
+
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -181,6 +183,34 @@ pub struct Tally {
     pub last_echo_at: Option<Instant>,
     /// The largest time between two echoes since [`Tally::take_max_echo_gap`].
     pub max_echo_gap: Duration,
+    /// Where that gap was: see [`EchoGap`].
+    pub max_echo_gap_at: Option<EchoGap>,
+    /// Round trips (host frame sent → its echo received) since [`Tally::take_round_trips`],
+    /// at most [`MAX_ROUND_TRIPS`].
+    pub round_trips: Vec<Duration>,
+}
+
+/// Round trips a [`Tally`] keeps between two [`Tally::take_round_trips`].
+pub const MAX_ROUND_TRIPS: usize = 100_000;
+
+/// The largest gap in the echo stream of a window, located: the echoes on either side of it,
+/// and the host's timestamp in the first echo after it (when that frame was sent), so a caller
+/// can put the gap next to a blackout's stop and resume times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EchoGap {
+    /// When the last echo before the gap arrived.
+    pub before: Instant,
+    /// When the first echo after it arrived.
+    pub after: Instant,
+    /// The `stamp` of that first echo: nanoseconds from the peer's start to its sending.
+    pub after_stamp: u64,
+}
+
+impl EchoGap {
+    /// The gap's length.
+    pub fn len(&self) -> Duration {
+        self.after.saturating_duration_since(self.before)
+    }
 }
 
 impl Tally {
@@ -191,7 +221,15 @@ impl Tally {
                 *self.echoes.entry(frame.seq).or_insert(0) += 1;
                 self.echo_counters.record(frame.echo);
                 if let Some(prev) = self.last_echo_at {
-                    self.max_echo_gap = self.max_echo_gap.max(now.saturating_duration_since(prev));
+                    let gap = now.saturating_duration_since(prev);
+                    if gap > self.max_echo_gap || self.max_echo_gap_at.is_none() {
+                        self.max_echo_gap = gap;
+                        self.max_echo_gap_at = Some(EchoGap {
+                            before: prev,
+                            after: now,
+                            after_stamp: frame.stamp,
+                        });
+                    }
                 }
                 self.last_echo_at = Some(now);
             }
@@ -202,7 +240,28 @@ impl Tally {
 
     /// The largest gap between two echoes since the last call; starts a new window.
     pub fn take_max_echo_gap(&mut self) -> Duration {
+        self.max_echo_gap_at = None;
         std::mem::take(&mut self.max_echo_gap)
+    }
+
+    /// [`Tally::take_max_echo_gap`] with where the gap was (`None`: fewer than two echoes in
+    /// the window).
+    pub fn take_echo_gap(&mut self) -> Option<EchoGap> {
+        let at = self.max_echo_gap_at.take();
+        self.max_echo_gap = Duration::ZERO;
+        at
+    }
+
+    /// Accounts the round trip of one echo (its host frame's sending to its arrival).
+    pub fn record_round_trip(&mut self, rtt: Duration) {
+        if self.round_trips.len() < MAX_ROUND_TRIPS {
+            self.round_trips.push(rtt);
+        }
+    }
+
+    /// The round trips since the last call.
+    pub fn take_round_trips(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.round_trips)
     }
 
     /// Host frames `1..=host_sent` not echoed (yet).
@@ -374,7 +433,13 @@ impl NetPeer {
                             let now = Instant::now();
                             let mut t = lock(&tally);
                             match Frame::decode(&buf[..n]) {
-                                Some(f) => t.record(&f, now),
+                                Some(f) => {
+                                    t.record(&f, now);
+                                    if f.kind == Kind::Echo {
+                                        let sent = start + Duration::from_nanos(f.stamp);
+                                        t.record_round_trip(now.saturating_duration_since(sent));
+                                    }
+                                }
                                 None => t.other += 1,
                             }
                         }
@@ -456,6 +521,21 @@ impl NetPeer {
     /// The largest gap between two echoes since the last call (a new window starts).
     pub fn take_max_echo_gap(&self) -> Duration {
         lock(&self.tally).take_max_echo_gap()
+    }
+
+    /// The largest echo gap since the last call, located (a new window starts).
+    pub fn take_echo_gap(&self) -> Option<EchoGap> {
+        lock(&self.tally).take_echo_gap()
+    }
+
+    /// Round trips of the echoes since the last call.
+    pub fn take_round_trips(&self) -> Vec<Duration> {
+        lock(&self.tally).take_round_trips()
+    }
+
+    /// When the peer started: the origin of the `stamp` in its frames.
+    pub fn started(&self) -> Instant {
+        self.start
     }
 
     /// How long the peer has been running.
@@ -874,6 +954,31 @@ mod tests {
         t.record(&frame(Kind::Echo, 4, 4), at(50));
         assert_eq!(t.take_max_echo_gap(), Duration::from_millis(5));
         assert_eq!(t.take_max_echo_gap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_largest_echo_gap_is_located() {
+        let t0 = Instant::now();
+        let mut t = Tally::default();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let echo = |seq, stamp| Frame {
+            stamp,
+            ..frame(Kind::Echo, seq, seq)
+        };
+        t.record(&echo(1, 100), at(0));
+        t.record(&echo(2, 200), at(30));
+        t.record(&echo(3, 300), at(31));
+        t.record(&echo(4, 400), at(41));
+        let gap = t.take_echo_gap().unwrap();
+        assert_eq!(
+            (gap.before, gap.after, gap.after_stamp),
+            (at(0), at(30), 200)
+        );
+        assert_eq!(gap.len(), Duration::from_millis(30));
+        assert_eq!(t.take_max_echo_gap(), Duration::ZERO, "a new window");
+        t.record(&echo(5, 500), at(42));
+        assert_eq!(t.take_echo_gap().unwrap().before, at(41));
+        assert_eq!(t.take_echo_gap(), None);
     }
 
     #[test]
