@@ -1137,6 +1137,30 @@ fn main() {
     if !net.is_null() {
         println!("\n{}", cpr_tests::netcheck::bench::echo_gaps_report(&net));
     }
+    let frame_rate = if o.net {
+        let host_qemu = match &qemu {
+            None => Err("not measured (--no-qemu)".to_string()),
+            Some(q) => q
+                .transfer
+                .as_ref()
+                .map(|h| h.binary.display().to_string())
+                .map_err(Clone::clone),
+        };
+        let rates = cpr_tests::netcheck::bench::frame_rates(
+            host_qemu.as_deref().map_err(Clone::clone),
+            Duration::from_secs(2),
+            5,
+            WAIT,
+        )
+        .unwrap_or_else(|e| json!({"error": e}));
+        println!(
+            "\n{}",
+            cpr_tests::netcheck::bench::frame_rates_report(&rates)
+        );
+        rates
+    } else {
+        Value::Null
+    };
     let sha_bins = dist_bins.as_ref().unwrap_or(&default_bins);
     let sha256 = match o.sizes_mib.first() {
         Some(&ram_mib) => TempDir::new("blackout-sha256")
@@ -1178,7 +1202,7 @@ fn main() {
             fmt_ms(&exec_floor["median"])
         ),
     }
-    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results, "disk_io": disk_io, "sha256": sha256, "net": net});
+    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results, "disk_io": disk_io, "sha256": sha256, "net": net, "frame_rate": frame_rate});
     let path = o.json.clone().unwrap_or_else(|| {
         cpr_tests::target_dir().join("bench").join(format!(
             "blackout-{}.json",

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::{EchoGap, NetVm, Tap};
 use crate::binaries::{shim_bin, vmm_bin};
 use crate::qmp::event_timestamp;
-use crate::stats::summary;
+use crate::stats::{median, summary};
 
 /// The peer's period in [`echo_gaps`]: the echo gap is measured to about this.
 pub const ECHO_GAP_PERIOD: Duration = Duration::from_millis(1);
@@ -181,4 +181,164 @@ pub fn echo_gaps_report(net: &Value) -> String {
         med_p99_max(&net["resume_to_first_echo_ms"]),
         med_p99_max(&net["steady_round_trip_ms"]),
     )
+}
+
+/// Frame sizes of the frame-rate rows: the smallest Ethernet frame and a 1500-byte one.
+pub const FRAME_SIZES: [usize; 2] = [64, 1500];
+/// Frames in flight at most while flooding: under the guest's 64 receive buffers and 32
+/// transmit slots, so the guest is never short of either and nothing is lost.
+pub const FLOOD_WINDOW: u64 = 24;
+/// Echoes before a measurement starts (the pipeline fills).
+const WARM_UP_ECHOES: usize = 200;
+
+/// Echoes per second while `peer` floods `size`-byte frames, over `measure` (after a
+/// warm-up); `Err` when the echoes stop. The peer stops sending after it.
+fn echo_rate(
+    peer: &super::NetPeer,
+    size: usize,
+    measure: Duration,
+    wait: Duration,
+) -> Result<f64, String> {
+    peer.flood(size, FLOOD_WINDOW);
+    peer.start_sending();
+    let start = peer.tally().echoes.len();
+    let (_, ok) = peer.wait_until(wait, |t| t.echoes.len() >= start + WARM_UP_ECHOES);
+    let rate = if ok {
+        let (t0, e0) = (Instant::now(), peer.tally().echoes.len());
+        std::thread::sleep(measure);
+        let (t1, e1) = (Instant::now(), peer.tally().echoes.len());
+        Ok((e1 - e0) as f64 / t1.duration_since(t0).as_secs_f64())
+    } else {
+        Err(format!("{size}-byte frames: the echoes stopped"))
+    };
+    peer.stop_sending();
+    peer.flood(super::FRAME_LEN, 0);
+    // The frames in flight come back before the next measurement.
+    peer.wait_until(wait, |t| t.unechoed().is_empty());
+    rate
+}
+
+/// Frames lost or echoed twice by `peer`'s guest so far.
+fn lost_or_doubled(peer: &super::NetPeer) -> usize {
+    let t = peer.tally();
+    t.unechoed().len() + t.echoed_twice().len()
+}
+
+/// The guest's frame rate, ours against QEMU's `-device virtio-net-pci` (`qemu`: its binary,
+/// or why there is none), the same netcheck driver on both (QEMU boots its bzImage), each on a
+/// tap in a throw-away namespace: a peer floods frames of each of [`FRAME_SIZES`] bytes with at
+/// most [`FLOOD_WINDOW`] in flight and counts the echoes per second over `measure`. Each echo
+/// is a frame received by the guest (of that size) and one sent (64 bytes). Both VMs run for
+/// the whole measurement and take turns, `rounds` times, so a busy host weighs on both alike;
+/// the median of the rounds is reported.
+pub fn frame_rates(
+    qemu: Result<&str, String>,
+    measure: Duration,
+    rounds: usize,
+    wait: Duration,
+) -> Result<Value, String> {
+    let Some(vm) = NetVm::start_with_period("blackout-bench frame rate", Tap::Fd, ECHO_GAP_PERIOD)
+    else {
+        return Err("network namespaces or /dev/net/tun are unavailable".into());
+    };
+    vm.wait_echoes(20);
+    vm.peer.stop_sending();
+    // QEMU's VM, with what must outlive it (declared first, dropped last).
+    let qemu_dir = crate::tempdir::TempDir::new("net-rate-qemu").map_err(|e| e.to_string())?;
+    let qemu_ns = crate::netns::NetNs::create().map_err(|e| format!("a namespace for QEMU: {e}"));
+    let qemu_vm = qemu.and_then(|qemu| {
+        let kernel = crate::blkcheck::build_guest_bzimage("netcheck", qemu_dir.path())?;
+        super::start_on_qemu(
+            qemu_ns.as_ref().map_err(Clone::clone)?,
+            &super::QemuNet {
+                qemu,
+                kernel: &kernel,
+                guest_frames: 0,
+                host_frames: 0,
+                host_period: ECHO_GAP_PERIOD,
+                timeout: wait,
+                device_options: "",
+            },
+        )
+    });
+    let mut ours = vec![Vec::new(); FRAME_SIZES.len()];
+    let mut theirs = vec![Vec::new(); FRAME_SIZES.len()];
+    for round in 0..rounds {
+        for (i, &size) in FRAME_SIZES.iter().enumerate() {
+            eprint!("\r  frame rate: round {}/{rounds}, {size} bytes", round + 1);
+            ours[i].push(echo_rate(&vm.peer, size, measure, wait)?);
+            if let Ok(q) = &qemu_vm {
+                theirs[i].push(echo_rate(&q.peer, size, measure, wait)?);
+            }
+        }
+    }
+    eprintln!();
+    let rows: Vec<Value> = FRAME_SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, size)| {
+            let (us, them) = (
+                median(&ours[i]),
+                (!theirs[i].is_empty()).then(|| median(&theirs[i])),
+            );
+            json!({
+                "frame_bytes": size,
+                "ours_fps": us,
+                "qemu_fps": them,
+                "ratio": them.map(|q| us / q),
+                "ours_rounds": ours[i],
+                "qemu_rounds": theirs[i],
+            })
+        })
+        .collect();
+    Ok(json!({
+        "window": FLOOD_WINDOW,
+        "measure_s": measure.as_secs_f64(),
+        "rounds": rounds,
+        "rows": rows,
+        "ours_frames_lost_or_doubled": lost_or_doubled(&vm.peer),
+        "qemu_accel": qemu_vm.as_ref().ok().map(|q| q.accel.clone()),
+        "qemu_frames_lost_or_doubled": qemu_vm.as_ref().ok().map(|q| lost_or_doubled(&q.peer)),
+        "qemu_error": qemu_vm.as_ref().err(),
+    }))
+}
+
+/// The frame-rate table of [`frame_rates`]' result (or its error).
+pub fn frame_rates_report(v: &Value) -> String {
+    if let Some(e) = v["error"].as_str() {
+        return format!("guest frame rate: not measured: {e}");
+    }
+    let qemu = match (v["qemu_accel"].as_str(), v["qemu_error"].as_str()) {
+        (Some(accel), _) => format!("QEMU -accel {accel}"),
+        (None, Some(e)) => format!("QEMU: {e}"),
+        (None, None) => "QEMU".to_string(),
+    };
+    let mut out = format!(
+        "guest frame rate (netcheck echoing a flood, {} frames in flight, median of {} rounds \
+         of {} s), frames/s; frames lost or doubled: ours {}, QEMU {}\n  {:>6} {:>10} {:>10} {:>10}",
+        v["window"],
+        v["rounds"],
+        v["measure_s"],
+        v["ours_frames_lost_or_doubled"],
+        v["qemu_frames_lost_or_doubled"],
+        "bytes",
+        "ours",
+        "QEMU",
+        "ours/QEMU"
+    );
+    let num = |x: &Value, digits: usize| {
+        x.as_f64()
+            .map_or("-".to_string(), |x| format!("{x:.digits$}"))
+    };
+    for row in v["rows"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n  {:>6} {:>10} {:>10} {:>10}",
+            row["frame_bytes"].as_u64().unwrap_or(0),
+            num(&row["ours_fps"], 0),
+            num(&row["qemu_fps"], 0),
+            num(&row["ratio"], 2)
+        ));
+    }
+    out.push_str(&format!("\n  ({qemu})"));
+    out
 }
