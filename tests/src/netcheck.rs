@@ -19,10 +19,12 @@
 //! `kind` 1 HOST (seq = the host's), 2 ECHO (seq and stamp of the host frame, echo = the
 //! guest's echo counter), 3 GUEST (seq = the guest's).
 
+pub mod bench;
+
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -181,6 +183,34 @@ pub struct Tally {
     pub last_echo_at: Option<Instant>,
     /// The largest time between two echoes since [`Tally::take_max_echo_gap`].
     pub max_echo_gap: Duration,
+    /// Where that gap was: see [`EchoGap`].
+    pub max_echo_gap_at: Option<EchoGap>,
+    /// Round trips (host frame sent → its echo received) since [`Tally::take_round_trips`],
+    /// at most [`MAX_ROUND_TRIPS`].
+    pub round_trips: Vec<Duration>,
+}
+
+/// Round trips a [`Tally`] keeps between two [`Tally::take_round_trips`].
+pub const MAX_ROUND_TRIPS: usize = 100_000;
+
+/// The largest gap in the echo stream of a window, located: the echoes on either side of it,
+/// and the host's timestamp in the first echo after it (when that frame was sent), so a caller
+/// can put the gap next to a blackout's stop and resume times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EchoGap {
+    /// When the last echo before the gap arrived.
+    pub before: Instant,
+    /// When the first echo after it arrived.
+    pub after: Instant,
+    /// The `stamp` of that first echo: nanoseconds from the peer's start to its sending.
+    pub after_stamp: u64,
+}
+
+impl EchoGap {
+    /// The gap's length.
+    pub fn len(&self) -> Duration {
+        self.after.saturating_duration_since(self.before)
+    }
 }
 
 impl Tally {
@@ -191,7 +221,15 @@ impl Tally {
                 *self.echoes.entry(frame.seq).or_insert(0) += 1;
                 self.echo_counters.record(frame.echo);
                 if let Some(prev) = self.last_echo_at {
-                    self.max_echo_gap = self.max_echo_gap.max(now.saturating_duration_since(prev));
+                    let gap = now.saturating_duration_since(prev);
+                    if gap > self.max_echo_gap || self.max_echo_gap_at.is_none() {
+                        self.max_echo_gap = gap;
+                        self.max_echo_gap_at = Some(EchoGap {
+                            before: prev,
+                            after: now,
+                            after_stamp: frame.stamp,
+                        });
+                    }
                 }
                 self.last_echo_at = Some(now);
             }
@@ -202,7 +240,28 @@ impl Tally {
 
     /// The largest gap between two echoes since the last call; starts a new window.
     pub fn take_max_echo_gap(&mut self) -> Duration {
+        self.max_echo_gap_at = None;
         std::mem::take(&mut self.max_echo_gap)
+    }
+
+    /// [`Tally::take_max_echo_gap`] with where the gap was (`None`: fewer than two echoes in
+    /// the window).
+    pub fn take_echo_gap(&mut self) -> Option<EchoGap> {
+        let at = self.max_echo_gap_at.take();
+        self.max_echo_gap = Duration::ZERO;
+        at
+    }
+
+    /// Accounts the round trip of one echo (its host frame's sending to its arrival).
+    pub fn record_round_trip(&mut self, rtt: Duration) {
+        if self.round_trips.len() < MAX_ROUND_TRIPS {
+            self.round_trips.push(rtt);
+        }
+    }
+
+    /// The round trips since the last call.
+    pub fn take_round_trips(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.round_trips)
     }
 
     /// Host frames `1..=host_sent` not echoed (yet).
@@ -336,12 +395,26 @@ pub enum PeerError {
     Dup(std::io::Error),
 }
 
+/// How the peer's sender sends. Paced (the default): one frame per period. Flooding: as fast
+/// as the echoes come back, with at most `window` frames not yet echoed (the guest's buffers
+/// and the tap's queue are never overrun, so nothing is lost), each `frame_len` bytes long
+/// (the netcheck frame, padded with zeros).
+struct Flood {
+    /// Frames in flight at most; 0: paced.
+    window: AtomicU64,
+    frame_len: AtomicUsize,
+    /// Signalled (with the tally's mutex) at every echo.
+    echoed: Condvar,
+}
+
 /// The host side of a netcheck run: sends numbered frames at a steady rate and records what
 /// comes back (see the module documentation). Stops its threads on drop.
 pub struct NetPeer {
     tally: Arc<Mutex<Tally>>,
     /// The sender sends while `host_sent` is below this.
     limit: Arc<AtomicU64>,
+    /// How the sender sends: see [`Flood`].
+    flood: Arc<Flood>,
     running: Arc<AtomicBool>,
     sender: Option<JoinHandle<()>>,
     receiver: Option<JoinHandle<()>>,
@@ -361,11 +434,16 @@ impl NetPeer {
         let send_socket = socket.try_clone().map_err(PeerError::Dup)?;
         let tally = Arc::new(Mutex::new(Tally::default()));
         let limit = Arc::new(AtomicU64::new(0));
+        let flood = Arc::new(Flood {
+            window: AtomicU64::new(0),
+            frame_len: AtomicUsize::new(FRAME_LEN),
+            echoed: Condvar::new(),
+        });
         let running = Arc::new(AtomicBool::new(true));
         let start = Instant::now();
 
         let receiver = {
-            let (tally, running) = (tally.clone(), running.clone());
+            let (tally, running, flood) = (tally.clone(), running.clone(), flood.clone());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 2048];
                 while running.load(Ordering::Relaxed) {
@@ -374,7 +452,14 @@ impl NetPeer {
                             let now = Instant::now();
                             let mut t = lock(&tally);
                             match Frame::decode(&buf[..n]) {
-                                Some(f) => t.record(&f, now),
+                                Some(f) => {
+                                    t.record(&f, now);
+                                    if f.kind == Kind::Echo {
+                                        let sent = start + Duration::from_nanos(f.stamp);
+                                        t.record_round_trip(now.saturating_duration_since(sent));
+                                        flood.echoed.notify_one();
+                                    }
+                                }
                                 None => t.other += 1,
                             }
                         }
@@ -389,18 +474,37 @@ impl NetPeer {
         };
         let sender = {
             let (tally, running, limit) = (tally.clone(), running.clone(), limit.clone());
+            let flood = flood.clone();
             std::thread::spawn(move || {
                 let mut next = Instant::now();
+                let mut bytes = Vec::new();
                 while running.load(Ordering::Relaxed) {
-                    // Pacing, not waiting for a result: one frame per period.
-                    next += period;
-                    if let Some(d) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(d);
-                    } else {
-                        next = Instant::now();
+                    let window = flood.window.load(Ordering::Relaxed);
+                    let limit = limit.load(Ordering::Relaxed);
+                    if window == 0 || lock(&tally).host_sent >= limit {
+                        // Pacing, not waiting for a result: one frame per period.
+                        next += period;
+                        if let Some(d) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(d);
+                        } else {
+                            next = Instant::now();
+                        }
                     }
                     let mut t = lock(&tally);
-                    if t.host_sent >= limit.load(Ordering::Relaxed) {
+                    while window > 0
+                        && t.host_sent.saturating_sub(t.echoes.len() as u64) >= window
+                        && running.load(Ordering::Relaxed)
+                    {
+                        // 50 ms: how soon a stop or a change of mode is seen.
+                        t = match flood.echoed.wait_timeout(t, Duration::from_millis(50)) {
+                            Ok((t, _)) => t,
+                            Err(poisoned) => poisoned.into_inner().0,
+                        };
+                        if flood.window.load(Ordering::Relaxed) != window {
+                            break;
+                        }
+                    }
+                    if t.host_sent >= limit {
                         continue;
                     }
                     let frame = Frame {
@@ -411,7 +515,10 @@ impl NetPeer {
                         echo: 0,
                         stamp: start.elapsed().as_nanos() as u64,
                     };
-                    match send(send_socket.as_raw_fd(), &frame.encode(), MsgFlags::empty()) {
+                    bytes.clear();
+                    bytes.extend_from_slice(&frame.encode());
+                    bytes.resize(flood.frame_len.load(Ordering::Relaxed).max(FRAME_LEN), 0);
+                    match send(send_socket.as_raw_fd(), &bytes, MsgFlags::empty()) {
                         Ok(_) => t.host_sent += 1,
                         Err(nix::Error::ENOBUFS | nix::Error::EAGAIN) => {} // retried next period
                         Err(e) => {
@@ -425,6 +532,7 @@ impl NetPeer {
         Ok(NetPeer {
             tally,
             limit,
+            flood,
             running,
             sender: Some(sender),
             receiver: Some(receiver),
@@ -435,6 +543,15 @@ impl NetPeer {
     /// Starts (or resumes) sending HOST frames, without end.
     pub fn start_sending(&self) {
         self.limit.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// Floods: HOST frames of `frame_len` bytes (at least [`FRAME_LEN`]) as fast as they are
+    /// echoed, with at most `window` of them not echoed yet; a `window` of 0 goes back to one
+    /// frame per period. Sends only while sending is on ([`NetPeer::start_sending`]).
+    pub fn flood(&self, frame_len: usize, window: u64) {
+        self.flood.frame_len.store(frame_len, Ordering::Relaxed);
+        self.flood.window.store(window, Ordering::Relaxed);
+        self.flood.echoed.notify_all();
     }
 
     /// Sends `n` more HOST frames, then stops.
@@ -456,6 +573,21 @@ impl NetPeer {
     /// The largest gap between two echoes since the last call (a new window starts).
     pub fn take_max_echo_gap(&self) -> Duration {
         lock(&self.tally).take_max_echo_gap()
+    }
+
+    /// The largest echo gap since the last call, located (a new window starts).
+    pub fn take_echo_gap(&self) -> Option<EchoGap> {
+        lock(&self.tally).take_echo_gap()
+    }
+
+    /// Round trips of the echoes since the last call.
+    pub fn take_round_trips(&self) -> Vec<Duration> {
+        lock(&self.tally).take_round_trips()
+    }
+
+    /// When the peer started: the origin of the `stamp` in its frames.
+    pub fn started(&self) -> Instant {
+        self.start
     }
 
     /// How long the peer has been running.
@@ -543,7 +675,7 @@ pub struct QemuNet<'a> {
     pub qemu: &'a str,
     /// netcheck's bzImage.
     pub kernel: &'a std::path::Path,
-    /// The guest exits after sending this many frames.
+    /// The guest exits after sending this many frames (0: never).
     pub guest_frames: u64,
     /// The peer sends this many frames once the guest is ready...
     pub host_frames: u64,
@@ -555,20 +687,29 @@ pub struct QemuNet<'a> {
     pub device_options: &'a str,
 }
 
+/// QEMU running the netcheck bzImage, its guest ready, and the peer on its tap.
+pub struct QemuNetVm {
+    /// The QEMU process (inside the namespace).
+    pub proc: VmmProcess,
+    /// The peer, listening, not sending yet.
+    pub peer: NetPeer,
+    /// The accelerator QEMU runs with.
+    pub accel: String,
+}
+
 /// Boots the netcheck bzImage on QEMU with its own virtio-net-pci (modern only) on the tap of
-/// `ns`, QEMU running inside the namespace (`ifname=`). The peer listens from the start; once
-/// the guest says `ready` it sends `host_frames` frames every `host_period`; the guest exits
-/// (status 0 when it saw no gap and no duplicate) after sending `guest_frames` of its own.
-/// Tries `-accel kvm`, then `tcg`.
-pub fn run_on_qemu(ns: &crate::netns::NetNs, opts: &QemuNet<'_>) -> Result<QemuRun, String> {
+/// `ns`, QEMU running inside the namespace (`ifname=`), and returns once the guest says `ready`
+/// (the peer listening from the start, sending every `host_period` once told to). The guest
+/// exits after sending `guest_frames` of its own (0: never). Tries `-accel kvm`, then `tcg`.
+pub fn start_on_qemu(ns: &crate::netns::NetNs, opts: &QemuNet<'_>) -> Result<QemuNetVm, String> {
     let QemuNet {
         qemu,
         kernel,
         guest_frames,
-        host_frames,
         host_period,
         timeout,
         device_options,
+        ..
     } = *opts;
     let mut last_err = String::new();
     for accel in ["kvm", "tcg"] {
@@ -592,7 +733,7 @@ pub fn run_on_qemu(ns: &crate::netns::NetNs, opts: &QemuNet<'_>) -> Result<QemuR
         ] {
             args.extend([flag.to_string(), value.clone()]);
         }
-        let proc = crate::process::VmmProcess::start(&args[0], &args[1..])
+        let proc = VmmProcess::start(&args[0], &args[1..])
             .map_err(|e| format!("cannot start {qemu} in {}: {e}", ns.name()))?;
         if proc
             .wait_for_stdout_contains("netcheck: ready", timeout)
@@ -605,23 +746,35 @@ pub fn run_on_qemu(ns: &crate::netns::NetNs, opts: &QemuNet<'_>) -> Result<QemuR
             );
             continue;
         }
-        let ready = Instant::now();
-        peer.send_more(host_frames);
-        let status = proc
-            .wait_exit(timeout)
-            .map_err(|e| format!("QEMU did not exit: {e}: {}", proc.stdout_text()))?;
-        let run_time = ready.elapsed();
-        // The guest is gone: what has not come back by now will not.
-        let (tally, _) = peer.wait_until(Duration::from_millis(200), |_| false);
-        return Ok(QemuRun {
+        return Ok(QemuNetVm {
+            proc,
+            peer,
             accel: accel.to_string(),
-            console: clean_console(&proc.stdout_text()),
-            status: status.code(),
-            tally,
-            run_time,
         });
     }
     Err(last_err)
+}
+
+/// Boots the netcheck bzImage on QEMU ([`start_on_qemu`]); once the guest says `ready` the
+/// peer sends `host_frames` frames every `host_period`; the guest exits (status 0 when it saw
+/// no gap and no duplicate) after sending `guest_frames` of its own.
+pub fn run_on_qemu(ns: &crate::netns::NetNs, opts: &QemuNet<'_>) -> Result<QemuRun, String> {
+    let QemuNetVm { proc, peer, accel } = start_on_qemu(ns, opts)?;
+    let ready = Instant::now();
+    peer.send_more(opts.host_frames);
+    let status = proc
+        .wait_exit(opts.timeout)
+        .map_err(|e| format!("QEMU did not exit: {e}: {}", proc.stdout_text()))?;
+    let run_time = ready.elapsed();
+    // The guest is gone: what has not come back by now will not.
+    let (tally, _) = peer.wait_until(Duration::from_millis(200), |_| false);
+    Ok(QemuRun {
+        accel,
+        console: clean_console(&proc.stdout_text()),
+        status: status.code(),
+        tally,
+        run_time,
+    })
 }
 
 /// The `netcheck: ` lines of a console (firmware output and CRs left out).
@@ -874,6 +1027,31 @@ mod tests {
         t.record(&frame(Kind::Echo, 4, 4), at(50));
         assert_eq!(t.take_max_echo_gap(), Duration::from_millis(5));
         assert_eq!(t.take_max_echo_gap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_largest_echo_gap_is_located() {
+        let t0 = Instant::now();
+        let mut t = Tally::default();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let echo = |seq, stamp| Frame {
+            stamp,
+            ..frame(Kind::Echo, seq, seq)
+        };
+        t.record(&echo(1, 100), at(0));
+        t.record(&echo(2, 200), at(30));
+        t.record(&echo(3, 300), at(31));
+        t.record(&echo(4, 400), at(41));
+        let gap = t.take_echo_gap().unwrap();
+        assert_eq!(
+            (gap.before, gap.after, gap.after_stamp),
+            (at(0), at(30), 200)
+        );
+        assert_eq!(gap.len(), Duration::from_millis(30));
+        assert_eq!(t.take_max_echo_gap(), Duration::ZERO, "a new window");
+        t.record(&echo(5, 500), at(42));
+        assert_eq!(t.take_echo_gap().unwrap().before, at(41));
+        assert_eq!(t.take_echo_gap(), None);
     }
 
     #[test]

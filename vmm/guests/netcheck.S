@@ -262,6 +262,10 @@ process_rx:
     jne     7f
     call    check_seq
     call    echo
+    cmp     $1, %ebp                    /* the first echo of a pass leaves at once: a burst */
+    jne     8f                          /* (frames that waited through a live update) does */
+    mov     $TXQ, %edi                  /* not hold it back until the whole burst is echoed */
+    call    vq_kick
     jmp     8f
 7:  incq    C_OTHER
 8:  mov     %ebx, %esi                  /* the buffer goes back to the device */

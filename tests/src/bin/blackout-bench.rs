@@ -29,7 +29,7 @@
 //!   execs the dynamic loader, and whole-program optimised);
 //! - with network traffic (`--no-net` skips it): frames lost across at least 50 updates of a
 //!   `netcheck` VM whose peer sends a frame every 1 ms, and the largest echo gap per update
-//!   against the blackout;
+//!   against the blackout, located (`cpr_tests::netcheck::bench`);
 //! - at the first size, cpr-exec through `cpr-shim --sha256` against the same update without
 //!   it, alternating (the deployment build with `--dist`);
 //! - QEMU's cpr-transfer and cpr-exec pauses for the same size, when `scripts/bench-setup.sh`
@@ -491,59 +491,6 @@ fn bench_sha256(
         "with_sha256": summary(&hashed.blackouts_ms),
         "median_difference_ms": median(&hashed.blackouts_ms) - median(&plain.blackouts_ms),
         "shim_checks_ms": {"without": shim_checks(&plain), "with_sha256": shim_checks(&hashed)},
-    }))
-}
-
-/// cpr-exec with the guest's network busy: the `netcheck` guest on virtio-net over a tap in a
-/// throw-away namespace, the host peer sending a numbered frame every 1 ms and checking the
-/// echoes. Per update: the blackout and the largest gap in the echo stream; at the end, frames
-/// lost or doubled in either direction.
-fn bench_net(updates: usize) -> Result<Value, String> {
-    use cpr_tests::netcheck::{NetVm, Tap};
-    // One frame per millisecond: the echo gap is then measured to about 1 ms.
-    let Some(mut vm) =
-        NetVm::start_with_period("blackout-bench --net", Tap::Fd, Duration::from_millis(1))
-    else {
-        return Err("network namespaces or /dev/net/tun are unavailable".into());
-    };
-    let state = vm.dir.join("vm.state");
-    vm.wait_echoes(20);
-    let (mut blackouts, mut gaps, mut excess) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..updates {
-        let mut command = vec![shim_bin().display().to_string(), "--".into()];
-        command.push(vmm_bin().display().to_string());
-        command.extend(vm.args.iter().cloned());
-        command.extend(["-incoming".into(), format!("file:{}", state.display())]);
-        vm.peer.take_max_echo_gap();
-        let update = cpr_tests::cpr::cpr_update(&mut vm.qmp, &command, &state, true, WAIT)
-            .map_err(|e| e.to_string())?;
-        if update.status() != "completed" {
-            return Err(format!("update {i}: {}", update.error_desc()));
-        }
-        vm.wait_echoes(20);
-        let gap = vm.peer.take_max_echo_gap().as_secs_f64() * 1e3;
-        let blackout = update.blackout_ns().unwrap_or(0) as f64 / 1e6;
-        blackouts.push(blackout);
-        gaps.push(gap);
-        excess.push(gap - blackout);
-        eprint!("\r  net: update {}/{updates}", i + 1);
-    }
-    eprintln!();
-    vm.peer.stop_sending();
-    let (t, _) = vm.peer.wait_until(WAIT, |t| t.unechoed().is_empty());
-    let problems = t.problems();
-    let _ = vm.qmp.execute("quit", Value::Null);
-    let _ = vm.vmm.wait_exit(WAIT);
-    Ok(json!({
-        "updates": updates,
-        "host_frames_sent": t.host_sent,
-        "host_frames_lost": t.unechoed().len(),
-        "host_frames_doubled": t.echoed_twice().len(),
-        "guest_frames_received": t.guest.received,
-        "problems": problems,
-        "blackout_ms": summary(&blackouts),
-        "largest_echo_gap_ms": summary(&gaps),
-        "gap_minus_blackout_ms": summary(&excess),
     }))
 }
 
@@ -1196,27 +1143,39 @@ fn main() {
         );
     }
     let net = if o.net {
-        bench_net(o.updates.max(50)).unwrap_or_else(|e| json!({"error": e}))
+        use cpr_tests::netcheck::bench;
+        bench::echo_gaps(o.updates.max(50), bench::ECHO_GAP_PERIOD, WAIT)
+            .unwrap_or_else(|e| json!({"error": e}))
     } else {
         Value::Null
     };
-    if let Some(e) = net["error"].as_str() {
-        println!("\ncpr-exec with network traffic: not measured: {e}");
-    } else if !net.is_null() {
-        println!(
-            "\ncpr-exec with a steady two-way frame stream ({} updates): host frames lost {} of {}, \
-             doubled {}; largest echo gap per update median {} ms (blackout median {} ms; gap minus \
-             blackout median {} max {} ms)",
-            net["updates"],
-            net["host_frames_lost"],
-            net["host_frames_sent"],
-            net["host_frames_doubled"],
-            fmt_ms(&net["largest_echo_gap_ms"]["median"]),
-            fmt_ms(&net["blackout_ms"]["median"]),
-            fmt_ms(&net["gap_minus_blackout_ms"]["median"]),
-            fmt_ms(&net["gap_minus_blackout_ms"]["max"]),
-        );
+    if !net.is_null() {
+        println!("\n{}", cpr_tests::netcheck::bench::echo_gaps_report(&net));
     }
+    let frame_rate = if o.net {
+        let host_qemu = match &qemu {
+            None => Err("not measured (--no-qemu)".to_string()),
+            Some(q) => q
+                .transfer
+                .as_ref()
+                .map(|h| h.binary.display().to_string())
+                .map_err(Clone::clone),
+        };
+        let rates = cpr_tests::netcheck::bench::frame_rates(
+            host_qemu.as_deref().map_err(Clone::clone),
+            Duration::from_secs(2),
+            5,
+            WAIT,
+        )
+        .unwrap_or_else(|e| json!({"error": e}));
+        println!(
+            "\n{}",
+            cpr_tests::netcheck::bench::frame_rates_report(&rates)
+        );
+        rates
+    } else {
+        Value::Null
+    };
     let sha_bins = dist_bins.as_ref().unwrap_or(&default_bins);
     let sha256 = match o.sizes_mib.first() {
         Some(_) if o.file_modes_only => skipped.clone(),
@@ -1259,7 +1218,7 @@ fn main() {
             fmt_ms(&exec_floor["median"])
         ),
     }
-    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results, "disk_io": disk_io, "sha256": sha256, "net": net});
+    let report = json!({"machine": machine, "updates_per_size": o.updates, "exec_floor_ms": exec_floor, "results": results, "disk_io": disk_io, "sha256": sha256, "net": net, "frame_rate": frame_rate});
     let path = o.json.clone().unwrap_or_else(|| {
         cpr_tests::target_dir().join("bench").join(format!(
             "blackout-{}.json",

@@ -30,9 +30,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use io_uring::{IoUring, opcode, squeue, types};
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -43,6 +41,7 @@ use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, Gu
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::worker::{Control, IoHandler, Worker};
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::devices::{DeviceContext, DeviceError, HostFd, Persist, lock};
 
@@ -284,19 +283,6 @@ pub struct Block {
     worker: Option<Worker>,
 }
 
-/// The I/O thread and how to talk to it.
-struct Worker {
-    commands: Sender<Command>,
-    wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
-}
-
-enum Command {
-    Pause(Sender<()>),
-    Resume,
-    Stop,
-}
-
 impl Block {
     fn with_disk(config: BlockConfig, disk: File) -> Result<Self, DeviceError> {
         let len = disk
@@ -334,14 +320,9 @@ impl Block {
         })
     }
 
+    /// Stops and joins the I/O thread (every request it submitted completes first).
     fn stop_worker(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            let _ = w.commands.send(Command::Stop);
-            let _ = w.wake.write(1);
-            if let Some(t) = w.thread.take() {
-                let _ = t.join();
-            }
-        }
+        self.worker = None;
     }
 }
 fn block_device_size(file: &File) -> Option<u64> {
@@ -464,11 +445,9 @@ impl VirtioDevice for Block {
                 "the driver enabled no request queue".into(),
             ));
         };
-        let wake = Arc::new(
-            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(|e| VirtioError::Device(format!("creating an eventfd: {e}")))?,
+        let control = Arc::new(
+            Control::new().map_err(|e| VirtioError::Device(format!("creating an eventfd: {e}")))?,
         );
-        let (tx, rx) = channel();
         let engine = Engine::new(self.io_path).unwrap_or_else(|e| {
             log::warn!(
                 "virtio-blk {}: io_uring: {e}; using preadv/pwritev",
@@ -476,10 +455,10 @@ impl VirtioDevice for Block {
             );
             Engine::Sync
         });
-        let mut io = RequestQueue {
+        let io = RequestQueue {
             queue,
             notify,
-            wake: wake.clone(),
+            name: format!("virtio-blk {}", self.config.id),
             memory: activation.memory,
             interrupt: activation.interrupt,
             disk: self.disk.clone(),
@@ -489,15 +468,9 @@ impl VirtioDevice for Block {
             zeroing: self.zeroing,
             engine,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("blk-{}", self.config.id))
-            .spawn(move || io.run(rx))
+        let worker = Worker::spawn(format!("blk-{}", self.config.id), control, io)
             .map_err(|e| VirtioError::Device(format!("starting the I/O thread: {e}")))?;
-        self.worker = Some(Worker {
-            commands: tx,
-            wake,
-            thread: Some(thread),
-        });
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -505,22 +478,17 @@ impl VirtioDevice for Block {
         self.stop_worker();
     }
 
+    /// Returns once every request the thread had submitted has completed and is in the used
+    /// ring.
     fn pause(&mut self) {
         if let Some(w) = &self.worker {
-            let (ack, done) = channel();
-            if w.commands.send(Command::Pause(ack)).is_ok() {
-                let _ = w.wake.write(1);
-                // The thread answers once every request it had submitted has completed and is
-                // in the used ring.
-                let _ = done.recv();
-            }
+            w.pause();
         }
     }
 
     fn resume(&mut self) {
         if let Some(w) = &self.worker {
-            let _ = w.commands.send(Command::Resume);
-            let _ = w.wake.write(1);
+            w.resume();
         }
     }
 }
@@ -585,7 +553,8 @@ impl Block {
 struct RequestQueue {
     queue: Arc<Mutex<Queue>>,
     notify: Arc<EventFd>,
-    wake: Arc<EventFd>,
+    /// For log lines.
+    name: String,
     memory: Arc<GuestMemoryMmap>,
     interrupt: Arc<VirtioInterrupt>,
     disk: Arc<File>,
@@ -597,7 +566,6 @@ struct RequestQueue {
 }
 
 const TOKEN_NOTIFY: u64 = 1;
-const TOKEN_WAKE: u64 = 2;
 const TOKEN_DONE: u64 = 3;
 
 /// A guest buffer: guest-physical address and length.
@@ -952,90 +920,59 @@ fn scatter(mem: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> usize {
     done
 }
 
-impl RequestQueue {
-    /// Starts paused: the transport resumes it when the guest runs. Every request submitted
-    /// has completed when this returns (the kernel is done with guest RAM); after a stop (the
-    /// driver reset the device, or it is going away) their answers are not written: the rings
-    /// may no longer be the driver's.
-    fn run(&mut self, commands: Receiver<Command>) {
-        self.serve(commands);
+/// The I/O thread ([`super::worker`]): starts paused; the transport resumes it when the guest
+/// runs. A pause returns once every request submitted has completed and is in the used ring.
+/// When it stops (the driver reset the device, or it is going away) every request submitted
+/// completes first (the kernel is done with guest RAM), but their answers are not written: the
+/// rings may no longer be the driver's.
+impl IoHandler for RequestQueue {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn register(&mut self, epoll: &Epoll) -> std::io::Result<()> {
+        let mut fds = vec![(self.notify.as_raw_fd(), TOKEN_NOTIFY)];
+        if let Some(fd) = self.engine.completion_fd() {
+            fds.push((fd, TOKEN_DONE));
+        }
+        for (fd, token) in fds {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, _epoll: &Epoll, token: u64) {
+        match token {
+            TOKEN_NOTIFY => {
+                let _ = self.notify.read();
+            }
+            TOKEN_DONE => self.complete(),
+            _ => {}
+        }
+    }
+
+    /// Anything queued while paused too (no kick is lost).
+    fn work(&mut self, _epoll: &Epoll) {
+        self.process();
+    }
+
+    fn pause(&mut self, _epoll: &Epoll) {
+        self.drain();
+    }
+
+    fn stop(&mut self) {
         self.engine.submit();
         while self.engine.in_flight() > 0 && self.engine.wait() {
             let _ = self.engine.reap();
         }
     }
+}
 
-    fn serve(&mut self, commands: Receiver<Command>) {
-        let epoll = match Epoll::new() {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("virtio-blk: epoll: {e}; the disk does not work");
-                return;
-            }
-        };
-        let mut fds = vec![
-            (self.notify.as_raw_fd(), TOKEN_NOTIFY),
-            (self.wake.as_raw_fd(), TOKEN_WAKE),
-        ];
-        if let Some(fd) = self.engine.completion_fd() {
-            fds.push((fd, TOKEN_DONE));
-        }
-        for (fd, token) in fds {
-            if let Err(e) = epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            ) {
-                log::error!("virtio-blk: epoll: {e}; the disk does not work");
-                return;
-            }
-        }
-        let mut running = false;
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            // Commands first: a pause must not start another request.
-            loop {
-                match commands.try_recv() {
-                    Ok(Command::Pause(ack)) => {
-                        running = false;
-                        self.drain();
-                        let _ = ack.send(());
-                    }
-                    Ok(Command::Resume) => {
-                        running = true;
-                        // Anything queued while paused (no kick is lost).
-                        self.process();
-                    }
-                    Ok(Command::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                }
-            }
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("virtio-blk: epoll_wait: {e}");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_WAKE => {
-                        let _ = self.wake.read();
-                    }
-                    TOKEN_NOTIFY => {
-                        let _ = self.notify.read();
-                        if running {
-                            self.process();
-                        }
-                    }
-                    TOKEN_DONE => self.complete(),
-                    _ => {}
-                }
-            }
-        }
-    }
-
+impl RequestQueue {
     /// Starts every request the driver has made available (and completes those the engine
     /// does on the spot).
     fn process(&mut self) {
@@ -1390,7 +1327,7 @@ mod tests {
             RequestQueue {
                 queue: Arc::new(Mutex::new(queue)),
                 notify: Arc::new(EventFd::new(0).unwrap()),
-                wake: Arc::new(EventFd::new(0).unwrap()),
+                name: "virtio-blk test".into(),
                 memory: self.memory.clone(),
                 interrupt: self.interrupt.clone(),
                 disk: block.disk.clone(),

@@ -13,6 +13,7 @@ pub mod block;
 pub mod net;
 pub mod pci;
 pub mod tap;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};

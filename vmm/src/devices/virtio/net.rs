@@ -12,9 +12,9 @@
 //! Configuration space: mac [u8; 6] at 0, status u16 at 6 (LINK_UP), max_virtqueue_pairs u16 at
 //! 8 (1).
 //!
-//! One I/O thread per device, woken by epoll on: the TX queue's ioeventfd, the RX queue's
-//! ioeventfd (the driver added receive buffers), the tap's readiness, and a wake eventfd for
-//! pause/resume/stop. TX: a chain is gathered and written to the tap with one `writev` straight
+//! One I/O thread per device ([`super::worker`]), woken by epoll on: the TX queue's ioeventfd,
+//! the RX queue's ioeventfd (the driver added receive buffers), the tap's readiness, and the
+//! worker's wake eventfd for pause/resume/stop. TX: a chain is gathered and written to the tap with one `writev` straight
 //! from guest memory. RX: the device takes buffers from the RX queue first (with MRG_RXBUF as
 //! many as a largest frame needs), then `readv`s one frame from the tap straight into them, so
 //! a frame is copied once, by the kernel; buffers it did not use go back to the ring (the avail
@@ -26,23 +26,29 @@
 //! tap is always placed before the pause completes, because it is only read into buffers
 //! already in hand.
 //!
+//! A resume looks at both queues and the tap at once (frames that waited in the tap through a
+//! live update's blackout go to the guest before its vCPUs run again), and raises each queue's
+//! interrupt once: the old VMM of a live update saves the vCPUs'
+//! interrupt state before it pauses its devices, so an interrupt for buffers used in between
+//! would be lost with the old VM, and the driver would see those frames only at its next wake.
+//!
 //! Hostile descriptors (outside RAM, loops, write-only TX or read-only RX buffers, a TX frame
 //! over 64 KiB + header, a received frame larger than the buffers) drop that frame; the drop is
 //! counted (`info network`, `query-rx-filter` does not show it) and logged with a rate limit,
 //! and the device goes on.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{OFFLOADS_TSO, Tap, VNET_HDR_LEN};
+use super::worker::{Control, IoHandler, Worker};
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::devices::{DeviceContext, DeviceError, HostFd, Persist, lock};
 
@@ -209,7 +215,7 @@ pub struct Net {
     /// `TUN_F_*` offloads the tap accepts.
     tap_offloads: u32,
     counters: Arc<NetCounters>,
-    worker: Option<IoThread>,
+    worker: Option<Worker>,
 }
 
 impl Net {
@@ -241,11 +247,9 @@ impl Net {
         self.counters.snapshot()
     }
 
+    /// Stops and joins the I/O thread, if there is one.
     fn stop_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.control.set(WANT_STOP);
-            let _ = w.thread.join();
-        }
+        self.worker = None;
     }
 
     /// The tap offloads that match what the guest said it can receive.
@@ -409,7 +413,7 @@ impl VirtioDevice for Net {
         let control = Arc::new(
             Control::new().map_err(|e| VirtioError::Device(format!("creating an eventfd: {e}")))?,
         );
-        let mut io = NetIo {
+        let io = NetIo {
             rx: QueueIo {
                 queue: rx_queue,
                 notify: rx_notify,
@@ -430,12 +434,13 @@ impl VirtioDevice for Net {
                 VNET_HDR_LEN + ETHERNET_FRAME
             },
             warned: 0,
+            tap_watched: false,
+            resumed: false,
+            name: format!("virtio-net {}", self.config.netdev),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("net-{}", self.config.netdev))
-            .spawn(move || io.run())
+        let worker = Worker::spawn(format!("net-{}", self.config.netdev), control, io)
             .map_err(|e| VirtioError::Device(format!("starting the I/O thread: {e}")))?;
-        self.worker = Some(IoThread { thread, control });
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -448,13 +453,13 @@ impl VirtioDevice for Net {
 
     fn pause(&mut self) {
         if let Some(w) = &self.worker {
-            w.control.pause();
+            w.pause();
         }
     }
 
     fn resume(&mut self) {
         if let Some(w) = &self.worker {
-            w.control.set(WANT_RUN);
+            w.resume();
         }
     }
 }
@@ -463,77 +468,6 @@ impl Drop for Net {
     fn drop(&mut self) {
         self.stop_worker();
     }
-}
-
-const WANT_PAUSE: u8 = 0;
-const WANT_RUN: u8 = 1;
-const WANT_STOP: u8 = 2;
-
-/// How the VMM thread steers the I/O thread: what it wants (run, pause, stop) and a wake
-/// eventfd in the thread's epoll set. A pause is numbered, and waits until the thread has
-/// acknowledged that number from the top of its loop, between frames.
-struct Control {
-    want: AtomicU8,
-    wake: EventFd,
-    pauses_asked: AtomicU64,
-    pauses_done: Mutex<u64>,
-    pause_done: Condvar,
-}
-
-impl Control {
-    fn new() -> std::io::Result<Self> {
-        Ok(Control {
-            // Starts paused: the transport resumes it when the guest runs.
-            want: AtomicU8::new(WANT_PAUSE),
-            wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-            pauses_asked: AtomicU64::new(0),
-            pauses_done: Mutex::new(0),
-            pause_done: Condvar::new(),
-        })
-    }
-
-    fn set(&self, want: u8) {
-        self.want.store(want, Ordering::SeqCst);
-        let _ = self.wake.write(1);
-    }
-
-    /// Returns once the thread has finished the frame it was on and takes no more.
-    fn pause(&self) {
-        let number = self.pauses_asked.fetch_add(1, Ordering::SeqCst) + 1;
-        self.set(WANT_PAUSE);
-        let mut done = lock(&self.pauses_done);
-        while *done < number {
-            done = match self.pause_done.wait(done) {
-                Ok(d) => d,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-        }
-    }
-
-    fn running(&self) -> bool {
-        self.want.load(Ordering::SeqCst) == WANT_RUN
-    }
-
-    /// Called by the thread when it is not running: every pause asked so far is done.
-    fn acknowledge_pauses(&self) {
-        let asked = self.pauses_asked.load(Ordering::SeqCst);
-        let mut done = lock(&self.pauses_done);
-        if *done < asked {
-            *done = asked;
-            self.pause_done.notify_all();
-        }
-    }
-
-    /// The thread ends: no pause waits for it any more.
-    fn acknowledge_all(&self) {
-        *lock(&self.pauses_done) = u64::MAX;
-        self.pause_done.notify_all();
-    }
-}
-
-struct IoThread {
-    thread: JoinHandle<()>,
-    control: Arc<Control>,
 }
 
 /// A queue and the eventfd its notifications arrive on.
@@ -557,9 +491,14 @@ struct NetIo {
     rx_frame_max: usize,
     /// Hostile-descriptor warnings logged so far (a guest must not flood the log).
     warned: u32,
+    /// Whether the tap is in the epoll set with EPOLLIN.
+    tap_watched: bool,
+    /// Set by a resume, cleared by the work after it.
+    resumed: bool,
+    /// For log lines.
+    name: String,
 }
 
-const TOKEN_WAKE: u64 = 0;
 const TOKEN_RX: u64 = 1;
 const TOKEN_TX: u64 = 2;
 const TOKEN_TAP: u64 = 3;
@@ -584,63 +523,13 @@ struct RxBuffer {
     len: usize,
 }
 
-impl NetIo {
-    fn run(&mut self) {
-        let epoll = match self.epoll() {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("virtio-net: epoll: {e}; the network does not work");
-                self.control.acknowledge_all();
-                return;
-            }
-        };
-        let mut tap_watched = false;
-        let mut events = [EpollEvent::default(); 8];
-        loop {
-            match self.control.want.load(Ordering::SeqCst) {
-                WANT_STOP => {
-                    self.control.acknowledge_all();
-                    return;
-                }
-                WANT_RUN => {}
-                _ => {
-                    self.watch_tap(&epoll, &mut tap_watched, false);
-                    self.control.acknowledge_pauses();
-                }
-            }
-            if self.control.running() {
-                // Whatever the guest queued while paused, and whatever waits in the tap.
-                self.transmit();
-                let want_tap = self.receive();
-                self.watch_tap(&epoll, &mut tap_watched, want_tap);
-                if !self.control.running() {
-                    continue;
-                }
-            }
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("virtio-net: epoll_wait: {e}");
-                    self.control.acknowledge_all();
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                let _ = match ev.data() {
-                    TOKEN_WAKE => self.control.wake.read(),
-                    TOKEN_RX => self.rx.notify.read(),
-                    TOKEN_TX => self.tx.notify.read(),
-                    _ => Ok(0),
-                };
-            }
-        }
+impl IoHandler for NetIo {
+    fn name(&self) -> String {
+        self.name.clone()
     }
 
-    fn epoll(&self) -> std::io::Result<Epoll> {
-        let epoll = Epoll::new()?;
+    fn register(&mut self, epoll: &Epoll) -> std::io::Result<()> {
         for (fd, token) in [
-            (self.control.wake.as_raw_fd(), TOKEN_WAKE),
             (self.rx.notify.as_raw_fd(), TOKEN_RX),
             (self.tx.notify.as_raw_fd(), TOKEN_TX),
         ] {
@@ -655,13 +544,49 @@ impl NetIo {
             ControlOperation::Add,
             self.tap.as_raw_fd(),
             EpollEvent::new(EventSet::empty(), TOKEN_TAP),
-        )?;
-        Ok(epoll)
+        )
+    }
+
+    fn event(&mut self, _epoll: &Epoll, token: u64) {
+        let _ = match token {
+            TOKEN_RX => self.rx.notify.read(),
+            TOKEN_TX => self.tx.notify.read(),
+            _ => Ok(0),
+        };
+    }
+
+    fn resume(&mut self, _epoll: &Epoll) {
+        self.resumed = true;
+    }
+
+    /// Whatever the guest queued (also while paused), and whatever waits in the tap.
+    fn work(&mut self, epoll: &Epoll) {
+        self.transmit();
+        let want_tap = self.receive();
+        self.watch_tap(epoll, want_tap);
+        if std::mem::take(&mut self.resumed) {
+            self.notify_used_queues();
+        }
+    }
+
+    fn pause(&mut self, epoll: &Epoll) {
+        self.watch_tap(epoll, false);
+    }
+}
+
+impl NetIo {
+    /// Raises both queues' interrupts (after a resume, see the module documentation). A
+    /// driver that finds nothing new in a used ring takes it as the spurious interrupt the
+    /// virtio spec allows.
+    fn notify_used_queues(&self) {
+        for index in [RX, TX] {
+            self.interrupt.notify_queue(index);
+        }
     }
 
     /// Level-triggered readiness of the tap, only while the guest has buffers to fill.
-    fn watch_tap(&self, epoll: &Epoll, watched: &mut bool, want: bool) {
-        if *watched == want {
+    fn watch_tap(&mut self, epoll: &Epoll, want: bool) {
+        if self.tap_watched == want {
             return;
         }
         let events = if want {
@@ -674,7 +599,7 @@ impl NetIo {
             self.tap.as_raw_fd(),
             EpollEvent::new(events, TOKEN_TAP),
         ) {
-            Ok(()) => *watched = want,
+            Ok(()) => self.tap_watched = want,
             Err(e) => log::error!("virtio-net: epoll on the tap: {e}"),
         }
     }
@@ -1095,8 +1020,7 @@ mod tests {
 
         /// The I/O side over `rx` and `tx`, running (no thread: the tests call it).
         fn io(&self, rx: Queue, tx: Queue, mrg_rxbuf: bool) -> NetIo {
-            let control = Arc::new(Control::new().unwrap());
-            control.want.store(WANT_RUN, Ordering::SeqCst);
+            let control = Arc::new(Control::new_running());
             let q = |queue| QueueIo {
                 queue: Arc::new(Mutex::new(queue)),
                 notify: Arc::new(EventFd::new(0).unwrap()),
@@ -1112,6 +1036,9 @@ mod tests {
                 mrg_rxbuf,
                 rx_frame_max: VNET_HDR_LEN + MAX_FRAME,
                 warned: 0,
+                tap_watched: false,
+                resumed: false,
+                name: "virtio-net test".into(),
             }
         }
 
@@ -1348,31 +1275,63 @@ mod tests {
         let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
         let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
         let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
-        let control = io.control.clone();
+        let control = Arc::new(Control::new().unwrap());
+        io.control = control.clone();
         let tx_queue = io.tx.queue.clone();
         let tx_notify = io.tx.notify.clone();
-        let thread = std::thread::spawn(move || io.run());
-        control.pause();
+        let worker = Worker::spawn("net-test".into(), control.clone(), io).unwrap();
+        worker.pause();
         // Paused: a chain the guest queues now is left in the ring.
         let f = frame(20, 8);
         rig.memory.write_slice(&f, GuestAddress(BUF)).unwrap();
         tx.add_desc_chains(&chains(0, &[vec![(BUF, 32, 0)]]), 0)
             .unwrap();
         tx_notify.write(1).unwrap();
-        control.pause();
+        worker.pause();
         assert_eq!(lock(&tx_queue).next_avail(), 0);
         assert!(rig.host_frames().is_empty());
         // Resumed: it is sent, without another notification.
-        control.set(WANT_RUN);
+        worker.resume();
         let mut frames = Vec::new();
         while frames.is_empty() {
             std::thread::yield_now();
             frames = rig.host_frames();
         }
         assert_eq!(frames, [f]);
-        control.set(WANT_STOP);
-        thread.join().unwrap();
+        drop(worker);
         control.pause();
+    }
+
+    #[test]
+    fn a_resume_raises_the_interrupts_a_live_update_may_have_lost() {
+        let rig = Rig::new();
+        let rx = MockSplitQueue::new(rig.memory.as_ref(), 16);
+        let tx = MockSplitQueue::create(rig.memory.as_ref(), GuestAddress(0x8000), 16);
+        let f = frame(20, 8);
+        rig.memory.write_slice(&f, GuestAddress(BUF)).unwrap();
+        tx.add_desc_chains(&chains(0, &[vec![(BUF, 32, 0)]]), 0)
+            .unwrap();
+        let mut io = rig.io(rx.create_queue().unwrap(), tx.create_queue().unwrap(), true);
+        // The old VMM used the chain; its interrupt went to a VM that is gone.
+        io.transmit();
+        assert_eq!(rig.host_frames(), [f]);
+        assert_ne!(rig.interrupt.take_isr(), 0);
+        // The new VMM's thread starts paused and is resumed with nothing new to do.
+        let control = Arc::new(Control::new().unwrap());
+        io.control = control.clone();
+        let worker = Worker::spawn("net-test".into(), control, io).unwrap();
+        worker.pause();
+        assert_eq!(rig.interrupt.take_isr(), 0, "no interrupt while paused");
+        worker.resume();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut isr = 0;
+        while isr == 0 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            isr = rig.interrupt.take_isr();
+        }
+        assert_ne!(isr, 0, "the resume raised the queue interrupt again");
+        drop(worker);
+        assert!(rig.host_frames().is_empty(), "nothing was sent twice");
     }
 
     /// A real tap, up, without IPv6 (so the kernel sends nothing of its own into it), and an
