@@ -44,7 +44,7 @@ use vm_memory::{
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::devices::{DeviceContext, DeviceError, HostFd, Persist, lock};
@@ -315,21 +315,45 @@ fn choose_io_path(id: &str, aio: AioMode) -> IoPath {
     }
 }
 
-/// What the image's file system can do to zero a range, found by asking it at open.
+/// What the image's file system, or the block device, can do to zero a range, found by
+/// asking it at open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Zeroing {
     /// `FALLOC_FL_PUNCH_HOLE`: DISCARD, and WRITE_ZEROES with unmap.
     punch_hole: bool,
     /// `FALLOC_FL_ZERO_RANGE`: WRITE_ZEROES that keeps the blocks allocated.
     zero_range: bool,
+    /// A block device that discards (its queue's `discard_max_bytes` is not 0): DISCARD
+    /// through BLKDISCARD.
+    blk_discard: bool,
+    /// A block device: WRITE_ZEROES (with or without unmap) through BLKZEROOUT, which
+    /// guarantees zeroes whatever the device does with discarded blocks.
+    blk_zeroout: bool,
 }
 
+vmm_sys_util::ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
+vmm_sys_util::ioctl_io_nr!(BLKDISCARD, 0x12, 119);
+vmm_sys_util::ioctl_io_nr!(BLKZEROOUT, 0x12, 127);
+
 impl Zeroing {
-    /// Asks the file system past the end of the image (nothing the guest sees changes).
-    /// Block devices and read-only disks get neither.
+    /// Asks the file system past the end of the image (nothing the guest sees changes), or
+    /// the block device's queue limits in sysfs. Read-only disks get nothing.
     fn probe(disk: &File, len: u64, read_only: bool) -> Self {
-        let regular = disk.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if read_only || !regular {
+        let Ok(meta) = disk.metadata() else {
+            return Zeroing::default();
+        };
+        if read_only {
+            return Zeroing::default();
+        }
+        if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            use std::os::unix::fs::MetadataExt;
+            return Zeroing {
+                blk_discard: discard_max_bytes(meta.rdev()).is_some_and(|n| n > 0),
+                blk_zeroout: true,
+                ..Zeroing::default()
+            };
+        }
+        if !meta.is_file() {
             return Zeroing::default();
         }
         let at = len.next_multiple_of(4096) as i64;
@@ -357,16 +381,55 @@ impl Zeroing {
         Zeroing {
             punch_hole,
             zero_range,
+            ..Zeroing::default()
         }
     }
 
     fn discard(&self) -> bool {
-        self.punch_hole
+        self.punch_hole || self.blk_discard
     }
 
     fn write_zeroes(&self) -> bool {
-        self.punch_hole || self.zero_range
+        self.punch_hole || self.zero_range || self.blk_zeroout
     }
+
+    /// Zeroes (or, for a DISCARD, `discard`) `len` bytes at `at`; with `unmap`, the blocks may
+    /// be given back.
+    fn zero(&self, disk: &File, at: u64, len: u64, discard: bool, unmap: bool) -> bool {
+        if self.blk_zeroout {
+            let (request, range) = if discard {
+                (BLKDISCARD(), [at, len])
+            } else {
+                (BLKZEROOUT(), [at, len])
+            };
+            // SAFETY: both ioctls read two u64s (start, length) through the pointer, which
+            // points to exactly that.
+            return unsafe { ioctl_with_ref(disk, request, &range) } == 0;
+        }
+        let punch = discard || unmap || !self.zero_range;
+        let mode = if punch && self.punch_hole {
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        } else {
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        };
+        match (i64::try_from(at), i64::try_from(len)) {
+            (Ok(at), Ok(len)) => fallocate(disk, mode, at, len).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+/// The block device `rdev`'s `queue/discard_max_bytes` (a partition's is its disk's).
+fn discard_max_bytes(rdev: u64) -> Option<u64> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    [
+        dev.join("queue/discard_max_bytes"),
+        dev.join("../queue/discard_max_bytes"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|s| s.trim().parse().ok())
 }
 
 pub struct Block {
@@ -400,7 +463,6 @@ impl Block {
             .map(|m| m.len())
             .map_err(|e| DeviceError::Setup(format!("drive '{}': {e}", config.id)))?;
         let len = if len == 0 {
-            // A block device reports its size through seeking to its end.
             block_device_size(&disk).unwrap_or(0)
         } else {
             len
@@ -459,10 +521,12 @@ impl Block {
         }
     }
 }
+/// A block device's size in bytes (BLKGETSIZE64); `None` for anything else.
 fn block_device_size(file: &File) -> Option<u64> {
-    use std::io::Seek;
-    let mut f = file.try_clone().ok()?;
-    f.seek(std::io::SeekFrom::End(0)).ok()
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for that.
+    let rc = unsafe { ioctl_with_mut_ref(file, BLKGETSIZE64(), &mut size) };
+    (rc == 0).then_some(size)
 }
 
 impl Persist for Block {
@@ -1591,15 +1655,12 @@ impl RequestQueue {
             ranges.push((sector, sectors, flags & FLAG_UNMAP != 0));
         }
         for (sector, sectors, unmap) in ranges {
-            let punch = kind == T_DISCARD || unmap || !self.zeroing.zero_range;
-            let mode = if punch && self.zeroing.punch_hole {
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-            } else {
-                FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-            };
-            let at = (sector * SECTOR_SIZE) as i64;
-            let len = i64::from(sectors) * SECTOR_SIZE as i64;
-            if len > 0 && fallocate(self.disk.as_ref(), mode, at, len).is_err() {
+            let (at, len) = (sector * SECTOR_SIZE, u64::from(sectors) * SECTOR_SIZE);
+            if len > 0
+                && !self
+                    .zeroing
+                    .zero(self.disk.as_ref(), at, len, kind == T_DISCARD, unmap)
+            {
                 return S_IOERR;
             }
         }
@@ -2702,6 +2763,93 @@ mod tests {
             assert_eq!(on_disk, [0x33; 512], "cache={mode}");
         }
         assert_eq!(CacheMode::parse("bogus"), None);
+    }
+
+    /// A loop device over a file, detached on drop.
+    struct LoopDevice(std::path::PathBuf);
+
+    impl LoopDevice {
+        /// `None`, saying why, where loop devices cannot be made (no `losetup`, not root).
+        fn attach(file: &std::path::Path) -> Option<Self> {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(file)
+                .output();
+            let why = match out {
+                Ok(o) if o.status.success() => {
+                    let name = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                    return Some(LoopDevice(name.into()));
+                }
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => format!("no losetup: {e}"),
+            };
+            eprintln!("skipped: cannot make a loop device ({why})");
+            None
+        }
+    }
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_has_its_size_and_discards_and_zeroes_through_its_ioctls() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let rig = Rig::on_disk(2048);
+        let Some(device) = LoopDevice::attach(&rig.disk.path) else {
+            return;
+        };
+        let mut cfg = rig.config(false);
+        cfg.source = DiskSource::Path(device.0.clone());
+        let block = Block::with_disk(cfg.clone(), cfg.open().unwrap()).unwrap();
+        assert_eq!(block.capacity_sectors, 2048, "BLKGETSIZE64");
+        let can_discard = discard_max_bytes(std::fs::metadata(&device.0).unwrap().rdev())
+            .expect("a loop device has queue limits in sysfs")
+            > 0;
+        let features = block.device_features();
+        assert_eq!(features & 1 << F_DISCARD != 0, can_discard);
+        assert_ne!(features & 1 << F_WRITE_ZEROES, 0, "BLKZEROOUT always works");
+        let mut may_unmap = [0xffu8];
+        block.read_config(
+            std::mem::offset_of!(virtio_blk_config, write_zeroes_may_unmap) as u64,
+            &mut may_unmap,
+        );
+        assert_eq!(
+            may_unmap,
+            [0],
+            "zeroes are written, never assumed from a discard"
+        );
+        let disk = block.disk.as_ref();
+        let zeroed = |what: &str, ranges: &[std::ops::Range<usize>]| {
+            let mut all = vec![0u8; 64 * 512];
+            disk.read_exact_at(&mut all, 0).unwrap();
+            for (s, sector) in all.chunks(512).enumerate() {
+                let want_zero = ranges.iter().any(|r| r.contains(&s));
+                let value = if want_zero { 0 } else { 0x77 };
+                assert!(sector.iter().all(|&b| b == value), "{what}: sector {s}");
+            }
+        };
+        let mut kinds = vec![(T_WRITE_ZEROES, 0), (T_WRITE_ZEROES, FLAG_UNMAP)];
+        if can_discard {
+            kinds.push((T_DISCARD, 0));
+        }
+        for (kind, flags) in kinds {
+            disk.write_all_at(&[0x77; 64 * 512], 0).unwrap();
+            disk.sync_data().unwrap();
+            let segs = [segment(8, 8, flags), segment(40, 3, flags)].concat();
+            rig.memory.write_slice(&segs, GuestAddress(DATA)).unwrap();
+            rig.header(HEADER, kind, 0);
+            let out = rig.run(&block, &[request(HEADER, Some((DATA, 32, 0)), STATUS)]);
+            assert_eq!(out, [(S_OK, 1)], "type {kind} flags {flags}");
+            // A loop device over a file punches holes for a discard: zeroes there too.
+            zeroed(&format!("type {kind} flags {flags}"), &[8..16, 40..43]);
+        }
+        rig.still_works(&block);
     }
 
     #[test]
