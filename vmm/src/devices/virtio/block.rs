@@ -14,13 +14,25 @@
 //! blk_size, and the discard / write-zeroes limits when those are offered).
 //!
 //! One request queue, worked on an I/O thread woken by the queue's ioeventfd. Data moves straight
-//! between the disk and guest RAM (iovecs over the chain's buffers, no bounce buffer), either
+//! between the disk and guest RAM (iovecs over the chain's buffers), either
 //! through io_uring (every request the driver made available is submitted at once, completions
 //! come back in any order and each is put in the used ring as it arrives) or, where the host has
 //! no io_uring or `aio=threads` asks for it, with preadv/pwritev one request at a time. A FLUSH
 //! waits for every request submitted before it. Pausing the device waits until every submitted
 //! request has completed and is in the used ring, so a saved device has nothing in flight and the
 //! queue's ring positions are all the state it needs.
+//!
+//! Host caching is QEMU's `cache=` ([`CacheMode`]): through the page cache (`writeback`, the
+//! default; `unsafe` also answers FLUSH without syncing), or around it with O_DIRECT (`none`,
+//! `directsync`). O_DIRECT needs disk offsets, lengths and buffer addresses aligned as the host
+//! says (statx's DIOALIGN, a block device's logical block size): a request
+//! whose guest buffers are not goes through an aligned bounce buffer instead (QEMU does the
+//! same), the others still go straight to guest RAM. Without a write cache (`writethrough`,
+//! `directsync`) FLUSH is not offered and every write is RWF_DSYNC.
+//!
+//! A block device (raw disk, loop device) is sized with BLKGETSIZE64; DISCARD is BLKDISCARD
+//! where its queue can discard, WRITE_ZEROES is BLKZEROOUT (zeroes guaranteed, never assumed
+//! from a discard). An image file gets both through fallocate where its file system can.
 //!
 //! The disk is a host fd the device owns (a preserved fd in every migration mode): a live update
 //! hands the very same open file to the next VMM, so a disk image renamed, replaced or unlinked
