@@ -120,7 +120,7 @@ pub const CPR_TRANSFER_MIN: QemuVersion = QemuVersion::new(10, 0, 0);
 pub const CPR_EXEC_MIN: QemuVersion = QemuVersion::new(10, 2, 0);
 
 /// Guest-physical address of the boot sector's loop counter.
-const COUNTER_ADDR: u64 = 0x500;
+const BOOT_COUNTER_ADDR: u64 = 0x500;
 const PAGE: u64 = 4096;
 /// Pages per `process_vm_readv`/`writev` call (IOV_MAX).
 const TOUCH_BATCH: usize = 1024;
@@ -465,6 +465,62 @@ pub fn summarize(measurements: &[Measurement]) -> Option<PauseSummary> {
     })
 }
 
+/// The guest a QEMU measurement runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuGuest {
+    /// The boot sector counting at 0x500 on an IDE disk: no I/O during the update.
+    BootSector,
+    /// The blkcheck driver guest's bzImage (`kernel`, see [`crate::blkcheck`]) keeping `depth`
+    /// 4 KiB requests in flight on a `-device virtio-blk-pci` disk of `disk_mib` MiB (a fresh
+    /// raw image): the update happens with I/O in flight.
+    Blkcheck {
+        kernel: PathBuf,
+        depth: u32,
+        disk_mib: u64,
+    },
+}
+
+impl QemuGuest {
+    /// The guest-physical address of a 32-bit word that keeps rising while the guest works:
+    /// the boot sector's loop counter, or blkcheck's completed-requests counter.
+    fn counter_addr(&self) -> u64 {
+        match self {
+            QemuGuest::BootSector => BOOT_COUNTER_ADDR,
+            QemuGuest::Blkcheck { .. } => crate::blkcheck::COUNTERS_ADDR + 8,
+        }
+    }
+
+    /// Writes the guest's disk image to `disk`.
+    fn write_disk(&self, disk: &Path) -> Result<(), String> {
+        match self {
+            QemuGuest::BootSector => write_boot_image(disk),
+            QemuGuest::Blkcheck { disk_mib, .. } => fs::File::create(disk)
+                .and_then(|f| f.set_len(disk_mib << 20))
+                .map_err(|e| format!("creating {}: {e}", disk.display())),
+        }
+    }
+
+    /// The command-line arguments that give the guest its code and its disk.
+    fn args(&self, disk: &Path) -> Result<Vec<String>, String> {
+        Ok(match self {
+            QemuGuest::BootSector => vec![
+                "-drive".into(),
+                format!("file={},format=raw,if=ide", path_str(disk)?),
+            ],
+            QemuGuest::Blkcheck { kernel, depth, .. } => vec![
+                "-kernel".into(),
+                path_str(kernel)?.to_owned(),
+                "-append".into(),
+                format!("blkcheck.depth={depth}"),
+                "-drive".into(),
+                format!("file={},format=raw,if=none,id=d0", path_str(disk)?),
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,disable-legacy=on".into(),
+            ],
+        })
+    }
+}
+
 /// Options of [`qemu_cpr_exec_with`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CprExecOptions {
@@ -574,16 +630,24 @@ struct QemuVm {
     process: VmmProcess,
     qmp: Option<QmpClient>,
     qmp_path: PathBuf,
+    /// Where the guest's progress counter is ([`QemuGuest::counter_addr`]).
+    counter_addr: u64,
 }
 
 impl QemuVm {
-    fn start(launcher: &Launcher, args: &[String], qmp_path: &Path) -> Result<Self, String> {
+    fn start(
+        launcher: &Launcher,
+        args: &[String],
+        qmp_path: &Path,
+        guest: &QemuGuest,
+    ) -> Result<Self, String> {
         let process = VmmProcess::spawn(launcher.command(args))
             .map_err(|e| format!("cannot start QEMU: {e}"))?;
         Ok(QemuVm {
             process,
             qmp: None,
             qmp_path: qmp_path.to_owned(),
+            counter_addr: guest.counter_addr(),
         })
     }
 
@@ -643,15 +707,21 @@ impl QemuVm {
         Ok(reply["status"].as_str().unwrap_or("?").to_owned())
     }
 
-    /// The guest's loop counter, through HMP `xp` (QEMU's own view of guest memory).
-    fn counter(&mut self) -> Result<u32, String> {
-        let command = format!("xp /1wx {COUNTER_ADDR:#x}");
+    /// The 32-bit word at guest-physical `addr`, through HMP `xp` (QEMU's own view of
+    /// guest memory).
+    fn word(&mut self, addr: u64) -> Result<u32, String> {
+        let command = format!("xp /1wx {addr:#x}");
         let result = self.qmp()?.hmp(&command);
         let text = result.map_err(|e| format!("HMP {command}: {e}"))?;
         parse_xp_word(&text).ok_or_else(|| format!("cannot parse HMP {command} output {text:?}"))
     }
 
-    /// Waits until the boot sector's loop is counting.
+    /// The guest's progress counter.
+    fn counter(&mut self) -> Result<u32, String> {
+        self.word(self.counter_addr)
+    }
+
+    /// Waits until the guest's counter is rising.
     fn wait_guest_running(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let mut last = self.counter()?;
@@ -664,26 +734,51 @@ impl QemuVm {
             last = now;
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "the guest's counter at {COUNTER_ADDR:#x} did not start counting within \
+                    "the guest's counter at {:#x} did not start counting within \
                      {timeout:?} (value {now:#x}){}",
+                    self.counter_addr,
                     self.stderr_tail()
                 ));
             }
         }
     }
 
-    /// Counter increments over a short interval; an error if it stands still.
+    /// How far the counter moved between a first reading and the first later reading that
+    /// differs (polled every 20 ms, for up to [`STEP_TIMEOUT`]); an error if it stands still.
     fn guest_progress(&mut self) -> Result<u64, String> {
         let before = self.counter()?;
-        thread::sleep(Duration::from_millis(20));
-        let after = self.counter()?;
-        let progress = u64::from(after.wrapping_sub(before));
-        if progress == 0 {
-            return Err(format!(
-                "the guest does not run after the update (counter stuck at {after:#x})"
-            ));
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            thread::sleep(Duration::from_millis(20));
+            let after = self.counter()?;
+            if after != before {
+                return Ok(u64::from(after.wrapping_sub(before)));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the guest does not run after the update (counter at {:#x} stuck at \
+                     {after:#x}){}",
+                    self.counter_addr,
+                    self.stderr_tail()
+                ));
+            }
         }
-        Ok(progress)
+    }
+
+    /// For blkcheck: an error if the guest counted a mismatched sector or a failed request
+    /// (its counters block, read through QEMU).
+    fn check_guest_data(&mut self, guest: &QemuGuest) -> Result<(), String> {
+        if let QemuGuest::Blkcheck { .. } = guest {
+            let base = crate::blkcheck::COUNTERS_ADDR;
+            let (mismatches, errors) = (self.word(base + 0x18)?, self.word(base + 0x20)?);
+            if mismatches != 0 || errors != 0 {
+                return Err(format!(
+                    "blkcheck in QEMU counted {mismatches} mismatched sectors and {errors} \
+                     failed requests"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Timestamps of the trace lines of `event` so far.
@@ -981,9 +1076,14 @@ fn write_boot_image(path: &Path) -> Result<(), String> {
 }
 
 /// The machine's command line without `-qmp` and `-incoming`.
-fn machine_args(ram_mib: u64, disk: &Path, prealloc: bool) -> Result<Vec<String>, String> {
+fn machine_args(
+    ram_mib: u64,
+    guest: &QemuGuest,
+    disk: &Path,
+    prealloc: bool,
+) -> Result<Vec<String>, String> {
     let prealloc = if prealloc { "on" } else { "off" };
-    Ok(vec![
+    let mut args: Vec<String> = vec![
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-display".into(),
@@ -996,8 +1096,6 @@ fn machine_args(ram_mib: u64, disk: &Path, prealloc: bool) -> Result<Vec<String>
         format!("{ram_mib}M"),
         "-object".into(),
         format!("memory-backend-memfd,id=ram0,size={ram_mib}M,share=on,prealloc={prealloc}"),
-        "-drive".into(),
-        format!("file={},format=raw,if=ide", path_str(disk)?),
         "-trace".into(),
         "vm_state_notify".into(),
         "-trace".into(),
@@ -1006,7 +1104,9 @@ fn machine_args(ram_mib: u64, disk: &Path, prealloc: bool) -> Result<Vec<String>
         "cpr_state_load".into(),
         "-msg".into(),
         "timestamp=on".into(),
-    ])
+    ];
+    args.extend(guest.args(disk)?);
+    Ok(args)
 }
 
 fn with_qmp(mut args: Vec<String>, qmp: &Path) -> Result<Vec<String>, String> {
@@ -1048,14 +1148,27 @@ pub fn qemu_cpr_transfer(
     reps: usize,
     workdir: &Path,
 ) -> Result<Vec<Measurement>, String> {
+    qemu_cpr_transfer_with(qemu, ram_mib, reps, workdir, &QemuGuest::BootSector)
+}
+
+/// [`qemu_cpr_transfer`] with another guest: [`QemuGuest::Blkcheck`] measures the pause with
+/// virtio-blk requests in flight (the guest's request counter must rise before every update
+/// and after it, and the guest must count no mismatched sector and no failed request).
+pub fn qemu_cpr_transfer_with(
+    qemu: &QemuInstall,
+    ram_mib: u64,
+    reps: usize,
+    workdir: &Path,
+    guest: &QemuGuest,
+) -> Result<Vec<Measurement>, String> {
     let host = qemu
         .transfer
         .as_ref()
         .map_err(|why| format!("cpr-transfer unavailable: {why}"))?;
     let run = RunDir::new(workdir, "qemu-xfer")?;
-    let disk = run.join("boot.img");
-    write_boot_image(&disk)?;
-    let machine = machine_args(ram_mib, &disk, true)?;
+    let disk = run.join("disk.img");
+    guest.write_disk(&disk)?;
+    let machine = machine_args(ram_mib, guest, &disk, true)?;
     let launcher = Launcher::Host(host.binary.clone());
 
     let source_qmp = run.join("src.qmp");
@@ -1063,12 +1176,15 @@ pub fn qemu_cpr_transfer(
         &launcher,
         &with_qmp(machine.clone(), &source_qmp)?,
         &source_qmp,
+        guest,
     )?;
     source.connect(start_timeout(ram_mib))?;
     source.wait_guest_running(BOOT_TIMEOUT)?;
 
     let mut measurements = Vec::with_capacity(reps);
     for rep in 0..reps {
+        // The guest works right up to the update (with blkcheck: requests in flight).
+        source.guest_progress()?;
         let cpr = run.join(format!("cpr-{rep}.sock"));
         let main = run.join(format!("mig-{rep}.sock"));
         let dest_qmp = run.join(format!("dst-{rep}.qmp"));
@@ -1082,7 +1198,7 @@ pub fn qemu_cpr_transfer(
                 path_str(&cpr)?
             ),
         ]);
-        let mut dest = QemuVm::start(&launcher, &args, &dest_qmp)?;
+        let mut dest = QemuVm::start(&launcher, &args, &dest_qmp, guest)?;
         // The new QEMU listens on the cpr channel first, and opens its
         // monitor only after the old one has sent the CPR state.
         dest.wait_listening(&cpr, start_timeout(ram_mib))?;
@@ -1134,6 +1250,7 @@ pub fn qemu_cpr_transfer(
         // The old QEMU is killed and reaped; the new one is the next source.
         source = dest;
     }
+    source.check_guest_data(guest)?;
     Ok(measurements)
 }
 
@@ -1165,11 +1282,12 @@ pub fn qemu_cpr_exec_with(
     // Only this run's own directory is shared with the chroot.
     let _mount_point = MountPoint::new(&chroot.root, &run.path)?;
     let disk = run.join("boot.img");
-    write_boot_image(&disk)?;
+    let guest = QemuGuest::BootSector;
+    guest.write_disk(&disk)?;
     let qmp_path = run.join("vm.qmp");
-    let first = with_qmp(machine_args(ram_mib, &disk, true)?, &qmp_path)?;
+    let first = with_qmp(machine_args(ram_mib, &guest, &disk, true)?, &qmp_path)?;
     let after_exec = with_qmp(
-        machine_args(ram_mib, &disk, options.keep_prealloc)?,
+        machine_args(ram_mib, &guest, &disk, options.keep_prealloc)?,
         &qmp_path,
     )?;
     let launcher = Launcher::Chroot {
@@ -1179,7 +1297,7 @@ pub fn qemu_cpr_exec_with(
     };
     let ram_bytes = ram_mib << 20;
 
-    let mut vm = QemuVm::start(&launcher, &first, &qmp_path)?;
+    let mut vm = QemuVm::start(&launcher, &first, &qmp_path, &guest)?;
     vm.connect(start_timeout(ram_mib))?;
     vm.wait_guest_running(BOOT_TIMEOUT)?;
 

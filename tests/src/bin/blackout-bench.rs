@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p cpr-tests --bin blackout-bench -- [--sizes 256M,1G,4G,16G]
 //!     [--updates 20] [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--json FILE]
-//!     [--file-modes-only]
+//!     [--no-disk] [--disk-only] [--no-net] [--file-modes-only]
 //! ```
 //!
 //! `--file-modes-only` measures only the migration to a file and cpr-reboot (one run each per
@@ -33,7 +33,11 @@
 //! - at the first size, cpr-exec through `cpr-shim --sha256` against the same update without
 //!   it, alternating (the deployment build with `--dist`);
 //! - QEMU's cpr-transfer and cpr-exec pauses for the same size, when `scripts/bench-setup.sh`
-//!   has installed them (see `cpr_tests::qemu_bench`).
+//!   has installed them (see `cpr_tests::qemu_bench`);
+//! - at the first size (`--no-disk` skips it, `--disk-only` runs only this): cpr-exec with a
+//!   virtio-blk disk idle against the same with `blkcheck` keeping 8 requests in flight, and
+//!   QEMU's cpr-transfer pause with the same guest (blkcheck's bzImage) keeping 8 requests in
+//!   flight on QEMU's `-device virtio-blk-pci`.
 //!
 //! Prints a table and writes JSON (default `target/bench/blackout-<unix time>.json`). Every
 //! figure is labelled with the machine it ran on; timings are reported, never asserted.
@@ -43,8 +47,11 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cpr_tests::blkcheck::build_blkcheck_bzimage;
 use cpr_tests::hugepages::HugePageReservation;
-use cpr_tests::qemu_bench::{Measurement, QemuInstall, qemu_cpr_exec, qemu_cpr_transfer};
+use cpr_tests::qemu_bench::{
+    Measurement, QemuGuest, QemuInstall, qemu_cpr_exec, qemu_cpr_transfer, qemu_cpr_transfer_with,
+};
 use cpr_tests::stats::{median, summary};
 use cpr_tests::{
     QmpClient, TempDir, VmmProcess, build_binaries, event_timestamp, shim_bin, vmm_bin,
@@ -62,6 +69,8 @@ struct Options {
     dist_build: bool,
     /// Also measure a cpr-exec with the disk busy against idle, at the first size.
     disk: bool,
+    /// Only the disk measurement.
+    disk_only: bool,
     /// Also measure frames lost and the echo gap across updates with network traffic.
     net: bool,
     json: Option<PathBuf>,
@@ -90,6 +99,7 @@ fn parse_options() -> Result<Options, String> {
         hugepages: false,
         dist_build: false,
         disk: true,
+        disk_only: false,
         net: true,
         json: None,
         file_modes_only: false,
@@ -110,19 +120,26 @@ fn parse_options() -> Result<Options, String> {
             "--hugepages" => o.hugepages = true,
             "--dist" => o.dist_build = true,
             "--no-disk" => o.disk = false,
+            "--disk-only" => o.disk_only = true,
             "--no-net" => o.net = false,
             "--json" => o.json = Some(PathBuf::from(value()?)),
             "--file-modes-only" => o.file_modes_only = true,
             "--help" | "-h" => {
                 return Err(
                     "usage: blackout-bench [--sizes 256M,1G,4G,16G] [--updates 20] \
-                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--no-disk] [--no-net] \
+                            [--qemu-reps 10] [--no-qemu] [--hugepages] [--dist] [--no-disk] [--disk-only] [--no-net] \
                             [--json FILE] [--file-modes-only]"
                         .into(),
                 );
             }
             other => return Err(format!("unknown option {other}")),
         }
+    }
+    if o.file_modes_only {
+        // Only the two file modes: no disk, network or QEMU parts.
+        o.disk = false;
+        o.net = false;
+        o.qemu = false;
     }
     Ok(o)
 }
@@ -910,8 +927,9 @@ fn bench_via_file(dir: &Path, ram_mib: u64, ram_file: Option<&Path>) -> Result<V
     }))
 }
 
-fn bench_qemu(install: &QemuInstall, ram_mib: u64, reps: usize, workdir: &Path) -> Value {
-    let pauses = |r: Result<Vec<Measurement>, String>| match r {
+/// The summary of QEMU's pauses, with its version; or why there are none.
+fn qemu_pauses(r: Result<Vec<Measurement>, String>) -> Value {
+    match r {
         Ok(m) => {
             let mut s = summary(&m.iter().map(|x| x.pause_ms).collect::<Vec<_>>());
             if let Some(first) = m.first() {
@@ -920,7 +938,32 @@ fn bench_qemu(install: &QemuInstall, ram_mib: u64, reps: usize, workdir: &Path) 
             s
         }
         Err(e) => json!({"unavailable": e}),
-    };
+    }
+}
+
+/// QEMU's cpr-transfer pause with its disk idle (the boot-sector guest) and with blkcheck's
+/// bzImage keeping 8 requests in flight on `-device virtio-blk-pci`, `reps` updates each.
+fn bench_disk_qemu(install: &QemuInstall, ram_mib: u64, reps: usize, workdir: &Path) -> Value {
+    if let Err(why) = &install.transfer {
+        return json!({"unavailable": why});
+    }
+    let busy = build_blkcheck_bzimage(workdir).map(|kernel| QemuGuest::Blkcheck {
+        kernel,
+        depth: 8,
+        disk_mib: 16,
+    });
+    let mut out = serde_json::Map::new();
+    for (key, guest) in [("idle", Ok(QemuGuest::BootSector)), ("busy", busy)] {
+        eprintln!("  {ram_mib} MiB QEMU cpr-transfer, disk {key}");
+        let pauses =
+            guest.and_then(|g| qemu_cpr_transfer_with(install, ram_mib, reps, workdir, &g));
+        out.insert(key.into(), qemu_pauses(pauses));
+    }
+    Value::Object(out)
+}
+
+fn bench_qemu(install: &QemuInstall, ram_mib: u64, reps: usize, workdir: &Path) -> Value {
+    let pauses = qemu_pauses;
     let transfer = match &install.transfer {
         Ok(q) => {
             eprintln!("  {ram_mib} MiB QEMU cpr-transfer ({})", q.version);
@@ -995,6 +1038,58 @@ fn print_table(results: &[Value]) {
     }
 }
 
+/// The disk part: our cpr-exec blackout and QEMU's cpr-transfer pause, disk idle and with 8
+/// requests in flight.
+fn print_disk_table(disk_io: &Value) {
+    if let Some(e) = disk_io["error"].as_str() {
+        println!("\nblackout with disk I/O in flight: not measured: {e}");
+        return;
+    }
+    if disk_io.is_null() {
+        return;
+    }
+    println!(
+        "\nblackout at {} MiB with a virtio-blk disk idle / with blkcheck keeping 8 requests in flight:",
+        disk_io["ram_mib"]
+    );
+    println!(
+        "{:<34} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "", "disk", "updates", "min ms", "median", "p99"
+    );
+    let q = &disk_io["qemu_cpr_transfer_pause_ms"];
+    let qemu_name = format!(
+        "QEMU {} cpr-transfer",
+        q["busy"]["qemu_version"]
+            .as_str()
+            .or(q["idle"]["qemu_version"].as_str())
+            .unwrap_or("")
+    );
+    let rows = [
+        ("cpr-vmm cpr-exec", &disk_io["blackout_ms"]),
+        (qemu_name.as_str(), q),
+    ];
+    for (name, figures) in rows {
+        if let Some(why) = figures["unavailable"].as_str() {
+            println!("{name:<34} not measured: {why}");
+            continue;
+        }
+        for key in ["idle", "busy"] {
+            let f = &figures[key];
+            match f["unavailable"].as_str() {
+                Some(why) => println!("{name:<34} {key:>7} not measured: {why}"),
+                None if f.is_null() => {}
+                None => println!(
+                    "{name:<34} {key:>7} {:>9} {:>9} {:>9} {:>9}",
+                    f["n"].to_string(),
+                    fmt_ms(&f["min"]),
+                    fmt_ms(&f["median"]),
+                    fmt_ms(&f["p99"])
+                ),
+            }
+        }
+    }
+}
+
 /// One row per phase, one column per run that measured `mode`.
 fn print_phase_medians(results: &[Value], mode: &str, title: &str) {
     let runs: Vec<&Value> = results
@@ -1043,8 +1138,8 @@ fn main() {
     }
     let machine = machine_label();
     eprintln!("blackout-bench on {machine}");
-    let skipped = json!({"error": "skipped (--file-modes-only)"});
-    let exec_floor = match o.file_modes_only {
+    let skipped = json!({"error": "skipped (--file-modes-only or --disk-only)"});
+    let exec_floor = match o.file_modes_only || o.disk_only {
         true => skipped.clone(),
         false => TempDir::new("exec-floor")
             .map_err(|e| e.to_string())
@@ -1059,7 +1154,9 @@ fn main() {
     }
     let mut results = Vec::new();
     let mut variants: Vec<(u64, bool)> = o.sizes_mib.iter().map(|s| (*s, false)).collect();
-    if o.hugepages {
+    if o.disk_only {
+        variants.clear();
+    } else if o.hugepages {
         variants.extend(o.sizes_mib.iter().map(|s| (*s, true)));
     }
     for (ram_mib, hugepages) in variants {
@@ -1119,30 +1216,25 @@ fn main() {
         };
         results.push(json!({"label": label, "ram_mib": ram_mib, "hugepages": hugepages, "cpr_exec": cpr, "cpr_exec_dist": cpr_dist, "cpr_transfer": transfer, "kvm_floor": kvm_floor, "normal": normal, "cpr_reboot": cpr_reboot, "qemu": qemu}));
     }
-    print_table(&results);
-    let disk_io = match (o.disk, o.sizes_mib.first()) {
+    if !o.disk_only {
+        print_table(&results);
+    }
+    let disk_io = match (o.disk || o.disk_only, o.sizes_mib.first()) {
         (true, Some(&ram_mib)) => TempDir::new("blackout-disk")
             .map_err(|e| e.to_string())
-            .and_then(|d| bench_disk_io(&default_bins, d.path(), ram_mib, o.updates))
-            .map(|v| json!({"ram_mib": ram_mib, "blackout_ms": v}))
-            .unwrap_or_else(|e| json!({"error": e})),
+            .and_then(|d| {
+                let ours = bench_disk_io(&default_bins, d.path(), ram_mib, o.updates)?;
+                let qemu = match &qemu {
+                    Some(q) => bench_disk_qemu(q, ram_mib, o.qemu_reps, d.path()),
+                    None => Value::Null,
+                };
+                Ok(json!({"ram_mib": ram_mib, "blackout_ms": ours, "qemu_cpr_transfer_pause_ms": qemu}))
+            })
+            .unwrap_or_else(|e: String| json!({"error": e})),
         _ => Value::Null,
     };
-    if let Some(e) = disk_io["error"].as_str() {
-        println!("\ncpr-exec with disk I/O in flight: not measured: {e}");
-    } else if !disk_io.is_null() {
-        let b = &disk_io["blackout_ms"];
-        println!(
-            "\ncpr-exec at {} MiB, virtio-blk disk idle: median {} ms (p99 {}); \
-             with 8 requests in flight (blkcheck): median {} ms (p99 {})",
-            disk_io["ram_mib"],
-            fmt_ms(&b["idle"]["median"]),
-            fmt_ms(&b["idle"]["p99"]),
-            fmt_ms(&b["busy"]["median"]),
-            fmt_ms(&b["busy"]["p99"])
-        );
-    }
-    let net = if o.net {
+    print_disk_table(&disk_io);
+    let net = if o.net && !o.disk_only {
         use cpr_tests::netcheck::bench;
         bench::echo_gaps(o.updates.max(50), bench::ECHO_GAP_PERIOD, WAIT)
             .unwrap_or_else(|e| json!({"error": e}))
@@ -1152,7 +1244,7 @@ fn main() {
     if !net.is_null() {
         println!("\n{}", cpr_tests::netcheck::bench::echo_gaps_report(&net));
     }
-    let frame_rate = if o.net {
+    let frame_rate = if o.net && !o.disk_only {
         let host_qemu = match &qemu {
             None => Err("not measured (--no-qemu)".to_string()),
             Some(q) => q
@@ -1177,7 +1269,7 @@ fn main() {
         Value::Null
     };
     let sha_bins = dist_bins.as_ref().unwrap_or(&default_bins);
-    let sha256 = match o.sizes_mib.first() {
+    let sha256 = match o.sizes_mib.first().filter(|_| !o.disk_only) {
         Some(_) if o.file_modes_only => skipped.clone(),
         Some(&ram_mib) => TempDir::new("blackout-sha256")
             .map_err(|e| e.to_string())
@@ -1211,6 +1303,7 @@ fn main() {
     }
     match exec_floor["error"].as_str() {
         Some(e) => println!("\nexec of a minimal static program: not measured: {e}"),
+        None if exec_floor.is_null() => {}
         None => println!(
             "\nexec of a minimal static program (floor under each of the two execs): \
              min {} median {} ms",

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p cpr-tests --bin blk-bench -- [--passes 6] [--depth 8]
-//!     [--disk-mib 16] [--runs 3] [--no-qemu]
+//!     [--disk-mib 16] [--runs 3] [--no-qemu] [--cache MODE]
 //! ```
 //!
 //! The `blkcheck` driver guest (4 KiB requests, `--depth` in flight: a write pass over its
@@ -13,7 +13,10 @@
 //! completed between its first and its last `pass G done` console line (boot and the first
 //! pass are left out) over the wall time between those two lines as seen by this process; the
 //! image is checked after every run. Each configuration runs `--runs` times, interleaved, and
-//! the median is printed. Timings are reported, never asserted.
+//! the median is printed. `--cache MODE` gives both VMMs' drives `cache=MODE` (QEMU's modes:
+//! `writeback`, the default, `none`, `writethrough`, `directsync`, `unsafe`); the images are
+//! then made in the build's target directory, on a disk file system, for `none` (O_DIRECT)
+//! to mean what it means in production. Timings are reported, never asserted.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,6 +35,7 @@ struct Options {
     disk_mib: u64,
     runs: usize,
     qemu: bool,
+    cache: String,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -41,6 +45,7 @@ fn parse_options() -> Result<Options, String> {
         disk_mib: 16,
         runs: 3,
         qemu: true,
+        cache: "writeback".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -56,10 +61,15 @@ fn parse_options() -> Result<Options, String> {
             "--disk-mib" => o.disk_mib = num("--disk-mib")?,
             "--runs" => o.runs = num("--runs")? as usize,
             "--no-qemu" => o.qemu = false,
+            "--cache" => {
+                o.cache = args
+                    .next()
+                    .ok_or_else(|| "--cache needs a mode".to_string())?
+            }
             other => {
                 return Err(format!(
                     "unknown option '{other}'; usage: blk-bench [--passes N] [--depth N] \
-                     [--disk-mib N] [--runs N] [--no-qemu]"
+                     [--disk-mib N] [--runs N] [--no-qemu] [--cache MODE]"
                 ));
             }
         }
@@ -122,11 +132,15 @@ fn run_once(config: &Config, dir: &Path, o: &Options) -> Result<Run, String> {
 }
 
 /// This VMM running blkcheck, given as `--guest GUEST`.
-fn ours(aio: &'static str, guest: String) -> Config {
+fn ours(aio: &'static str, guest: String, cache: &str) -> Config {
+    let cache = cache.to_string();
     Config {
         name: format!("vmm aio={aio}"),
         start: Box::new(move |disk| {
-            let drive = format!("file={},format=raw,if=virtio,aio={aio}", disk.display());
+            let drive = format!(
+                "file={},format=raw,if=virtio,aio={aio},cache={cache}",
+                disk.display()
+            );
             VmmProcess::start(
                 vmm_bin(),
                 ["-m", "64M", "--guest", &guest, "-drive", &drive],
@@ -137,9 +151,9 @@ fn ours(aio: &'static str, guest: String) -> Config {
 }
 
 /// QEMU booting blkcheck's bzImage `kernel` with the kernel command line `append`.
-fn qemu(aio: &'static str, kernel: &Path, append: String) -> Config {
+fn qemu(aio: &'static str, kernel: &Path, append: String, cache: &str) -> Config {
     let kernel = kernel.to_path_buf();
-    let drive_opts = format!(",aio={aio}");
+    let drive_opts = format!(",aio={aio},cache={cache}");
     Config {
         name: format!("QEMU aio={aio}"),
         start: Box::new(move |disk| {
@@ -178,13 +192,21 @@ fn main() {
     };
     build_binaries();
     let dir = TempDir::new("blk-bench").unwrap_or_else(|e| panic!("temporary directory: {e}"));
+    // O_DIRECT needs a disk file system; the temporary directory may be a tmpfs.
+    let disks = if o.cache == "writeback" {
+        dir.path().to_path_buf()
+    } else {
+        let d = cpr_tests::target_dir().join(format!("blk-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        d
+    };
     let guest = |passes, depth| format!("blkcheck,depth={depth},exit-after={passes},exit-code=0");
     let append = |passes, depth| {
         format!("blkcheck.passes={passes} blkcheck.depth={depth} blkcheck.exit_code=0")
     };
     let mut configs = vec![
-        ours("io_uring", guest(o.passes, o.depth)),
-        ours("threads", guest(o.passes, o.depth)),
+        ours("io_uring", guest(o.passes, o.depth), &o.cache),
+        ours("threads", guest(o.passes, o.depth), &o.cache),
     ];
     if o.qemu {
         match qemu_version() {
@@ -192,21 +214,37 @@ fn main() {
                 eprintln!("blk-bench: {v}");
                 let kernel: PathBuf = build_blkcheck_bzimage(dir.path())
                     .unwrap_or_else(|e| panic!("building blkcheck.bzImage: {e}"));
-                configs.push(qemu("threads", &kernel, append(o.passes, o.depth)));
-                configs.push(qemu("io_uring", &kernel, append(o.passes, o.depth)));
+                configs.push(qemu(
+                    "threads",
+                    &kernel,
+                    append(o.passes, o.depth),
+                    &o.cache,
+                ));
+                configs.push(qemu(
+                    "io_uring",
+                    &kernel,
+                    append(o.passes, o.depth),
+                    &o.cache,
+                ));
             }
             None => eprintln!("blk-bench: {QEMU} is not installed; this VMM only"),
         }
     }
     eprintln!(
-        "blk-bench: blkcheck depth {} on a {} MiB raw image, passes 2..={} timed, {} runs each",
-        o.depth, o.disk_mib, o.passes, o.runs
+        "blk-bench: blkcheck depth {} on a {} MiB raw image in {} (cache={}), passes 2..={} \
+         timed, {} runs each",
+        o.depth,
+        o.disk_mib,
+        disks.display(),
+        o.cache,
+        o.passes,
+        o.runs
     );
     let mut rates: Vec<Vec<f64>> = configs.iter().map(|_| Vec::new()).collect();
     let mut failed = false;
     for run in 0..o.runs {
         for (config, rates) in configs.iter().zip(&mut rates) {
-            match run_once(config, dir.path(), &o) {
+            match run_once(config, &disks, &o) {
                 Ok(r) => {
                     eprintln!(
                         "  run {run} {:<18} {:>8.0} requests/s ({} requests in {:.2} s, \
@@ -229,6 +267,9 @@ fn main() {
         } else {
             println!("{:<20} {:>10.0}", config.name, median(rates));
         }
+    }
+    if disks != dir.path() {
+        let _ = std::fs::remove_dir_all(&disks);
     }
     if failed {
         std::process::exit(1);

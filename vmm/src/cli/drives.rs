@@ -19,7 +19,7 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
-use crate::devices::virtio::block::{AioMode, BlockConfig, DiskSource};
+use crate::devices::virtio::block::{AioMode, BlockConfig, CacheMode, DiskSource};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DriveError {
@@ -85,15 +85,14 @@ pub fn parse_disks(
             }
         }
     }
-    let mut order: Vec<(String, Option<String>)> =
-        implicit.into_iter().map(|id| (id, None)).collect();
+    let mut order: Vec<(String, Option<String>, Option<bool>)> =
+        implicit.into_iter().map(|id| (id, None, None)).collect();
     for spec in devices {
-        let (drive, serial) = parse_device(spec)?;
-        order.push((drive, serial));
+        order.push(parse_device(spec)?);
     }
     let mut out = Vec::new();
     let mut used: Vec<String> = Vec::new();
-    for (name, serial) in order {
+    for (name, serial, write_cache) in order {
         let id = aliases.get(&name).cloned().unwrap_or(name.clone());
         let Some(d) = pending.iter().find(|d| d.id == id) else {
             return Err(DriveError::NoSuchDrive {
@@ -127,6 +126,10 @@ pub fn parse_disks(
             serial: serial.or_else(|| d.serial.clone()).unwrap_or_default(),
             format_stated: d.format.is_some(),
             aio: d.aio,
+            cache: CacheMode {
+                writeback: write_cache.unwrap_or(d.cache.writeback),
+                ..d.cache
+            },
         });
     }
     for d in &pending {
@@ -158,6 +161,8 @@ struct PendingDrive {
     serial: Option<String>,
     /// `aio=`: the I/O path.
     aio: AioMode,
+    /// `cache=`, `cache.direct=`, `cache.no-flush=`, `cache.writeback=`.
+    cache: CacheMode,
     /// `if=virtio`: a virtio-blk-pci device comes with it.
     attach_now: bool,
 }
@@ -247,8 +252,12 @@ fn parse_drive(spec: &str, index: usize) -> Result<PendingDrive, DriveError> {
     let mut read_only = false;
     let mut serial = None;
     let mut aio = AioMode::default();
+    let mut cache = CacheMode::default();
     let mut interface = "virtio".to_string();
     for (k, v) in split_options("-drive", spec)? {
+        if parse_cache("-drive", spec, &k, &v, &mut cache)? {
+            continue;
+        }
         match k.as_str() {
             "file" => file = Some(file_spec("-drive", spec, &v)?),
             "format" => format = Some(v),
@@ -257,10 +266,7 @@ fn parse_drive(spec: &str, index: usize) -> Result<PendingDrive, DriveError> {
             "readonly" | "read-only" => read_only = on_off("-drive", spec, &k, &v)?,
             "serial" => serial = Some(v),
             "aio" => aio = parse_aio("-drive", spec, &v)?,
-            // Host caching policy: every mode reads and writes through the page cache here, and
-            // FLUSH reaches the disk, which is what the guest's flushes need.
-            "cache" | "discard" | "detect-zeroes" | "media" | "cache.direct" | "cache.no-flush" => {
-            }
+            "discard" | "detect-zeroes" | "media" => {}
             other => return Err(bad(format!("unknown option '{other}'"))),
         }
     }
@@ -284,8 +290,50 @@ fn parse_drive(spec: &str, index: usize) -> Result<PendingDrive, DriveError> {
         read_only,
         serial,
         aio,
+        cache,
         attach_now,
     })
+}
+
+/// `cache=MODE` and its parts, as QEMU spells them (the parts apply on top of the mode,
+/// whatever their order); false if `key` is not a cache option.
+fn parse_cache(
+    option: &'static str,
+    spec: &str,
+    key: &str,
+    value: &str,
+    cache: &mut CacheMode,
+) -> Result<bool, DriveError> {
+    match key {
+        "cache" => {
+            let mode = CacheMode::parse(value).ok_or_else(|| DriveError::Syntax {
+                option,
+                spec: spec.to_string(),
+                detail: format!(
+                    "cache={value}: use cache=writeback, none, writethrough, directsync or unsafe"
+                ),
+            })?;
+            // A part given before the mode still counts (QEMU: the parts win).
+            let given = split_options(option, spec)?;
+            let pick = |part: &str, set: bool, from_mode: bool| {
+                if given.iter().any(|(k, _)| k == part) {
+                    set
+                } else {
+                    from_mode
+                }
+            };
+            *cache = CacheMode {
+                direct: pick("cache.direct", cache.direct, mode.direct),
+                no_flush: pick("cache.no-flush", cache.no_flush, mode.no_flush),
+                writeback: pick("cache.writeback", cache.writeback, mode.writeback),
+            };
+        }
+        "cache.direct" => cache.direct = on_off(option, spec, key, value)?,
+        "cache.no-flush" => cache.no_flush = on_off(option, spec, key, value)?,
+        "cache.writeback" => cache.writeback = on_off(option, spec, key, value)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 fn parse_aio(option: &'static str, spec: &str, value: &str) -> Result<AioMode, DriveError> {
@@ -317,16 +365,22 @@ fn parse_blockdev(spec: &str) -> Result<Blockdev, DriveError> {
         let obj = v
             .as_object()
             .ok_or_else(|| bad("not a JSON object".into()))?;
-        obj.iter()
-            .map(|(k, v)| {
-                let s = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
-                    other => other.to_string(),
-                };
-                (k.clone(), s)
-            })
-            .collect()
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            other => other.to_string(),
+        };
+        let mut pairs = Vec::new();
+        for (k, v) in obj {
+            match v {
+                // `"cache": {"direct": true, "no-flush": false}` is `cache.direct=on,...`.
+                serde_json::Value::Object(inner) => {
+                    pairs.extend(inner.iter().map(|(ik, iv)| (format!("{k}.{ik}"), text(iv))))
+                }
+                other => pairs.push((k.clone(), text(other))),
+            }
+        }
+        pairs
     } else {
         split_options("-blockdev", spec)?
     };
@@ -340,6 +394,12 @@ fn parse_blockdev(spec: &str) -> Result<Blockdev, DriveError> {
         Some(v) => parse_aio("-blockdev", spec, &v)?,
         None => AioMode::default(),
     };
+    let mut cache = CacheMode::default();
+    for (k, v) in &pairs {
+        if k.starts_with("cache.") {
+            parse_cache("-blockdev", spec, k, v, &mut cache)?;
+        }
+    }
     match get("driver").as_deref() {
         Some("file") | Some("host_device") => {
             let filename = get("filename").ok_or_else(|| bad("filename= is missing".into()))?;
@@ -350,6 +410,7 @@ fn parse_blockdev(spec: &str) -> Result<Blockdev, DriveError> {
                 read_only,
                 serial: None,
                 aio,
+                cache,
                 attach_now: false,
             }))
         }
@@ -365,18 +426,23 @@ fn parse_blockdev(spec: &str) -> Result<Blockdev, DriveError> {
     }
 }
 
-/// `-device virtio-blk-pci,drive=ID[,serial=S][,id=..][,addr=..]`: the drive and its serial.
-fn parse_device(spec: &str) -> Result<(String, Option<String>), DriveError> {
+/// `-device virtio-blk-pci,drive=ID[,serial=S][,write-cache=on|off|auto][,id=..][,addr=..]`:
+/// the drive, its serial, and whether the guest sees a write cache (libvirt says it here; `auto`
+/// leaves it to the drive's `cache=`).
+fn parse_device(spec: &str) -> Result<(String, Option<String>, Option<bool>), DriveError> {
     let (driver, rest) = spec.split_once(',').unwrap_or((spec, ""));
     if driver != "virtio-blk-pci" && driver != "virtio-blk" {
         return Err(DriveError::UnknownDevice(driver.to_string()));
     }
     let mut drive = None;
     let mut serial = None;
+    let mut write_cache = None;
     for (k, v) in split_options("-device", rest)? {
         match k.as_str() {
             "drive" => drive = Some(v),
             "serial" => serial = Some(v),
+            "write-cache" if v == "auto" => write_cache = None,
+            "write-cache" => write_cache = Some(on_off("-device", spec, &k, &v)?),
             "id" | "addr" | "bus" | "bootindex" | "num-queues" | "queue-size" => {}
             other => {
                 return Err(DriveError::Syntax {
@@ -392,7 +458,7 @@ fn parse_device(spec: &str) -> Result<(String, Option<String>), DriveError> {
         spec: spec.to_string(),
         detail: "drive= is missing".into(),
     })?;
-    Ok((drive, serial))
+    Ok((drive, serial, write_cache))
 }
 
 /// `-add-fd fd=N,set=S[,opaque=..]`: fd N, inherited from whoever started the VMM, joins set S.
@@ -560,6 +626,64 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b[0].aio, AioMode::Threads);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn cache_modes_and_their_parts_in_every_spelling() {
+        let p = image("cache", &[0u8; 4096]);
+        let path = p.display().to_string();
+        let drive = |opts: &str| {
+            parse_disks(
+                &strs(&[&format!("file={path},format=raw,if=virtio{opts}")]),
+                &[],
+                &[],
+                &[],
+            )
+            .map(|d| {
+                let c = d[0].cache;
+                (c.direct, c.no_flush, c.writeback)
+            })
+        };
+        assert_eq!(drive(""), Ok((false, false, true)));
+        assert_eq!(drive(",cache=writeback"), Ok((false, false, true)));
+        assert_eq!(drive(",cache=none"), Ok((true, false, true)));
+        assert_eq!(drive(",cache=writethrough"), Ok((false, false, false)));
+        assert_eq!(drive(",cache=directsync"), Ok((true, false, false)));
+        assert_eq!(drive(",cache=unsafe"), Ok((false, true, true)));
+        assert_eq!(drive(",cache.direct=on"), Ok((true, false, true)));
+        // The parts win over the mode, before or after it.
+        assert_eq!(
+            drive(",cache=none,cache.direct=off"),
+            Ok((false, false, true))
+        );
+        assert_eq!(
+            drive(",cache.no-flush=on,cache=none"),
+            Ok((true, true, true))
+        );
+        let e = drive(",cache=fast").unwrap_err().to_string();
+        assert!(
+            e.contains("cache=fast") && e.contains("none, writethrough"),
+            "{e}"
+        );
+        // libvirt: the cache object on the file node, the write cache on the device.
+        let d = parse_disks(
+            &[],
+            &strs(&[&format!(
+                r#"{{"driver":"file","filename":"{path}","node-name":"s","cache":{{"direct":true,"no-flush":false}}}}"#
+            )]),
+            &strs(&["virtio-blk-pci,drive=s,write-cache=off"]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            d[0].cache,
+            CacheMode {
+                direct: true,
+                no_flush: false,
+                writeback: false
+            }
+        );
         std::fs::remove_file(p).unwrap();
     }
 

@@ -981,12 +981,18 @@ impl Vmm {
         m.disks()
             .into_iter()
             .map(|(config, size)| {
-                crate::qmp::protocol::BlockInfo::raw_disk(
+                let mut info = crate::qmp::protocol::BlockInfo::raw_disk(
                     &config.id,
                     &config.source.to_string(),
                     config.read_only,
                     size,
-                )
+                );
+                info.inserted.cache = crate::qmp::protocol::BlockdevCacheInfo {
+                    writeback: config.cache.writeback,
+                    direct: config.cache.direct,
+                    no_flush: config.cache.no_flush,
+                };
+                info
             })
             .collect()
     }

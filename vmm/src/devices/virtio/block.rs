@@ -14,13 +14,25 @@
 //! blk_size, and the discard / write-zeroes limits when those are offered).
 //!
 //! One request queue, worked on an I/O thread woken by the queue's ioeventfd. Data moves straight
-//! between the disk and guest RAM (iovecs over the chain's buffers, no bounce buffer), either
+//! between the disk and guest RAM (iovecs over the chain's buffers), either
 //! through io_uring (every request the driver made available is submitted at once, completions
 //! come back in any order and each is put in the used ring as it arrives) or, where the host has
 //! no io_uring or `aio=threads` asks for it, with preadv/pwritev one request at a time. A FLUSH
 //! waits for every request submitted before it. Pausing the device waits until every submitted
 //! request has completed and is in the used ring, so a saved device has nothing in flight and the
 //! queue's ring positions are all the state it needs.
+//!
+//! Host caching is QEMU's `cache=` ([`CacheMode`]): through the page cache (`writeback`, the
+//! default; `unsafe` also answers FLUSH without syncing), or around it with O_DIRECT (`none`,
+//! `directsync`). O_DIRECT needs disk offsets, lengths and buffer addresses aligned as the host
+//! says (statx's DIOALIGN, a block device's logical block size): a request
+//! whose guest buffers are not goes through an aligned bounce buffer instead (QEMU does the
+//! same), the others still go straight to guest RAM. Without a write cache (`writethrough`,
+//! `directsync`) FLUSH is not offered and every write is RWF_DSYNC.
+//!
+//! A block device (raw disk, loop device) is sized with BLKGETSIZE64; DISCARD is BLKDISCARD
+//! where its queue can discard, WRITE_ZEROES is BLKZEROOUT (zeroes guaranteed, never assumed
+//! from a discard). An image file gets both through fallocate where its file system can.
 //!
 //! The disk is a host fd the device owns (a preserved fd in every migration mode): a live update
 //! hands the very same open file to the next VMM, so a disk image renamed, replaced or unlinked
@@ -37,9 +49,12 @@ use nix::fcntl::{FallocateFlags, fallocate};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::virtio_blk_config;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 
 use super::worker::{Control, IoHandler, Worker};
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioError, VirtioInterrupt};
@@ -124,6 +139,50 @@ impl AioMode {
     }
 }
 
+/// The host cache policy of a disk, QEMU's `cache=` and its parts (`cache.direct`,
+/// `cache.no-flush`, and the write cache the guest sees).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheMode {
+    /// `cache.direct=on`: the image is opened with O_DIRECT, around the host page cache.
+    pub direct: bool,
+    /// `cache.no-flush=on`: a FLUSH succeeds without reaching the disk (`cache=unsafe`).
+    pub no_flush: bool,
+    /// The guest sees a volatile write cache (FLUSH is offered). Off (`writethrough`,
+    /// `directsync`): every write is durable when it completes (RWF_DSYNC) and FLUSH is not
+    /// offered, as QEMU does.
+    pub writeback: bool,
+}
+
+impl Default for CacheMode {
+    /// `cache=writeback`, QEMU's default.
+    fn default() -> Self {
+        CacheMode {
+            direct: false,
+            no_flush: false,
+            writeback: true,
+        }
+    }
+}
+
+impl CacheMode {
+    /// A `cache=` value as QEMU defines them.
+    pub fn parse(value: &str) -> Option<Self> {
+        let (direct, no_flush, writeback) = match value {
+            "writeback" => (false, false, true),
+            "none" => (true, false, true),
+            "writethrough" => (false, false, false),
+            "directsync" => (true, false, false),
+            "unsafe" => (false, true, true),
+            _ => return None,
+        };
+        Some(CacheMode {
+            direct,
+            no_flush,
+            writeback,
+        })
+    }
+}
+
 /// A disk as the command line describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -138,6 +197,8 @@ pub struct BlockConfig {
     pub format_stated: bool,
     /// `aio=`: which I/O path the disk's requests take.
     pub aio: AioMode,
+    /// `cache=`: how the host caches the image.
+    pub cache: CacheMode,
 }
 
 impl BlockConfig {
@@ -145,20 +206,41 @@ impl BlockConfig {
         format!("drive:{}", self.id)
     }
 
-    /// Opens the image (a path with the access the disk needs; a passed fd as a duplicate,
-    /// close-on-exec, so the fd set keeps its own).
-    pub fn open_for_check(&self) -> std::io::Result<File> {
-        match &self.source {
-            DiskSource::Path(p) => std::fs::OpenOptions::new()
-                .read(true)
-                .write(!self.read_only)
-                .open(p),
+    /// Opens the image (a path with the access the disk needs, with O_DIRECT for
+    /// `cache.direct=on` as QEMU does; a passed fd as a duplicate, close-on-exec, so the fd set
+    /// keeps its own, switched to O_DIRECT as asked) and checks that it is usable as the cache
+    /// mode asks.
+    pub fn open_for_check(&self) -> Result<File, OpenError> {
+        let file = match &self.source {
+            DiskSource::Path(p) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!self.read_only)
+                    .custom_flags(if self.cache.direct { libc::O_DIRECT } else { 0 })
+                    .open(p)
+                    .map_err(|e| self.open_error(e))?
+            }
             DiskSource::Fd(fd) => {
                 // The -add-fd check found it open, and nothing in this process closes it.
                 // SAFETY: the fd is open for the duration of this borrow (see above).
                 let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
-                borrowed.try_clone_to_owned().map(File::from)
+                borrowed
+                    .try_clone_to_owned()
+                    .map(File::from)
+                    .map_err(OpenError::Io)?
             }
+        };
+        set_direct(&file, self.cache.direct).map_err(|e| self.open_error(e))?;
+        Ok(file)
+    }
+
+    /// O_DIRECT refused (EINVAL) is named as the option that asked for it.
+    fn open_error(&self, e: std::io::Error) -> OpenError {
+        if self.cache.direct && e.raw_os_error() == Some(libc::EINVAL) {
+            OpenError::NoDirect
+        } else {
+            OpenError::Io(e)
         }
     }
 
@@ -166,6 +248,30 @@ impl BlockConfig {
         self.open_for_check()
             .map_err(|e| DeviceError::Setup(format!("drive '{}': {}: {e}", self.id, self.source)))
     }
+}
+
+/// Why a disk image could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "its file system does not support O_DIRECT, which cache=none, cache=directsync and \
+         cache.direct=on need (use cache=writeback, or put the image on a file system with \
+         direct I/O such as ext4 or xfs)"
+    )]
+    NoDirect,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Turns O_DIRECT on or off on an open file (a passed fd, or a disk a live update handed over
+/// under another command line).
+fn set_direct(file: &File, direct: bool) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    if flags.contains(OFlag::O_DIRECT) != direct {
+        fcntl(file, FcntlArg::F_SETFL(flags ^ OFlag::O_DIRECT))?;
+    }
+    Ok(())
 }
 
 /// What a saved disk was, so that a restore onto another disk is refused.
@@ -220,21 +326,45 @@ fn choose_io_path(id: &str, aio: AioMode) -> IoPath {
     }
 }
 
-/// What the image's file system can do to zero a range, found by asking it at open.
+/// What the image's file system, or the block device, can do to zero a range, found by
+/// asking it at open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Zeroing {
     /// `FALLOC_FL_PUNCH_HOLE`: DISCARD, and WRITE_ZEROES with unmap.
     punch_hole: bool,
     /// `FALLOC_FL_ZERO_RANGE`: WRITE_ZEROES that keeps the blocks allocated.
     zero_range: bool,
+    /// A block device that discards (its queue's `discard_max_bytes` is not 0): DISCARD
+    /// through BLKDISCARD.
+    blk_discard: bool,
+    /// A block device: WRITE_ZEROES (with or without unmap) through BLKZEROOUT, which
+    /// guarantees zeroes whatever the device does with discarded blocks.
+    blk_zeroout: bool,
 }
 
+vmm_sys_util::ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
+vmm_sys_util::ioctl_io_nr!(BLKDISCARD, 0x12, 119);
+vmm_sys_util::ioctl_io_nr!(BLKZEROOUT, 0x12, 127);
+
 impl Zeroing {
-    /// Asks the file system past the end of the image (nothing the guest sees changes).
-    /// Block devices and read-only disks get neither.
+    /// Asks the file system past the end of the image (nothing the guest sees changes), or
+    /// the block device's queue limits in sysfs. Read-only disks get nothing.
     fn probe(disk: &File, len: u64, read_only: bool) -> Self {
-        let regular = disk.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if read_only || !regular {
+        let Ok(meta) = disk.metadata() else {
+            return Zeroing::default();
+        };
+        if read_only {
+            return Zeroing::default();
+        }
+        if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            use std::os::unix::fs::MetadataExt;
+            return Zeroing {
+                blk_discard: discard_max_bytes(meta.rdev()).is_some_and(|n| n > 0),
+                blk_zeroout: true,
+                ..Zeroing::default()
+            };
+        }
+        if !meta.is_file() {
             return Zeroing::default();
         }
         let at = len.next_multiple_of(4096) as i64;
@@ -262,16 +392,55 @@ impl Zeroing {
         Zeroing {
             punch_hole,
             zero_range,
+            ..Zeroing::default()
         }
     }
 
     fn discard(&self) -> bool {
-        self.punch_hole
+        self.punch_hole || self.blk_discard
     }
 
     fn write_zeroes(&self) -> bool {
-        self.punch_hole || self.zero_range
+        self.punch_hole || self.zero_range || self.blk_zeroout
     }
+
+    /// Zeroes (or, for a DISCARD, `discard`) `len` bytes at `at`; with `unmap`, the blocks may
+    /// be given back.
+    fn zero(&self, disk: &File, at: u64, len: u64, discard: bool, unmap: bool) -> bool {
+        if self.blk_zeroout {
+            let (request, range) = if discard {
+                (BLKDISCARD(), [at, len])
+            } else {
+                (BLKZEROOUT(), [at, len])
+            };
+            // SAFETY: both ioctls read two u64s (start, length) through the pointer, which
+            // points to exactly that.
+            return unsafe { ioctl_with_ref(disk, request, &range) } == 0;
+        }
+        let punch = discard || unmap || !self.zero_range;
+        let mode = if punch && self.punch_hole {
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        } else {
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        };
+        match (i64::try_from(at), i64::try_from(len)) {
+            (Ok(at), Ok(len)) => fallocate(disk, mode, at, len).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+/// The block device `rdev`'s `queue/discard_max_bytes` (a partition's is its disk's).
+fn discard_max_bytes(rdev: u64) -> Option<u64> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    [
+        dev.join("queue/discard_max_bytes"),
+        dev.join("../queue/discard_max_bytes"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|s| s.trim().parse().ok())
 }
 
 pub struct Block {
@@ -280,6 +449,8 @@ pub struct Block {
     capacity_sectors: u64,
     io_path: IoPath,
     zeroing: Zeroing,
+    /// With `cache.direct=on`: what O_DIRECT needs of requests on this disk.
+    direct: Option<DirectAlign>,
     worker: Option<Worker>,
 }
 
@@ -290,19 +461,36 @@ impl Block {
             .map(|m| m.len())
             .map_err(|e| DeviceError::Setup(format!("drive '{}': {e}", config.id)))?;
         let len = if len == 0 {
-            // A block device reports its size through seeking to its end.
             block_device_size(&disk).unwrap_or(0)
         } else {
             len
         };
         let io_path = choose_io_path(&config.id, config.aio);
         let zeroing = Zeroing::probe(&disk, len, config.read_only);
+        // A disk handed over by a live update keeps the open file's flags: make them what
+        // this command line asks.
+        set_direct(&disk, config.cache.direct).map_err(|e| {
+            DeviceError::Setup(format!(
+                "drive '{}': {}: {}",
+                config.id,
+                config.source,
+                config.open_error(e)
+            ))
+        })?;
+        let direct = config.cache.direct.then(|| DirectAlign::query(&disk));
         log::info!(
-            "virtio-blk {}: {} ({} sectors{}), I/O through {io_path}{}{}",
+            "virtio-blk {}: {} ({} sectors{}), I/O through {io_path}{}{}{}",
             config.id,
             config.source,
             len / SECTOR_SIZE,
             if config.read_only { ", read-only" } else { "" },
+            match direct {
+                Some(a) => format!(
+                    ", O_DIRECT (offsets and lengths in {} bytes, buffers at {})",
+                    a.offset, a.memory
+                ),
+                None => String::new(),
+            },
             if zeroing.discard() { ", discard" } else { "" },
             if zeroing.write_zeroes() {
                 ", write-zeroes"
@@ -316,6 +504,7 @@ impl Block {
             disk: Arc::new(disk),
             io_path,
             zeroing,
+            direct,
             worker: None,
         })
     }
@@ -325,10 +514,12 @@ impl Block {
         self.worker = None;
     }
 }
+/// A block device's size in bytes (BLKGETSIZE64); `None` for anything else.
 fn block_device_size(file: &File) -> Option<u64> {
-    use std::io::Seek;
-    let mut f = file.try_clone().ok()?;
-    f.seek(std::io::SeekFrom::End(0)).ok()
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for that.
+    let rc = unsafe { ioctl_with_mut_ref(file, BLKGETSIZE64(), &mut size) };
+    (rc == 0).then_some(size)
 }
 
 impl Persist for Block {
@@ -409,11 +600,12 @@ impl VirtioDevice for Block {
     }
 
     fn device_features(&self) -> u64 {
-        let mut f = 1 << F_SEG_MAX
-            | 1 << F_BLK_SIZE
-            | 1 << F_FLUSH
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << F_INDIRECT_DESC;
+        let mut f =
+            1 << F_SEG_MAX | 1 << F_BLK_SIZE | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << F_INDIRECT_DESC;
+        // A write cache the driver must flush (QEMU offers FLUSH exactly then too).
+        if self.config.cache.writeback {
+            f |= 1 << F_FLUSH;
+        }
         if self.config.read_only {
             f |= 1 << F_RO;
         }
@@ -466,6 +658,8 @@ impl VirtioDevice for Block {
             read_only: self.config.read_only,
             serial: self.config.serial.clone(),
             zeroing: self.zeroing,
+            cache: self.config.cache,
+            direct: self.direct,
             engine,
         };
         let worker = Worker::spawn(format!("blk-{}", self.config.id), control, io)
@@ -513,9 +707,14 @@ impl Block {
             offset_of!(virtio_blk_config, seg_max),
             &SEG_MAX.to_le_bytes(),
         );
+        // With O_DIRECT, the block size the host needs, so that the driver sends requests
+        // that can go straight to guest RAM.
+        let blk_size = self.direct.map_or(SECTOR_SIZE as u32, |a| {
+            (a.offset as u32).max(SECTOR_SIZE as u32)
+        });
         put(
             offset_of!(virtio_blk_config, blk_size),
-            &(SECTOR_SIZE as u32).to_le_bytes(),
+            &blk_size.to_le_bytes(),
         );
         if self.zeroing.discard() {
             put(
@@ -562,6 +761,8 @@ struct RequestQueue {
     read_only: bool,
     serial: String,
     zeroing: Zeroing,
+    cache: CacheMode,
+    direct: Option<DirectAlign>,
     engine: Engine,
 }
 
@@ -584,15 +785,198 @@ struct Reply {
 enum Work {
     /// Answered while parsing (GET_ID, DISCARD, WRITE_ZEROES, every error): status, data bytes.
     Done(u8, u32),
-    Read {
-        offset: u64,
-        iovecs: IoVecs,
-    },
-    Write {
-        offset: u64,
-        iovecs: IoVecs,
-    },
+    Read(Transfer),
+    Write(Transfer),
     Flush,
+}
+
+/// A read or a write: where on the disk, and the memory the kernel moves the data to or from.
+struct Transfer {
+    offset: u64,
+    /// What the kernel reads into or writes from: the guest's buffers, or the bounce buffer.
+    iovecs: IoVecs,
+    /// The bounce buffer and the guest's buffers behind it, when the guest's buffers are not
+    /// aligned as O_DIRECT needs (a write's data is already in the buffer; a read's is copied
+    /// out by [`Transfer::finish_read`]).
+    bounce: Option<(AlignedBuf, IoVecs)>,
+    /// `pwritev2` flags: RWF_DSYNC when the guest sees no write cache.
+    write_flags: libc::c_int,
+}
+
+impl Transfer {
+    /// A transfer between the disk at `offset` and the guest buffers `guest`; through a
+    /// bounce buffer when `direct` says the kernel cannot use them as they are. `None` when
+    /// the request itself is not aligned as O_DIRECT needs (only possible on a disk whose
+    /// block is larger than a sector).
+    fn new(
+        offset: u64,
+        guest: IoVecs,
+        write: bool,
+        direct: Option<DirectAlign>,
+        write_flags: libc::c_int,
+    ) -> Option<Transfer> {
+        let Some(align) = direct.filter(|a| !a.fits(offset, &guest)) else {
+            return Some(Transfer {
+                offset,
+                iovecs: guest,
+                bounce: None,
+                write_flags,
+            });
+        };
+        if !offset.is_multiple_of(align.offset as u64) || !guest.bytes.is_multiple_of(align.offset)
+        {
+            return None;
+        }
+        let mut buf = AlignedBuf::new(guest.bytes, align.memory.max(4096))?;
+        if write {
+            let mut at = 0;
+            for iov in &guest.list {
+                // SAFETY: every guest iovec points into mapped guest RAM with its length
+                // (checked when it was built; the mapping outlives the request).
+                let slice = unsafe { VolatileSlice::new(iov.iov_base.cast(), iov.iov_len) };
+                at += slice.copy_to(&mut buf.as_mut_slice()[at..]);
+            }
+        }
+        let iovecs = IoVecs {
+            list: vec![libc::iovec {
+                iov_base: buf.as_mut_slice().as_mut_ptr().cast(),
+                iov_len: guest.bytes,
+            }],
+            bytes: guest.bytes,
+        };
+        Some(Transfer {
+            offset,
+            iovecs,
+            bounce: Some((buf, guest)),
+            write_flags,
+        })
+    }
+
+    /// After a read completed: the data goes from the bounce buffer to the guest's buffers.
+    fn finish_read(&mut self) {
+        if let Some((buf, guest)) = &mut self.bounce {
+            let mut at = 0;
+            for iov in &guest.list {
+                // SAFETY: as in `Transfer::new`.
+                let slice = unsafe { VolatileSlice::new(iov.iov_base.cast(), iov.iov_len) };
+                slice.copy_from(&buf.as_mut_slice()[at..at + iov.iov_len]);
+                at += iov.iov_len;
+            }
+        }
+    }
+}
+
+/// A zeroed heap buffer aligned as O_DIRECT needs.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is owned memory that only its owner reads or writes (and the kernel,
+// while a request that the owner keeps alive is in flight).
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `None` for an empty or impossible size, or when memory is short.
+    fn new(len: usize, align: usize) -> Option<Self> {
+        let layout = std::alloc::Layout::from_size_align(len, align).ok()?;
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: the layout has a non-zero size (checked above).
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(AlignedBuf { ptr, layout })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes that this
+        // buffer owns, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// What O_DIRECT needs of a request on one disk, asked of the host at open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirectAlign {
+    /// Disk offsets, and the lengths of the request and of each buffer, are multiples of it.
+    offset: usize,
+    /// Buffer addresses are multiples of it.
+    memory: usize,
+}
+
+impl DirectAlign {
+    /// statx's `STATX_DIOALIGN` where the file system reports it; for a block device without
+    /// it, its logical block size (BLKSSZGET) for both; otherwise 4096 for both (safe on every
+    /// file system, at the cost of bouncing more requests).
+    fn query(disk: &File) -> Self {
+        let fallback = DirectAlign {
+            offset: 4096,
+            memory: 4096,
+        };
+        if let Some((offset, memory)) = statx_dio_align(disk) {
+            return DirectAlign { offset, memory };
+        }
+        let is_block_device = disk
+            .metadata()
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+        if is_block_device && let Some(size) = logical_block_size(disk) {
+            return DirectAlign {
+                offset: size,
+                memory: size,
+            };
+        }
+        fallback
+    }
+
+    /// Whether the kernel can use `iovecs` at `offset` as they are.
+    fn fits(&self, offset: u64, iovecs: &IoVecs) -> bool {
+        offset.is_multiple_of(self.offset as u64)
+            && iovecs.list.iter().all(|iov| {
+                (iov.iov_base as usize).is_multiple_of(self.memory)
+                    && iov.iov_len.is_multiple_of(self.offset)
+            })
+    }
+}
+
+/// (offset, memory) alignment for O_DIRECT from statx, if the file system reports them.
+fn statx_dio_align(disk: &File) -> Option<(usize, usize)> {
+    // SAFETY: `statx` is plain integers; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open, the path is an empty C string with AT_EMPTY_PATH (the fd
+    // itself), and `stx` is a valid, writable statx buffer.
+    let rc = unsafe {
+        libc::statx(
+            disk.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    (rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0).then(
+        || {
+            (
+                stx.stx_dio_offset_align as usize,
+                (stx.stx_dio_mem_align as usize).max(1),
+            )
+        },
+    )
+}
+
+/// A block device's logical block size.
+fn logical_block_size(disk: &File) -> Option<usize> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which is valid for that.
+    let rc = unsafe { ioctl_with_mut_ref(disk, libc::BLKSSZGET as _, &mut size) };
+    (rc == 0).then_some(())?;
+    usize::try_from(size).ok().filter(|&s| s > 0)
 }
 
 /// Host iovecs over guest RAM.
@@ -626,8 +1010,10 @@ struct InFlight {
     reply: Reply,
     /// The result that means success: the bytes moved (0 for a flush).
     expect: usize,
-    /// Read by the kernel until the completion is reaped.
-    _iovecs: IoVecs,
+    /// Used by the kernel until the completion is reaped (none for a flush); a read's, to
+    /// finish it then.
+    transfer: Option<Transfer>,
+    read: bool,
 }
 
 impl Engine {
@@ -712,6 +1098,9 @@ impl Engine {
             };
             u.free.push(slot);
             let ok = usize::try_from(cqe.result()).is_ok_and(|n| n == f.expect);
+            if let (true, true, Some(mut t)) = (ok, f.read, f.transfer) {
+                t.finish_read();
+            }
             out.push(if ok {
                 (f.reply, S_OK, f.reply.data_len)
             } else {
@@ -737,20 +1126,23 @@ impl Uring {
         };
         let others_in_flight = self.slots.len() - self.free.len() > 1;
         let fd = types::Fd(fd);
-        let (entry, expect, iovecs) = match work {
-            Work::Read { offset, iovecs } => (
-                opcode::Readv::new(fd, iovecs.list.as_ptr(), iovecs.list.len() as u32)
-                    .offset(offset)
+        let (entry, expect, transfer, read) = match work {
+            Work::Read(t) => (
+                opcode::Readv::new(fd, t.iovecs.list.as_ptr(), t.iovecs.list.len() as u32)
+                    .offset(t.offset)
                     .build(),
-                iovecs.bytes,
-                iovecs,
+                t.iovecs.bytes,
+                Some(t),
+                true,
             ),
-            Work::Write { offset, iovecs } => (
-                opcode::Writev::new(fd, iovecs.list.as_ptr(), iovecs.list.len() as u32)
-                    .offset(offset)
+            Work::Write(t) => (
+                opcode::Writev::new(fd, t.iovecs.list.as_ptr(), t.iovecs.list.len() as u32)
+                    .offset(t.offset)
+                    .rw_flags(t.write_flags)
                     .build(),
-                iovecs.bytes,
-                iovecs,
+                t.iovecs.bytes,
+                Some(t),
+                false,
             ),
             Work::Flush => {
                 let fsync = opcode::Fsync::new(fd)
@@ -762,11 +1154,7 @@ impl Uring {
                 } else {
                     fsync
                 };
-                let none = IoVecs {
-                    list: Vec::new(),
-                    bytes: 0,
-                };
-                (fsync, 0, none)
+                (fsync, 0, None, false)
             }
             Work::Done(status, len) => {
                 self.free.push(slot);
@@ -777,11 +1165,13 @@ impl Uring {
         self.slots[slot] = Some(InFlight {
             reply,
             expect,
-            _iovecs: iovecs,
+            transfer,
+            read,
         });
         // The entry's iovec array lives in `slots[slot]` (a Vec's heap buffer does not move
-        // with it) until its completion is reaped, and the guest memory the iovecs point into
-        // stays mapped for the life of the I/O thread, which drains the ring before it ends.
+        // with it) until its completion is reaped, as does a bounce buffer; the guest memory
+        // the iovecs point into stays mapped for the life of the I/O thread, which drains the
+        // ring before it ends.
         // SAFETY: so every pointer the entry carries stays valid until the kernel is done.
         let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         if !pushed && self.ring.submit().is_ok() {
@@ -802,8 +1192,10 @@ impl Uring {
 fn run_sync(disk: &File, reply: Reply, work: Work) -> (u8, u32) {
     let result = match work {
         Work::Done(status, len) => return (status, len),
-        Work::Read { offset, mut iovecs } => transfer_all(disk, &mut iovecs.list, offset, false),
-        Work::Write { offset, mut iovecs } => transfer_all(disk, &mut iovecs.list, offset, true),
+        Work::Read(mut t) => {
+            transfer_all(disk, &mut t.iovecs.list, t.offset, None).map(|()| t.finish_read())
+        }
+        Work::Write(mut t) => transfer_all(disk, &mut t.iovecs.list, t.offset, Some(t.write_flags)),
         Work::Flush => disk.sync_data(),
     };
     match result {
@@ -812,12 +1204,13 @@ fn run_sync(disk: &File, reply: Reply, work: Work) -> (u8, u32) {
     }
 }
 
-/// preadv/pwritev until every iovec is done (a short transfer carries on where it stopped).
+/// preadv, or pwritev2 with `write` flags, until every iovec is done (a short transfer carries
+/// on where it stopped).
 fn transfer_all(
     disk: &File,
     iovecs: &mut [libc::iovec],
     mut offset: u64,
-    write: bool,
+    write: Option<libc::c_int>,
 ) -> std::io::Result<()> {
     let fd = disk.as_raw_fd();
     let mut rest = iovecs;
@@ -833,10 +1226,9 @@ fn transfer_all(
         // outlives this call) with its length.
         // SAFETY: so the kernel only reads or writes memory that is valid for the call.
         let n = unsafe {
-            if write {
-                libc::pwritev(fd, rest.as_ptr(), count, at)
-            } else {
-                libc::preadv(fd, rest.as_ptr(), count, at)
+            match write {
+                Some(flags) => libc::pwritev2(fd, rest.as_ptr(), count, at, flags),
+                None => libc::preadv(fd, rest.as_ptr(), count, at),
             }
         };
         if n < 0 {
@@ -1112,13 +1504,23 @@ impl RequestQueue {
                 header[15],
             ]),
         };
+        let write_flags = if self.cache.writeback {
+            0
+        } else {
+            libc::RWF_DSYNC
+        };
+        let transfer =
+            |offset, iovecs, write| Transfer::new(offset, iovecs, write, self.direct, write_flags);
         let work = match header.kind {
             T_IN => match self.range(header.sector, writable_io.bytes) {
                 Some(offset) => {
-                    reply.data_len = writable_io.bytes as u32;
-                    Work::Read {
-                        offset,
-                        iovecs: writable_io,
+                    let bytes = writable_io.bytes as u32;
+                    match transfer(offset, writable_io, false) {
+                        Some(t) => {
+                            reply.data_len = bytes;
+                            Work::Read(t)
+                        }
+                        None => fail(S_IOERR),
                     }
                 }
                 None => fail(S_IOERR),
@@ -1126,13 +1528,17 @@ impl RequestQueue {
             T_OUT => {
                 let data = readable_io.bytes - 16;
                 match (self.read_only, self.range(header.sector, data)) {
-                    (false, Some(offset)) => match iovecs(mem, &readable, 16) {
-                        Some(iovecs) => Work::Write { offset, iovecs },
+                    (false, Some(offset)) => match iovecs(mem, &readable, 16)
+                        .and_then(|iovecs| transfer(offset, iovecs, true))
+                    {
+                        Some(t) => Work::Write(t),
                         None => fail(S_IOERR),
                     },
                     _ => fail(S_IOERR),
                 }
             }
+            // `cache.no-flush=on` (`cache=unsafe`): the guest is told its data is safe.
+            T_FLUSH if self.cache.no_flush => Work::Done(S_OK, 0),
             T_FLUSH => Work::Flush,
             T_GET_ID => {
                 let mut id = [0u8; ID_BYTES];
@@ -1198,15 +1604,12 @@ impl RequestQueue {
             ranges.push((sector, sectors, flags & FLAG_UNMAP != 0));
         }
         for (sector, sectors, unmap) in ranges {
-            let punch = kind == T_DISCARD || unmap || !self.zeroing.zero_range;
-            let mode = if punch && self.zeroing.punch_hole {
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-            } else {
-                FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-            };
-            let at = (sector * SECTOR_SIZE) as i64;
-            let len = i64::from(sectors) * SECTOR_SIZE as i64;
-            if len > 0 && fallocate(self.disk.as_ref(), mode, at, len).is_err() {
+            let (at, len) = (sector * SECTOR_SIZE, u64::from(sectors) * SECTOR_SIZE);
+            if len > 0
+                && !self
+                    .zeroing
+                    .zero(self.disk.as_ref(), at, len, kind == T_DISCARD, unmap)
+            {
                 return S_IOERR;
             }
         }
@@ -1270,7 +1673,11 @@ mod tests {
         }
         impl Disk {
             pub fn new(sectors: u64) -> Self {
-                let path = std::env::temp_dir().join(format!(
+                Self::new_in(&std::env::temp_dir(), sectors)
+            }
+
+            pub fn new_in(dir: &std::path::Path, sectors: u64) -> Self {
+                let path = dir.join(format!(
                     "cpr-blk-test-{}-{:?}",
                     std::process::id(),
                     std::thread::current().id()
@@ -1288,6 +1695,17 @@ mod tests {
     }
 
     impl Rig {
+        /// With the image in the build's target directory: on a disk file system (O_DIRECT
+        /// works there; the temporary directory may be a tmpfs).
+        fn on_disk(sectors: u64) -> Self {
+            let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+            std::fs::create_dir_all(&target).unwrap();
+            Rig {
+                disk: tempfile::Disk::new_in(&target, sectors),
+                ..Rig::new(0)
+            }
+        }
+
         fn new(sectors: u64) -> Self {
             let memory =
                 Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
@@ -1313,11 +1731,19 @@ mod tests {
                 serial: "cpr-serial-0".into(),
                 format_stated: true,
                 aio: AioMode::Auto,
+                cache: CacheMode::default(),
             }
         }
 
         fn block(&self, read_only: bool) -> Block {
             let cfg = self.config(read_only);
+            let file = cfg.open().unwrap();
+            Block::with_disk(cfg, file).unwrap()
+        }
+
+        fn block_with_cache(&self, cache: CacheMode) -> Block {
+            let mut cfg = self.config(false);
+            cfg.cache = cache;
             let file = cfg.open().unwrap();
             Block::with_disk(cfg, file).unwrap()
         }
@@ -1335,6 +1761,8 @@ mod tests {
                 read_only: block.config.read_only,
                 serial: block.config.serial.clone(),
                 zeroing: block.zeroing,
+                cache: block.config.cache,
+                direct: block.direct,
                 engine: Engine::new(path).unwrap(),
             }
         }
@@ -2148,6 +2576,229 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn o_direct_takes_aligned_guest_buffers_as_they_are_and_bounces_the_others() {
+        let rig = Rig::new(64);
+        let mem = rig.memory.as_ref();
+        let io = |segs: &[(u64, usize)]| {
+            let segs: Vec<Segment> = segs.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+            iovecs(mem, &segs, 0).unwrap()
+        };
+        let sector = DirectAlign {
+            offset: 512,
+            memory: 512,
+        };
+        let bounced = |t: Option<Transfer>| t.map(|t| t.bounce.is_some());
+        let direct = |segs: &[(u64, usize)], offset| {
+            bounced(Transfer::new(offset, io(segs), false, Some(sector), 0))
+        };
+        assert_eq!(direct(&[(DATA, 1024)], 512), Some(false));
+        assert_eq!(direct(&[(DATA, 512), (DATA + 0x2000, 512)], 0), Some(false));
+        // A buffer at an odd address, or buffers whose lengths are not whole blocks.
+        assert_eq!(direct(&[(DATA + 1, 1024)], 0), Some(true));
+        assert_eq!(direct(&[(DATA, 256), (DATA + 0x2000, 768)], 0), Some(true));
+        // Buffered I/O takes anything.
+        assert_eq!(
+            bounced(Transfer::new(0, io(&[(DATA + 1, 100)]), false, None, 0)),
+            Some(false)
+        );
+        // On a disk of 4 KiB blocks, a request at a sector inside a block cannot be done.
+        let page = DirectAlign {
+            offset: 4096,
+            memory: 4096,
+        };
+        assert!(Transfer::new(512, io(&[(DATA, 4096)]), false, Some(page), 0).is_none());
+        // A write's data is in the bounce buffer when the transfer is made.
+        rig.memory
+            .write_slice(&[0x5a; 1024], GuestAddress(DATA + 3))
+            .unwrap();
+        let mut t = Transfer::new(0, io(&[(DATA + 3, 1024)]), true, Some(sector), 0).unwrap();
+        let (buf, _) = t.bounce.as_mut().unwrap();
+        assert_eq!(buf.as_mut_slice(), &[0x5a; 1024][..]);
+        assert!((buf.as_mut_slice().as_ptr() as usize).is_multiple_of(4096));
+    }
+
+    #[test]
+    fn cache_none_opens_the_image_o_direct_and_unaligned_guest_buffers_still_work() {
+        let rig = Rig::on_disk(64);
+        let block = rig.block_with_cache(CacheMode::parse("none").unwrap());
+        let align = block.direct.expect("cache=none asks for O_DIRECT");
+        eprintln!("O_DIRECT alignment of the test image: {align:?}");
+        let flags = nix::fcntl::fcntl(block.disk.as_ref(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_ne!(flags & libc::O_DIRECT, 0, "the image is open with O_DIRECT");
+        assert_ne!(
+            block.device_features() & 1 << F_FLUSH,
+            0,
+            "a write cache to flush"
+        );
+        let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 253) as u8).collect();
+        // Written from three buffers at odd addresses with odd lengths, read back into one
+        // at an odd address, on both I/O paths (`run` checks that they agree).
+        rig.memory
+            .write_slice(&pattern[..100], GuestAddress(DATA + 1))
+            .unwrap();
+        rig.memory
+            .write_slice(&pattern[100..612], GuestAddress(DATA + 0x2003))
+            .unwrap();
+        rig.memory
+            .write_slice(&pattern[612..], GuestAddress(DATA + 0x4005))
+            .unwrap();
+        rig.header(HEADER, T_OUT, 8);
+        let out = rig.run(
+            &block,
+            &[vec![
+                (HEADER, 16, 0),
+                (DATA + 1, 100, 0),
+                (DATA + 0x2003, 512, 0),
+                (DATA + 0x4005, 412, 0),
+                (STATUS, 1, WRITE),
+            ]],
+        );
+        assert_eq!(out, [(S_OK, 1)]);
+        let mut on_disk = vec![0u8; 1024];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(&rig.disk.path).unwrap(),
+            &mut on_disk,
+            8 * 512,
+        )
+        .unwrap();
+        assert_eq!(on_disk, pattern);
+        rig.header(HEADER, T_IN, 8);
+        let out = rig.run(
+            &block,
+            &[request(HEADER, Some((0x20_0007, 1024, WRITE)), STATUS)],
+        );
+        assert_eq!(out, [(S_OK, 1025)]);
+        let mut back = vec![0u8; 1024];
+        rig.memory
+            .read_slice(&mut back, GuestAddress(0x20_0007))
+            .unwrap();
+        assert_eq!(back, pattern);
+        rig.still_works(&block);
+    }
+
+    #[test]
+    fn cache_modes_offer_flush_as_qemu_does_and_unsafe_ignores_it() {
+        let rig = Rig::new(64);
+        let features = |mode| {
+            rig.block_with_cache(CacheMode::parse(mode).unwrap())
+                .device_features()
+                & 1 << F_FLUSH
+        };
+        assert_ne!(features("writeback"), 0);
+        assert_ne!(features("unsafe"), 0);
+        assert_eq!(features("writethrough"), 0, "every write is durable");
+        // writethrough: writes go with RWF_DSYNC and land; unsafe: a flush is answered OK.
+        for mode in ["writethrough", "unsafe"] {
+            let block = rig.block_with_cache(CacheMode::parse(mode).unwrap());
+            rig.memory
+                .write_slice(&[0x33; 512], GuestAddress(DATA))
+                .unwrap();
+            rig.header(HEADER, T_OUT, 1);
+            rig.header(HEADER + 0x100, T_FLUSH, 0);
+            let out = rig.run(
+                &block,
+                &[
+                    request(HEADER, Some((DATA, 512, 0)), STATUS),
+                    request(HEADER + 0x100, None, STATUS + 1),
+                ],
+            );
+            assert_eq!(out, [(S_OK, 1), (S_OK, 1)], "cache={mode}");
+            let mut on_disk = vec![0u8; 512];
+            std::os::unix::fs::FileExt::read_exact_at(block.disk.as_ref(), &mut on_disk, 512)
+                .unwrap();
+            assert_eq!(on_disk, [0x33; 512], "cache={mode}");
+        }
+        assert_eq!(CacheMode::parse("bogus"), None);
+    }
+
+    /// A loop device over a file, detached on drop.
+    struct LoopDevice(std::path::PathBuf);
+
+    impl LoopDevice {
+        /// `None`, saying why, where loop devices cannot be made (no `losetup`, not root).
+        fn attach(file: &std::path::Path) -> Option<Self> {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(file)
+                .output();
+            let why = match out {
+                Ok(o) if o.status.success() => {
+                    let name = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                    return Some(LoopDevice(name.into()));
+                }
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => format!("no losetup: {e}"),
+            };
+            eprintln!("skipped: cannot make a loop device ({why})");
+            None
+        }
+    }
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_has_its_size_and_discards_and_zeroes_through_its_ioctls() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let rig = Rig::on_disk(2048);
+        let Some(device) = LoopDevice::attach(&rig.disk.path) else {
+            return;
+        };
+        let mut cfg = rig.config(false);
+        cfg.source = DiskSource::Path(device.0.clone());
+        let block = Block::with_disk(cfg.clone(), cfg.open().unwrap()).unwrap();
+        assert_eq!(block.capacity_sectors, 2048, "BLKGETSIZE64");
+        let can_discard = discard_max_bytes(std::fs::metadata(&device.0).unwrap().rdev())
+            .expect("a loop device has queue limits in sysfs")
+            > 0;
+        let features = block.device_features();
+        assert_eq!(features & 1 << F_DISCARD != 0, can_discard);
+        assert_ne!(features & 1 << F_WRITE_ZEROES, 0, "BLKZEROOUT always works");
+        let mut may_unmap = [0xffu8];
+        block.read_config(
+            std::mem::offset_of!(virtio_blk_config, write_zeroes_may_unmap) as u64,
+            &mut may_unmap,
+        );
+        assert_eq!(
+            may_unmap,
+            [0],
+            "zeroes are written, never assumed from a discard"
+        );
+        let disk = block.disk.as_ref();
+        let zeroed = |what: &str, ranges: &[std::ops::Range<usize>]| {
+            let mut all = vec![0u8; 64 * 512];
+            disk.read_exact_at(&mut all, 0).unwrap();
+            for (s, sector) in all.chunks(512).enumerate() {
+                let want_zero = ranges.iter().any(|r| r.contains(&s));
+                let value = if want_zero { 0 } else { 0x77 };
+                assert!(sector.iter().all(|&b| b == value), "{what}: sector {s}");
+            }
+        };
+        let mut kinds = vec![(T_WRITE_ZEROES, 0), (T_WRITE_ZEROES, FLAG_UNMAP)];
+        if can_discard {
+            kinds.push((T_DISCARD, 0));
+        }
+        for (kind, flags) in kinds {
+            disk.write_all_at(&[0x77; 64 * 512], 0).unwrap();
+            disk.sync_data().unwrap();
+            let segs = [segment(8, 8, flags), segment(40, 3, flags)].concat();
+            rig.memory.write_slice(&segs, GuestAddress(DATA)).unwrap();
+            rig.header(HEADER, kind, 0);
+            let out = rig.run(&block, &[request(HEADER, Some((DATA, 32, 0)), STATUS)]);
+            assert_eq!(out, [(S_OK, 1)], "type {kind} flags {flags}");
+            // A loop device over a file punches holes for a discard: zeroes there too.
+            zeroed(&format!("type {kind} flags {flags}"), &[8..16, 40..43]);
+        }
+        rig.still_works(&block);
     }
 
     #[test]

@@ -171,8 +171,19 @@ fn info_block(disks: &[BlockInfo]) -> String {
     for d in disks {
         let i = &d.inserted;
         let ro = if i.ro { ", read-only" } else { "" };
+        let c = &i.cache;
+        let cache = format!(
+            "{}{}{}",
+            if c.writeback {
+                "writeback"
+            } else {
+                "writethrough"
+            },
+            if c.direct { ", direct" } else { "" },
+            if c.no_flush { ", ignore flushes" } else { "" }
+        );
         out.push_str(&format!(
-            "{} ({}): {} ({}{ro})\n    Attached to:      {}\n    Cache mode:       writeback\n",
+            "{} ({}): {} ({}{ro})\n    Attached to:      {}\n    Cache mode:       {cache}\n",
             d.device, i.node_name, i.file, i.drv, d.qdev
         ));
     }
