@@ -790,6 +790,16 @@ enum Work {
     Flush,
 }
 
+impl Work {
+    /// Host memory the work would hold in a bounce buffer while in flight.
+    fn bounce_bytes(&self) -> usize {
+        match self {
+            Work::Read(t) | Work::Write(t) => t.bounce_bytes(),
+            Work::Done(..) | Work::Flush => 0,
+        }
+    }
+}
+
 /// A read or a write: where on the disk, and the memory the kernel moves the data to or from.
 struct Transfer {
     offset: u64,
@@ -850,6 +860,11 @@ impl Transfer {
             bounce: Some((buf, guest)),
             write_flags,
         })
+    }
+
+    /// Host memory this transfer holds in a bounce buffer (0 when the guest's buffers are used).
+    fn bounce_bytes(&self) -> usize {
+        self.bounce.as_ref().map_or(0, |_| self.iovecs.bytes)
     }
 
     /// After a read completed: the data goes from the bounce buffer to the guest's buffers.
@@ -1004,7 +1019,14 @@ struct Uring {
     done: EventFd,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
+    /// Bytes of bounce buffers the kernel holds now (see [`MAX_BOUNCE_IN_FLIGHT`]).
+    bounced: usize,
 }
+
+/// At most this much host memory in bounce buffers in flight on io_uring: a guest whose
+/// buffers are all unaligned could otherwise pin a queue's worth (256 requests of 4 MiB).
+/// A request that would go over is carried out on the I/O thread instead, one at a time.
+const MAX_BOUNCE_IN_FLIGHT: usize = 16 << 20;
 
 struct InFlight {
     reply: Reply,
@@ -1029,6 +1051,7 @@ impl Engine {
                     done,
                     slots: (0..QUEUE_SIZE).map(|_| None).collect(),
                     free: (0..usize::from(QUEUE_SIZE)).rev().collect(),
+                    bounced: 0,
                 })))
             }
         }
@@ -1053,6 +1076,9 @@ impl Engine {
         match (self, work) {
             (_, Work::Done(status, len)) => Some((status, len)),
             (Engine::Sync, work) => Some(run_sync(disk, reply, work)),
+            (Engine::Uring(u), work) if u.bounced + work.bounce_bytes() > MAX_BOUNCE_IN_FLIGHT => {
+                Some(run_sync(disk, reply, work))
+            }
             (Engine::Uring(u), work) => u.push(disk.as_raw_fd(), reply, work),
         }
     }
@@ -1097,6 +1123,7 @@ impl Engine {
                 continue;
             };
             u.free.push(slot);
+            u.bounced -= f.transfer.as_ref().map_or(0, Transfer::bounce_bytes);
             let ok = usize::try_from(cqe.result()).is_ok_and(|n| n == f.expect);
             if let (true, true, Some(mut t)) = (ok, f.read, f.transfer) {
                 t.finish_read();
@@ -1162,6 +1189,7 @@ impl Uring {
             }
         };
         let entry = entry.user_data(slot as u64);
+        let bounce_bytes = transfer.as_ref().map_or(0, Transfer::bounce_bytes);
         self.slots[slot] = Some(InFlight {
             reply,
             expect,
@@ -1179,6 +1207,7 @@ impl Uring {
             pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         }
         if pushed {
+            self.bounced += bounce_bytes;
             None
         } else {
             self.slots[slot] = None;
@@ -2618,6 +2647,60 @@ mod tests {
         let (buf, _) = t.bounce.as_mut().unwrap();
         assert_eq!(buf.as_mut_slice(), &[0x5a; 1024][..]);
         assert!((buf.as_mut_slice().as_ptr() as usize).is_multiple_of(4096));
+    }
+
+    #[test]
+    fn bounce_buffers_in_flight_on_io_uring_are_capped() {
+        let Ok(mut engine) = Engine::new(IoPath::Uring) else {
+            eprintln!("io_uring is not available here: nothing to cap");
+            return;
+        };
+        let rig = Rig::new(64);
+        let disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&rig.disk.path)
+            .unwrap();
+        let sector = DirectAlign {
+            offset: 512,
+            memory: 512,
+        };
+        // 1 MiB from an odd guest address: always bounced.
+        const BYTES: usize = 1 << 20;
+        let write = || {
+            let guest = iovecs(&rig.memory, &[(GuestAddress(DATA + 1), BYTES)], 0).unwrap();
+            Work::Write(Transfer::new(0, guest, true, Some(sector), 0).unwrap())
+        };
+        let reply = Reply {
+            head: 0,
+            status: None,
+            data_len: 0,
+        };
+        let fits = MAX_BOUNCE_IN_FLIGHT / BYTES;
+        for i in 0..fits {
+            assert!(
+                engine.start(&disk, reply, write()).is_none(),
+                "bounced write {i} should go to io_uring"
+            );
+        }
+        assert_eq!(engine.in_flight(), fits);
+        // One more would go over the cap: carried out at once on this thread.
+        assert_eq!(engine.start(&disk, reply, write()), Some((S_OK, 0)));
+        assert_eq!(engine.in_flight(), fits);
+        engine.submit();
+        let mut done = 0;
+        while done < fits {
+            assert!(engine.wait());
+            done += engine.reap().len();
+        }
+        let Engine::Uring(u) = &engine else {
+            unreachable!()
+        };
+        assert_eq!(
+            u.bounced, 0,
+            "every bounce buffer is accounted for once reaped"
+        );
+        // Room again: the next one goes to io_uring.
+        assert!(engine.start(&disk, reply, write()).is_none());
     }
 
     #[test]
