@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KvmIrqRouting, kvm_irq_routing_entry,
+    KVM_IRQCHIP_PIC_SLAVE, KvmIrqRouting, kvm_irq_routing_entry, kvm_irqchip,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -201,6 +201,43 @@ impl Drop for MsiVector {
         let _ = self.router.vm.unregister_irqfd(&self.irqfd, self.gsi);
         let _ = self.router.route(self.gsi, None);
     }
+}
+
+/// The IOAPIC pins PCI INTx lines use (see `devices::pci::intx_gsi`).
+const INTX_PINS: std::ops::Range<usize> = 16..24;
+/// IOAPIC redirection entry bits: trigger mode (1 = level) and remote IRR.
+const REDIRECTION_LEVEL: u64 = 1 << 15;
+const REDIRECTION_REMOTE_IRR: u64 = 1 << 14;
+
+/// The saved IOAPIC state `chip` as it is restored: its level-triggered PCI INTx pins start
+/// neither requested (IRR) nor waiting for an EOI (remote IRR).
+///
+/// Why: a level-triggered pin whose interrupt the guest had taken but not yet EOI'd when the
+/// machine was saved has its remote IRR set; the guest's EOI after the restore must clear it,
+/// but it only reaches the IOAPIC if the restored local APIC knows the vector is in service,
+/// and the local APIC state KVM hands out does not always say so (on this host it never marks
+/// a delivered interrupt in service). The pin would then stay blocked for good: every later
+/// assertion coalesces. The level of these pins is the functions' own state, and they assert
+/// it again when the machine resumes ([`IntxLine::assert`] via the functions' resume), so
+/// starting the pins clean loses nothing; at worst the guest sees one interrupt twice (a
+/// second ISR read returns 0, which drivers take as spurious).
+pub fn release_intx_pins(chip: &kvm_irqchip) -> kvm_irqchip {
+    let mut chip = *chip;
+    if chip.chip_id != KVM_IRQCHIP_IOAPIC {
+        return chip;
+    }
+    // SAFETY: for chip_id IOAPIC the union holds the IOAPIC state (the other members are
+    // plain integers too, so any bytes are a valid value).
+    let ioapic = unsafe { &mut chip.chip.ioapic };
+    for pin in INTX_PINS {
+        // SAFETY: a redirection entry is a u64 or bit fields over the same u64.
+        let entry = unsafe { &mut ioapic.redirtbl[pin].bits };
+        if *entry & REDIRECTION_LEVEL != 0 {
+            *entry &= !REDIRECTION_REMOTE_IRR;
+            ioapic.irr &= !(1 << pin);
+        }
+    }
+    chip
 }
 
 /// What an INTx line asks its function after each EOI: does it still want the interrupt?
@@ -457,5 +494,34 @@ mod tests {
         let a = IntxLine::new(vm.clone(), 19, wants.clone()).unwrap();
         let b = IntxLine::new(vm, 19, wants).unwrap();
         assert_eq!((a.gsi(), b.gsi()), (19, 19));
+    }
+
+    #[test]
+    fn restored_intx_pins_start_clean_and_nothing_else_changes() {
+        let mut chip = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        // SAFETY: writing the member the chip id names.
+        let io = unsafe { &mut chip.chip.ioapic };
+        io.irr = 1 << 17 | 1 << 18 | 1 << 4;
+        io.redirtbl[17].bits = REDIRECTION_LEVEL | REDIRECTION_REMOTE_IRR | 0x41; // INTx
+        io.redirtbl[18].bits = REDIRECTION_REMOTE_IRR | 0x42; // edge: left alone
+        io.redirtbl[4].bits = REDIRECTION_LEVEL | REDIRECTION_REMOTE_IRR | 0x24; // ISA
+        let out = release_intx_pins(&chip);
+        // SAFETY: reading the member the chip id names.
+        let io = unsafe { out.chip.ioapic };
+        // SAFETY: as above.
+        let bits = |pin: usize| unsafe { io.redirtbl[pin].bits };
+        assert_eq!(bits(17), REDIRECTION_LEVEL | 0x41);
+        assert_eq!(bits(18), REDIRECTION_REMOTE_IRR | 0x42);
+        assert_eq!(bits(4), REDIRECTION_LEVEL | REDIRECTION_REMOTE_IRR | 0x24);
+        assert_eq!(io.irr, 1 << 18 | 1 << 4);
+        // Another chip passes unchanged.
+        let pic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_PIC_MASTER,
+            ..Default::default()
+        };
+        assert_eq!(release_intx_pins(&pic).chip_id, KVM_IRQCHIP_PIC_MASTER);
     }
 }
