@@ -396,6 +396,11 @@ struct IoVm {
 
 impl IoVm {
     fn start(prefix: &str) -> Self {
+        Self::start_guest(prefix, "blkcheck,depth=8")
+    }
+
+    /// The same with another `--guest` spec.
+    fn start_guest(prefix: &str, guest: &str) -> Self {
         build_binaries();
         let dir = TempDir::new(prefix).unwrap();
         let disk = image(dir.path(), "disk.img", 4096);
@@ -404,7 +409,7 @@ impl IoVm {
             "-m",
             "64M",
             "--guest",
-            "blkcheck,depth=8",
+            guest,
             "-drive",
             &format!("file={},format=raw,if=virtio", disk.display()),
             "-qmp",
@@ -532,6 +537,80 @@ fn live_updates_with_disk_io_in_flight_lose_no_write() {
     eprintln!(
         "{UPDATES} updates with I/O in flight: {} requests, {} passes",
         c.requests, c.passes
+    );
+}
+
+/// Waits until the guest has taken more queue interrupts than `than` (and its I/O went on).
+fn wait_irqs_above(qmp: &mut QmpClient, dir: &Path, than: u64) -> BlkcheckCounters {
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let c = blkcheck_counters(qmp, dir);
+        if c.irqs > than {
+            return c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's interrupts stopped at {}: {c:?}",
+            c.irqs
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A driver that leaves MSI-X off gets INTx: blkcheck with `irq=intx` reads the interrupt line
+/// (slot 1's IOAPIC pin, 17), routes it level-triggered through the IOAPIC and acks by reading
+/// the ISR. Its queue interrupts keep coming and its data stays intact across live updates
+/// (through the shim and directly) and a cpr-transfer: the pin's state and the ISR cross them.
+#[test]
+fn a_driver_on_intx_keeps_its_interrupts_and_data_across_updates() {
+    const UPDATES: usize = 6;
+    let mut vm = IoVm::start_guest("blk-intx", "blkcheck,depth=8,irq=intx");
+    let console = vm.vmm.stdout_text();
+    assert!(
+        console.contains("blkcheck: intx pin 1 line 17 vector 0x41 apic 0\n"),
+        "{console}"
+    );
+    assert!(!console.contains("msix"), "{console}");
+    let state = vm.dir.join("vm.state");
+    let mut seen = blkcheck_counters(&mut vm.qmp, vm.dir.path());
+    assert!(seen.irqs > 0, "{seen:?}");
+    for i in 0..UPDATES {
+        let command = if i % 2 == 0 {
+            direct_command(&vmm_bin(), &vm.args, &state)
+        } else {
+            shim_command(&shim_bin(), &[], &vmm_bin(), &vm.args, &state)
+        };
+        let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
+        assert_eq!(
+            update.status(),
+            "completed",
+            "update {i}: {}",
+            update.error_desc()
+        );
+        wait_requests_above(&mut vm.qmp, vm.dir.path(), seen.requests);
+        let c = wait_irqs_above(&mut vm.qmp, vm.dir.path(), seen.irqs);
+        assert_eq!((c.mismatches, c.errors), (0, 0), "after update {i}: {c:?}");
+        seen = c;
+    }
+    let (new, args, new_socket) = cpr_transfer(vm.dir.path(), &vm.args, &mut vm.qmp);
+    vm.qmp.execute("quit", Value::Null).unwrap();
+    vm.vmm.wait_exit(LONG).unwrap();
+    let qmp = QmpClient::connect_and_negotiate(&new_socket, LONG).unwrap();
+    let mut vm = IoVm {
+        dir: vm.dir,
+        disk: vm.disk,
+        args,
+        vmm: new,
+        qmp,
+    };
+    wait_irqs_above(&mut vm.qmp, vm.dir.path(), seen.irqs);
+    vm.vmm
+        .wait_for_stdout_contains(&format!("blkcheck: pass {} done", seen.passes + 1), LONG)
+        .unwrap();
+    let c = vm.finish();
+    eprintln!(
+        "INTx across {UPDATES} updates and a cpr-transfer: {} requests, {} passes, {} irqs",
+        c.requests, c.passes, c.irqs
     );
 }
 
