@@ -370,16 +370,27 @@ fn blkcheck_counters(qmp: &mut QmpClient, dir: &Path) -> BlkcheckCounters {
 
 /// Waits until the guest has completed more requests than `than`.
 fn wait_requests_above(qmp: &mut QmpClient, dir: &Path, than: u64) -> BlkcheckCounters {
+    wait_counter_above(qmp, dir, than, "requests", |c| c.requests)
+}
+
+/// Waits until the guest's counter `name` (read by `counter`) is above `than`.
+fn wait_counter_above(
+    qmp: &mut QmpClient,
+    dir: &Path,
+    than: u64,
+    name: &str,
+    counter: impl Fn(&BlkcheckCounters) -> u64,
+) -> BlkcheckCounters {
     let deadline = std::time::Instant::now() + LONG;
     loop {
         let c = blkcheck_counters(qmp, dir);
-        if c.requests > than {
+        if counter(&c) > than {
             return c;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the guest's I/O stopped at {} requests: {c:?}",
-            c.requests
+            "the guest's {name} stopped at {}: {c:?}",
+            counter(&c)
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -423,6 +434,39 @@ impl IoVm {
         IoVm {
             dir,
             disk,
+            args,
+            vmm,
+            qmp,
+        }
+    }
+
+    /// Live update number `i` into `target` (`direct`ly or through the shim), which must
+    /// complete.
+    fn update(&mut self, i: usize, target: &Path, direct: bool) {
+        let state = self.dir.join("vm.state");
+        let command = if direct {
+            direct_command(target, &self.args, &state)
+        } else {
+            shim_command(&shim_bin(), &[], target, &self.args, &state)
+        };
+        let update = cpr_update(&mut self.qmp, &command, &state, true, LONG).unwrap();
+        assert_eq!(
+            update.status(),
+            "completed",
+            "update {i}: {}",
+            update.error_desc()
+        );
+    }
+
+    /// Hands the VM to a new VMM by cpr-transfer and quits this one.
+    fn transfer(mut self) -> IoVm {
+        let (vmm, args, socket) = cpr_transfer(self.dir.path(), &self.args, &mut self.qmp);
+        self.qmp.execute("quit", Value::Null).unwrap();
+        self.vmm.wait_exit(LONG).unwrap();
+        let qmp = QmpClient::connect_and_negotiate(&socket, LONG).unwrap();
+        IoVm {
+            dir: self.dir,
+            disk: self.disk,
             args,
             vmm,
             qmp,
@@ -510,22 +554,10 @@ fn live_updates_with_disk_io_in_flight_lose_no_write() {
     const UPDATES: usize = 50;
     let alt = cpr_tests::cpr::alt_vmm_bin();
     let mut vm = IoVm::start("blk-io");
-    let state = vm.dir.join("vm.state");
     let mut seen = blkcheck_counters(&mut vm.qmp, vm.dir.path()).requests;
     for i in 0..UPDATES {
         let target = if i % 2 == 0 { alt.clone() } else { vmm_bin() };
-        let command = if i % 3 == 0 {
-            direct_command(&target, &vm.args, &state)
-        } else {
-            shim_command(&shim_bin(), &[], &target, &vm.args, &state)
-        };
-        let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
-        assert_eq!(
-            update.status(),
-            "completed",
-            "update {i}: {}",
-            update.error_desc()
-        );
+        vm.update(i, &target, i % 3 == 0);
         let c = wait_requests_above(&mut vm.qmp, vm.dir.path(), seen);
         assert_eq!((c.mismatches, c.errors), (0, 0), "after update {i}: {c:?}");
         seen = c.requests;
@@ -540,21 +572,9 @@ fn live_updates_with_disk_io_in_flight_lose_no_write() {
     );
 }
 
-/// Waits until the guest has taken more queue interrupts than `than` (and its I/O went on).
+/// Waits until the guest has taken more queue interrupts than `than`.
 fn wait_irqs_above(qmp: &mut QmpClient, dir: &Path, than: u64) -> BlkcheckCounters {
-    let deadline = std::time::Instant::now() + LONG;
-    loop {
-        let c = blkcheck_counters(qmp, dir);
-        if c.irqs > than {
-            return c;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest's interrupts stopped at {}: {c:?}",
-            c.irqs
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_counter_above(qmp, dir, than, "queue interrupts", |c| c.irqs)
 }
 
 /// A driver that leaves MSI-X off gets INTx: blkcheck with `irq=intx` reads the interrupt line
@@ -571,38 +591,16 @@ fn a_driver_on_intx_keeps_its_interrupts_and_data_across_updates() {
         "{console}"
     );
     assert!(!console.contains("msix"), "{console}");
-    let state = vm.dir.join("vm.state");
     let mut seen = blkcheck_counters(&mut vm.qmp, vm.dir.path());
     assert!(seen.irqs > 0, "{seen:?}");
     for i in 0..UPDATES {
-        let command = if i % 2 == 0 {
-            direct_command(&vmm_bin(), &vm.args, &state)
-        } else {
-            shim_command(&shim_bin(), &[], &vmm_bin(), &vm.args, &state)
-        };
-        let update = cpr_update(&mut vm.qmp, &command, &state, true, LONG).unwrap();
-        assert_eq!(
-            update.status(),
-            "completed",
-            "update {i}: {}",
-            update.error_desc()
-        );
+        vm.update(i, &vmm_bin(), i % 2 == 0);
         wait_requests_above(&mut vm.qmp, vm.dir.path(), seen.requests);
         let c = wait_irqs_above(&mut vm.qmp, vm.dir.path(), seen.irqs);
         assert_eq!((c.mismatches, c.errors), (0, 0), "after update {i}: {c:?}");
         seen = c;
     }
-    let (new, args, new_socket) = cpr_transfer(vm.dir.path(), &vm.args, &mut vm.qmp);
-    vm.qmp.execute("quit", Value::Null).unwrap();
-    vm.vmm.wait_exit(LONG).unwrap();
-    let qmp = QmpClient::connect_and_negotiate(&new_socket, LONG).unwrap();
-    let mut vm = IoVm {
-        dir: vm.dir,
-        disk: vm.disk,
-        args,
-        vmm: new,
-        qmp,
-    };
+    let mut vm = vm.transfer();
     wait_irqs_above(&mut vm.qmp, vm.dir.path(), seen.irqs);
     vm.vmm
         .wait_for_stdout_contains(&format!("blkcheck: pass {} done", seen.passes + 1), LONG)
@@ -620,17 +618,7 @@ fn a_driver_on_intx_keeps_its_interrupts_and_data_across_updates() {
 fn cpr_transfer_with_io_in_flight_loses_no_write() {
     let mut old = IoVm::start("blk-ioxfer");
     let before = blkcheck_counters(&mut old.qmp, old.dir.path()).requests;
-    let (new, args, new_socket) = cpr_transfer(old.dir.path(), &old.args, &mut old.qmp);
-    old.qmp.execute("quit", Value::Null).unwrap();
-    old.vmm.wait_exit(LONG).unwrap();
-    let qmp = QmpClient::connect_and_negotiate(&new_socket, LONG).unwrap();
-    let mut vm = IoVm {
-        dir: old.dir,
-        disk: old.disk,
-        args,
-        vmm: new,
-        qmp,
-    };
+    let mut vm = old.transfer();
     wait_requests_above(&mut vm.qmp, vm.dir.path(), before);
     let c = blkcheck_counters(&mut vm.qmp, vm.dir.path());
     vm.vmm
