@@ -6,7 +6,8 @@
 //! and leave an image the checker accepts. Against QEMU's own virtio-blk-pci
 //! (modern only), the bzImage flavour of the same driver must complete its passes with no
 //! mismatch and leave a disk image that the host-side checker accepts; a read-only disk gets
-//! read passes and is not written; without MSI-X the driver polls; and the guest finds the
+//! read passes and is not written; without MSI-X the driver polls, or takes INTx when told to
+//! (`blkcheck.intx=1`); and the guest finds the
 //! stale and corrupted sectors of an image the host wrote. The QEMU tests are `#[ignore]`d (CI
 //! does not install QEMU): run them with `cargo test --release -p cpr-tests --test
 //! blkcheck_qemu -- --ignored` after `scripts/bench-setup.sh`; a missing QEMU is then a recorded
@@ -268,6 +269,34 @@ fn qemu_without_msix_the_driver_polls() {
             let passes = parse_pass_lines(console);
             assert_eq!(passes.len(), 1, "{console}");
             assert_eq!((passes[0].requests, passes[0].irqs), (513, 0), "{console}");
+            check_image(disk, 1).unwrap();
+        },
+    );
+}
+
+/// INTx (`blkcheck.intx=1`) on a function without MSI-X: the driver reads the interrupt line
+/// SeaBIOS wrote, routes that IOAPIC pin and takes its queue interrupts there, as it does on our
+/// VMM (tests/tests/virtio_blk.rs): the same image works on both.
+#[test]
+#[ignore = "needs QEMU (scripts/bench-setup.sh): cargo test --test blkcheck_qemu -- --ignored"]
+fn qemu_the_driver_on_intx_takes_its_interrupts_through_the_ioapic() {
+    qemu_run(
+        "blkcheck-qemu-intx",
+        &vec![0u8; 1 << 20],
+        [
+            "",
+            "blkcheck.passes=1 blkcheck.exit_code=0 blkcheck.intx=1",
+            ",vectors=0",
+        ],
+        |disk, code, console| {
+            assert_eq!(code, guest_exit(0), "console: {console}");
+            assert!(console.contains("blkcheck: intx pin 1 line "), "{console}");
+            assert!(!console.contains("msix"), "{console}");
+            let passes = parse_pass_lines(console);
+            assert_eq!(passes.len(), 1, "{console}");
+            assert_eq!(passes[0].requests, 513, "{console}");
+            assert!(passes[0].irqs > 0, "no INTx interrupts: {console}");
+            eprintln!("blkcheck on INTx in QEMU: {passes:?}");
             check_image(disk, 1).unwrap();
         },
     );

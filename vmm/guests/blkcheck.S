@@ -14,7 +14,8 @@
  *                     Options on the kernel command line: blkcheck.depth=N,
  *                     blkcheck.passes=N (exit after N passes), blkcheck.exit_code=N,
  *                     blkcheck.verify=G (the first pass only reads and verifies generation G,
- *                     left on the disk by an earlier run; the next pass writes G + 1).
+ *                     left on the disk by an earlier run; the next pass writes G + 1),
+ *                     blkcheck.intx=1 (INTx instead of MSI-X, as `irq=intx` below).
  *                     The LAPIC timer runs at 100 Hz (1 GHz APIC bus).
  *
  * The timer only wakes the driver and counts ticks (counters +0x28, "ticks" per pass): on a slow
@@ -34,7 +35,10 @@
  *      FEATURES_OK, reads the configuration, sets up queue 0 as a split virtqueue (at most 256
  *      entries), MSI-X entry 0 (address 0xfee00000 | APIC id << 12, vector VIRTIO_VECTOR) as the
  *      queue's vector, DRIVER_OK. Without MSI-X (no capability, or the vector does not read
- *      back) it polls and says so;
+ *      back) it polls and says so. With `--guest blkcheck,irq=intx` (parameter block
+ *      PB_BLK_INTX) it leaves MSI-X off and INTx on, reads the interrupt line from the
+ *      configuration space and routes that IOAPIC pin (level, active low) to VIRTIO_VECTOR; its
+ *      interrupt handler reads the ISR, then EOIs;
  *   3. runs passes over the region (the first min(capacity, 16 MiB) of the disk, in 4 KiB
  *      requests, `depth` in flight): write generation G into every sector, read every sector
  *      back and verify it, FLUSH (when offered), G += 1. Read-only devices get read-only passes
@@ -51,6 +55,7 @@
  *   blkcheck: virtio-blk 00:DD.F common 0x.. notify 0x.. isr 0x.. device 0x..
  *   blkcheck: msix table 0x.. entries N vector 0x41 apic A   (or "blkcheck: msix unavailable,
  *                                                    polling" / "... not accepted, polling")
+ *   blkcheck: intx pin 1 line L vector 0x41 apic A   (irq=intx instead of the msix line)
  *   blkcheck: features device 0x.. driver 0x.. event-idx E flush F ro R
  *   blkcheck: capacity C sectors blk-size B seg-max M queue-size Q depth D region R sectors
  *   blkcheck: pass G done requests N total T errors E mismatches M ticks K irqs I
@@ -88,6 +93,8 @@
 
     .set PB_BLK_DEPTH,      0x30        /* u32 requests in flight, 0 = default (the VMM) */
     .set PB_BLK_VERIFY,     0x34        /* u32 generation the first pass verifies, 0 = none */
+    .set PB_BLK_INTX,       0x38        /* u32 nonzero: INTx, not MSI-X (blkcheck,irq=intx) */
+    .set PB_VIRTIO_INTX,    PB_BLK_INTX
     .set DEFAULT_DEPTH,     8
     .set MAX_DEPTH,         64
     .set MAX_QUEUE,         256
@@ -171,6 +178,7 @@ bz_options:
     BZ_OPTION "blkcheck.passes=", PB_EXIT_AFTER
     BZ_OPTION "blkcheck.exit_code=", PB_EXIT_CODE
     BZ_OPTION "blkcheck.verify=", PB_BLK_VERIFY
+    BZ_OPTION "blkcheck.intx=", PB_BLK_INTX
     BZ_START blk_start
 
 .else

@@ -79,6 +79,8 @@ const PB_EXIT_AFTER: usize = 0x1c;
 const PB_EXIT_CODE: usize = 0x20;
 /// blkcheck: u32 requests kept in flight (0 = its default, [`BLKCHECK_DEFAULT_DEPTH`]).
 const PB_BLK_DEPTH: usize = 0x30;
+/// blkcheck: u32 nonzero = drive the disk with INTx, not MSI-X (`irq=intx`).
+const PB_BLK_INTX: usize = 0x38;
 
 /// blkcheck's requests in flight when `depth=` is not given.
 #[allow(dead_code)] // guest ABI: the guest applies it to depth 0
@@ -192,6 +194,8 @@ pub enum BuiltinGuest {
     Blkcheck {
         /// Requests in flight, `0..=BLKCHECK_MAX_DEPTH` (0 = [`BLKCHECK_DEFAULT_DEPTH`]).
         depth: u32,
+        /// Interrupts through INTx (the IOAPIC pin in the interrupt line) instead of MSI-X.
+        intx: bool,
     },
     /// virtio-net driver: echoes the host's numbered frames and sends its own, one per timer
     /// tick, counting gaps and duplicates (guests/netcheck.S).
@@ -206,7 +210,10 @@ impl BuiltinGuest {
     pub const ALL: [BuiltinGuest; 4] = [
         BuiltinGuest::Heartbeat,
         BuiltinGuest::Memcheck,
-        BuiltinGuest::Blkcheck { depth: 0 },
+        BuiltinGuest::Blkcheck {
+            depth: 0,
+            intx: false,
+        },
         BuiltinGuest::Netcheck,
     ];
 
@@ -304,7 +311,8 @@ pub enum BootError {
 /// Parameter block at [`PARAMS_ADDR`] (little-endian): `+0x00` u64 magic
 /// "CPRGUEST", `+0x08` u32 version 1, `+0x0c` u32 vcpu_count, `+0x10` u64
 /// ram_end, `+0x18` u32 LAPIC timer initial count, `+0x1c` u32
-/// exit_after_ticks, `+0x20` u32 exit_code, `+0x30` u32 blkcheck depth, `+0x40` u32 print spinlock,
+/// exit_after_ticks, `+0x20` u32 exit_code, `+0x30` u32 blkcheck depth, `+0x38` u32 blkcheck
+/// INTx, `+0x40` u32 print spinlock,
 /// `+0x100 + 64*i` per-vCPU areas; everything not listed is zeroed.
 ///
 /// memcheck expects the pages it checks to start out equal, as they are in
@@ -340,12 +348,12 @@ pub fn load_builtin_guest<M: GuestMemory>(
         None => return Err(BootError::InvalidTickRate(params.tick_hz)),
     };
 
-    let depth = match guest {
-        BuiltinGuest::Blkcheck { depth } if depth > BLKCHECK_MAX_DEPTH => {
+    let (depth, intx) = match guest {
+        BuiltinGuest::Blkcheck { depth, .. } if depth > BLKCHECK_MAX_DEPTH => {
             return Err(BootError::InvalidDepth(depth));
         }
-        BuiltinGuest::Blkcheck { depth } => depth,
-        _ => 0,
+        BuiltinGuest::Blkcheck { depth, intx } => (depth, intx),
+        _ => (0, false),
     };
 
     write_long_mode_tables(mem)?;
@@ -362,6 +370,7 @@ pub fn load_builtin_guest<M: GuestMemory>(
     put(PB_EXIT_AFTER, &params.exit_after_ticks.to_le_bytes());
     put(PB_EXIT_CODE, &u32::from(params.exit_code).to_le_bytes());
     put(PB_BLK_DEPTH, &depth.to_le_bytes());
+    put(PB_BLK_INTX, &u32::from(intx).to_le_bytes());
     let sampled = u32::from(guest == BuiltinGuest::MemcheckSampled);
     put(PB_MEMCHECK_SAMPLED, &sampled.to_le_bytes());
     put(PB_HIGH_RAM_END, &high_ram_end(mem).to_le_bytes());

@@ -1,15 +1,20 @@
 //! The MP table (Intel MultiProcessor Specification 1.4) that tells a Linux guest about its
-//! vCPUs, the IOAPIC and the ISA interrupt routing.
+//! vCPUs, the IOAPIC, and the ISA and PCI interrupt routing.
 //!
 //! At [`MPTABLE_ADDR`], all little-endian, each structure one `#[repr(C, packed)]` type below:
 //!
 //! - [`FloatingPointer`] (16 bytes), pointing at the configuration table right after it;
 //! - [`ConfigHeader`] (44 bytes), then the entries in type order:
 //!   - [`Processor`] (20 bytes) per vCPU: APIC id i, enabled; vCPU 0 also the bootstrap processor;
-//!   - [`Bus`] (8 bytes): bus 0, ISA;
+//!   - [`Bus`] (8 bytes) x2: bus 0, PCI (the MP bus id of a PCI bus is its bus number, which
+//!     is how Linux matches a device to its entries), and bus 1, ISA;
 //!   - [`IoApic`] (8 bytes): id = vcpus, usable, at [`IOAPIC_ADDR`];
-//!   - [`Interrupt`] (8 bytes, I/O interrupt) per ISA IRQ 0..=15 to the same-numbered IOAPIC pin
-//!     (KVM's default routing);
+//!   - [`Interrupt`] (8 bytes, I/O interrupt) per ISA IRQ 0..=15 (bus 1) to the same-numbered
+//!     IOAPIC pin (KVM's default routing);
+//!   - [`Interrupt`] (8 bytes, I/O interrupt) per PCI slot 1..=31 of bus 0: its INTA (source
+//!     IRQ `slot << 2 | 0`) to the IOAPIC pin the slot is wired to
+//!     ([`crate::devices::pci::intx_gsi`]), level-triggered and active low (flags 0x0f), so a
+//!     kernel without ACPI interrupt routing finds the pin of every PCI function's INTx;
 //!   - [`Interrupt`] (8 bytes, local interrupt) x2: ExtINT to LINT0 of APIC 0, NMI to LINT1 of
 //!     all APICs.
 //!
@@ -21,6 +26,7 @@ use vm_memory::ByteValued;
 
 use super::linux::{HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR, MAX_LINUX_VCPUS, MPTABLE_ADDR};
 use super::table_checksum;
+use crate::devices::pci::intx_gsi;
 
 const SPEC_REVISION: u8 = 4;
 const ENTRY_PROCESSOR: u8 = 0;
@@ -41,10 +47,17 @@ const IOAPIC_VERSION: u8 = 0x11;
 const CPU_SIGNATURE: u32 = 0x600;
 const CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
 const ISA_IRQS: u8 = 16;
-const ISA_BUS_ID: u8 = 0;
+const PCI_BUS_ID: u8 = 0;
+const ISA_BUS_ID: u8 = 1;
+/// PCI slots whose INTA is described (slot 0 is the host bridge, which has no interrupt).
+const PCI_INTX_SLOTS: std::ops::RangeInclusive<u8> = 1..=31;
+const PCI_INTX_SLOT_COUNT: usize = 31;
+/// I/O interrupt flags: polarity active low (bits 1:0 = 3), trigger level (bits 3:2 = 3).
+const LEVEL_ACTIVE_LOW: u16 = 0x0f;
 const ALL_APICS: u8 = 0xff;
-/// Entries that do not depend on the vCPU count: bus, IOAPIC, 16 ISA IRQs, 2 local interrupts.
-const FIXED_ENTRIES: usize = 1 + 1 + ISA_IRQS as usize + 2;
+/// Entries that do not depend on the vCPU count: 2 buses, IOAPIC, 16 ISA IRQs, 31 PCI INTA
+/// routes, 2 local interrupts.
+const FIXED_ENTRIES: usize = 2 + 1 + ISA_IRQS as usize + PCI_INTX_SLOT_COUNT + 2;
 
 /// The MP floating pointer structure: where the configuration table is.
 #[repr(C, packed)]
@@ -175,12 +188,14 @@ pub fn mptable(vcpus: u32) -> Vec<u8> {
         };
         entries.extend_from_slice(processor.as_slice());
     }
-    let bus = Bus {
-        entry_type: ENTRY_BUS,
-        bus_id: ISA_BUS_ID,
-        bus_type: *b"ISA   ",
-    };
-    entries.extend_from_slice(bus.as_slice());
+    for (bus_id, bus_type) in [(PCI_BUS_ID, *b"PCI   "), (ISA_BUS_ID, *b"ISA   ")] {
+        let bus = Bus {
+            entry_type: ENTRY_BUS,
+            bus_id,
+            bus_type,
+        };
+        entries.extend_from_slice(bus.as_slice());
+    }
     let ioapic = IoApic {
         entry_type: ENTRY_IOAPIC,
         id: ioapic_id,
@@ -198,6 +213,18 @@ pub fn mptable(vcpus: u32) -> Vec<u8> {
             source_irq: irq,
             dest_apic: ioapic_id,
             dest_pin: irq,
+        };
+        entries.extend_from_slice(route.as_slice());
+    }
+    for slot in PCI_INTX_SLOTS {
+        let route = Interrupt {
+            entry_type: ENTRY_IO_INTERRUPT,
+            irq_type: IRQ_INT,
+            flags: LEVEL_ACTIVE_LOW.to_le(),
+            source_bus: PCI_BUS_ID,
+            source_irq: slot << 2, // INTA
+            dest_apic: ioapic_id,
+            dest_pin: intx_gsi(slot) as u8,
         };
         entries.extend_from_slice(route.as_slice());
     }
@@ -277,7 +304,7 @@ mod tests {
             assert_eq!(len, config.len());
             assert_eq!(config.iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0);
             let count = u16::from_le_bytes([config[34], config[35]]);
-            assert_eq!(count as u32, vcpus + 20);
+            assert_eq!(count as u32, vcpus + 52);
             assert_eq!(
                 u32::from_le_bytes(config[36..40].try_into().unwrap()),
                 LAPIC_ADDR
@@ -287,6 +314,7 @@ mod tests {
             let mut cpus = Vec::new();
             let mut ioapic = None;
             let mut irqs = Vec::new();
+            let mut buses = Vec::new();
             for _ in 0..count {
                 match config[at] {
                     ENTRY_PROCESSOR => {
@@ -301,7 +329,18 @@ mod tests {
                         at += 8;
                     }
                     ENTRY_IO_INTERRUPT => {
-                        irqs.push((config[at + 5], config[at + 6], config[at + 7]));
+                        let flags = u16::from_le_bytes([config[at + 2], config[at + 3]]);
+                        irqs.push((
+                            flags,
+                            config[at + 4],
+                            config[at + 5],
+                            config[at + 6],
+                            config[at + 7],
+                        ));
+                        at += 8;
+                    }
+                    ENTRY_BUS => {
+                        buses.push((config[at + 1], config[at + 2..at + 8].to_vec()));
                         at += 8;
                     }
                     _ => at += 8,
@@ -313,33 +352,50 @@ mod tests {
                 .collect();
             assert_eq!(cpus, expected);
             assert_eq!(ioapic, Some((vcpus as u8, IOAPIC_ADDR)));
-            let expected_irqs: Vec<_> = (0..16).map(|i| (i, vcpus as u8, i)).collect();
+            assert_eq!(
+                buses,
+                [(0, b"PCI   ".to_vec()), (1, b"ISA   ".to_vec())],
+                "the PCI bus's MP id is its bus number"
+            );
+            let ioapic_id = vcpus as u8;
+            // ISA IRQs (bus 1) to the same pins, conforming to the bus (edge, active high).
+            let mut expected_irqs: Vec<_> = (0..16).map(|i| (0, 1, i, ioapic_id, i)).collect();
+            // PCI slot s INTA (bus 0, IRQ s << 2) to its pin, level and active low.
+            expected_irqs.extend((1u8..32).map(|s| (0x0f, 0, s << 2, ioapic_id, 16 + s % 8)));
             assert_eq!(irqs, expected_irqs);
             assert!(MPTABLE_ADDR + t.len() as u64 <= HIMEM_START);
         }
     }
 
     const MPTABLE_2_VCPUS: &str = concat!(
-        "5f4d505f10fc090001048b000000000050434d50f40004f44350522d564d4d204c494e55582d424f",
-        "4f54202000000000000016000000e0fe000000000000140300060000010200000000000000000000",
-        "00011401000600000102000000000000000000000100495341202020020211010000c0fe03000000",
-        "00000200030000000001020103000000000202020300000000030203030000000004020403000000",
-        "00050205030000000006020603000000000702070300000000080208030000000009020903000000",
-        "000a020a03000000000b020b03000000000c020c03000000000d020d03000000000e020e03000000",
-        "000f020f0403000000000000040100000000ff01",
+        "5f4d505f10fc090001048b000000000050434d50f40104f74350522d564d4d204c494e55582d424f",
+        "4f54202000000000000036000000e0fe000000000000140300060000010200000000000000000000",
+        "00011401000600000102000000000000000000000100504349202020010149534120202002021101",
+        "0000c0fe030000000100020003000000010102010300000001020202030000000103020303000000",
+        "01040204030000000105020503000000010602060300000001070207030000000108020803000000",
+        "0109020903000000010a020a03000000010b020b03000000010c020c03000000010d020d03000000",
+        "010e020e03000000010f020f03000f000004021103000f000008021203000f00000c021303000f00",
+        "0010021403000f000014021503000f000018021603000f00001c021703000f000020021003000f00",
+        "0024021103000f000028021203000f00002c021303000f000030021403000f000034021503000f00",
+        "0038021603000f00003c021703000f000040021003000f000044021103000f000048021203000f00",
+        "004c021303000f000050021403000f000054021503000f000058021603000f00005c021703000f00",
+        "0060021003000f000064021103000f000068021203000f00006c021303000f000070021403000f00",
+        "0074021503000f000078021603000f00007c02170403000001000000040100000100ff01",
     );
 
-    /// The bytes are those the VMM has always written (recorded before the table was built from
-    /// named structs): the full table for 2 vCPUs, an FNV-1a hash for other counts.
+    /// The bytes are those the VMM writes: the full table for 2 vCPUs, an FNV-1a hash for other
+    /// counts. Recorded before the table was built from named structs, and again when the PCI
+    /// bus and its INTA routes were added (the ISA bus became bus 1): a change here must be
+    /// deliberate.
     #[test]
     fn mptable_bytes_are_unchanged() {
         use super::super::test_golden::{fnv1a, hex};
         assert_eq!(hex(&mptable(2)), MPTABLE_2_VCPUS);
         for (vcpus, hash) in [
-            (1, 0xdd5e0cb5ce598483),
-            (3, 0xceffd8ab74253be5),
-            (8, 0x54537c724797ba6f),
-            (MAX_LINUX_VCPUS, 0x5489599b735fd2bf),
+            (1, 0xbc1c61afc34484c1),
+            (3, 0x247231b597312d5d),
+            (8, 0x5ca33a849897030f),
+            (MAX_LINUX_VCPUS, 0xb16773c699291db7),
         ] {
             assert_eq!(fnv1a(&mptable(vcpus)), hash, "{vcpus} vCPUs");
         }

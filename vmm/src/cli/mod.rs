@@ -130,7 +130,8 @@ pub struct Args {
 
     /// Built-in guest: heartbeat, memcheck, blkcheck or netcheck, with options
     /// NAME[,hz=N][,exit-after=N][,exit-code=N] (memcheck also [,sweep=dense|sampled]: sampled
-    /// touches one page every 16 MiB of all RAM; blkcheck also [,depth=N], and its exit-after
+    /// touches one page every 16 MiB of all RAM; blkcheck also [,depth=N][,irq=msix|intx]
+    /// (irq=intx: the driver leaves MSI-X off and takes INTx), and its exit-after
     /// counts passes; netcheck sends one frame per tick, hz=100 by default, and its exit-after
     /// counts frames sent).
     #[arg(long, value_name = "NAME[,OPTS]")]
@@ -276,7 +277,8 @@ pub enum CliError {
     UnknownGuest(String),
     #[error(
         "invalid guest option '{0}': the guests take hz=N, exit-after=N, exit-code=N; \
-         memcheck also sweep=dense|sampled; blkcheck also depth=N (1..=64 requests in flight)"
+         memcheck also sweep=dense|sampled; blkcheck also depth=N (1..=64 requests in flight) \
+         and irq=msix|intx"
     )]
     GuestOption(String),
     #[error("invalid -serial '{0}': use stdio, file:PATH, unix:PATH,server[,wait=off] or null")]
@@ -824,13 +826,22 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
             }
             "exit-after" => g.exit_after_ticks = v.parse().map_err(|_| bad())?,
             "exit-code" => g.exit_code = v.parse().map_err(|_| bad())?,
-            "depth" if matches!(g.guest, BuiltinGuest::Blkcheck { .. }) => {
-                let depth = v
-                    .parse()
-                    .ok()
-                    .filter(|d| (1..=BLKCHECK_MAX_DEPTH).contains(d))
-                    .ok_or_else(bad)?;
-                g.guest = BuiltinGuest::Blkcheck { depth };
+            "depth" | "irq" => {
+                let BuiltinGuest::Blkcheck { depth, intx } = &mut g.guest else {
+                    return Err(bad());
+                };
+                match (k, v) {
+                    ("depth", _) => {
+                        *depth = v
+                            .parse()
+                            .ok()
+                            .filter(|d| (1..=BLKCHECK_MAX_DEPTH).contains(d))
+                            .ok_or_else(bad)?
+                    }
+                    (_, "msix") => *intx = false,
+                    (_, "intx") => *intx = true,
+                    _ => return Err(bad()),
+                }
             }
             "sweep" => {
                 g.guest = match (g.guest, v) {
@@ -1325,12 +1336,20 @@ mod tests {
     }
 
     #[test]
-    fn blkcheck_guest_takes_a_depth() {
+    fn blkcheck_guest_takes_a_depth_and_an_interrupt_mode() {
+        let blkcheck = |depth, intx| BuiltinGuest::Blkcheck { depth, intx };
         let g = parse_guest("blkcheck").unwrap();
-        assert_eq!(g.guest, BuiltinGuest::Blkcheck { depth: 0 });
+        assert_eq!(g.guest, blkcheck(0, false));
         let g = parse_guest("blkcheck,depth=16,exit-after=2").unwrap();
-        assert_eq!(g.guest, BuiltinGuest::Blkcheck { depth: 16 });
+        assert_eq!(g.guest, blkcheck(16, false));
         assert_eq!(g.exit_after_ticks, 2);
+        let g = parse_guest("blkcheck,irq=intx,depth=4").unwrap();
+        assert_eq!(g.guest, blkcheck(4, true));
+        let g = parse_guest("blkcheck,irq=intx,irq=msix").unwrap();
+        assert_eq!(g.guest, blkcheck(0, false));
+        let e = parse_guest("blkcheck,irq=msi").unwrap_err().to_string();
+        assert!(e.contains("irq=msix|intx"), "{e}");
+        assert!(parse_guest("memcheck,irq=intx").is_err());
         for bad in ["blkcheck,depth=0", "blkcheck,depth=65", "blkcheck,depth=x"] {
             let e = parse_guest(bad).unwrap_err().to_string();
             assert!(e.contains("depth=N"), "{bad}: {e}");

@@ -438,7 +438,9 @@ pub fn restore_vm_devices(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
                 detail: format!("irqchip {id} saved with id {}", chip.chip_id),
             });
         }
-        vm.set_irqchip(chip).map_err(vm_err("KVM_SET_IRQCHIP"))?;
+        // PCI INTx pins start clean; their functions assert them again at resume.
+        let chip = crate::devices::interrupts::release_intx_pins(chip);
+        vm.set_irqchip(&chip).map_err(vm_err("KVM_SET_IRQCHIP"))?;
     }
     vm.set_pit2(&s.pit).map_err(vm_err("KVM_SET_PIT2"))
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! 0x00  vendor id u16 | device id u16
-//! 0x04  command u16   | status u16          (status bit 4: capability list present)
+//! 0x04  command u16   | status u16          (status bit 3: interrupt status, bit 4: capability
+//!                                           list present)
 //! 0x08  revision u8   | class code u24      (prog-if, subclass, class)
 //! 0x0c  cache line u8 | latency u8 | header type u8 (0) | BIST u8
 //! 0x10  BAR0 .. BAR5 (0x10..0x28)           32-bit memory BARs, or 64-bit pairs
@@ -17,6 +18,10 @@
 //! interrupt line, and the bytes a capability marks writable); reads of a BAR after writing
 //! all-ones return its size mask, which is how drivers and firmware size BARs. The whole space
 //! is the function's saved state, so BARs a guest moved stay where it put them after an update.
+//! The interrupt pin (0x3d) is read-only; the interrupt line (0x3c) is what firmware (here: the
+//! VMM, see [`super::intx_gsi`]) wrote there, plain storage the guest may overwrite. The status
+//! register's interrupt-status bit is the function's (see [`super::intx`]) and is restored with
+//! the guest-writable bytes.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,12 +31,16 @@ const BAR0: usize = 0x10;
 const CAPABILITIES_POINTER: usize = 0x34;
 const FIRST_CAPABILITY: usize = 0x40;
 const STATUS_CAPABILITIES: u16 = 1 << 4;
+/// Status register bit 3: the function has an INTx interrupt pending.
+pub const STATUS_INTERRUPT: u16 = 1 << 3;
+const STATUS: usize = 0x06;
 /// Command register bits a guest may set: I/O space, memory space, bus master, INTx disable.
 pub const COMMAND_MEMORY: u16 = 1 << 1;
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 const COMMAND_WRITABLE: u16 = 0x1 | COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
-const INTERRUPT_LINE: usize = 0x3c;
+pub const INTERRUPT_LINE: usize = 0x3c;
+pub const INTERRUPT_PIN: usize = 0x3d;
 const BAR_MEMORY_64: u32 = 0b100;
 
 /// What a function is, as its header says.
@@ -59,6 +68,23 @@ pub struct BarSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigSpaceState {
     pub bytes: Vec<u8>,
+}
+
+impl ConfigSpaceState {
+    /// The saved interrupt-status bit (false for a state too short to have one).
+    pub fn interrupt_status(&self) -> bool {
+        self.bytes
+            .get(STATUS)
+            .is_some_and(|b| u16::from(*b) & STATUS_INTERRUPT != 0)
+    }
+
+    /// Records the function's interrupt status (it lives outside the bytes while it runs).
+    pub fn set_interrupt_status(&mut self, pending: bool) {
+        if let Some(b) = self.bytes.get_mut(STATUS) {
+            *b =
+                (*b & !(STATUS_INTERRUPT as u8)) | if pending { STATUS_INTERRUPT as u8 } else { 0 };
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -217,6 +243,26 @@ impl ConfigSpace {
         self.u16_at(0x04)
     }
 
+    /// Sets the read-only interrupt pin register (1 = INTA .. 4 = INTD, 0 = none).
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        self.bytes[INTERRUPT_PIN] = pin;
+    }
+
+    /// What firmware writes to the interrupt line register (the guest may change it later).
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        self.bytes[INTERRUPT_LINE] = line;
+    }
+
+    /// The status register's interrupt-status bit.
+    pub fn interrupt_status(&self) -> bool {
+        self.u16_at(STATUS) & STATUS_INTERRUPT != 0
+    }
+
+    pub fn set_interrupt_status(&mut self, pending: bool) {
+        let status = self.u16_at(STATUS) & !STATUS_INTERRUPT;
+        self.set_u16(STATUS, status | if pending { STATUS_INTERRUPT } else { 0 });
+    }
+
     /// Where BAR `index` decodes now: (guest address, size), or None when it is not a BAR,
     /// memory decoding is off, or the guest left it unassigned (0, or all-ones while sizing).
     pub fn bar_range(&self, index: usize) -> Option<(u64, u64)> {
@@ -245,7 +291,7 @@ impl ConfigSpace {
 
     /// Puts back the bytes a function saved. The function is rebuilt as at power-on first, so
     /// its layout (BAR sizes, capabilities, write masks) is this build's; only the values the
-    /// guest could change come from the state.
+    /// guest could change, and the interrupt-status bit, come from the state.
     pub fn restore_values(&mut self, state: &ConfigSpaceState) -> Result<(), ConfigSpaceError> {
         if state.bytes.len() != CONFIG_SPACE_SIZE {
             return Err(ConfigSpaceError::StateSize(state.bytes.len()));
@@ -254,6 +300,7 @@ impl ConfigSpace {
             let w = self.writable[at];
             self.bytes[at] = (self.bytes[at] & !w) | (state.bytes[at] & w);
         }
+        self.set_interrupt_status(state.interrupt_status());
         Ok(())
     }
 }
@@ -362,6 +409,36 @@ mod tests {
         assert_eq!(c.bytes[0x45], 0);
         c.write(a + 2, &[0x12, 0x34]);
         assert_eq!(c.bytes[a + 2..a + 4], [0x12, 0xbb]);
+    }
+
+    #[test]
+    fn pin_and_line_read_back_and_only_the_line_is_writable() {
+        let mut c = ConfigSpace::new(id());
+        c.set_interrupt_pin(1);
+        c.set_interrupt_line(17);
+        assert_eq!(read32(&c, INTERRUPT_LINE) & 0xffff, 0x01_11);
+        c.write(INTERRUPT_PIN, &[3]);
+        c.write(INTERRUPT_LINE, &[5]);
+        assert_eq!(read32(&c, INTERRUPT_LINE) & 0xffff, 0x01_05);
+        // The interrupt-status bit is the function's: not writable, but saved and restored.
+        c.write(0x06, &STATUS_INTERRUPT.to_le_bytes());
+        assert!(!c.interrupt_status());
+        c.set_interrupt_status(true);
+        assert_eq!(c.u16_at(0x06), STATUS_INTERRUPT);
+        let saved = c.save();
+        assert!(saved.interrupt_status());
+        let mut fresh = ConfigSpace::new(id());
+        fresh.restore_values(&saved).unwrap();
+        assert!(fresh.interrupt_status());
+        assert_eq!(fresh.bytes[INTERRUPT_LINE], 5, "the line the guest wrote");
+        assert_eq!(
+            fresh.bytes[INTERRUPT_PIN], 0,
+            "the pin is the rebuilt function's"
+        );
+        let mut quiet = c.save();
+        quiet.set_interrupt_status(false);
+        fresh.restore_values(&quiet).unwrap();
+        assert!(!fresh.interrupt_status());
     }
 
     #[test]

@@ -20,9 +20,18 @@
 //! assigned at power-on from the 32-bit MMIO window [`PCI_MMIO_BASE`]..+[`PCI_MMIO_SIZE`] (below
 //! the IOAPIC), and the window ([`PciMmioWindow`]) routes each access to the function whose BAR
 //! decodes it now, so a BAR the guest moves keeps working.
+//!
+//! INTx: a function that has an interrupt pin uses INTA, wired by the slot it sits in to one
+//! IOAPIC pin ([`intx_gsi`]): slot `s` to GSI `16 + s % 8`. Pins 16-23 are the IOAPIC's PCI pins
+//! on a PC (ISA IRQs 0-15 keep theirs: PIT, keyboard, serial, RTC...), so slots 1-7 get a pin of
+//! their own and slots 8 and up share them (level-triggered, so sharing works). When the bus
+//! attaches a function it tells it its slot ([`PciFunction::attached`]); the function puts the
+//! pin in its interrupt line register, as firmware does, and wires its INTx to it. The MP table
+//! (`boot/mptable.rs`) describes the same wiring to the guest.
 
 pub mod config_space;
 pub mod host_bridge;
+pub mod intx;
 pub mod msix;
 
 use std::sync::{Arc, Mutex};
@@ -36,11 +45,24 @@ pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
 pub const PCI_MMIO_SIZE: u64 = 0x3e00_0000;
 /// Slots on bus 0 (device numbers 0..=31).
 pub const PCI_SLOTS: u8 = 32;
+/// The first IOAPIC pin PCI INTx lines use, and how many there are.
+const FIRST_INTX_GSI: u32 = 16;
+const INTX_GSIS: u32 = 8;
 const DATA_OFFSET: u16 = 4;
 const CONFIG_ENABLE: u32 = 1 << 31;
 
+/// The IOAPIC pin (GSI) that INTA of a function in `slot` of bus 0 is wired to.
+pub fn intx_gsi(slot: u8) -> u32 {
+    FIRST_INTX_GSI + u32::from(slot) % INTX_GSIS
+}
+
 /// One PCI function as the bus sees it: its configuration space and its BARs.
 pub trait PciFunction: Send {
+    /// The bus placed it in `slot` (once, after it was built or restored): a function with an
+    /// interrupt pin wires it to [`intx_gsi`]`(slot)` here.
+    fn attached(&mut self, _slot: u8) -> Result<(), PciError> {
+        Ok(())
+    }
     /// `offset` is the byte offset in the configuration space (0..256).
     fn config_read(&mut self, offset: usize, data: &mut [u8]);
     fn config_write(&mut self, offset: usize, data: &[u8]);
@@ -61,6 +83,8 @@ pub enum PciError {
     NoSuchSlot(u8),
     #[error("the PCI MMIO window has no room for a {0:#x}-byte BAR")]
     WindowFull(u64),
+    #[error("PCI slot {slot}: wiring its INTx pin: {detail}")]
+    Intx { slot: u8, detail: String },
 }
 
 /// Bus 0: which function sits in which slot, and the BAR allocator of the MMIO window.
@@ -88,6 +112,7 @@ impl PciBus {
         if s.slots.iter().any(|(n, _)| *n == slot) {
             return Err(PciError::SlotTaken(slot));
         }
+        lock(&function).attached(slot)?;
         s.slots.push((slot, function));
         Ok(())
     }

@@ -80,6 +80,11 @@ impl Msix {
         })
     }
 
+    /// The capability's enable bit: while it is set the function may not use INTx.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub fn count(&self) -> u16 {
         self.entries.len() as u16
     }

@@ -15,7 +15,7 @@ pub mod pci;
 pub mod tap;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
@@ -23,6 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::lock;
+use super::pci::intx::Intx;
 use super::pci::msix::Msix;
 
 /// Feature bit numbers common to every device type (virtio 1.x section 6).
@@ -33,7 +34,7 @@ pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_bindings::virtio_ring::VIRTIO_RI
 pub const NO_VECTOR: u16 = 0xffff;
 
 /// ISR status bits (read-to-clear), for a driver on INTx.
-const ISR_QUEUE: u8 = 1;
+pub(crate) const ISR_QUEUE: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
@@ -81,20 +82,27 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self) {}
 }
 
-/// How a device raises its interrupts: per queue, through the MSI-X vector the driver chose,
-/// or (no vector) by setting the ISR bit.
+/// How a device raises its interrupts: per queue, through the MSI-X vector the driver chose
+/// while MSI-X is enabled, else by setting the ISR bit and asserting the function's INTx pin
+/// (as QEMU's virtio-pci does: a driver that left MSI-X off gets INTx whatever the vectors say).
 pub struct VirtioInterrupt {
     msix: Arc<Mutex<Msix>>,
     queue_vectors: Vec<AtomicU16>,
-    isr: AtomicU8,
+    intx: Arc<Intx>,
 }
 
 impl VirtioInterrupt {
+    /// With an INTx pin wired to nothing (the ISR alone), for device tests.
+    #[cfg(test)]
     fn new(msix: Arc<Mutex<Msix>>, queue_vectors: &[u16]) -> Self {
+        Self::with_intx(msix, queue_vectors, Arc::new(Intx::new()))
+    }
+
+    fn with_intx(msix: Arc<Mutex<Msix>>, queue_vectors: &[u16], intx: Arc<Intx>) -> Self {
         VirtioInterrupt {
             msix,
             queue_vectors: queue_vectors.iter().map(|v| AtomicU16::new(*v)).collect(),
-            isr: AtomicU8::new(0),
+            intx,
         }
     }
 
@@ -104,21 +112,20 @@ impl VirtioInterrupt {
             .queue_vectors
             .get(index)
             .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire));
-        if vector == NO_VECTOR {
-            self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
-        } else {
-            lock(&self.msix).trigger(vector);
+        if vector != NO_VECTOR {
+            let mut msix = lock(&self.msix);
+            if msix.enabled() {
+                msix.trigger(vector);
+                return;
+            }
         }
+        self.intx.raise(ISR_QUEUE);
     }
 
     fn set_queue_vector(&self, index: usize, vector: u16) {
         if let Some(v) = self.queue_vectors.get(index) {
             v.store(vector, Ordering::Release);
         }
-    }
-
-    fn take_isr(&self) -> u8 {
-        self.isr.swap(0, Ordering::AcqRel)
     }
 }
 

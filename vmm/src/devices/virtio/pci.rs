@@ -29,6 +29,11 @@
 //! without a VM exit to this process. The device works the queues only after DRIVER_OK, and a
 //! driver that breaks the rules (features it was not offered, a queue size that is not a power
 //! of two, rings outside guest RAM) gets the device in the state the spec says, never a crash.
+//!
+//! Interrupts: with MSI-X enabled, each queue's vector; otherwise INTx (pin INTA, the line the
+//! slot is wired to, see [`crate::devices::pci::intx`]): the device sets the ISR's queue bit and
+//! asserts the pin, the driver's read of the ISR clears it. The ISR's state crosses updates as
+//! the configuration space's interrupt-status bit.
 
 use std::sync::{Arc, Mutex};
 
@@ -39,11 +44,15 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
-    Activation, NO_VECTOR, VIRTIO_F_VERSION_1, VirtioDevice, VirtioError, VirtioInterrupt,
+    Activation, ISR_QUEUE, NO_VECTOR, VIRTIO_F_VERSION_1, VirtioDevice, VirtioError,
+    VirtioInterrupt,
 };
-use crate::devices::pci::PciFunction;
-use crate::devices::pci::config_space::{BarSpec, ConfigSpace, ConfigSpaceState, FunctionId};
+use crate::devices::pci::config_space::{
+    BarSpec, COMMAND_INTX_DISABLE, ConfigSpace, ConfigSpaceState, FunctionId,
+};
+use crate::devices::pci::intx::{INTERRUPT_PIN_INTA, Intx};
 use crate::devices::pci::msix::{MSIX_CAPABILITY_ID, Msix, MsixState};
+use crate::devices::pci::{PciError, PciFunction, intx_gsi};
 use crate::devices::{DeviceContext, DeviceError, VmRequest, lock};
 
 const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -122,6 +131,11 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     queues: Vec<QueueConfig>,
     /// While active: the live queues (shared with the device) and their notification eventfds.
     active: Option<ActiveQueues>,
+    /// INTA and the ISR (shared with the device's interrupt while active).
+    intx: Arc<Intx>,
+    /// Restored from a saved state: the interrupt line register is the saved one, not the
+    /// slot's power-on value.
+    restored: bool,
 }
 
 struct ActiveQueues {
@@ -198,6 +212,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let msix_cap = config
             .add_capability(MSIX_CAPABILITY_ID, &body, &writable)
             .map_err(|e| setup(&e))?;
+        config.set_interrupt_pin(INTERRUPT_PIN_INTA);
         let queues = max_sizes
             .iter()
             .map(|&size| QueueConfig {
@@ -223,6 +238,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_select: 0,
             queues,
             active: None,
+            intx: Arc::new(Intx::new()),
+            restored: false,
         })
     }
 
@@ -241,8 +258,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 }
             }
         }
+        let mut config_space = self.config.save();
+        config_space.set_interrupt_status(self.intx.pending());
         TransportState {
-            config_space: self.config.save(),
+            config_space,
             msix: lock(&self.msix).save(),
             device_feature_select: self.device_feature_select,
             driver_feature_select: self.driver_feature_select,
@@ -278,10 +297,25 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.config_generation = s.config_generation;
         self.queue_select = s.queue_select;
         self.queues = s.queues.clone();
+        self.restored = true;
+        // The ISR: only the queue cause exists, so the interrupt-status bit says it all.
+        self.intx.restore_status(if self.config.interrupt_status() {
+            ISR_QUEUE
+        } else {
+            0
+        });
+        self.update_intx_enable();
         if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0 {
             self.activate().map_err(|e| invalid(&e))?;
         }
         Ok(())
+    }
+
+    /// INTx may be asserted while the command register allows it and MSI-X is off.
+    fn update_intx_enable(&self) {
+        let enabled =
+            self.config.command() & COMMAND_INTX_DISABLE == 0 && !lock(&self.msix).enabled();
+        self.intx.set_enabled(enabled);
     }
 
     fn offered(&self) -> u64 {
@@ -443,7 +477,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let features = self.driver_features;
         let event_idx = features & 1 << super::VIRTIO_RING_F_EVENT_IDX != 0;
         let vectors: Vec<u16> = self.queues.iter().map(|q| q.msix_vector).collect();
-        let interrupt = Arc::new(VirtioInterrupt::new(self.msix.clone(), &vectors));
+        let interrupt = Arc::new(VirtioInterrupt::with_intx(
+            self.msix.clone(),
+            &vectors,
+            self.intx.clone(),
+        ));
         let mut live = Vec::new();
         for (index, cfg) in self.queues.iter().enumerate() {
             if !cfg.enabled {
@@ -528,6 +566,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         if let Some(mut active) = self.active.take() {
             self.unregister_notifications(&mut active);
         }
+        self.intx.take();
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -551,6 +590,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         if self.active.is_some() {
             self.device.resume();
         }
+        self.intx.resume();
     }
 }
 
@@ -584,7 +624,22 @@ fn vendor_capability(kind: u8, offset: u64, length: u64, multiplier: Option<u32>
 }
 
 impl<D: VirtioDevice> PciFunction for VirtioPciDevice<D> {
+    fn attached(&mut self, slot: u8) -> Result<(), PciError> {
+        let gsi = intx_gsi(slot);
+        if !self.restored {
+            // What firmware does: the pin's IOAPIC input, for drivers that read it.
+            self.config.set_interrupt_line(gsi as u8);
+        }
+        self.intx
+            .wire(self.vm.clone(), gsi)
+            .map_err(|e| PciError::Intx {
+                slot,
+                detail: e.to_string(),
+            })
+    }
+
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.set_interrupt_status(self.intx.pending());
         self.config.read(offset, data);
     }
 
@@ -595,6 +650,12 @@ impl<D: VirtioDevice> PciFunction for VirtioPciDevice<D> {
         let control = self.msix_cap + 2;
         if offset < control + 2 && control < offset + data.len() {
             lock(&self.msix).set_control(self.config.u16_at(control));
+        }
+        // The command register's INTx-disable, or MSI-X enable, may have changed.
+        if offset < 0x06 && 0x04 < offset + data.len()
+            || offset < control + 2 && control < offset + data.len()
+        {
+            self.update_intx_enable();
         }
         // A BAR the guest moved (or turned off) takes the queue notifications with it.
         if self.bar0() != before
@@ -619,11 +680,12 @@ impl<D: VirtioDevice> PciFunction for VirtioPciDevice<D> {
         data.fill(0);
         match offset {
             o if o < ISR_OFFSET => self.common_read(o - COMMON_OFFSET, data),
-            o if o < ISR_OFFSET + REGION_SIZE => {
-                if let (Some(first), Some(active)) = (data.first_mut(), &self.active) {
-                    *first = active.interrupt.take_isr();
+            ISR_OFFSET => {
+                if let Some(first) = data.first_mut() {
+                    *first = self.intx.take();
                 }
             }
+            o if o < ISR_OFFSET + REGION_SIZE => {}
             o if o < DEVICE_OFFSET + REGION_SIZE => {
                 self.device.read_config(o - DEVICE_OFFSET, data)
             }
@@ -1062,9 +1124,11 @@ mod tests {
         let eventfd = active.queues[0].2.clone();
         w(&mut restored, NOTIFY_OFFSET, 0, 2);
         assert_eq!(eventfd.read().unwrap(), 1);
-        // The device's interrupt: queue 0 has MSI-X vector 1 (masked, so pending); a queue
-        // without a vector sets the ISR bit, which a read clears.
+        // The device's interrupt: with MSI-X enabled (function masked), queue 0 has vector 1
+        // (masked, so pending); a queue without a vector sets the ISR bit, which a read clears.
         assert_eq!(restored.device().ram, 1 << 20);
+        let control = restored.msix_cap + 2;
+        restored.config_write(control, &0xc000u16.to_le_bytes());
         let interrupt = restored.device().interrupt.clone().unwrap();
         interrupt.notify_queue(0);
         assert_eq!(r(&mut restored, MSIX_PBA_OFFSET, 1), 0b10);
@@ -1078,5 +1142,171 @@ mod tests {
             m.with(|ctx| VirtioPciDevice::<Probe>::restore(ctx, &(), &wrong))
                 .is_err()
         );
+    }
+
+    /// A started device (queue 0, no MSI-X vector) attached in `slot` of a bus, as a driver
+    /// that stays on INTx leaves it.
+    fn on_intx(m: &Machine, slot: u8) -> Arc<Mutex<VirtioPciDevice<Probe>>> {
+        let dev = Arc::new(Mutex::new(probe(m)));
+        let bus = crate::devices::pci::PciBus::new();
+        bus.attach(slot, dev.clone()).unwrap();
+        let mut d = lock(&dev);
+        driver_setup(&mut d, 1 << 32, 8);
+        w(&mut d, 0x14, u64::from(ALL_OK), 1);
+        drop(d);
+        dev
+    }
+
+    /// [`on_intx`] in slot 2 of its own machine, and the interrupt the device was given.
+    struct IntxRig {
+        dev: Arc<Mutex<VirtioPciDevice<Probe>>>,
+        interrupt: Arc<VirtioInterrupt>,
+        _machine: Machine,
+    }
+
+    impl IntxRig {
+        fn new() -> Self {
+            let machine = Machine::new();
+            let dev = on_intx(&machine, 2);
+            let interrupt = lock(&dev).device().interrupt.clone().unwrap();
+            IntxRig {
+                dev,
+                interrupt,
+                _machine: machine,
+            }
+        }
+    }
+
+    fn queue_0_vector_0(d: &mut VirtioPciDevice<Probe>) {
+        w(d, 0x16, 0, 2);
+        w(d, 0x1a, 0, 2);
+    }
+
+    fn asserts(dev: &VirtioPciDevice<Probe>) -> u64 {
+        dev.intx.line().unwrap().asserts()
+    }
+
+    fn status_interrupt(dev: &mut VirtioPciDevice<Probe>) -> bool {
+        let mut b = [0u8; 2];
+        dev.config_read(0x06, &mut b);
+        u16::from_le_bytes(b) & crate::devices::pci::config_space::STATUS_INTERRUPT != 0
+    }
+
+    #[test]
+    fn the_function_has_pin_inta_and_the_line_of_its_slot() {
+        let m = Machine::new();
+        for slot in [1u8, 3, 9] {
+            let dev = on_intx(&m, slot);
+            let mut d = lock(&dev);
+            assert_eq!(d.config_byte(0x3d), 1, "INTA");
+            assert_eq!(u32::from(d.config_byte(0x3c)), intx_gsi(slot));
+            assert_eq!(d.intx.line().unwrap().gsi(), intx_gsi(slot));
+            d.config_write(0x3c, &[0x0b]);
+            assert_eq!(
+                d.config_byte(0x3c),
+                0x0b,
+                "the line is storage the guest may write"
+            );
+        }
+        assert_eq!((intx_gsi(1), intx_gsi(7), intx_gsi(8)), (17, 23, 16));
+    }
+
+    #[test]
+    fn a_queue_interrupt_without_msix_sets_the_isr_and_asserts_inta_until_read() {
+        let rig = IntxRig::new();
+        let (mut d, interrupt) = (lock(&rig.dev), rig.interrupt.clone());
+        assert!(!status_interrupt(&mut d));
+        interrupt.notify_queue(0);
+        assert_eq!(asserts(&d), 1);
+        assert!(status_interrupt(&mut d), "status register bit 3");
+        assert!(d.intx.pending());
+        assert_eq!(r(&mut d, ISR_OFFSET, 1), 1);
+        assert!(!status_interrupt(&mut d), "reading the ISR clears it");
+        assert!(
+            !d.intx.pending(),
+            "so the EOI's resample leaves the pin down"
+        );
+        assert_eq!(r(&mut d, ISR_OFFSET, 1), 0);
+        // A queue vector the driver wrote counts only while MSI-X is enabled.
+        queue_0_vector_0(&mut d);
+        interrupt.notify_queue(0);
+        assert_eq!(asserts(&d), 2);
+        assert_eq!(r(&mut d, ISR_OFFSET, 1), 1);
+    }
+
+    #[test]
+    fn intx_disable_in_the_command_register_keeps_the_pin_down() {
+        let rig = IntxRig::new();
+        let (mut d, interrupt) = (lock(&rig.dev), rig.interrupt.clone());
+        d.config_write(0x04, &(0x06 | COMMAND_INTX_DISABLE).to_le_bytes());
+        interrupt.notify_queue(0);
+        assert_eq!(asserts(&d), 0);
+        assert!(status_interrupt(&mut d), "the status shows it all the same");
+        // Enabling INTx again with the interrupt pending asserts the pin.
+        d.config_write(0x04, &0x06u16.to_le_bytes());
+        assert_eq!(asserts(&d), 1);
+        assert_eq!(r(&mut d, ISR_OFFSET, 1), 1);
+    }
+
+    #[test]
+    fn with_msix_enabled_nothing_goes_through_intx() {
+        let rig = IntxRig::new();
+        let (mut d, interrupt) = (lock(&rig.dev), rig.interrupt.clone());
+        queue_0_vector_0(&mut d);
+        let control = d.msix_cap + 2;
+        d.config_write(control, &0xc000u16.to_le_bytes()); // enabled, function masked
+        interrupt.notify_queue(0);
+        assert_eq!(r(&mut d, MSIX_PBA_OFFSET, 1), 1, "vector 0 pending");
+        assert_eq!(r(&mut d, ISR_OFFSET, 1), 0);
+        // A queue without a vector sets the ISR (a polling driver may read it), no INTx.
+        interrupt.notify_queue(1);
+        assert_eq!(asserts(&d), 0);
+        assert_eq!(r(&mut d, ISR_OFFSET, 1), 1);
+        // MSI-X off again: INTx.
+        d.config_write(control, &0u16.to_le_bytes());
+        interrupt.notify_queue(0);
+        assert_eq!(asserts(&d), 1);
+    }
+
+    #[test]
+    fn a_pending_intx_and_the_line_the_guest_wrote_cross_a_save_and_restore() {
+        let m = Machine::new();
+        let dev = on_intx(&m, 2);
+        let bytes = {
+            let mut d = lock(&dev);
+            d.config_write(0x3c, &[0x0b]);
+            d.device().interrupt.clone().unwrap().notify_queue(0);
+            d.pause();
+            crate::devices::encode_state(&d.save()).unwrap()
+        };
+        drop(dev);
+        let back = crate::devices::decode_state(&bytes).unwrap();
+        let restored = Arc::new(Mutex::new(
+            m.with(|ctx| VirtioPciDevice::<Probe>::restore(ctx, &(), &back))
+                .unwrap(),
+        ));
+        crate::devices::pci::PciBus::new()
+            .attach(2, restored.clone())
+            .unwrap();
+        let mut d = lock(&restored);
+        assert_eq!(
+            d.config_byte(0x3c),
+            0x0b,
+            "the guest's line, not the slot's"
+        );
+        assert_eq!(asserts(&d), 0, "nothing while the machine is stopped");
+        d.resume();
+        assert_eq!(asserts(&d), 1, "asserted again: the interrupt is not lost");
+        assert!(status_interrupt(&mut d));
+        assert_eq!(r(&mut d, ISR_OFFSET, 1), 1);
+        // Saved with nothing pending: restored with nothing pending.
+        d.pause();
+        let quiet = d.save();
+        drop(d);
+        drop(restored); // its queue notifications go with it
+        let again = m
+            .with(|ctx| VirtioPciDevice::<Probe>::restore(ctx, &(), &quiet))
+            .unwrap();
+        assert!(!again.intx.pending());
     }
 }
