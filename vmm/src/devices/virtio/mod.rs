@@ -122,6 +122,12 @@ impl VirtioInterrupt {
         self.intx.raise(ISR_QUEUE);
     }
 
+    /// Reads and clears the ISR, as a driver's ISR read does (device tests).
+    #[cfg(test)]
+    fn take_isr(&self) -> u8 {
+        self.intx.take()
+    }
+
     fn set_queue_vector(&self, index: usize, vector: u16) {
         if let Some(v) = self.queue_vectors.get(index) {
             v.store(vector, Ordering::Release);
