@@ -132,17 +132,34 @@ pub fn hmp_line(data: &[u8]) {
 /// spelling normalisation, clap and the checks of every option (`-m`, `-smp`, `--guest`,
 /// `-serial`, `-qmp`, `-incoming`, `-machine`, `-drive`, `-blockdev`, `-device`, `-add-fd`).
 pub fn cli_args(data: &[u8]) {
-    use clap::Parser;
     let text = String::from_utf8_lossy(data);
     let argv: Vec<String> = std::iter::once("vmm".to_string())
         .chain(text.split('\0').map(str::to_string))
         .collect();
-    if let Ok(args) = cli::Args::try_parse_from(cli::normalize_qemu_spellings(argv.clone()))
+    if let Ok(args) = parse_args(cli::normalize_qemu_spellings(argv.clone()))
         && let Ok(config) = cli::Config::from_args(args, argv)
     {
         let _ = config.summary();
         let _ = config.chardevs();
     }
+}
+
+/// `cli::Args::try_parse_from`, with the clap command built once per thread and reused, as the
+/// VMM builds it once per process: building it (and clap's checks of the definition in a
+/// debug-assertions build) cost several times the parsing of one command line and does not
+/// depend on the input.
+fn parse_args(argv: Vec<String>) -> Result<cli::Args, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    use std::cell::RefCell;
+    thread_local! {
+        static COMMAND: RefCell<clap::Command> = RefCell::new({
+            let mut command = cli::Args::command();
+            command.build();
+            command
+        });
+    }
+    let mut matches = COMMAND.with_borrow_mut(|c| c.try_get_matches_from_mut(argv))?;
+    cli::Args::from_arg_matches_mut(&mut matches)
 }
 
 /// One option's value, the first byte choosing the parser (`-m`, `-smp`, `--guest`, `-serial`,
@@ -186,6 +203,58 @@ pub fn cli_options(data: &[u8]) {
                 list.push(value.to_string());
             }
             let _ = cli::drives::parse_disks(&drives, &blockdevs, &devices, &add_fds);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The reused clap command parses as a fresh one does (`Args::try_parse_from`, which the VMM
+    /// calls), one command line after another.
+    #[test]
+    fn reused_command_parses_as_a_fresh_one() {
+        let lines: &[&[&str]] = &[
+            &["vmm", "-m", "1G", "-smp", "2", "-serial", "stdio"],
+            &["vmm", "--no-such-option"],
+            &["vmm", "-m"],
+            &["vmm", "--help"],
+            &[
+                "vmm",
+                "-incoming",
+                "defer",
+                "-incoming",
+                "file:/x",
+                "-S",
+                "-name",
+                "a",
+            ],
+            &[
+                "vmm",
+                "-drive",
+                "file=/d,if=virtio",
+                "-add-fd",
+                "fd=3,set=1",
+                "-vv",
+            ],
+            &["vmm", "--version"],
+            &["vmm", "-m", "1G", "-smp", "2", "-serial", "stdio"],
+        ];
+        for line in lines {
+            let argv = cli::normalize_qemu_spellings(line.iter().map(|s| s.to_string()));
+            let fresh = cli::Args::try_parse_from(argv.clone());
+            let reused = parse_args(argv);
+            match (fresh, reused) {
+                (Ok(a), Ok(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}"), "{line:?}"),
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.kind(), b.kind(), "{line:?}");
+                    assert_eq!(a.to_string(), b.to_string(), "{line:?}");
+                }
+                (a, b) => panic!("{line:?}: fresh {a:?}, reused {b:?}"),
+            }
         }
     }
 }
