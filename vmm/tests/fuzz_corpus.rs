@@ -79,6 +79,9 @@ fn write_seeds() {
         let data = fs::read(golden.join(format!("state-v{v}.bin"))).unwrap();
         write_seed("state_file", &format!("golden-v{v}"), &data);
     }
+    let v3 = fs::read(golden.join("state-v3.bin")).unwrap();
+    let sections = vmm::fuzzing::sections_of_state_file(v3).unwrap();
+    write_seed("state_sections", "golden-v3", &sections);
 
     let ram = PreservedFd {
         name: "guest-ram-low".into(),
