@@ -263,6 +263,10 @@ fn memcheck_with_the_ram_file_on_hugetlbfs() {
         &["hugetlbfs", "2 MiB pages", "whole huge pages"],
         LONG,
     );
+    assert!(
+        !odd.exists(),
+        "a refused start left the RAM file it created"
+    );
     drop(guard);
     assert!(!ram.exists(), "hugetlbfs still mounted");
 }

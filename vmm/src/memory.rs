@@ -244,14 +244,43 @@ impl GuestRam {
             let path = path.display().to_string();
             move |source| MemoryError::File { path, what, source }
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(file_err("opening (read-write, created if missing)"))?;
+        let open = |create: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(create)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+        };
+        // Created here (O_EXCL) or there already: a file this call created and then could not
+        // use is removed again, so a refused start leaves nothing behind.
+        let (file, created) = match open(true) {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
+                open(false).map_err(file_err("opening (read-write, created if missing)"))?,
+                false,
+            ),
+            Err(e) => return Err(file_err("opening (read-write, created if missing)")(e)),
+        };
+        let mapped = Self::size_and_map_file(path, file, ram_size, opts);
+        if mapped.is_err() && created {
+            let _ = std::fs::remove_file(path);
+        }
+        mapped
+    }
+
+    /// [`GuestRam::open_file`] once the file is open: checks it, sizes it if it is empty, maps it.
+    fn size_and_map_file(
+        path: &std::path::Path,
+        file: File,
+        ram_size: u64,
+        opts: FileRamOptions,
+    ) -> Result<Self, MemoryError> {
+        let file_err = |what: &'static str| {
+            let path = path.display().to_string();
+            move |source| MemoryError::File { path, what, source }
+        };
         let meta = file.metadata().map_err(file_err("reading its size"))?;
         if !meta.file_type().is_file() {
             return Err(MemoryError::NotRegular(path.display().to_string()));
@@ -625,6 +654,16 @@ mod tests {
         // Another size: refused, the file untouched.
         let e = GuestRam::open_file(&path, 32 << 20, shared).unwrap_err();
         assert!(e.to_string().contains("not resized"), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
+        // A file this call creates and cannot use (no file can be 2^63 bytes) is removed again;
+        // one that was there already is left as it was.
+        let fresh = dir.join("fresh.ram");
+        assert!(GuestRam::open_file(&fresh, 1 << 63, shared).is_err());
+        assert!(
+            !fresh.exists(),
+            "a refused start left the RAM file it created"
+        );
+        assert!(GuestRam::open_file(&path, 1 << 63, shared).is_err());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 << 20);
         let _ = std::fs::remove_dir_all(&dir);
     }
