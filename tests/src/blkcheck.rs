@@ -10,6 +10,11 @@
 //! that; anything else (a stale, misplaced, torn or zeroed sector) is an error naming the
 //! sector.
 //!
+//! `bs=N` (`blkcheck.bs=NK`) makes the requests N bytes and the region a whole number of them,
+//! so [`check_image`] (which rounds to 4 KiB) applies as is when the disk's first 16 MiB are a
+//! multiple of N; `order=random` (`blkcheck.order=random`) changes only the order in which the
+//! requests of a phase are made, each still once, so it changes nothing here.
+//!
 //! Sector format (512 bytes, 64 little-endian u64 words `q`), sector S, generation G:
 //! `q[0] = PATTERN_MAGIC` ("BLKCHECK"), `q[1] = S`, `q[2] = G`, and for `i` in 3..64
 //! `q[i] = seed + i * K3` with `seed = S * K1 ^ G * K2` (wrapping arithmetic).

@@ -15,7 +15,8 @@
  *                     blkcheck.passes=N (exit after N passes), blkcheck.exit_code=N,
  *                     blkcheck.verify=G (the first pass only reads and verifies generation G,
  *                     left on the disk by an earlier run; the next pass writes G + 1),
- *                     blkcheck.intx=1 (INTx instead of MSI-X, as `irq=intx` below).
+ *                     blkcheck.intx=1 (INTx instead of MSI-X, as `irq=intx` below),
+ *                     blkcheck.order=random and blkcheck.bs=NK (as `order=`, `bs=` below).
  *                     The LAPIC timer runs at 100 Hz (1 GHz APIC bus).
  *
  * The timer only wakes the driver and counts ticks (counters +0x28, "ticks" per pass): on a slow
@@ -42,7 +43,11 @@
  *   3. runs passes over the region (the first min(capacity, 16 MiB) of the disk, in 4 KiB
  *      requests, `depth` in flight): write generation G into every sector, read every sector
  *      back and verify it, FLUSH (when offered), G += 1. Read-only devices get read-only passes
- *      without verification.
+ *      without verification. `bs=8K|16K|32K|64K` (PB_BLK_BS_KIB) makes the requests larger
+ *      (the region is then a whole number of them); `order=random` (PB_BLK_RANDOM) has both
+ *      passes visit the requests in a full-period permutation, j -> (j * K + C) mod 2^n with K
+ *      odd and 2^n the next power of two >= the requests, skipping the ones past the region,
+ *      so every request is still made once per phase.
  *
  * Sector format (512 bytes, 64 little-endian u64 words q[0..63]), generation G, sector S:
  *   q[0] = 0x4b434548434b4c42 ("BLKCHECK"), q[1] = S, q[2] = G,
@@ -58,6 +63,7 @@
  *   blkcheck: intx pin 1 line L vector 0x41 apic A   (irq=intx instead of the msix line)
  *   blkcheck: features device 0x.. driver 0x.. event-idx E flush F ro R
  *   blkcheck: capacity C sectors blk-size B seg-max M queue-size Q depth D region R sectors
+ *   blkcheck: request size B bytes order sequential|random     (only when not the defaults)
  *   blkcheck: pass G done requests N total T errors E mismatches M ticks K irqs I
  *   blkcheck: MISMATCH sector S expected gen G found sector X gen F [word W]
  *   blkcheck: I/O error status X sector S
@@ -77,7 +83,8 @@
  *
  * Memory used below 1 MiB (free in both formats): 0x2f000 bzImage parameter block,
  * 0x30000..0x34fff counters, driver state, virtqueue, request headers and status bytes,
- * 0x40000..0x7ffff data buffers (4 KiB per slot, at most 64 slots), and for the bzImage only
+ * 0x40000..0x7ffff data buffers (4 KiB per slot, at most 64 slots; with bs > 4K, one request
+ * per slot at 0x200000..0x5fffff instead, RAM the VMM's 16 MiB minimum has), and for the bzImage only
  * 0x80000..0x85fff page tables and a stack below 0x90000.
  *
  * PCI enumeration (pci.inc), the virtio PCI transport and virtqueue routines (virtio.inc) and the
@@ -94,12 +101,17 @@
     .set PB_BLK_DEPTH,      0x30        /* u32 requests in flight, 0 = default (the VMM) */
     .set PB_BLK_VERIFY,     0x34        /* u32 generation the first pass verifies, 0 = none */
     .set PB_BLK_INTX,       0x38        /* u32 nonzero: INTx, not MSI-X (blkcheck,irq=intx) */
+    .set PB_BLK_RANDOM,     0x3c        /* u32 nonzero: order=random */
+    .set PB_BLK_BS_KIB,     0x44        /* u32 request size in KiB, 0 = 4 (bs=N) */
     .set PB_VIRTIO_INTX,    PB_BLK_INTX
     .set DEFAULT_DEPTH,     8
     .set MAX_DEPTH,         64
     .set MAX_QUEUE,         256
     .set REGION_LIMIT,      32768       /* sectors: 16 MiB */
-    .set REQ_SECTORS,       8           /* 4 KiB requests */
+    .set DEFAULT_BS,        4096        /* bytes per request */
+    .set MAX_BS,            65536
+    .set PERM_K,            0x9e3779b1  /* order=random: block i -> (i * K + C) mod N, K odd */
+    .set PERM_C,            0x5bd1e995
     .set VIRTIO_VECTOR,     0x41
     .set MAX_PRINTED_MISMATCHES, 20
 
@@ -137,6 +149,9 @@
     .set S_PASS_REQS,       ST + 0x20   /* u64 requests completed in this pass */
     .set S_PASS_TICKS,      ST + 0x28   /* u64 ticks at the start of this pass */
     .set S_FLUSH,           ST + 0x30   /* u32 BLK_F_FLUSH negotiated */
+    .set S_PERM_J,          ST + 0x34   /* u32 order=random: next index of the permutation */
+    .set S_REQ_SECTORS,     ST + 0x38   /* u32 sectors per request */
+    .set S_RANDOM,          ST + 0x3c   /* u32 order=random: permutation size - 1, else 0 */
     .set BQ,                ST + 0x40   /* queue 0 (virtio.inc Q_*) */
     .set S_QSIZE,           BQ + Q_SIZE
     .set ST_END,            BQ + Q_STRUCT_SIZE
@@ -150,7 +165,8 @@
     .set VQ_USED,           0x33000     /* flags, idx, ring[256] (8 bytes), avail_event */
     .set REQ_HDRS,          0x34000     /* 16 bytes per slot: type, reserved, sector */
     .set REQ_STATUS,        0x34800     /* 1 byte per slot */
-    .set BUFFERS,           0x40000     /* 4 KiB per slot */
+    .set BUFFERS,           0x40000     /* 4 KiB requests: 4 KiB per slot */
+    .set BIG_BUFFERS,       0x200000    /* larger requests: one request per slot, up to 4 MiB */
 
     /* virtio-blk */
     .set VIRTIO_DEVICE_MODERN, 0x1042
@@ -179,6 +195,14 @@ bz_options:
     BZ_OPTION "blkcheck.exit_code=", PB_EXIT_CODE
     BZ_OPTION "blkcheck.verify=", PB_BLK_VERIFY
     BZ_OPTION "blkcheck.intx=", PB_BLK_INTX
+    BZ_OPTION "blkcheck.bs=", PB_BLK_BS_KIB
+    lea     1f(%rip), %rsi              /* blkcheck.order=random: a flag, not a number */
+    call    option_value
+    jc      2f
+    movl    $1, BZ_PARAMS + PB_BLK_RANDOM
+    jmp     2f
+1:  .asciz  "blkcheck.order=random"
+2:
     BZ_START blk_start
 
 .else
@@ -229,6 +253,21 @@ main_loop:
  *   clobbers: everything but r12..r15
  */
 setup_device:
+    mov     PB_BLK_BS_KIB(%r13), %eax   /* bs: 4, 8, 16, 32 or 64 KiB */
+    test    %eax, %eax
+    jnz     1f
+    mov     $(DEFAULT_BS / 1024), %eax
+1:  shl     $10, %eax
+    lea     fail_bs(%rip), %rsi
+    cmp     $DEFAULT_BS, %eax
+    jb      fail
+    cmp     $MAX_BS, %eax
+    ja      fail
+    lea     -1(%rax), %ecx
+    test    %eax, %ecx
+    jnz     fail
+    shr     $9, %eax
+    mov     %eax, S_REQ_SECTORS
     call    virtio_begin                /* rbp = common configuration */
     jc      99f
     mov     S_FEATURES, %rax
@@ -262,12 +301,27 @@ setup_device:
     mov     $REGION_LIMIT, %ecx
     cmp     %rcx, %rax
     cmova   %rcx, %rax
-    and     $~(REQ_SECTORS - 1), %eax
-    mov     %rax, C_REGION
-    shr     $3, %eax
+    mov     S_REQ_SECTORS, %ecx
+    xor     %edx, %edx
+    div     %ecx                        /* eax = requests per phase */
     mov     %eax, S_NREQ
+    test    %eax, %eax
     lea     fail_small(%rip), %rsi
     jz      fail
+    imul    S_REQ_SECTORS, %eax
+    mov     %rax, C_REGION
+    xor     %edx, %edx                  /* order=random: permutation of the next power of */
+    cmpl    $0, PB_BLK_RANDOM(%r13)     /* two >= requests, mask in S_RANDOM */
+    je      4f
+    mov     S_NREQ, %eax
+    dec     %eax
+    jz      4f
+    bsr     %eax, %ecx
+    inc     %ecx
+    mov     $1, %edx
+    shl     %cl, %edx
+    dec     %edx
+4:  mov     %edx, S_RANDOM
 
     mov     $BQ, %edi                   /* queue 0 */
     xor     %eax, %eax
@@ -325,7 +379,21 @@ setup_device:
     mov     C_REGION, %rax
     call    put_dec
     SAY     msg_sectors
-    cmpl    $0, S_RO
+    cmpl    $(DEFAULT_BS / 512), S_REQ_SECTORS  /* the defaults print nothing more */
+    jne     11f
+    cmpl    $0, PB_BLK_RANDOM(%r13)
+    je      12f
+11: SAY     msg_bs
+    mov     S_REQ_SECTORS, %eax
+    shl     $9, %eax
+    call    put_dec
+    lea     msg_sequential(%rip), %rsi
+    cmpl    $0, PB_BLK_RANDOM(%r13)
+    je      13f
+    lea     msg_random(%rip), %rsi
+13: call    puts
+    call    newline
+12: cmpl    $0, S_RO
     je      10f
     SAY     msg_read_only
 10: clc
@@ -338,6 +406,7 @@ setup_device:
 /* start_phase - submit the first requests of the phase in S_PHASE. clobbers: all but r12..r15 */
 start_phase:
     movl    $0, S_NEXT
+    movl    $0, S_PERM_J
     movl    $0, S_DONE
     cmpl    $PHASE_FLUSH, S_PHASE
     jne     1f
@@ -359,20 +428,39 @@ start_phase:
  *   clobbers: rax, rcx, rdx, rsi, rdi, r8, r9, r10, r11 (keeps rbx, rbp)
  */
 submit_next:
-    mov     S_NEXT, %edx
+    mov     S_NEXT, %edx                /* edx = request index */
     incl    S_NEXT
-    shl     $3, %edx                    /* rdx = first sector */
+    mov     S_RANDOM, %ecx
+    test    %ecx, %ecx
+    jz      2f
+3:  mov     S_PERM_J, %edx              /* order=random: j -> (j * K + C) mod 2^n, skipping */
+    incl    S_PERM_J                    /* the ones past the region */
+    imul    $PERM_K, %edx, %edx
+    add     $PERM_C, %edx
+    and     %ecx, %edx
+    cmp     S_NREQ, %edx
+    jae     3b
+2:  imul    S_REQ_SECTORS, %edx         /* rdx = first sector */
     mov     $T_IN, %eax
     cmpl    $PHASE_READ, S_PHASE
     je      1f
     push    %rdx
-    mov     %ebx, %edi
-    shl     $12, %edi
-    add     $BUFFERS, %edi
+    call    slot_buffer
     call    fill_buffer
     pop     %rdx
     mov     $T_OUT, %eax
 1:  jmp     submit
+
+/* slot_buffer - rdi = the data buffer of slot ebx (one request). clobbers: nothing else */
+slot_buffer:
+    mov     %ebx, %edi
+    imul    S_REQ_SECTORS, %edi
+    shl     $9, %edi
+    add     $BUFFERS, %edi
+    cmpl    $(DEFAULT_BS / 512), S_REQ_SECTORS
+    je      1f
+    add     $(BIG_BUFFERS - BUFFERS), %edi
+1:  ret
 
 /* submit_flush - slot ebx gets a FLUSH. clobbers: as submit */
 submit_flush:
@@ -404,11 +492,11 @@ submit:
     jne     1f
     inc     %edx                        /* FLUSH: straight to the status */
 1:  mov     %dx, 14(%rcx)
-    mov     %ebx, %edx                  /* data */
-    shl     $12, %edx
-    add     $BUFFERS, %edx
-    mov     %rdx, 16(%rcx)
-    movl    $(REQ_SECTORS * 512), 24(%rcx)
+    call    slot_buffer                 /* data */
+    mov     %rdi, 16(%rcx)
+    mov     S_REQ_SECTORS, %edx
+    shl     $9, %edx
+    mov     %edx, 24(%rcx)
     xor     %edx, %edx
     cmp     $T_IN, %eax
     jne     2f
@@ -576,11 +664,11 @@ pattern_seed:
     ret
 
 /*
- * fill_buffer - write generation C_GEN of sectors rdx..rdx+7 into the buffer at rdi.
+ * fill_buffer - write generation C_GEN of the request's sectors rdx.. into the buffer at rdi.
  *   clobbers: rax, rcx, rdx, rdi, r8, r9, r10
  */
 fill_buffer:
-    mov     $REQ_SECTORS, %r9d
+    mov     S_REQ_SECTORS, %r9d
     movabs  $PAT_K3, %r10
 1:  movabs  $PAT_MAGIC, %rax
     mov     %rax, 0(%rdi)
@@ -603,7 +691,7 @@ fill_buffer:
     ret
 
 /*
- * verify_slot - check the 8 sectors read into slot ebx's buffer against generation C_GEN.
+ * verify_slot - check the sectors read into slot ebx's buffer against generation C_GEN.
  *   clobbers: rax, rcx, rdx, rsi, rdi, r8, r9, r10, r11 (keeps rbx, rbp)
  */
 verify_slot:
@@ -612,10 +700,8 @@ verify_slot:
     mov     %ebx, %eax
     shl     $4, %eax
     mov     REQ_HDRS + 8(%rax), %rdx    /* rdx = sector */
-    mov     %ebx, %edi
-    shl     $12, %edi
-    add     $BUFFERS, %edi              /* rdi = data */
-    mov     $REQ_SECTORS, %ebp
+    call    slot_buffer                 /* rdi = data */
+    mov     S_REQ_SECTORS, %ebp
 1:  xor     %r11d, %r11d                /* r11 = bad word, 0 = none */
     movabs  $PAT_MAGIC, %rax
     cmp     %rax, 0(%rdi)
@@ -714,7 +800,11 @@ msg_expected:       .asciz  " expected gen "
 msg_found_sector:   .asciz  " found sector "
 msg_gen:            .asciz  " gen "
 msg_word:           .asciz  " word "
-fail_small:         .asciz  "the disk is smaller than 4 KiB"
+fail_small:         .asciz  "the disk is smaller than one request"
+fail_bs:            .asciz  "bs must be 4K, 8K, 16K, 32K or 64K"
+msg_bs:             .asciz  "blkcheck: request size "
+msg_sequential:     .asciz  " bytes order sequential"
+msg_random:         .asciz  " bytes order random"
 fail_small_queue:   .asciz  "queue 0 is too small for one request"
 
 /* PCI enumeration and the virtio transport, shared with netcheck.S. */

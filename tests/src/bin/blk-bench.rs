@@ -1,19 +1,23 @@
-//! blk-bench: the guest-visible request rate of virtio-blk, this VMM against QEMU, same run.
+//! blk-bench: the guest-visible request rate and throughput of virtio-blk, this VMM against
+//! QEMU, same run.
 //!
 //! ```text
 //! cargo run --release -p cpr-tests --bin blk-bench -- [--passes 6] [--depth 8]
 //!     [--disk-mib 16] [--runs 3] [--no-qemu] [--cache MODE]
 //! ```
 //!
-//! The `blkcheck` driver guest (4 KiB requests, `--depth` in flight: a write pass over its
-//! region, a read-back pass, a flush, per generation) runs on a fresh raw image of
-//! `--disk-mib` MiB, once on this VMM with each I/O path (`aio=io_uring`, `aio=threads`) and
-//! once on QEMU (`qemu-system-x86_64 -kernel blkcheck.bzImage -device virtio-blk-pci`, with
-//! `aio=threads`, QEMU's default, and `aio=io_uring`). The rate counts the requests the guest
-//! completed between its first and its last `pass G done` console line (boot and the first
-//! pass are left out) over the wall time between those two lines as seen by this process; the
-//! image is checked after every run. Each configuration runs `--runs` times, interleaved, and
-//! the median is printed. `--cache MODE` gives both VMMs' drives `cache=MODE` (QEMU's modes:
+//! The `blkcheck` driver guest (`--depth` requests in flight: a write pass over its region, a
+//! read-back pass, a flush, per generation) runs on a fresh raw image of `--disk-mib` MiB, once
+//! on this VMM with each I/O path (`aio=io_uring`, `aio=threads`) and once on QEMU
+//! (`qemu-system-x86_64 -kernel blkcheck.bzImage -device virtio-blk-pci`, with `aio=threads`,
+//! QEMU's default, and `aio=io_uring`), for three workloads: 4 KiB requests in sector order,
+//! 4 KiB requests in a random order (`order=random`: IOPS) and 64 KiB requests in sector order
+//! (`bs=64K`: MB/s). The rates count the data requests (writes and reads, not the flushes) the
+//! guest completed between its first and its last `pass G done` console line (boot and the
+//! first pass are left out) over the wall time between those two lines as seen by this
+//! process; the image is checked after every run. Each configuration runs `--runs` times,
+//! interleaved (run by run, workload by workload, configuration by configuration), and the
+//! median is printed with its ratio to the best QEMU configuration of the workload. `--cache MODE` gives both VMMs' drives `cache=MODE` (QEMU's modes:
 //! `writeback`, the default, `none`, `writethrough`, `directsync`, `unsafe`); the images are
 //! then made in the build's target directory, on a disk file system, for `none` (O_DIRECT)
 //! to mean what it means in production. Timings are reported, never asserted.
@@ -77,14 +81,72 @@ fn parse_options() -> Result<Options, String> {
     Ok(o)
 }
 
-/// One configuration: a name and how to start it on a disk.
+/// One workload: blkcheck's options on both command-line forms, and how to report it.
+struct Workload {
+    name: &'static str,
+    /// `--guest blkcheck,...` options of this VMM.
+    guest: &'static str,
+    /// The bzImage's kernel command line options for QEMU.
+    append: &'static str,
+    /// Bytes per request.
+    request_bytes: u64,
+    /// Report MB/s (else requests/s).
+    throughput: bool,
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload {
+        name: "seq 4K",
+        guest: "",
+        append: "",
+        request_bytes: 4096,
+        throughput: false,
+    },
+    Workload {
+        name: "random 4K",
+        guest: ",order=random",
+        append: " blkcheck.order=random",
+        request_bytes: 4096,
+        throughput: false,
+    },
+    Workload {
+        name: "seq 64K",
+        guest: ",bs=64K",
+        append: " blkcheck.bs=64K",
+        request_bytes: 65536,
+        throughput: true,
+    },
+];
+
+impl Workload {
+    /// The figure of a run in this workload's unit.
+    fn figure(&self, r: &Run) -> f64 {
+        if self.throughput {
+            r.requests_per_s * self.request_bytes as f64 / 1e6
+        } else {
+            r.requests_per_s
+        }
+    }
+
+    fn unit(&self) -> &'static str {
+        if self.throughput { "MB/s" } else { "IOPS" }
+    }
+}
+
+/// Starts a VMM with a workload on a disk.
+type Starter = dyn Fn(&Workload, &Path) -> VmmProcess;
+
+/// One configuration: a name, whether it is QEMU, and how to start it with a workload on a
+/// disk.
 struct Config {
     name: String,
-    start: Box<dyn Fn(&Path) -> VmmProcess>,
+    qemu: bool,
+    start: Box<Starter>,
 }
 
 /// One run's figures.
 struct Run {
+    /// Data requests (not flushes) per second.
     requests_per_s: f64,
     requests: u64,
     seconds: f64,
@@ -93,10 +155,10 @@ struct Run {
 }
 
 /// Runs one configuration on a fresh disk until the guest exits; measures and checks.
-fn run_once(config: &Config, dir: &Path, o: &Options) -> Result<Run, String> {
+fn run_once(config: &Config, w: &Workload, dir: &Path, o: &Options) -> Result<Run, String> {
     let disk = dir.join(format!("{}.img", config.name.replace([' ', '='], "-")));
     std::fs::write(&disk, vec![0u8; (o.disk_mib << 20) as usize]).map_err(|e| e.to_string())?;
-    let vm = (config.start)(&disk);
+    let vm = (config.start)(w, &disk);
     let pass_done = |g: u64| format!("blkcheck: pass {g} done");
     vm.wait_for_stdout_contains(&pass_done(1), WAIT)
         .map_err(|e| format!("{}: {e}", config.name))?;
@@ -122,7 +184,8 @@ fn run_once(config: &Config, dir: &Path, o: &Options) -> Result<Run, String> {
     check_image(&disk, last.generation).map_err(|e| format!("{}: image: {e}", config.name))?;
     let _ = std::fs::remove_file(&disk);
     let seconds = (last_at - first_at).as_secs_f64();
-    let requests = last.total - first.total;
+    // One FLUSH per timed pass (the device offers BLK_F_FLUSH on both VMMs).
+    let requests = (last.total - first.total).saturating_sub(last.generation - first.generation);
     Ok(Run {
         requests_per_s: requests as f64 / seconds,
         requests,
@@ -131,12 +194,14 @@ fn run_once(config: &Config, dir: &Path, o: &Options) -> Result<Run, String> {
     })
 }
 
-/// This VMM running blkcheck, given as `--guest GUEST`.
+/// This VMM running blkcheck, given as `--guest GUEST` + the workload's options.
 fn ours(aio: &'static str, guest: String, cache: &str) -> Config {
     let cache = cache.to_string();
     Config {
         name: format!("vmm aio={aio}"),
-        start: Box::new(move |disk| {
+        qemu: false,
+        start: Box::new(move |w, disk| {
+            let guest = format!("{guest}{}", w.guest);
             let drive = format!(
                 "file={},format=raw,if=virtio,aio={aio},cache={cache}",
                 disk.display()
@@ -150,13 +215,16 @@ fn ours(aio: &'static str, guest: String, cache: &str) -> Config {
     }
 }
 
-/// QEMU booting blkcheck's bzImage `kernel` with the kernel command line `append`.
+/// QEMU booting blkcheck's bzImage `kernel` with the kernel command line `append` + the
+/// workload's options.
 fn qemu(aio: &'static str, kernel: &Path, append: String, cache: &str) -> Config {
     let kernel = kernel.to_path_buf();
     let drive_opts = format!(",aio={aio},cache={cache}");
     Config {
         name: format!("QEMU aio={aio}"),
-        start: Box::new(move |disk| {
+        qemu: true,
+        start: Box::new(move |w, disk| {
+            let append = format!("{append}{}", w.append);
             let args = qemu_blkcheck_args(&["kvm"], &kernel, &append, disk, [&drive_opts, ""]);
             VmmProcess::start(QEMU, args).unwrap_or_else(|e| panic!("cannot start {QEMU}: {e}"))
         }),
@@ -240,32 +308,70 @@ fn main() {
         o.passes,
         o.runs
     );
-    let mut rates: Vec<Vec<f64>> = configs.iter().map(|_| Vec::new()).collect();
+    // figures[workload][config]: one figure per successful run.
+    let mut figures: Vec<Vec<Vec<f64>>> = WORKLOADS
+        .iter()
+        .map(|_| configs.iter().map(|_| Vec::new()).collect())
+        .collect();
     let mut failed = false;
     for run in 0..o.runs {
-        for (config, rates) in configs.iter().zip(&mut rates) {
-            match run_once(config, &disks, &o) {
-                Ok(r) => {
-                    eprintln!(
-                        "  run {run} {:<18} {:>8.0} requests/s ({} requests in {:.2} s, \
-                         {:.2} interrupts per request)",
-                        config.name, r.requests_per_s, r.requests, r.seconds, r.irqs_per_request
-                    );
-                    rates.push(r.requests_per_s);
-                }
-                Err(e) => {
-                    eprintln!("  run {run} {}: FAILED: {e}", config.name);
-                    failed = true;
+        for (w, figures) in WORKLOADS.iter().zip(&mut figures) {
+            for (config, figures) in configs.iter().zip(figures.iter_mut()) {
+                match run_once(config, w, &disks, &o) {
+                    Ok(r) => {
+                        eprintln!(
+                            "  run {run} {:<10} {:<16} {:>8.1} {} ({} requests in {:.2} s, \
+                             {:.2} interrupts per request)",
+                            w.name,
+                            config.name,
+                            w.figure(&r),
+                            w.unit(),
+                            r.requests,
+                            r.seconds,
+                            r.irqs_per_request
+                        );
+                        figures.push(w.figure(&r));
+                    }
+                    Err(e) => {
+                        eprintln!("  run {run} {} {}: FAILED: {e}", w.name, config.name);
+                        failed = true;
+                    }
                 }
             }
         }
     }
-    println!("configuration        requests/s (median of {})", o.runs);
-    for (config, rates) in configs.iter().zip(rates) {
-        if rates.is_empty() {
-            println!("{:<20} failed", config.name);
-        } else {
-            println!("{:<20} {:>10.0}", config.name, median(rates));
+    println!(
+        "{:<10} {:<16} {:>10} {:<5} {:>13}",
+        "workload",
+        "configuration",
+        format!("median/{}", o.runs),
+        "unit",
+        "vs best QEMU"
+    );
+    for (w, figures) in WORKLOADS.iter().zip(figures) {
+        let medians: Vec<Option<f64>> = figures
+            .into_iter()
+            .map(|f| (!f.is_empty()).then(|| median(f)))
+            .collect();
+        let best_qemu = configs
+            .iter()
+            .zip(&medians)
+            .filter_map(|(c, m)| c.qemu.then_some(*m).flatten())
+            .reduce(f64::max);
+        for (config, m) in configs.iter().zip(medians) {
+            let Some(m) = m else {
+                println!("{:<10} {:<16} failed", w.name, config.name);
+                continue;
+            };
+            let ratio = best_qemu.map_or("-".to_string(), |q| format!("{:.2}x", m / q));
+            println!(
+                "{:<10} {:<16} {:>10.1} {:<5} {:>13}",
+                w.name,
+                config.name,
+                m,
+                w.unit(),
+                ratio
+            );
         }
     }
     if disks != dir.path() {

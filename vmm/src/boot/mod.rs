@@ -81,12 +81,18 @@ const PB_EXIT_CODE: usize = 0x20;
 const PB_BLK_DEPTH: usize = 0x30;
 /// blkcheck: u32 nonzero = drive the disk with INTx, not MSI-X (`irq=intx`).
 const PB_BLK_INTX: usize = 0x38;
+/// blkcheck: u32 nonzero: visit the blocks in a pseudo-random permutation (`order=random`).
+const PB_BLK_RANDOM: usize = 0x3c;
+/// blkcheck: u32 request size in KiB (0 = 4; `bs=N`).
+const PB_BLK_BS_KIB: usize = 0x44;
 
 /// blkcheck's requests in flight when `depth=` is not given.
 #[allow(dead_code)] // guest ABI: the guest applies it to depth 0
 pub const BLKCHECK_DEFAULT_DEPTH: u32 = 8;
 /// The most requests blkcheck keeps in flight (it also stays within a third of the queue).
 pub const BLKCHECK_MAX_DEPTH: u32 = 64;
+/// The request sizes blkcheck takes, in KiB (`bs=4K` is the default).
+pub const BLKCHECK_REQUEST_KIB: [u32; 5] = [4, 8, 16, 32, 64];
 /// Guest-physical address of blkcheck's counters block (u64 each): `+0x00` magic "BLKCHECK",
 /// `+0x08` completed requests, `+0x10` passes completed (the last generation written, verified
 /// and flushed), `+0x18` mismatched sectors, `+0x20` I/O errors, `+0x28` timer ticks, `+0x30`
@@ -196,6 +202,10 @@ pub enum BuiltinGuest {
         depth: u32,
         /// Interrupts through INTx (the IOAPIC pin in the interrupt line) instead of MSI-X.
         intx: bool,
+        /// Visit the blocks in a pseudo-random full-period permutation, not in sector order.
+        random: bool,
+        /// Request size in KiB: 0 (the default, 4) or one of [`BLKCHECK_REQUEST_KIB`].
+        bs_kib: u32,
     },
     /// virtio-net driver: echoes the host's numbered frames and sends its own, one per timer
     /// tick, counting gaps and duplicates (guests/netcheck.S).
@@ -213,6 +223,8 @@ impl BuiltinGuest {
         BuiltinGuest::Blkcheck {
             depth: 0,
             intx: false,
+            random: false,
+            bs_kib: 0,
         },
         BuiltinGuest::Netcheck,
     ];
@@ -290,6 +302,9 @@ pub enum BootError {
     /// `depth` is above [`BLKCHECK_MAX_DEPTH`].
     #[error("blkcheck depth {0} is invalid: use 1..={BLKCHECK_MAX_DEPTH} requests in flight")]
     InvalidDepth(u32),
+    /// A blkcheck request size that is not one of [`BLKCHECK_REQUEST_KIB`].
+    #[error("blkcheck request size {0} KiB is invalid: use bs=4K, 8K, 16K, 32K or 64K")]
+    InvalidRequestSize(u32),
     /// `tick_hz` is out of range for heartbeat.
     #[error("tick rate {0} Hz is invalid for the heartbeat guest (must be 1..={MAX_TICK_HZ} Hz)")]
     InvalidTickRate(u32),
@@ -312,7 +327,8 @@ pub enum BootError {
 /// "CPRGUEST", `+0x08` u32 version 1, `+0x0c` u32 vcpu_count, `+0x10` u64
 /// ram_end, `+0x18` u32 LAPIC timer initial count, `+0x1c` u32
 /// exit_after_ticks, `+0x20` u32 exit_code, `+0x30` u32 blkcheck depth, `+0x38` u32 blkcheck
-/// INTx, `+0x40` u32 print spinlock,
+/// INTx, `+0x3c` u32 blkcheck order=random, `+0x40` u32 print spinlock, `+0x44` u32 blkcheck
+/// request KiB,
 /// `+0x100 + 64*i` per-vCPU areas; everything not listed is zeroed.
 ///
 /// memcheck expects the pages it checks to start out equal, as they are in
@@ -348,12 +364,22 @@ pub fn load_builtin_guest<M: GuestMemory>(
         None => return Err(BootError::InvalidTickRate(params.tick_hz)),
     };
 
-    let (depth, intx) = match guest {
+    let (depth, intx, random, bs_kib) = match guest {
         BuiltinGuest::Blkcheck { depth, .. } if depth > BLKCHECK_MAX_DEPTH => {
             return Err(BootError::InvalidDepth(depth));
         }
-        BuiltinGuest::Blkcheck { depth, intx } => (depth, intx),
-        _ => (0, false),
+        BuiltinGuest::Blkcheck { bs_kib, .. }
+            if bs_kib != 0 && !BLKCHECK_REQUEST_KIB.contains(&bs_kib) =>
+        {
+            return Err(BootError::InvalidRequestSize(bs_kib));
+        }
+        BuiltinGuest::Blkcheck {
+            depth,
+            intx,
+            random,
+            bs_kib,
+        } => (depth, intx, random, bs_kib),
+        _ => (0, false, false, 0),
     };
 
     write_long_mode_tables(mem)?;
@@ -371,6 +397,8 @@ pub fn load_builtin_guest<M: GuestMemory>(
     put(PB_EXIT_CODE, &u32::from(params.exit_code).to_le_bytes());
     put(PB_BLK_DEPTH, &depth.to_le_bytes());
     put(PB_BLK_INTX, &u32::from(intx).to_le_bytes());
+    put(PB_BLK_RANDOM, &u32::from(random).to_le_bytes());
+    put(PB_BLK_BS_KIB, &bs_kib.to_le_bytes());
     let sampled = u32::from(guest == BuiltinGuest::MemcheckSampled);
     put(PB_MEMCHECK_SAMPLED, &sampled.to_le_bytes());
     put(PB_HIGH_RAM_END, &high_ram_end(mem).to_le_bytes());

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 use crate::boot::linux::{LinuxBootConfig, MAX_LINUX_VCPUS};
-use crate::boot::{BLKCHECK_MAX_DEPTH, BuiltinGuest};
+use crate::boot::{BLKCHECK_MAX_DEPTH, BLKCHECK_REQUEST_KIB, BuiltinGuest};
 use crate::qmp::protocol::ChardevInfo;
 
 /// Single-dash long options QEMU users type, mapped to our `--long` names.
@@ -131,7 +131,9 @@ pub struct Args {
     /// Built-in guest: heartbeat, memcheck, blkcheck or netcheck, with options
     /// NAME[,hz=N][,exit-after=N][,exit-code=N] (memcheck also [,sweep=dense|sampled]: sampled
     /// touches one page every 16 MiB of all RAM; blkcheck also [,depth=N][,irq=msix|intx]
-    /// (irq=intx: the driver leaves MSI-X off and takes INTx), and its exit-after
+    /// [,order=sequential|random][,bs=4K..64K] (irq=intx: the driver leaves MSI-X off and takes
+    /// INTx; order=random visits the blocks in a permutation; bs is the request size), and its
+    /// exit-after
     /// counts passes; netcheck sends one frame per tick, hz=100 by default, and its exit-after
     /// counts frames sent).
     #[arg(long, value_name = "NAME[,OPTS]")]
@@ -277,8 +279,8 @@ pub enum CliError {
     UnknownGuest(String),
     #[error(
         "invalid guest option '{0}': the guests take hz=N, exit-after=N, exit-code=N; \
-         memcheck also sweep=dense|sampled; blkcheck also depth=N (1..=64 requests in flight) \
-         and irq=msix|intx"
+         memcheck also sweep=dense|sampled; blkcheck also depth=N (1..=64 requests in flight), \
+         irq=msix|intx, order=sequential|random and bs=4K|8K|16K|32K|64K"
     )]
     GuestOption(String),
     #[error("invalid -serial '{0}': use stdio, file:PATH, unix:PATH,server[,wait=off] or null")]
@@ -826,8 +828,14 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
             }
             "exit-after" => g.exit_after_ticks = v.parse().map_err(|_| bad())?,
             "exit-code" => g.exit_code = v.parse().map_err(|_| bad())?,
-            "depth" | "irq" => {
-                let BuiltinGuest::Blkcheck { depth, intx } = &mut g.guest else {
+            "depth" | "irq" | "order" | "bs" => {
+                let BuiltinGuest::Blkcheck {
+                    depth,
+                    intx,
+                    random,
+                    bs_kib,
+                } = &mut g.guest
+                else {
                     return Err(bad());
                 };
                 match (k, v) {
@@ -838,8 +846,17 @@ pub fn parse_guest(spec: &str) -> Result<GuestSpec, CliError> {
                             .filter(|d| (1..=BLKCHECK_MAX_DEPTH).contains(d))
                             .ok_or_else(bad)?
                     }
-                    (_, "msix") => *intx = false,
-                    (_, "intx") => *intx = true,
+                    ("bs", _) => {
+                        *bs_kib = v
+                            .strip_suffix(['K', 'k'])
+                            .and_then(|n| n.parse().ok())
+                            .filter(|n| BLKCHECK_REQUEST_KIB.contains(n))
+                            .ok_or_else(bad)?
+                    }
+                    ("order", "sequential") => *random = false,
+                    ("order", "random") => *random = true,
+                    ("irq", "msix") => *intx = false,
+                    ("irq", "intx") => *intx = true,
                     _ => return Err(bad()),
                 }
             }
@@ -1337,7 +1354,12 @@ mod tests {
 
     #[test]
     fn blkcheck_guest_takes_a_depth_and_an_interrupt_mode() {
-        let blkcheck = |depth, intx| BuiltinGuest::Blkcheck { depth, intx };
+        let blkcheck = |depth, intx| BuiltinGuest::Blkcheck {
+            depth,
+            intx,
+            random: false,
+            bs_kib: 0,
+        };
         let g = parse_guest("blkcheck").unwrap();
         assert_eq!(g.guest, blkcheck(0, false));
         let g = parse_guest("blkcheck,depth=16,exit-after=2").unwrap();
@@ -1356,6 +1378,38 @@ mod tests {
         }
         // Only blkcheck has a depth.
         assert!(parse_guest("heartbeat,depth=8").is_err());
+    }
+
+    #[test]
+    fn blkcheck_guest_takes_an_order_and_a_request_size() {
+        let g = parse_guest("blkcheck,order=random,bs=64K,depth=8").unwrap();
+        let want = BuiltinGuest::Blkcheck {
+            depth: 8,
+            intx: false,
+            random: true,
+            bs_kib: 64,
+        };
+        assert_eq!(g.guest, want);
+        let g = parse_guest("blkcheck,order=random,order=sequential,bs=8k").unwrap();
+        let want = BuiltinGuest::Blkcheck {
+            depth: 0,
+            intx: false,
+            random: false,
+            bs_kib: 8,
+        };
+        assert_eq!(g.guest, want);
+        for bad in [
+            "blkcheck,bs=128K",
+            "blkcheck,bs=12K",
+            "blkcheck,bs=4096",
+            "blkcheck,bs=0K",
+            "blkcheck,order=reverse",
+            "memcheck,bs=4K",
+            "heartbeat,order=random",
+        ] {
+            let e = parse_guest(bad).unwrap_err().to_string();
+            assert!(e.contains("bs=4K|8K|16K|32K|64K"), "{bad}: {e}");
+        }
     }
 
     #[test]
