@@ -240,10 +240,6 @@ impl GuestRam {
         opts: FileRamOptions,
     ) -> Result<Self, MemoryError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file_err = |what: &'static str| {
-            let path = path.display().to_string();
-            move |source| MemoryError::File { path, what, source }
-        };
         let open = |create: bool| {
             std::fs::OpenOptions::new()
                 .read(true)
@@ -258,10 +254,11 @@ impl GuestRam {
         let (file, created) = match open(true) {
             Ok(file) => (file, true),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
-                open(false).map_err(file_err("opening (read-write, created if missing)"))?,
+                open(false)
+                    .map_err(file_error(path, "opening (read-write, created if missing)"))?,
                 false,
             ),
-            Err(e) => return Err(file_err("opening (read-write, created if missing)")(e)),
+            Err(e) => return Err(file_error(path, "opening (read-write, created if missing)")(e)),
         };
         let mapped = Self::size_and_map_file(path, file, ram_size, opts);
         if mapped.is_err() && created {
@@ -277,11 +274,9 @@ impl GuestRam {
         ram_size: u64,
         opts: FileRamOptions,
     ) -> Result<Self, MemoryError> {
-        let file_err = |what: &'static str| {
-            let path = path.display().to_string();
-            move |source| MemoryError::File { path, what, source }
-        };
-        let meta = file.metadata().map_err(file_err("reading its size"))?;
+        let meta = file
+            .metadata()
+            .map_err(file_error(path, "reading its size"))?;
         if !meta.file_type().is_file() {
             return Err(MemoryError::NotRegular(path.display().to_string()));
         }
@@ -290,7 +285,7 @@ impl GuestRam {
         match meta.len() {
             0 => file
                 .set_len(ram_size)
-                .map_err(file_err("sizing it to the RAM size"))?,
+                .map_err(file_error(path, "sizing it to the RAM size"))?,
             len if len == ram_size => {}
             len => {
                 return Err(MemoryError::FileSize {
@@ -459,6 +454,15 @@ impl GuestRam {
     }
 }
 
+/// The error for a failed operation `what` on the RAM file at `path`.
+fn file_error(
+    path: &std::path::Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> MemoryError {
+    let path = path.display().to_string();
+    move |source| MemoryError::File { path, what, source }
+}
+
 /// For a RAM file on hugetlbfs: checks that `ram_size` is a whole number of its pages, and
 /// that the pool can give the pages the file does not hold yet (a hugetlb mapping without
 /// pages behind it kills the process with SIGBUS at the guest's first touch). Nothing to
@@ -470,13 +474,9 @@ fn check_hugetlbfs_file(
 ) -> Result<(), MemoryError> {
     use nix::sys::statfs::{HUGETLBFS_MAGIC, fstatfs};
     use std::os::unix::fs::MetadataExt;
-    let file_err = |what: &'static str| {
-        let path = path.display().to_string();
-        move |source| MemoryError::File { path, what, source }
-    };
     let fs = fstatfs(file)
         .map_err(std::io::Error::from)
-        .map_err(file_err("reading its filesystem (fstatfs)"))?;
+        .map_err(file_error(path, "reading its filesystem (fstatfs)"))?;
     if fs.filesystem_type() != HUGETLBFS_MAGIC {
         return Ok(());
     }
@@ -491,7 +491,7 @@ fn check_hugetlbfs_file(
     // hugetlbfs counts a file's pages in 512-byte blocks, as every filesystem does.
     let held = file
         .metadata()
-        .map_err(file_err("reading its size"))?
+        .map_err(file_error(path, "reading its size"))?
         .blocks()
         * 512;
     let missing = ram_size.saturating_sub(held);
