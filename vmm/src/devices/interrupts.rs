@@ -226,8 +226,8 @@ pub fn release_intx_pins(chip: &kvm_irqchip) -> kvm_irqchip {
     if chip.chip_id != KVM_IRQCHIP_IOAPIC {
         return chip;
     }
-    // SAFETY: for chip_id IOAPIC the union holds the IOAPIC state (the other members are
-    // plain integers too, so any bytes are a valid value).
+    // The other members of the union are plain integers too, so any bytes are a valid value.
+    // SAFETY: for chip_id IOAPIC the union holds the IOAPIC state.
     let ioapic = unsafe { &mut chip.chip.ioapic };
     for pin in INTX_PINS {
         // SAFETY: a redirection entry is a u64 or bit fields over the same u64.

@@ -413,8 +413,7 @@ impl Zeroing {
             } else {
                 (BLKZEROOUT(), [at, len])
             };
-            // SAFETY: both ioctls read two u64s (start, length) through the pointer, which
-            // points to exactly that.
+            // SAFETY: both ioctls read two u64s (start, length) through the pointer: `range`.
             return unsafe { ioctl_with_ref(disk, request, &range) } == 0;
         }
         let punch = discard || unmap || !self.zero_range;
@@ -841,8 +840,9 @@ impl Transfer {
         if write {
             let mut at = 0;
             for iov in &guest.list {
-                // SAFETY: every guest iovec points into mapped guest RAM with its length
-                // (checked when it was built; the mapping outlives the request).
+                // Each iovec was checked against guest RAM when it was built, and the mapping
+                // outlives the request.
+                // SAFETY: every guest iovec points into mapped guest RAM with its length.
                 let slice = unsafe { VolatileSlice::new(iov.iov_base.cast(), iov.iov_len) };
                 at += slice.copy_to(&mut buf.as_mut_slice()[at..]);
             }
@@ -904,8 +904,8 @@ impl AlignedBuf {
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes that this
-        // buffer owns, borrowed mutably through `self`.
+        // The bytes are zeroed at allocation and borrowed mutably through `self`.
+        // SAFETY: `ptr` points to `layout.size()` initialised bytes that this buffer owns.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
     }
 }
@@ -964,8 +964,8 @@ impl DirectAlign {
 fn statx_dio_align(disk: &File) -> Option<(usize, usize)> {
     // SAFETY: `statx` is plain integers; all zeroes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is open, the path is an empty C string with AT_EMPTY_PATH (the fd
-    // itself), and `stx` is a valid, writable statx buffer.
+    // An empty path with AT_EMPTY_PATH names the fd itself.
+    // SAFETY: the fd is open, the path is a valid C string, `stx` is a writable statx buffer.
     let rc = unsafe {
         libc::statx(
             disk.as_raw_fd(),
