@@ -87,8 +87,8 @@ fn build_alt_vmm() -> Result<PathBuf, String> {
 pub fn command_without_inherited_fds(program: impl AsRef<std::ffi::OsStr>) -> Command {
     use std::os::unix::process::CommandExt;
     let mut command = Command::new(program);
-    // SAFETY: the closure runs between fork and exec and only makes one raw
-    // syscall (close_range), which is async-signal-safe and allocates nothing.
+    // The closure runs between fork and exec.
+    // SAFETY: it only makes one async-signal-safe raw syscall (close_range), no allocation.
     unsafe {
         command.pre_exec(|| {
             let rc = libc::syscall(

@@ -200,8 +200,8 @@ impl NetNs {
                 *dst = src as libc::c_char;
             }
             req.ifr_ifru.ifru_flags = flags;
-            // SAFETY: TUNSETIFF reads an ifreq; `req` is a valid, initialised ifreq that
-            // outlives the call, and the fd is open.
+            // TUNSETIFF reads an ifreq.
+            // SAFETY: `req` is a valid, initialised ifreq outliving the call; the fd is open.
             let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
             if rc < 0 {
                 return Err(("TUNSETIFF", std::io::Error::last_os_error()));

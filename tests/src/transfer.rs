@@ -436,9 +436,9 @@ pub fn decode_error_frame(bytes: &[u8]) -> Result<Option<String>, String> {
 /// like a VMM's guest RAM if `sealed`.
 pub fn ram_memfd(name: &str, size: u64, sealed: bool) -> io::Result<OwnedFd> {
     let cname = CString::new(name).map_err(io::Error::other)?;
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-    let raw =
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let raw = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -754,8 +754,8 @@ pub fn connect_as(path: &Path, uid: u32, gid: u32, timeout: Duration) -> io::Res
     let (addr, addr_len) = unix_addr(path)?;
     let (rd, wr) = cloexec_pipe()?;
     let (sock_fd, wr_fd) = (sock.as_raw_fd(), wr.as_raw_fd());
-    // SAFETY: the child makes only async-signal-safe system calls on memory prepared before
-    // the fork (no allocation, no locks), then _exits.
+    // The child uses memory prepared before the fork (no allocation, no locks), then _exits.
+    // SAFETY: the child makes only async-signal-safe system calls.
     match unsafe { fork() }.map_err(io::Error::from)? {
         ForkResult::Child => {
             close_all_but(&mut [sock_fd, wr_fd]);
@@ -852,8 +852,8 @@ impl ForeignListener {
                     code = 7;
                 }
                 let byte = code as u8;
-                // SAFETY: one byte from a stack variable to the pipe, then a blocking read
-                // that returns at EOF (the parent dropped its end).
+                // The blocking read returns at EOF (the parent dropped its end).
+                // SAFETY: one byte from a stack variable to the pipe, then a read into one.
                 unsafe {
                     libc::write(ready_fd, (&byte as *const u8).cast(), 1);
                     let mut buf = 0u8;

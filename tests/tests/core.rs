@@ -835,8 +835,8 @@ fn startup_errors_print_one_clear_line_and_exit_nonzero() {
 fn the_qmp_socket_has_mode_0600() {
     let dir = TempDir::new("mode").unwrap();
     // Even with a permissive umask inherited from the caller.
-    // SAFETY: umask only changes this test process's file-creation mask,
-    // which the spawned VMM inherits; restored right after the spawn.
+    // The spawned VMM inherits the mask; it is restored right after the spawn.
+    // SAFETY: umask only changes this test process's file-creation mask.
     let old = unsafe { libc::umask(0) };
     let (vmm, socket) = start_heartbeat(&dir, 1);
     // SAFETY: as above.

@@ -768,8 +768,8 @@ fn bench_kvm_floor(ram_mib: u64, reps: usize) -> Result<Value, String> {
     std::fs::File::from(memfd.try_clone().map_err(|e| e.to_string())?)
         .set_len(size)
         .map_err(|e| format!("sizing the memfd: {e}"))?;
-    // SAFETY: a new shared mapping of our own memfd; it aliases no Rust object and is unmapped
-    // below before the memfd is closed.
+    // It is unmapped below, before the memfd is closed.
+    // SAFETY: a new shared mapping of our own memfd; it aliases no Rust object.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),

@@ -111,8 +111,8 @@ fn dup_high(fd: RawFd) -> Result<RawFd, String> {
 
 /// `dup2(from, to)`; the copy at `to` is inheritable.
 fn dup_onto(from: RawFd, to: RawFd) -> Result<(), String> {
-    // SAFETY: dup2 only rearranges this process's descriptor table, which is
-    // exactly what this program exists to do.
+    // Rearranging the descriptor table is exactly what this program exists to do.
+    // SAFETY: dup2 only rearranges this process's descriptor table.
     if unsafe { libc::dup2(from, to) } < 0 {
         return Err(os_error(&format!("dup2({from}, {to})")));
     }
