@@ -1671,7 +1671,6 @@ fn answer(queue: &mut Queue, mem: &GuestMemoryMmap, reply: Reply, status: u8, da
 mod tests {
     use super::*;
     use crate::devices::interrupts::GsiRouter;
-    use crate::devices::pci::msix::Msix;
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
@@ -1738,12 +1737,7 @@ mod tests {
         fn new(sectors: u64) -> Self {
             let memory =
                 Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
-            let kvm = kvm_ioctls::Kvm::new().unwrap();
-            let vm = Arc::new(kvm.create_vm().unwrap());
-            vm.create_irq_chip().unwrap();
-            let router = GsiRouter::new(vm);
-            let msix = Arc::new(Mutex::new(Msix::new(2, &router).unwrap()));
-            let interrupt = Arc::new(VirtioInterrupt::new(msix, &[super::super::NO_VECTOR]));
+            let (router, interrupt) = VirtioInterrupt::for_tests(1);
             Rig {
                 memory,
                 disk: tempfile::Disk::new(sectors),

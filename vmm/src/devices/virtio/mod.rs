@@ -92,10 +92,18 @@ pub struct VirtioInterrupt {
 }
 
 impl VirtioInterrupt {
-    /// With an INTx pin wired to nothing (the ISR alone), for device tests.
+    /// For device tests: `queues` queues with no MSI-X vector and an INTx pin wired to
+    /// nothing (the ISR alone), over the GSI router of a fresh KVM VM (keep it alive as long).
     #[cfg(test)]
-    fn new(msix: Arc<Mutex<Msix>>, queue_vectors: &[u16]) -> Self {
-        Self::with_intx(msix, queue_vectors, Arc::new(Intx::new()))
+    fn for_tests(queues: usize) -> (Arc<super::interrupts::GsiRouter>, Arc<Self>) {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let router = super::interrupts::GsiRouter::new(vm);
+        let vectors = u16::try_from(queues + 1).unwrap();
+        let msix = Arc::new(Mutex::new(Msix::new(vectors, &router).unwrap()));
+        let interrupt = Self::with_intx(msix, &vec![NO_VECTOR; queues], Arc::new(Intx::new()));
+        (router, Arc::new(interrupt))
     }
 
     fn with_intx(msix: Arc<Mutex<Msix>>, queue_vectors: &[u16], intx: Arc<Intx>) -> Self {

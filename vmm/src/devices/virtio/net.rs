@@ -967,7 +967,6 @@ fn write_at(mem: &GuestMemoryMmap, ranges: &[(GuestAddress, usize)], offset: usi
 mod tests {
     use super::*;
     use crate::devices::interrupts::GsiRouter;
-    use crate::devices::pci::msix::Msix;
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -992,15 +991,7 @@ mod tests {
         fn new() -> Self {
             let memory =
                 Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
-            let kvm = kvm_ioctls::Kvm::new().unwrap();
-            let vm = Arc::new(kvm.create_vm().unwrap());
-            vm.create_irq_chip().unwrap();
-            let router = GsiRouter::new(vm);
-            let msix = Arc::new(Mutex::new(Msix::new(3, &router).unwrap()));
-            let interrupt = Arc::new(VirtioInterrupt::new(
-                msix,
-                &[super::super::NO_VECTOR, super::super::NO_VECTOR],
-            ));
+            let (router, interrupt) = VirtioInterrupt::for_tests(2);
             let (tap, peer) = socketpair(
                 AddressFamily::Unix,
                 SockType::SeqPacket,
